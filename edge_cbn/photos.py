@@ -19,6 +19,7 @@ def load_photos() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_sample_image
 
     photos = {n: getattr(skimage.data, n)() for n in SKIMAGE_COLOUR}
+    photos["motorcycle"] = skimage.data.stereo_motorcycle()[0]
     photos.update({n.split(".")[0]: load_sample_image(n) for n in SKLEARN_COLOUR})
     for n in SKIMAGE_GREY:
         grey = getattr(skimage.data, n)()

@@ -1,0 +1,175 @@
+"""Live preview in a browser: a tiny MJPEG + JSON server on the standard library.
+
+The producer (the streaming loop) calls :meth:`PreviewServer.publish` with each annotated BGR frame and
+:meth:`PreviewServer.update_status` with a status dict; neither blocks on clients. Routes:
+
+* ``GET /``            the page (``static/index.html``): the stream and the status, polled every 0.5 s;
+* ``GET /stream.mjpg`` ``multipart/x-mixed-replace`` MJPEG, each client gets frames as they are published;
+* ``GET /frame.jpg``   the latest frame (503 before the first one);
+* ``GET /status``      JSON of the latest status plus ``published`` (frames published so far).
+
+The page shows these status keys when present: ``model``, ``task``, ``source``, ``fps``, ``frames``,
+``noise``, ``calibration`` (text), ``calibration_progress`` (0..1), ``result``; the whole dict is shown
+as JSON too. Device side: stdlib, numpy and OpenCV only. Serve on loopback unless you mean to expose it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PreviewServer"]
+
+BOUNDARY = "edgecbnframe"
+PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+def _jsonable(value):
+    """``json.dumps`` fallback: numpy scalars and arrays, paths, anything else as text."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "edge-cbn-preview"
+    timeout = 10  # seconds: a client that stops reading lets its thread go instead of blocking it for ever
+
+    def log_message(self, fmt, *args) -> None:  # quiet: requests go to debug logging, not stderr
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def _send(self, body: bytes, content_type: str, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        preview: PreviewServer = self.server.preview
+        path = self.path.split("?", 1)[0]
+        try:
+            if path in ("/", "/index.html"):
+                self._send(preview.page, "text/html; charset=utf-8")
+            elif path == "/status":
+                self._send(preview.status_json().encode(), "application/json")
+            elif path == "/frame.jpg":
+                jpeg = preview.latest()[1]
+                if jpeg is None:
+                    self._send(b"no frame yet\n", "text/plain", HTTPStatus.SERVICE_UNAVAILABLE)
+                else:
+                    self._send(jpeg, "image/jpeg")
+            elif path == "/stream.mjpg":
+                self._stream(preview)
+            else:
+                self._send(b"not found\n", "text/plain", HTTPStatus.NOT_FOUND)
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away or stopped reading
+
+    def _stream(self, preview: "PreviewServer") -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        seq = 0
+        while not preview.closed:
+            seq, jpeg = preview.wait_frame(seq, timeout=1.0)
+            if jpeg is None:
+                continue
+            self.wfile.write(f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
+                             f"Content-Length: {len(jpeg)}\r\n\r\n".encode() + jpeg + b"\r\n")
+            self.wfile.flush()
+
+
+class PreviewServer:
+    """HTTP preview on ``host:port`` (``port=0``: a free port; see ``.port`` and ``.url``), served by a
+    daemon thread from construction until :meth:`close`. Also a context manager."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, quality: int = 80):
+        self.quality = int(quality)
+        self.page = PAGE.read_bytes()
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._jpeg: Optional[bytes] = None
+        self._status: dict = {}
+        self.closed = False
+        self._httpd = ThreadingHTTPServer((host, port), _Handler)
+        self._httpd.preview = self
+        self.host, self.port = self._httpd.server_address[:2]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"preview:{self.port}", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    @property
+    def published(self) -> int:
+        """Frames published so far."""
+        return self._seq
+
+    def publish(self, frame_bgr: np.ndarray) -> None:
+        """JPEG-encode ``frame_bgr`` and make it the latest frame; wakes the stream clients."""
+        ok, buf = cv2.imencode(".jpg", frame_bgr, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        if not ok:
+            raise ValueError(f"cannot JPEG-encode a frame of shape {np.shape(frame_bgr)}")
+        with self._cond:
+            self._jpeg = buf.tobytes()
+            self._seq += 1
+            self._cond.notify_all()
+
+    def update_status(self, status: dict) -> None:
+        """Replace the status served at ``/status`` (numpy values are converted)."""
+        clean = json.loads(json.dumps(dict(status), default=_jsonable))
+        with self._cond:
+            self._status = clean
+
+    def status_json(self) -> str:
+        with self._cond:
+            return json.dumps({**self._status, "published": self._seq})
+
+    def latest(self):
+        """``(sequence number, JPEG bytes or None)`` of the latest frame."""
+        with self._cond:
+            return self._seq, self._jpeg
+
+    def wait_frame(self, after: int, timeout: float = 1.0):
+        """Wait up to ``timeout`` s for a frame newer than sequence number ``after``; returns
+        ``(seq, jpeg)``, with ``jpeg`` None if nothing new came (or the server closed)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._seq > after or self.closed, timeout)
+            if self._seq > after and not self.closed:
+                return self._seq, self._jpeg
+            return after, None
+
+    def close(self) -> None:
+        """Stop serving; stream clients are let go within a second."""
+        if self.closed:
+            return
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,330 @@
+"""Frame sources: camera, video file, image folder, or the bundled sample clip.
+
+Every source yields BGR ``uint8`` frames (``H x W x 3``), is an iterable and a context manager, has
+``close()``, ``read()`` (the next frame, or ``None`` at the end), a ``name`` and an ``fps`` hint (``None``
+when unknown). Problems at open raise one :class:`SourceError` naming the path or device; problems while
+streaming are logged as warnings on the ``edge_cbn.sources`` logger and the stream goes on:
+
+* a video frame that cannot be decoded is skipped (the next readable frame follows);
+* an image file that cannot be read is skipped (and not tried again when looping);
+* a camera whose read fails is reopened with exponential backoff (0.5 s doubling up to 8 s by default)
+  until it comes back or the source is closed.
+
+Device side: numpy and OpenCV only. ``picamera2`` is imported lazily, only when asked for.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SourceError",
+    "FrameSource",
+    "CameraSource",
+    "VideoSource",
+    "ImageDirSource",
+    "open_source",
+]
+
+
+class SourceError(Exception):
+    """A frame source could not be opened (missing file, folder or device, unreadable video)."""
+
+
+class FrameSource:
+    """Base class: subclasses implement :meth:`read` and :meth:`_release`."""
+
+    name = "source"
+    fps: Optional[float] = None
+
+    def read(self) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            frame = self.read()
+            if frame is None:
+                return
+            yield frame
+
+    def close(self) -> None:
+        self._closed = True
+        self._release()
+
+    @property
+    def closed(self) -> bool:
+        return getattr(self, "_closed", False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def _as_bgr(frame: np.ndarray) -> np.ndarray:
+    """Frames as 3-channel BGR uint8 whatever the reader returned (gray, BGRA)."""
+    if frame.ndim == 2:
+        return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    if frame.shape[2] == 4:
+        return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+    return frame
+
+
+def _fps_of(cap) -> Optional[float]:
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    return float(fps) if fps and 0 < fps < 1000 else None
+
+
+class VideoSource(FrameSource):
+    """Frames of a video file (anything OpenCV/FFmpeg reads).
+
+    ``index`` is the position in the file of the last frame returned (undecodable frames count, so it
+    matches the file's own numbering, e.g. the bundled sample's ``sample.json``); it restarts at 0 on
+    each loop. ``max_bad_frames`` consecutive failed reads are taken as the end of the file.
+    ``realtime=True`` paces the frames to the file's fps, like a camera would deliver them.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], loop: bool = False, *, realtime: bool = False,
+                 max_bad_frames: int = 25, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
+        self.path = Path(path)
+        self.name = str(self.path)
+        self.loop = loop
+        self.realtime = realtime
+        self.max_bad_frames = max_bad_frames
+        self._sleep, self._clock = sleep, clock
+        if not self.path.is_file():
+            raise SourceError(f"video file not found: {self.path}")
+        self._cap = self._open()
+        self.fps = _fps_of(self._cap)
+        self.index = -1
+        self._next_due = None
+
+    def _open(self):
+        cap = cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            raise SourceError(f"cannot open video file {self.path} (not a video OpenCV can decode?)")
+        return cap
+
+    def _read_one(self) -> Optional[np.ndarray]:
+        """The next decodable frame of the current pass, or None at the end of the file."""
+        bad = 0
+        while bad <= self.max_bad_frames:
+            ok, frame = self._cap.read()
+            if ok and frame is not None:
+                if bad:
+                    log.warning("%s: skipped %d undecodable frame(s) before frame %d",
+                                self.name, bad, self.index + bad + 1)
+                self.index += bad + 1
+                return _as_bgr(frame)
+            bad += 1
+        return None
+
+    def read(self) -> Optional[np.ndarray]:
+        if self.closed:
+            return None
+        frame = self._read_one()
+        if frame is None and self.loop and self.index >= 0:
+            self._cap.release()
+            self._cap = self._open()
+            self.index = -1
+            frame = self._read_one()
+        if frame is not None and self.realtime and self.fps:
+            self._pace()
+        return frame
+
+    def _pace(self) -> None:
+        now = self._clock()
+        if self._next_due is not None and self._next_due > now:
+            self._sleep(self._next_due - now)
+            now = self._next_due
+        self._next_due = now + 1.0 / self.fps
+
+    def _release(self) -> None:
+        self._cap.release()
+
+
+class ImageDirSource(FrameSource):
+    """The image files of a folder in sorted name order (hidden files ignored).
+
+    Files OpenCV cannot read are skipped with a warning (once). With ``loop`` the folder is shown again
+    and again; ``index`` is the position of the last returned file in ``files``.
+    """
+
+    def __init__(self, directory: Union[str, os.PathLike], loop: bool = False, *,
+                 fps: Optional[float] = None):
+        self.directory = Path(directory)
+        self.name = str(self.directory)
+        self.loop = loop
+        self.fps = fps
+        if not self.directory.is_dir():
+            raise SourceError(f"image folder not found: {self.directory}")
+        self.files = sorted(p for p in self.directory.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not self.files:
+            raise SourceError(f"image folder is empty: {self.directory}")
+        self.index = -1
+        self._shown_in_pass = 0
+
+    def read(self) -> Optional[np.ndarray]:
+        while not self.closed:
+            if self.index + 1 >= len(self.files):
+                if not (self.loop and self._shown_in_pass):
+                    if not self._shown_in_pass:
+                        log.warning("%s: no readable image left", self.name)
+                    return None
+                self.index, self._shown_in_pass = -1, 0
+            self.index += 1
+            path = self.files[self.index]
+            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if frame is not None:
+                self._shown_in_pass += 1
+                return frame
+            log.warning("%s: skipping unreadable image file %s", self.name, path.name)
+            del self.files[self.index]
+            self.index -= 1
+        return None
+
+
+class _Picamera2Capture:
+    """Adapter giving picamera2 the small part of the ``cv2.VideoCapture`` API the camera source uses."""
+
+    def __init__(self, width: int, height: int):
+        from picamera2 import Picamera2  # lazy: only on a Raspberry Pi with the camera stack
+
+        self._cam = Picamera2()
+        # libcamera's "RGB888" is B, G, R in memory: already OpenCV's order.
+        config = self._cam.create_video_configuration(main={"size": (width, height), "format": "RGB888"})
+        self._cam.configure(config)
+        self._cam.start()
+
+    def isOpened(self) -> bool:
+        return True
+
+    def read(self):
+        return True, self._cam.capture_array()
+
+    def get(self, prop) -> float:
+        return 0.0
+
+    def release(self) -> None:
+        self._cam.stop()
+        self._cam.close()
+
+
+class CameraSource(FrameSource):
+    """A live camera: OpenCV ``VideoCapture`` (V4L2 on Linux) or, with ``picamera2=True`` and index 0,
+    a Raspberry Pi camera module through ``picamera2``.
+
+    ``index`` is a device number or a device path such as ``/dev/video2``. If a read fails the camera is
+    released and reopened after ``backoff[0]`` seconds, doubling up to ``backoff[1]``, for as long as it
+    takes (``read`` blocks meanwhile; ``close()`` from another thread ends the wait). ``sleep`` is
+    injectable for tests.
+    """
+
+    def __init__(self, index: Union[int, str] = 0, width: int = 640, height: int = 480, *,
+                 picamera2: bool = False, backoff: tuple = (0.5, 8.0),
+                 sleep: Callable[[float], None] = time.sleep):
+        self.index = int(index) if str(index).isdigit() else index
+        self.width, self.height = width, height
+        self.use_picamera2 = picamera2 and self.index == 0
+        self.backoff = backoff
+        self._sleep = sleep
+        self.name = f"camera {self.index}" + (" (picamera2)" if self.use_picamera2 else "")
+        self.reconnects = 0
+        if isinstance(self.index, str) and not os.path.exists(self.index):
+            raise SourceError(f"camera device not found: {self.index}")
+        try:
+            self._cap = self._open()
+        except Exception as exc:  # picamera2 raises its own errors, OpenCV may raise cv2.error
+            raise SourceError(f"cannot open {self.name}: {exc}") from exc
+        if self._cap is None:
+            device = self.index if isinstance(self.index, str) else f"/dev/video{self.index}"
+            raise SourceError(f"cannot open {self.name} ({device} missing or busy?)")
+        self.fps = _fps_of(self._cap)
+
+    def _open(self):
+        """An opened capture, or None."""
+        if self.use_picamera2:
+            return _Picamera2Capture(self.width, self.height)
+        cap = cv2.VideoCapture(self.index)
+        if not cap.isOpened():
+            cap.release()
+            return None
+        cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
+        cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+        return cap
+
+    def _grab(self) -> Optional[np.ndarray]:
+        try:
+            ok, frame = self._cap.read()
+        except Exception as exc:  # a vanished device may raise instead of returning False
+            log.debug("%s: read raised %r", self.name, exc)
+            return None
+        return _as_bgr(frame) if ok and frame is not None else None
+
+    def read(self) -> Optional[np.ndarray]:
+        frame = None if self.closed or self._cap is None else self._grab()
+        delay, attempt = self.backoff[0], 0
+        while frame is None and not self.closed:
+            attempt += 1
+            log.warning("%s: no frame; reconnecting in %.1f s (attempt %d)", self.name, delay, attempt)
+            self._release()
+            self._sleep(delay)
+            delay = min(delay * 2, self.backoff[1])
+            if self.closed:  # closed (from another thread) while we slept
+                break
+            try:
+                self._cap = self._open()
+            except Exception as exc:
+                log.debug("%s: reopen failed: %r", self.name, exc)
+            frame = self._grab() if self._cap is not None else None
+            if frame is not None:
+                self.reconnects += 1
+                log.warning("%s: reconnected after %d attempt(s)", self.name, attempt)
+        if self.closed:
+            self._release()
+            return None
+        return frame
+
+    def _release(self) -> None:
+        cap, self._cap = getattr(self, "_cap", None), None
+        if cap is not None:
+            cap.release()
+
+
+def open_source(camera: Union[int, str, None] = None, video: Union[str, os.PathLike, None] = None,
+                images: Union[str, os.PathLike, None] = None, loop: bool = False,
+                width: int = 640, height: int = 480, *, picamera2: bool = False,
+                realtime: bool = False) -> FrameSource:
+    """Open at most one of ``camera`` / ``video`` / ``images``; with none of them, the bundled sample clip.
+
+    ``width``/``height`` are the capture size asked of a camera; files are delivered at their own size.
+    """
+    given = [name for name, value in (("camera", camera), ("video", video), ("images", images))
+             if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one frame source, not {' and '.join(given)}")
+    if camera is not None:
+        return CameraSource(camera, width, height, picamera2=picamera2)
+    if images is not None:
+        return ImageDirSource(images, loop=loop)
+    if video is None:
+        from edge_cbn.sample import sample_path
+
+        video = sample_path()
+    return VideoSource(video, loop=loop, realtime=realtime)

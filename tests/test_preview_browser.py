@@ -1,0 +1,103 @@
+"""The preview page in a real headless Chromium: the MJPEG stream shows and keeps moving, the status
+updates. Needs Debian's ``chromium`` and ``chromium-driver`` and ``pip install selenium``."""
+import os
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_cbn.overlay import draw_hud
+from edge_cbn.preview import PreviewServer
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                       reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian: chromium chromium-driver)"),
+]
+
+# Sum of the pixels of the <img> drawn onto a canvas: changes when a new frame is shown.
+SNAPSHOT_JS = """
+const img = document.getElementById('stream');
+const canvas = document.createElement('canvas');
+canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+const ctx = canvas.getContext('2d');
+ctx.drawImage(img, 0, 0);
+const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+let sum = 0;
+for (let i = 0; i < data.length; i += 4) sum += data[i] + data[i + 1] + data[i + 2];
+return sum;
+"""
+
+
+@pytest.fixture
+def live_server():
+    """A preview server with a producer thread publishing changing frames and statuses."""
+    server = PreviewServer(port=0)
+    stop = threading.Event()
+
+    def produce():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            frame = np.full((240, 320, 3), (n * 37) % 200, np.uint8)
+            cv2.putText(frame, f"frame {n}", (20, 60), cv2.FONT_HERSHEY_SIMPLEX, 1, (255, 255, 255), 2)
+            draw_hud(frame, 12.5, "noise relative eta=0.05 seed 0", (n % 64) / 64, f"calibrating {n % 64}/64")
+            server.publish(frame)
+            server.update_status({"model": "demo", "task": "classification", "fps": 12.5, "frames": n,
+                                  "noise": "noise relative eta=0.05 seed 0",
+                                  "calibration": f"calibrating {n % 64}/64",
+                                  "calibration_progress": (n % 64) / 64})
+            time.sleep(0.05)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    yield server
+    stop.set()
+    producer.join()
+    server.close()
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager must not download anything
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,900",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(15)
+    yield driver
+    driver.quit()
+
+
+def test_page_shows_live_stream_and_status(live_server, browser, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 10, poll_frequency=0.1)
+    browser.get(live_server.url)
+    text = lambda element_id: browser.find_element("id", element_id).text  # noqa: E731
+
+    wait.until(lambda d: d.execute_script("return document.getElementById('stream').naturalWidth") > 0)
+    assert browser.execute_script("return document.getElementById('stream').naturalHeight") == 240
+    first = browser.execute_script(SNAPSHOT_JS)
+    wait.until(lambda d: d.execute_script(SNAPSHOT_JS) != first)  # frames keep arriving
+
+    wait.until(lambda d: text("frames").isdigit())
+    frames = int(text("frames"))
+    wait.until(lambda d: text("frames").isdigit() and int(text("frames")) > frames)  # status keeps updating
+    assert text("fps") == "12.5"
+    assert text("connection") == "live"
+    assert text("noise") == "noise relative eta=0.05 seed 0"
+    assert text("calibration").startswith("calibrating ")
+    assert '"model": "demo"' in text("status-json")
+    browser.save_screenshot(str(tmp_path / "preview.png"))
