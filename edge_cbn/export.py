@@ -1,0 +1,240 @@
+"""Workstation side: fold every BatchNorm into the conv/depthwise/dense layer before it, convert to a
+float32 TFLite model and write the bundle `X.tflite` + `X.cbn.npz` (docs/DESIGN.md).
+
+Locating the folded tensors in the flatbuffer: the TFLite converter deduplicates identical constant
+buffers and drops all-zero biases, so matching the real folded values could be ambiguous.  Instead the
+model is converted with unique random *sentinel* weights in every conv/depthwise/dense layer, each
+layer's buffers are found by exact byte match of its sentinels (in TFLite layout), and the real folded
+values are then written into them by `edge_cbn.refuse.Refuser` — the same code path as on-device
+re-fusing, so export and re-fuse produce identical bytes.  A final check runs the `.tflite` against the
+folded Keras model, which also fixes the output order to the Keras one.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import keras
+import numpy as np
+import tflite
+
+from . import fold
+from .bundle import Bundle, LayerRecord, atomic_write, buffer_span, sidecar_path, write_sidecar
+from .refuse import Refuser
+from .runtime import make_interpreter
+from .weights.assign import layer_kind
+
+_WEIGHT_KINDS = ("conv", "depthwise", "dense")
+
+
+class FoldError(ValueError):
+    """A BatchNormalization that cannot be folded into the layer before it."""
+
+
+class FoldedBN(keras.layers.Layer):
+    """Identity standing in for a BatchNormalization folded into the layer before it (takes the BN's
+    call arguments)."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+
+def _parent(layer):
+    nodes = layer._inbound_nodes
+    if len(nodes) != 1 or len(nodes[0].parent_nodes) != 1:
+        raise FoldError(f"BatchNormalization {layer.name!r} must be called exactly once on one tensor")
+    return nodes[0].parent_nodes[0].operation
+
+
+def fold_plan(model) -> list[tuple]:
+    """[(layer, kind, bn layer or None)] for every conv/depthwise/dense layer of `model`, in layer
+    order; raises FoldError for a BN that does not directly and solely follow such a layer."""
+    bn_of = {}
+    output_ops = {t._keras_history.operation.name for t in model.outputs}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            raise FoldError(f"nested model {layer.name!r}: build the model flat (one functional graph)")
+        if layer_kind(layer) != "bn":
+            continue
+        prev = _parent(layer)
+        where = f"BatchNormalization {layer.name!r} after {prev.name!r} ({type(prev).__name__})"
+        if layer_kind(prev) not in _WEIGHT_KINDS:
+            raise FoldError(f"{where}: only BN directly after Conv2D/DepthwiseConv2D/Dense can be folded")
+        if prev.get_config().get("activation", "linear") != "linear":
+            raise FoldError(f"{where}: the layer has an activation before the BN")
+        if len(prev._outbound_nodes) != 1 or prev.name in output_ops or prev.name in bn_of:
+            raise FoldError(f"{where}: the layer's output is also used elsewhere")
+        if layer.axis not in (-1, len(layer.input.shape) - 1):
+            raise FoldError(f"{where}: BN must normalise the last (channel) axis, not axis {layer.axis}")
+        bn_of[prev.name] = layer
+    return [(layer, layer_kind(layer), bn_of.get(layer.name)) for layer in model.layers
+            if layer_kind(layer) in _WEIGHT_KINDS]
+
+
+def _record(layer, kind, bn) -> LayerRecord:
+    """The sidecar record of one layer (buffer indices filled in later)."""
+    weights = layer.get_weights()
+    rec = LayerRecord(layer.name, kind, bn and bn.name, bn and float(bn.epsilon), -1, None,
+                      kernel=weights[0], bias=weights[1] if len(weights) > 1 else None)
+    if bn is not None:
+        rec.gamma = None if bn.gamma is None else np.asarray(bn.gamma.numpy(), np.float32)
+        rec.beta = None if bn.beta is None else np.asarray(bn.beta.numpy(), np.float32)
+        rec.mean = np.asarray(bn.moving_mean.numpy(), np.float32)
+        rec.var = np.asarray(bn.moving_variance.numpy(), np.float32)
+    return rec
+
+
+def _folded_weights(rec: LayerRecord, layer) -> list[np.ndarray]:
+    if rec.bn is None:
+        return layer.get_weights()
+    k, b = fold.fold(rec.kind, rec.kernel, rec.bias, rec.gamma, rec.beta, rec.mean, rec.var, rec.eps)
+    return [fold.to_keras(rec.kind, k, getattr(layer, "depth_multiplier", 1)), b]
+
+
+def _fold(model):
+    plan = fold_plan(model)
+    records = [_record(*p) for p in plan]
+    folded_bns = {bn.name for _, _, bn in plan if bn is not None}
+    with_bn = {layer.name for layer, _, bn in plan if bn is not None}
+
+    def clone(layer):
+        if layer.name in folded_bns:
+            return FoldedBN(name=layer.name)
+        cfg = layer.get_config()
+        if layer.name in with_bn:
+            cfg["use_bias"] = True
+        return layer.__class__.from_config(cfg)
+
+    folded = keras.models.clone_model(model, clone_function=clone)
+    originals = {layer.name: layer for layer in model.layers}
+    by_name = {rec.name: rec for rec in records}
+    for layer in folded.layers:
+        if layer.weights:
+            src = originals[layer.name]
+            layer.set_weights(_folded_weights(by_name[layer.name], src) if layer.name in by_name
+                              else src.get_weights())
+    return folded, records
+
+
+def fold_model(model) -> keras.Model:
+    """A copy of `model` with every BN folded into the conv/depthwise/dense layer before it (which
+    gains a bias) and replaced by an identity layer of the same name."""
+    return _fold(model)[0]
+
+
+class _DropDeprecationNote(logging.Filter):
+    """Hides TF's note that `from_concrete_functions` without a trackable object is deprecated: that
+    path freezes the variables itself and converts about twice as fast as the SavedModel one."""
+
+    def filter(self, record):
+        return "trackable_obj" not in record.getMessage()
+
+
+def convert_keras(model, input_hw: tuple[int, int] | None = None) -> bytes:
+    """Float32 TFLite flatbuffer of `model` with a fixed (1, H, W, C) input (no BN folding here)."""
+    import tensorflow as tf
+
+    h, w = input_hw or model.input_shape[1:3]
+    if h is None or w is None:
+        raise ValueError("the model has a free spatial input size: pass input_size")
+    spec = tf.TensorSpec((1, h, w, model.input_shape[-1]), tf.float32, name="input")
+    fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    quiet = _DropDeprecationNote()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        return converter.convert()
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+def _convert_with_sentinels(folded, records, input_hw) -> bytes:
+    """Convert `folded` with unique random weights in every recorded layer, fill in the records'
+    w_buffer/b_buffer by exact byte match, restore the real weights; returns the sentinel model."""
+    rng = np.random.default_rng(0)
+    real, sentinels = {}, {}
+    for rec in records:
+        layer = folded.get_layer(rec.name)
+        real[rec.name] = layer.get_weights()
+        sentinels[rec.name] = [rng.standard_normal(w.shape).astype(np.float32) for w in real[rec.name]]
+        layer.set_weights(sentinels[rec.name])
+    try:
+        model_bytes = convert_keras(folded, input_hw)
+    finally:
+        for name, weights in real.items():
+            folded.get_layer(name).set_weights(weights)
+
+    model = tflite.Model.GetRootAs(model_bytes, 0)
+    data = memoryview(model_bytes)
+    by_size = defaultdict(list)
+    for i in range(model.BuffersLength()):
+        start, size = buffer_span(model_bytes, i, model)
+        if size:
+            by_size[size].append((i, start))
+
+    def find(arr, what):
+        needle = np.ascontiguousarray(arr, np.float32).tobytes()
+        hits = [i for i, start in by_size[len(needle)] if data[start:start + len(needle)] == needle]
+        if len(hits) != 1:
+            raise RuntimeError(f"{what}: found in {len(hits)} TFLite buffers, expected exactly one (the "
+                               "converter rewrote or fused this tensor; it cannot be re-fused)")
+        return hits[0]
+
+    for rec in records:
+        kernel, *bias = sentinels[rec.name]
+        rec.w_buffer = find(fold.to_tflite(rec.kind, kernel), f"layer {rec.name!r} kernel")
+        rec.b_buffer = find(bias[0], f"layer {rec.name!r} bias") if bias else None
+    return model_bytes
+
+
+def _outputs(model, x) -> list[np.ndarray]:
+    out = model(x, training=False)
+    return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+
+def _fix_outputs(model_bytes: bytearray, probe: np.ndarray, keras_outs: list[np.ndarray]) -> None:
+    """Run `probe` through the .tflite, check its outputs against the Keras ones and reorder the
+    subgraph's output vector in place so that output i of the .tflite is Keras output i."""
+    it = make_interpreter(model_content=bytes(model_bytes))
+    it.set_tensor(it.get_input_details()[0]["index"], probe)
+    it.invoke()
+    tfl = [it.get_tensor(d["index"]) for d in it.get_output_details()]
+    if len(tfl) != len(keras_outs):
+        raise RuntimeError(f"the .tflite has {len(tfl)} outputs, the Keras model {len(keras_outs)}")
+    perm, free = [], set(range(len(tfl)))
+    for ref in keras_outs:
+        errs = {j: float(np.max(np.abs(tfl[j] - ref))) for j in free if tfl[j].shape == ref.shape}
+        if not errs:
+            raise RuntimeError(f"no TFLite output has the Keras output shape {ref.shape}")
+        j = min(errs, key=errs.get)
+        if not errs[j] <= 1e-3 * max(1.0, float(np.max(np.abs(ref)))):
+            raise RuntimeError(f"exported TFLite disagrees with the folded Keras model (max abs diff {errs[j]:.3g})")
+        perm.append(j)
+        free.remove(j)
+    if perm != sorted(perm):
+        sg = tflite.Model.GetRootAs(model_bytes, 0).Subgraphs(0)
+        vec = np.frombuffer(model_bytes, "<i4", len(perm), sg._tab.Vector(sg._tab.Offset(8)))  # .outputs
+        vec[:] = vec[perm].copy()
+
+
+def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, head=None,
+           input_size=None) -> Path:
+    """Fold, convert and write `out_path` (.tflite) and its sidecar (.cbn.npz); returns the .tflite path.
+    `input_size`: int or (H, W), needed only if the model's input size is free."""
+    hw = (input_size, input_size) if isinstance(input_size, int) else input_size or model.input_shape[1:3]
+    folded, records = _fold(model)
+    sentinel_bytes = _convert_with_sentinels(folded, records, hw)
+    meta = {"model": name, "task": task, "input_size": [int(hw[0]), int(hw[1])], "preprocess": dict(preprocess),
+            "labels": list(labels), "head": head}
+    refuser = Refuser(Bundle(None, sentinel_bytes, meta, records))
+    refuser.reset()  # the real folded tensors, written exactly as on-device re-fuse writes them
+    model_bytes = bytearray(refuser.model_bytes())
+    probe = np.random.default_rng(1).standard_normal((1, *hw, model.input_shape[-1])).astype(np.float32)
+    _fix_outputs(model_bytes, probe, _outputs(folded, probe))
+
+    out_path = Path(out_path)
+    write_sidecar(sidecar_path(out_path), meta, records)
+    atomic_write(out_path, lambda f: f.write(model_bytes))
+    return out_path

@@ -1,0 +1,266 @@
+"""Seeded simulated analog weight noise (device side: numpy only).
+
+Every preset reduces, once a chip is instantiated, to the same per-layer form
+
+    W_noisy(frame) = base + xi(frame) * dev
+
+`base` and `dev` are per-instance arrays ("the chip"), drawn once from (seed, layer name); `xi` is a
+standard normal drawn per inference from (seed, layer name, frame index), one per tensor, per output
+channel or per weight (`t_granularity`).  A temporal factor N_T ~ N(m, sd^2) multiplying a direction D is
+written `base = W + m*D`, `dev = sd*D`, so all presets share the per-frame code.
+
+Layers: `{name: (kind, kernel)}` with kind "conv" | "depthwise" | "dense" and the kernel in Keras layout
+(conv HWIO, depthwise HWC1, dense IO).  Internally everything (draws included) is in TFLite layout
+(conv OHWI, depthwise 1HWC, dense OI, see `edge_cbn.fold`), so the on-device fast path writes straight
+into the flatbuffer without a transpose, and the Keras path gives the same numbers transposed.
+
+Random streams: `numpy.random.default_rng([seed, crc32(name), stream, frame])` — independent of dict
+order and of which other layers exist.  Offline at batch size > 1, pass the batch index as `frame`.
+
+Folding: noise acts on the unfolded kernel W; the TFLite model holds W_f = W * s.  Since s is per output
+channel, fold(base + xi*dev) = s*base + xi*(s*dev) exactly (up to float32 rounding), which is what
+`FoldedChip` precomputes.  See docs/NOISE.md for every preset's formula and defaults.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple, Optional
+
+import numpy as np
+
+from edge_cbn.fold import KINDS, channel_shape, fold_kernel, out_channels, to_keras, to_tflite
+
+PRESETS = ("none", "paper", "relative", "additive-max", "pcm")
+GRANULARITIES = ("weight", "channel", "tensor")
+_SPATIAL, _TEMPORAL = 0, 1
+
+
+def _rng(seed: int, name: str, stream: int, frame: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), stream, frame])
+
+
+def _normal(rng, granularity: str, kind: str, shape: tuple, out=None):
+    """Standard normal(s) broadcastable to a TFLite-layout kernel of `shape`: a Python float (tensor),
+    a channel-shaped float32 array (channel) or a float32 array of `shape` (weight; filled into `out`
+    when given)."""
+    if granularity == "tensor":
+        return rng.standard_normal()
+    if granularity == "channel":
+        n = out_channels(kind, shape)
+        return rng.standard_normal(n, dtype=np.float32).reshape(channel_shape(kind, n))
+    if granularity == "weight":
+        return rng.standard_normal(None if out is not None else shape, dtype=np.float32, out=out)
+    raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+class Layer(NamedTuple):
+    """One instantiated layer: float32 arrays in TFLite layout; `dev` is None when static."""
+    kind: str
+    base: np.ndarray
+    dev: Optional[np.ndarray]
+    multiplier: int  # depthwise depth multiplier (1 otherwise), to get the Keras layout back
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Preset `none`: W_noisy = W.  Subclasses override `spatial`.
+
+    `temporal=False` (static mode) replaces xi by its mean 0, i.e. N_T by its mean: only the
+    per-instance part is simulated and every frame sees the same kernels."""
+    preset: str
+    eta: float
+    seed: int
+    temporal: bool = True
+    t_granularity: str = "tensor"
+
+    def __post_init__(self):
+        for g in (self.t_granularity, getattr(self, "s_granularity", "weight")):
+            if g not in GRANULARITIES:
+                raise ValueError(f"unknown granularity {g!r}; expected one of {GRANULARITIES}")
+
+    def spatial(self, kind: str, w: np.ndarray, rng: np.random.Generator):
+        """Per-instance (base, dev) for kernel `w` (float64, TFLite layout); dev None = no noise."""
+        return w, None
+
+    def instantiate(self, layers: Mapping[str, tuple]) -> "Chip":
+        chip = {}
+        for name, (kind, kernel) in layers.items():
+            if kind not in KINDS:
+                raise ValueError(f"{name}: unknown layer kind {kind!r}; expected one of {KINDS}")
+            kernel = np.asarray(kernel)
+            w = np.ascontiguousarray(to_tflite(kind, kernel), np.float64)
+            base, dev = self.spatial(kind, w, _rng(self.seed, name, _SPATIAL))
+            dev = None if dev is None or not self.temporal else dev.astype(np.float32)
+            multiplier = kernel.shape[-1] if kind == "depthwise" else 1
+            chip[name] = Layer(kind, base.astype(np.float32), dev, multiplier)
+        return Chip(self, chip)
+
+
+@dataclass(frozen=True)
+class FactorNoise(Noise):
+    """W_noisy = W + N_T * R * N_S with N_S ~ N(s_mean, s_std^2) drawn once per instance (at
+    `s_granularity`), N_T ~ N(t_mean, t_std^2) drawn per inference (at `t_granularity`), and
+    R = W (`ref="weight"`: presets `paper`, `relative`) or R = max|W| of the layer (`ref="max"`:
+    `additive-max`)."""
+    s_mean: float = 0.0
+    s_std: float = 1.0
+    s_granularity: str = "weight"
+    t_mean: float = 0.0
+    t_std: float = 0.0
+    ref: str = "weight"
+
+    def spatial(self, kind, w, rng):
+        n_s = self.s_mean + self.s_std * np.asarray(_normal(rng, self.s_granularity, kind, w.shape))
+        d = (w if self.ref == "weight" else np.abs(w).max()) * n_s
+        return w + self.t_mean * d, self.t_std * d
+
+
+@dataclass(frozen=True)
+class PCMNoise(Noise):
+    """PCM-like noise after IBM aihwkit's `PCMLikeNoiseModel` (single device pair per weight).
+
+    Per layer, weights map to conductances g± = clip(±W * g_max / max|W|, 0, g_max) (µS).  Per
+    instance, per device: programming noise g_p = max(g + eta * sig_p(g) * eps, 0) with
+    sig_p = (c0 + c1 g/g_max + c2 (g/g_max)^2) * g_max/25; drift exponent
+    nu = drift_scale * |mu(g) + sd(g) * eps'|, mu = clip(-0.0155 ln(g/g_max) + 0.0244, 0.049, 0.1),
+    sd = clip(-0.0125 ln(g/g_max) - 0.0059, 0.008, 0.045); drift g_d = g_p * (t/t0)^(-nu) with
+    t = t_inference + t0.  Per frame: 1/f read noise g_d * (1 + eta * q(g_p) * sqrt(ln((t + t_read) /
+    (2 t_read))) * xi), q = min(0.0088 / max((g_p/g_max)^0.65, 1e-3), 0.2).  The two devices' read
+    noises are merged into one normal per weight with the pair's combined standard deviation (equal in
+    distribution), and the read step's clamp at 0 is dropped, so the per-frame term stays one
+    multiply-add.  No drift compensation: drift shrinks the weights (≈ x0.77 after an hour), which
+    calibrated BN absorbs."""
+    t_granularity: str = "weight"
+    t_inference: float = 3600.0
+    t0: float = 20.0
+    t_read: float = 250e-9
+    g_max: float = 25.0
+    prog_coeff: tuple = (0.26348, 1.9650, -1.1731)
+    drift_scale: float = 1.0
+
+    def spatial(self, kind, w, rng):
+        ratio = self.g_max / max(float(np.abs(w).max()), 1e-7)
+        g = np.clip(np.stack([w, -w]) * ratio, 0.0, self.g_max)  # target conductances (g+, g-)
+        rel = g / self.g_max
+        c0, c1, c2 = self.prog_coeff
+        sig_p = (c0 + c1 * rel + c2 * rel**2) * (self.g_max / 25.0)
+        g_p = np.maximum(g + self.eta * sig_p * rng.standard_normal(g.shape), 0.0)
+        log_rel = np.log(np.maximum(rel, 1e-7))
+        mu = np.clip(-0.0155 * log_rel + 0.0244, 0.049, 0.1)
+        sd = np.clip(-0.0125 * log_rel - 0.0059, 0.008, 0.045)
+        nu = self.drift_scale * np.abs(mu + sd * rng.standard_normal(g.shape))
+        t = self.t_inference + self.t0
+        g_d = g_p * (t / self.t0) ** -nu if t > self.t0 else g_p
+        q = np.minimum(0.0088 / np.maximum((g_p / self.g_max) ** 0.65, 1e-3), 0.2)
+        sig_r = self.eta * q * math.sqrt(math.log((t + self.t_read) / (2 * self.t_read)))
+        return (g_d[0] - g_d[1]) / ratio, np.hypot(*(g_d * sig_r)) / ratio
+
+
+def make_noise(preset: str, eta: float = 0.0, seed: int = 0, *, temporal: bool = True,
+               **options) -> Noise:
+    """Noise model for a `--noise` preset name.  Options (all keyword):
+
+    - paper: temporal_level=0.2 (sigma_T = level*eta), spatial_level=0.1, spatial_reading="relative"
+      (sigma_S = level*eta) | "absolute" (sigma_S = level), s_granularity="weight",
+      t_granularity="tensor";
+    - relative, additive-max: temporal_level=0.2, s_granularity="weight", t_granularity="tensor";
+    - pcm: t_inference=3600.0 s, t0=20.0, t_read=250e-9, g_max=25.0, prog_coeff, drift_scale=1.0
+      (eta scales programming and read noise amplitudes; eta=1 gives aihwkit's defaults).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown noise preset {preset!r}; expected one of {PRESETS}")
+    common = dict(preset=preset, eta=float(eta), seed=int(seed), temporal=temporal)
+    if preset == "none":
+        return Noise(**common, **options)
+    if preset == "pcm":
+        return PCMNoise(**common, **options)
+    level = options.pop("temporal_level", 0.2)
+    if preset == "paper":
+        spatial_level = options.pop("spatial_level", 0.1)
+        reading = options.pop("spatial_reading", "relative")
+        if reading not in ("relative", "absolute"):
+            raise ValueError(f"spatial_reading must be 'relative' or 'absolute', not {reading!r}")
+        s_std = spatial_level * eta if reading == "relative" else spatial_level
+        factors = dict(s_mean=eta, s_std=s_std, ref="weight")
+    else:
+        factors = dict(s_mean=0.0, s_std=1.0, ref="weight" if preset == "relative" else "max")
+    return FactorNoise(**common, **factors, t_mean=eta, t_std=level * eta, **options)
+
+
+class Chip:
+    """One noisy device instance: per-layer `Layer`s (TFLite layout) plus the noise model."""
+
+    def __init__(self, noise: Noise, layers: dict):
+        self.noise = noise
+        self.layers = layers
+
+    @property
+    def static(self) -> bool:
+        """True when no layer changes from frame to frame."""
+        return all(layer.dev is None for layer in self.layers.values())
+
+    def xi(self, name: str, frame: int, out=None):
+        """The standard-normal temporal draw of layer `name` for inference `frame` (TFLite layout)."""
+        rng = _rng(self.noise.seed, name, _TEMPORAL, frame)
+        return _normal(rng, self.noise.t_granularity, self.layers[name].kind,
+                       self.layers[name].base.shape, out)
+
+    def kernel(self, name: str, frame: int) -> np.ndarray:
+        """Noisy unfolded kernel of layer `name` for inference `frame`, Keras layout, float32."""
+        layer = self.layers[name]
+        k = layer.base if layer.dev is None else layer.base + self.xi(name, frame) * layer.dev
+        return np.array(to_keras(layer.kind, k, layer.multiplier), np.float32)
+
+    def perturb(self, frame: int) -> dict:
+        """{name: noisy kernel (Keras layout)} for inference `frame` (the Keras/offline path)."""
+        return {name: self.kernel(name, frame) for name in self.layers}
+
+    def folded(self, scales: Mapping[str, Optional[np.ndarray]]) -> "FoldedChip":
+        """Fast path over the layers in `scales` ({name: per-output-channel BN scale s, or None for
+        a layer without BN})."""
+        return FoldedChip(self, scales)
+
+
+class FoldedChip:
+    """Per-layer folded arrays s*base, s*dev in TFLite layout; `write` produces one frame's noisy
+    folded kernels with one multiply and one add per weight (plus one normal draw per weight at
+    `t_granularity="weight"`)."""
+
+    def __init__(self, chip: Chip, scales: Mapping[str, Optional[np.ndarray]]):
+        self.chip = chip
+        self._base, self._dev = {}, {}
+        for name, s in scales.items():
+            self.rescale(name, s)
+
+    @property
+    def static(self) -> bool:
+        """True when `write` gives the same kernels for every frame (write once, then skip)."""
+        return all(dev is None for dev in self._dev.values())
+
+    def rescale(self, name: str, s: Optional[np.ndarray]) -> None:
+        """Re-fold layer `name` for a new BN scale `s` (after re-fusing BN statistics): one pass over
+        the layer's base and dev, in place.  The folded bias is not touched by weight noise."""
+        layer = self.chip.layers[name]
+        for store, arr in ((self._base, layer.base), (self._dev, layer.dev)):
+            out = store.get(name)
+            if arr is None or s is None:
+                store[name] = arr  # shared with the chip, read only
+            else:
+                store[name] = fold_kernel(layer.kind, arr, s, out=None if out is arr else out)
+
+    def write(self, frame: int, out: Mapping[str, np.ndarray]) -> None:
+        """Write the noisy folded kernels of inference `frame` into `out` ({name: writable float32
+        C-contiguous view, e.g. of the flatbuffer's buffer}, any shape of the right size)."""
+        for name, view in out.items():
+            base, dev = self._base[name], self._dev[name]
+            if view.dtype != np.float32 or not view.flags.c_contiguous or view.size != base.size:
+                raise ValueError(f"{name}: need a C-contiguous float32 view of {base.size} elements")
+            o = view.reshape(base.shape)
+            if dev is None:
+                np.copyto(o, base)
+                continue
+            xi = self.chip.xi(name, frame, out=o if self.chip.noise.t_granularity == "weight" else None)
+            np.multiply(dev, xi, out=o)
+            np.add(o, base, out=o)

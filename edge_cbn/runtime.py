@@ -1,0 +1,157 @@
+"""Run an exported bundle on the device: interpreter creation, BGR frame preprocessing, postprocessing
+per task.  numpy + OpenCV + LiteRT only.
+
+Interpreter backends, first available wins: `ai_edge_litert` (x86_64/aarch64 wheels), `tflite_runtime`
+(armv7l), and as a last resort `tensorflow.lite` — only if TensorFlow is already imported or installed
+(never on a device install; it costs seconds of import time and hundreds of MB).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import cv2
+import numpy as np
+
+_INTERPRETER_CLS = None
+
+
+def interpreter_class():
+    global _INTERPRETER_CLS
+    if _INTERPRETER_CLS is None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            try:
+                from tflite_runtime.interpreter import Interpreter
+            except ImportError:
+                if "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
+                    raise ImportError("no TFLite interpreter found: pip install ai-edge-litert "
+                                      "(x86_64/aarch64) or tflite-runtime (armv7l)") from None
+                import tensorflow as tf
+                Interpreter = tf.lite.Interpreter
+        _INTERPRETER_CLS = Interpreter
+    return _INTERPRETER_CLS
+
+
+def make_interpreter(model_content: bytes | None = None, model_path=None, num_threads: int | None = None):
+    """A LiteRT interpreter with tensors allocated.  `model_content` must not be mutated afterwards
+    (the interpreter may read weights straight from it)."""
+    if (model_content is None) == (model_path is None):
+        raise ValueError("pass exactly one of model_content and model_path")
+    it = interpreter_class()(model_content=model_content, model_path=None if model_path is None else
+                             str(model_path), num_threads=num_threads)
+    it.allocate_tensors()
+    return it
+
+
+def _letterbox_fn():
+    """`edge_cbn.detection.letterbox`, or None (plain resize) where that module is not installed."""
+    try:
+        from .detection import letterbox
+    except ImportError:
+        return None
+    return letterbox
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def top_k(logits, labels, k: int = 5) -> list[tuple[int, str, float]]:
+    """(class_id, label, probability) of the k best classes, best first.  Softmax is applied unless the
+    values already form a probability distribution (a model ending in softmax)."""
+    x = np.asarray(logits, np.float64).reshape(-1)
+    probs = x if x.min() >= 0 and abs(x.sum() - 1) < 1e-3 else softmax(x)
+    k = min(k, len(probs))
+    ids = np.argpartition(-probs, k - 1)[:k]
+    ids = ids[np.argsort(-probs[ids], kind="stable")]
+    return [(int(i), labels[i] if i < len(labels) else str(i), float(probs[i])) for i in ids]
+
+
+class Runner:
+    """Preprocess -> invoke -> postprocess for one bundle.  `invoke` is not re-entrant (one thread runs
+    inference); `swap` may be called from another thread: it replaces the interpreter for the next
+    invoke, the running one finishes on the old interpreter."""
+
+    def __init__(self, bundle, num_threads: int | None = None, interpreter=None, *, max_results: int = 5,
+                 conf_threshold: float = 0.25, iou_threshold: float = 0.45):
+        self.bundle, self.meta = bundle, bundle.meta
+        self.task = self.meta["task"]
+        self.input_hw = tuple(self.meta["input_size"])
+        pre = self.meta["preprocess"]
+        self._mean = np.asarray(pre["mean"], np.float32)
+        self._std = np.asarray(pre["std"], np.float32)
+        self.letterbox = bool(pre.get("letterbox", False))
+        self.labels = list(self.meta.get("labels") or [])
+        self.max_results, self.conf_threshold, self.iou_threshold = max_results, conf_threshold, iou_threshold
+        self._state = None
+        self.swap(interpreter or make_interpreter(model_content=bundle.model_bytes, num_threads=num_threads))
+
+    @property
+    def interpreter(self):
+        return self._state[0]
+
+    def swap(self, interpreter):
+        """Use `interpreter` (allocated, same model structure) from the next invoke on; returns the old one."""
+        inp = interpreter.get_input_details()[0]
+        outs = interpreter.get_output_details()
+        if tuple(inp["shape"][1:3]) != self.input_hw:
+            raise ValueError(f"interpreter input {tuple(inp['shape'])} does not match input_size {self.input_hw}")
+        if self.task == "detection":  # DESIGN: head maps in stride order 32, 16, 8 = growing grid
+            outs = sorted(outs, key=lambda d: int(d["shape"][1]))
+        state = (interpreter, inp["index"], [d["index"] for d in outs])
+        old, self._state = self._state, state  # one reference assignment: atomic for invoke()
+        return old and old[0]
+
+    def preprocess(self, frame_bgr: np.ndarray):
+        """BGR uint8 frame -> ((1, H, W, 3) float32 model input, context for postprocess)."""
+        rgb = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)
+        h, w = self.input_hw
+        ctx = {"orig_hw": frame_bgr.shape[:2], "scale": None, "pad": None}
+        letterbox = _letterbox_fn() if self.letterbox else None
+        if letterbox is not None:
+            img, ctx["scale"], ctx["pad"] = letterbox(rgb, (h, w))
+        else:
+            img = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+        x = (np.asarray(img, np.float32) - self._mean) / self._std
+        return x[None], ctx
+
+    def invoke(self, x: np.ndarray) -> list[np.ndarray]:
+        """Run the model; outputs in the Keras model's output order."""
+        it, inp, outs = self._state
+        it.set_tensor(inp, np.ascontiguousarray(x, np.float32))
+        it.invoke()
+        return [it.get_tensor(i) for i in outs]
+
+    def postprocess(self, outputs: list[np.ndarray], ctx: dict, max_results: int | None = None):
+        """classification: [(class_id, label, score)] best first; segmentation: (h, w) class-id mask at
+        frame size; detection: [(class_id, label, score, (x1, y1, x2, y2) in frame pixels)] best first."""
+        if self.task == "classification":
+            return top_k(outputs[0], self.labels, max_results or self.max_results)
+        if self.task == "segmentation":
+            mask = np.argmax(outputs[0][0], axis=-1).astype(np.uint8)
+            oh, ow = ctx["orig_hw"]
+            return cv2.resize(mask, (ow, oh), interpolation=cv2.INTER_NEAREST)
+        if self.task == "detection":
+            return self._detections(outputs, ctx)
+        raise ValueError(f"unknown task {self.task!r}")
+
+    def _detections(self, outputs, ctx):
+        from .detection import decode_yolo, nms, unletterbox
+
+        boxes, scores, ids = decode_yolo(outputs, self.input_hw, self.meta["head"], self.conf_threshold)
+        keep = nms(boxes, scores, ids, self.iou_threshold)
+        boxes, scores, ids = boxes[keep], scores[keep], ids[keep]
+        if ctx["scale"] is not None:
+            boxes = unletterbox(boxes, ctx["scale"], ctx["pad"], ctx["orig_hw"])
+        else:
+            (oh, ow), (h, w) = ctx["orig_hw"], self.input_hw
+            boxes = boxes * np.float32([ow / w, oh / h, ow / w, oh / h])
+        return [(int(c), self.labels[c] if c < len(self.labels) else str(c), float(s), tuple(map(float, b)))
+                for c, s, b in zip(ids, scores, boxes)]
+
+    def __call__(self, frame_bgr: np.ndarray, max_results: int | None = None):
+        x, ctx = self.preprocess(frame_bgr)
+        return self.postprocess(self.invoke(x), ctx, max_results)

@@ -1,0 +1,130 @@
+"""Device runtime: no TensorFlow import, preprocessing, invoke, postprocessing per task, interpreter swap."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_cbn.bundle import Bundle, load_bundle
+from edge_cbn.runtime import Runner, top_k
+
+HEAD = {"anchors": [[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [59, 119], [116, 90], [156, 198],
+                    [373, 326]], "masks": [[6, 7, 8], [3, 4, 5], [0, 1, 2]], "strides": [32, 16, 8]}
+
+
+class FakeInterpreter:
+    """Returns fixed outputs: enough of the LiteRT interface for Runner."""
+
+    def __init__(self, input_hw, outputs):
+        self.input_hw, self.outputs, self.x = input_hw, outputs, None
+
+    def get_input_details(self):
+        return [{"index": 0, "shape": np.array([1, *self.input_hw, 3])}]
+
+    def get_output_details(self):
+        return [{"index": i + 1, "shape": np.array(o.shape)} for i, o in enumerate(self.outputs)]
+
+    def set_tensor(self, index, x):
+        self.x = x
+
+    def invoke(self):
+        pass
+
+    def get_tensor(self, index):
+        return self.outputs[index - 1]
+
+
+def fake_runner(task, input_hw, outputs, *, labels=(), head=None, letterbox=False, **kw):
+    meta = {"format": 1, "model": "fake", "task": task, "input_size": list(input_hw), "labels": list(labels),
+            "preprocess": {"mean": [0.0] * 3, "std": [255.0] * 3, "letterbox": letterbox}, "head": head}
+    return Runner(Bundle(None, b"", meta, []), interpreter=FakeInterpreter(input_hw, outputs), **kw)
+
+
+def test_device_modules_do_not_import_tensorflow():
+    code = ("import sys, edge_cbn.runtime, edge_cbn.refuse, edge_cbn.bundle, edge_cbn.fold; "
+            "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_top_k_known_logits():
+    logits = np.array([[0.0, 3.0, 1.0, 2.0]], np.float32)
+    got = top_k(logits, ["a", "b", "c"], k=3)
+    assert [(i, name) for i, name, _ in got] == [(1, "b"), (3, "3"), (2, "c")]
+    p = np.exp([0.0, 3.0, 1.0, 2.0]) / np.exp([0.0, 3.0, 1.0, 2.0]).sum()
+    np.testing.assert_allclose([s for *_, s in got], p[[1, 3, 2]], rtol=1e-6)
+    probs = np.array([0.1, 0.7, 0.2])  # already a distribution: no second softmax
+    assert top_k(probs, [], k=1) == [(1, "1", pytest.approx(0.7))]
+
+
+def test_classification_postprocess_max_results():
+    runner = fake_runner("classification", (8, 8), [np.array([[5.0, 1.0, 9.0]], np.float32)],
+                         labels=["x", "y", "z"], max_results=2)
+    res = runner(np.zeros((20, 30, 3), np.uint8))
+    assert [r[:2] for r in res] == [(2, "z"), (0, "x")]
+    assert len(runner(np.zeros((20, 30, 3), np.uint8), max_results=1)) == 1
+    assert runner.interpreter.x.shape == (1, 8, 8, 3)
+
+
+def test_segmentation_mask_at_frame_size():
+    logits = np.zeros((1, 4, 4, 3), np.float32)
+    logits[0, :2, :, 1] = 5  # top half class 1
+    logits[0, 2:, 2:, 2] = 5  # bottom-right class 2
+    mask = fake_runner("segmentation", (4, 4), [logits])(np.zeros((40, 60, 3), np.uint8))
+    assert mask.shape == (40, 60)
+    assert (mask[:20] == 1).all() and (mask[20:, 30:] == 2).all() and (mask[20:, :30] == 0).all()
+
+
+def test_detection_decodes_sorts_heads_and_unletterboxes():
+    maps = {s: np.full((1, 64 // s, 64 // s, 3 * 7), -10.0, np.float32) for s in (32, 16, 8)}
+    cell = maps[16][0, 1, 2].reshape(3, 7)
+    cell[0, :4] = 0.0  # centre of cell (x=2, y=1) at stride 16, anchor 3 (30x61)
+    cell[0, 4], cell[0, 6] = 10.0, 10.0  # objectness, class 1
+    runner = fake_runner("detection", (64, 64), [maps[8], maps[32], maps[16]], labels=["a", "b"],
+                         head=HEAD, letterbox=True)
+    frame = np.zeros((100, 200, 3), np.uint8)
+    x, ctx = runner.preprocess(frame)
+    assert x.shape == (1, 64, 64, 3) and ctx["scale"] == pytest.approx(0.32) and tuple(ctx["pad"]) == (0, 16)
+    (cls, label, score, box), = runner.postprocess(runner.invoke(x), ctx)
+    assert (cls, label) == (1, "b") and score > 0.99
+    cx, cy, w, h = 40 / 0.32, (24 - 16) / 0.32, 30 / 0.32, 61 / 0.32
+    np.testing.assert_allclose(box, np.clip([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 0, [200, 100] * 2),
+                               atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    pytest.importorskip("tensorflow")
+    from test_export_refuse import PRE, tiny_model
+
+    from edge_cbn.export import export
+
+    model = tiny_model(num_classes=4)
+    path = export(model, tmp_path_factory.mktemp("rt") / "cls.tflite", name="cls", task="classification",
+                  preprocess=PRE, labels=["w", "x", "y", "z"])
+    return model, load_bundle(path)
+
+
+def test_runner_end_to_end_and_swap(tiny_bundle):
+    from test_export_refuse import new_stats
+
+    from edge_cbn.refuse import Refuser
+
+    model, bundle = tiny_bundle
+    frame = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
+    runner = Runner(bundle, num_threads=1)
+    x, _ = runner.preprocess(frame)
+    import cv2
+    rgb = cv2.resize(frame[..., ::-1], (16, 16), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    np.testing.assert_allclose(x[0], (rgb - [120, 110, 100]) / np.float32([60, 58, 57]), rtol=1e-6)
+    logits = runner.invoke(x)[0]
+    np.testing.assert_allclose(logits, np.asarray(model(x, training=False)), atol=1e-4)
+    res = runner(frame, max_results=4)
+    assert [r[0] for r in res] == list(np.argsort(-logits[0])) and res[0][1] == "wxyz"[res[0][0]]
+
+    refuser = Refuser(bundle)
+    refuser.refuse(new_stats(bundle, seed=4))
+    fresh = refuser.interpreter(num_threads=1)
+    old = runner.swap(fresh)
+    assert old is not fresh and runner.interpreter is fresh
+    assert not np.allclose(runner.invoke(x)[0], logits)
