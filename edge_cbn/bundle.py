@@ -59,11 +59,33 @@ class Bundle:
     def input_size(self) -> tuple[int, int]:
         return tuple(self.meta["input_size"])
 
+    @property
+    def can_calibrate(self) -> bool:
+        return "calibration" in self.meta and self.path is not None
+
+    def calibration_variant(self) -> "Bundle":
+        """The calibration variant (same layers and arrays, its own file and buffer indices); its last
+        output is the moments vector described in `edge_cbn.export.moments_model`."""
+        if not self.can_calibrate:
+            raise FileNotFoundError(f"{self.path}: no calibration variant (re-export with tools/convert.py)")
+        cal = self.meta["calibration"]
+        path = self.path.with_name(cal["file"])
+        layers = [dataclasses.replace(rec, w_buffer=cal["buffers"][rec.name][0],
+                                      b_buffer=cal["buffers"][rec.name][1]) for rec in self.layers]
+        return Bundle(path, path.read_bytes(), self.meta, layers)
+
     def layer(self, name: str) -> LayerRecord:
         for rec in self.layers:
             if rec.name == name or rec.bn == name:
                 return rec
         raise KeyError(f"no layer or BN named {name!r} in the sidecar")
+
+
+def calibration_path(tflite_path) -> Path:
+    """`X.tflite` -> `X.calib.tflite`, the calibration variant with the BN moments output."""
+    p = Path(tflite_path)
+    stem = p.name[: -len(".tflite")] if p.name.endswith(".tflite") else p.name
+    return p.with_name(stem + ".calib.tflite")
 
 
 def sidecar_path(tflite_path) -> Path:
@@ -127,6 +149,11 @@ def atomic_write(path, write) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

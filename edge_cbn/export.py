@@ -11,6 +11,7 @@ folded Keras model, which also fixes the output order to the Keras one.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import tflite
 
 from . import fold
-from .bundle import Bundle, LayerRecord, atomic_write, buffer_span, sidecar_path, write_sidecar
+from .bundle import Bundle, LayerRecord, atomic_write, buffer_span, calibration_path, sidecar_path, write_sidecar
 from .refuse import Refuser
 from .runtime import make_interpreter
 from .weights.assign import layer_kind
@@ -150,9 +151,10 @@ def convert_keras(model, input_hw: tuple[int, int] | None = None) -> bytes:
         logging.getLogger("absl").removeFilter(quiet)
 
 
-def _convert_with_sentinels(folded, records, input_hw) -> bytes:
-    """Convert `folded` with unique random weights in every recorded layer, fill in the records'
-    w_buffer/b_buffer by exact byte match, restore the real weights; returns the sentinel model."""
+def _convert_with_sentinels(folded, records, input_hw) -> tuple[bytes, dict]:
+    """Convert `folded` with unique random weights in every recorded layer, locate each layer's kernel
+    and bias buffers by exact byte match and restore the real weights; returns the sentinel model and
+    {layer name: (w_buffer, b_buffer)}."""
     rng = np.random.default_rng(0)
     real, sentinels = {}, {}
     for rec in records:
@@ -182,12 +184,30 @@ def _convert_with_sentinels(folded, records, input_hw) -> bytes:
                                "converter rewrote or fused this tensor; it cannot be re-fused)")
         return hits[0]
 
+    buffers = {}
     for rec in records:
         kernel, *bias = sentinels[rec.name]
-        rec.w_buffer = find(fold.to_tflite(rec.kind, kernel), f"layer {rec.name!r} kernel")
-        rec.b_buffer = find(bias[0], f"layer {rec.name!r} bias") if bias else None
-    return model_bytes
+        buffers[rec.name] = (find(fold.to_tflite(rec.kind, kernel), f"layer {rec.name!r} kernel"),
+                             find(bias[0], f"layer {rec.name!r} bias") if bias else None)
+    return model_bytes, buffers
 
+
+def moments_model(folded, records) -> keras.Model:
+    """The calibration variant: `folded` with one extra output, the per-channel mean and mean of
+    squares (over batch and space) of every folded layer's pre-activation output, concatenated as
+    [means of BN 1..n, mean squares of BN 1..n].  From these and the folding in force, the on-device
+    calibrator recovers the moments of each BN's input at batch size 1 without TensorFlow."""
+    ops = keras.ops
+    means, squares = [], []
+    for rec in records:
+        if rec.bn is None:
+            continue
+        y = folded.get_layer(rec.bn).output  # the FoldedBN identity: the folded layer's output
+        axes = tuple(range(len(y.shape) - 1))
+        means.append(ops.mean(y, axis=axes))
+        squares.append(ops.mean(ops.square(y), axis=axes))
+    moments = ops.expand_dims(ops.concatenate(means + squares, axis=0), 0)
+    return keras.Model(folded.inputs, list(folded.outputs) + [moments])
 
 def _outputs(model, x) -> list[np.ndarray]:
     out = model(x, training=False)
@@ -219,22 +239,41 @@ def _fix_outputs(model_bytes: bytearray, probe: np.ndarray, keras_outs: list[np.
         vec[:] = vec[perm].copy()
 
 
+def _convert_folded(keras_model, records, hw, meta) -> tuple[bytearray, dict]:
+    """Convert, locate the buffers, write the real folded tensors exactly as on-device re-fuse writes
+    them, and check/fix the outputs against Keras."""
+    sentinel_bytes, buffers = _convert_with_sentinels(keras_model, records, hw)
+    located = [dataclasses.replace(rec, w_buffer=buffers[rec.name][0], b_buffer=buffers[rec.name][1])
+               for rec in records]
+    refuser = Refuser(Bundle(None, sentinel_bytes, meta, located))
+    refuser.reset()
+    model_bytes = bytearray(refuser.model_bytes())
+    probe = np.random.default_rng(1).standard_normal((1, *hw, keras_model.input_shape[-1])).astype(np.float32)
+    _fix_outputs(model_bytes, probe, _outputs(keras_model, probe))
+    return model_bytes, buffers
+
+
 def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, head=None,
-           input_size=None) -> Path:
-    """Fold, convert and write `out_path` (.tflite) and its sidecar (.cbn.npz); returns the .tflite path.
+           input_size=None, calibration: bool = True) -> Path:
+    """Fold, convert and write `out_path` (.tflite), its sidecar (.cbn.npz) and, with `calibration`, the
+    calibration variant `X.calib.tflite` (see `moments_model`); returns the .tflite path.
     `input_size`: int or (H, W), needed only if the model's input size is free."""
     hw = (input_size, input_size) if isinstance(input_size, int) else input_size or model.input_shape[1:3]
     folded, records = _fold(model)
-    sentinel_bytes = _convert_with_sentinels(folded, records, hw)
     meta = {"model": name, "task": task, "input_size": [int(hw[0]), int(hw[1])], "preprocess": dict(preprocess),
             "labels": list(labels), "head": head}
-    refuser = Refuser(Bundle(None, sentinel_bytes, meta, records))
-    refuser.reset()  # the real folded tensors, written exactly as on-device re-fuse writes them
-    model_bytes = bytearray(refuser.model_bytes())
-    probe = np.random.default_rng(1).standard_normal((1, *hw, model.input_shape[-1])).astype(np.float32)
-    _fix_outputs(model_bytes, probe, _outputs(folded, probe))
+    model_bytes, buffers = _convert_folded(folded, records, hw, meta)
+    for rec in records:
+        rec.w_buffer, rec.b_buffer = buffers[rec.name]
 
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if calibration and any(rec.bn for rec in records):
+        calib_bytes, calib_buffers = _convert_folded(moments_model(folded, records), records, hw, meta)
+        calib_path = calibration_path(out_path)
+        meta["calibration"] = {"file": calib_path.name, "buffers": calib_buffers,
+                               "bns": [rec.bn for rec in records if rec.bn]}
+        atomic_write(calib_path, lambda f: f.write(calib_bytes))
     write_sidecar(sidecar_path(out_path), meta, records)
     atomic_write(out_path, lambda f: f.write(model_bytes))
     return out_path

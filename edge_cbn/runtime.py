@@ -70,13 +70,11 @@ def top_k(logits, labels, k: int = 5) -> list[tuple[int, str, float]]:
     return [(int(i), labels[i] if i < len(labels) else str(i), float(probs[i])) for i in ids]
 
 
-class Runner:
-    """Preprocess -> invoke -> postprocess for one bundle.  `invoke` is not re-entrant (one thread runs
-    inference); `swap` may be called from another thread: it replaces the interpreter for the next
-    invoke, the running one finishes on the old interpreter."""
+class Processor:
+    """A bundle's pre- and postprocessing (from its sidecar meta), independent of any interpreter."""
 
-    def __init__(self, bundle, num_threads: int | None = None, interpreter=None, *, max_results: int = 5,
-                 conf_threshold: float = 0.25, iou_threshold: float = 0.45):
+    def __init__(self, bundle, *, max_results: int = 5, conf_threshold: float = 0.25,
+                 iou_threshold: float = 0.45):
         self.bundle, self.meta = bundle, bundle.meta
         self.task = self.meta["task"]
         self.input_hw = tuple(self.meta["input_size"])
@@ -86,24 +84,6 @@ class Runner:
         self.letterbox = bool(pre.get("letterbox", False))
         self.labels = list(self.meta.get("labels") or [])
         self.max_results, self.conf_threshold, self.iou_threshold = max_results, conf_threshold, iou_threshold
-        self._state = None
-        self.swap(interpreter or make_interpreter(model_content=bundle.model_bytes, num_threads=num_threads))
-
-    @property
-    def interpreter(self):
-        return self._state[0]
-
-    def swap(self, interpreter):
-        """Use `interpreter` (allocated, same model structure) from the next invoke on; returns the old one."""
-        inp = interpreter.get_input_details()[0]
-        outs = interpreter.get_output_details()
-        if tuple(inp["shape"][1:3]) != self.input_hw:
-            raise ValueError(f"interpreter input {tuple(inp['shape'])} does not match input_size {self.input_hw}")
-        if self.task == "detection":  # DESIGN: head maps in stride order 32, 16, 8 = growing grid
-            outs = sorted(outs, key=lambda d: int(d["shape"][1]))
-        state = (interpreter, inp["index"], [d["index"] for d in outs])
-        old, self._state = self._state, state  # one reference assignment: atomic for invoke()
-        return old and old[0]
 
     def preprocess(self, frame_bgr: np.ndarray):
         """BGR uint8 frame -> ((1, H, W, 3) float32 model input, context for postprocess)."""
@@ -117,13 +97,6 @@ class Runner:
             img = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
         x = (np.asarray(img, np.float32) - self._mean) / self._std
         return x[None], ctx
-
-    def invoke(self, x: np.ndarray) -> list[np.ndarray]:
-        """Run the model; outputs in the Keras model's output order."""
-        it, inp, outs = self._state
-        it.set_tensor(inp, np.ascontiguousarray(x, np.float32))
-        it.invoke()
-        return [it.get_tensor(i) for i in outs]
 
     def postprocess(self, outputs: list[np.ndarray], ctx: dict, max_results: int | None = None):
         """classification: [(class_id, label, score)] best first; segmentation: (h, w) class-id mask at
@@ -151,6 +124,39 @@ class Runner:
             boxes = boxes * np.float32([ow / w, oh / h, ow / w, oh / h])
         return [(int(c), self.labels[c] if c < len(self.labels) else str(c), float(s), tuple(map(float, b)))
                 for c, s, b in zip(ids, scores, boxes)]
+
+class Runner(Processor):
+    """Preprocess -> invoke -> postprocess for one bundle.  `invoke` is not re-entrant (one thread runs
+    inference); `swap` may be called from another thread: it replaces the interpreter for the next
+    invoke, the running one finishes on the old interpreter."""
+
+    def __init__(self, bundle, num_threads: int | None = None, interpreter=None, **options):
+        super().__init__(bundle, **options)
+        self._state = None
+        self.swap(interpreter or make_interpreter(model_content=bundle.model_bytes, num_threads=num_threads))
+
+    @property
+    def interpreter(self):
+        return self._state[0]
+
+    def swap(self, interpreter):
+        """Use `interpreter` (allocated, same model structure) from the next invoke on; returns the old one."""
+        inp = interpreter.get_input_details()[0]
+        outs = interpreter.get_output_details()
+        if tuple(inp["shape"][1:3]) != self.input_hw:
+            raise ValueError(f"interpreter input {tuple(inp['shape'])} does not match input_size {self.input_hw}")
+        if self.task == "detection":  # DESIGN: head maps in stride order 32, 16, 8 = growing grid
+            outs = sorted(outs, key=lambda d: int(d["shape"][1]))
+        state = (interpreter, inp["index"], [d["index"] for d in outs])
+        old, self._state = self._state, state  # one reference assignment: atomic for invoke()
+        return old and old[0]
+
+    def invoke(self, x: np.ndarray) -> list[np.ndarray]:
+        """Run the model; outputs in the Keras model's output order."""
+        it, inp, outs = self._state
+        it.set_tensor(inp, np.ascontiguousarray(x, np.float32))
+        it.invoke()
+        return [it.get_tensor(i) for i in outs]
 
     def __call__(self, frame_bgr: np.ndarray, max_results: int | None = None):
         x, ctx = self.preprocess(frame_bgr)

@@ -1,0 +1,178 @@
+"""Device side: streaming Calibrated BatchNorm at batch size 1 on LiteRT.
+
+Each calibration frame runs the calibration variant of the model (`X.calib.tflite`), whose last output
+holds, for every folded BN layer, the per-channel spatial mean and mean of squares of the folded layer's
+output y.  With the folding in force, y = s*z + c (s = gamma/sqrt(var+eps), c = beta - s*mean), so the
+moments of the BN input z follow exactly, whatever statistics the forward pass used.  `Moments`
+accumulates them across frames (E[z] and E[z^2], so the variance includes between-frame variance: the
+unbiased estimator at batch size 1), warm-up as a cumulative average, then a bias-corrected EMA whose
+`window` is a parameter.
+
+Modes (`--mode`), because a camera sees one scene and absolute re-estimation pulls BN toward it:
+- `absolute`: the paper's re-estimation, BN statistics = the noisy moments of the stream;
+- `shift`: only the noise-induced change: on the same frames the clean model (digital weights, source
+  statistics) runs too.  Modelling the noise's effect on a channel as affine, z_noisy = a*z_clean + b,
+  the moments give a = sqrt(noisy var / clean var) and b, and the statistics that make the noisy
+  normalised output match the clean one are var <- a^2 * source var,
+  mean <- noisy mean + a * (source mean - clean mean): the scene's own statistics cancel;
+- `prior`: Schneider et al. 2020, mean/var <- (N*source + n*noisy)/(N + n) with prior strength N.
+
+Schedule.  A layer's input moments depend on the statistics folded into every layer before it, so
+re-estimating all layers from one pass over-corrects: each layer also "corrects" the upstream shift that
+the upstream layers correct themselves (Jacobi iteration; measured on EfficientNet-Lite0 it diverges,
+docs/RESULTS.md).  Warm-up therefore goes depth first (Gauss-Seidel): the BN layers are split into
+`stages` consecutive groups; stage g accumulates for `refuse_every` frames with groups < g already
+re-fused, then its statistics are re-fused and the deeper groups' (stale) moments are dropped.  After
+warm-up every layer keeps accumulating and all are re-fused every `refuse_every` frames, which tracks
+drift in small steps.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .fold import bn_scale
+from .moments import Moments
+
+MODES = ("shift", "absolute", "prior")
+
+
+def _f64(x, n, fill):
+    return np.full(n, fill, np.float64) if x is None else np.asarray(x, np.float64)
+
+
+class StreamCalibrator:
+    def __init__(self, bundle, *, mode: str = "shift", window: float | None = 64, prior: float = 16.0,
+                 refuse_every: int = 4, stages: int = 16):
+        if mode not in MODES:
+            raise ValueError(f"unknown calibration mode {mode!r}; expected one of {MODES}")
+        if "calibration" not in bundle.meta:
+            raise ValueError("the model has no calibration variant: re-export it with tools/convert.py")
+        if refuse_every < 1 or stages < 1:
+            raise ValueError("refuse_every and stages must be >= 1")
+        self.mode, self.window, self.prior = mode, window, prior
+        self.refuse_every = refuse_every
+        self.bns = list(bundle.meta["calibration"]["bns"])
+        # Stage boundaries over the BN layers (topological order), at most one stage per layer.
+        self.stages = min(stages, len(self.bns)) or 1
+        self._bounds = [round(len(self.bns) * (g + 1) / self.stages) for g in range(self.stages)]
+        self.stage = 0  # groups < stage are re-fused; == self.stages after warm-up
+        self._since_refuse = 0
+        self._recs = {bn: bundle.layer(bn) for bn in self.bns}
+        sizes = [len(self._recs[bn].mean) for bn in self.bns]
+        self._splits = np.cumsum(sizes)[:-1]
+        self._total = int(sum(sizes))
+        self.source = {bn: (np.asarray(r.mean, np.float64), np.asarray(r.var, np.float64))
+                       for bn, r in self._recs.items()}
+        self.noisy = {bn: Moments(window) for bn in self.bns}
+        self.clean = {bn: Moments(window) for bn in self.bns} if mode == "shift" else None
+
+    @property
+    def needs_clean(self) -> bool:
+        return self.clean is not None
+
+    @property
+    def frames(self) -> float:
+        return self.noisy[self.bns[0]].count if self.bns else 0.0
+
+    @property
+    def warm(self) -> bool:
+        return self.stage >= self.stages
+
+    @property
+    def warmup_frames(self) -> int:
+        return self.stages * self.refuse_every
+
+    @property
+    def progress(self) -> float:
+        """Warm-up progress 0..1 (1 once every layer has calibrated statistics)."""
+        if self.warm:
+            return 1.0
+        return (self.stage * self.refuse_every + self._since_refuse) / self.warmup_frames
+
+    def _active(self) -> list:
+        """BN layers whose moments are being accumulated now (warm-up: up to the current stage)."""
+        return self.bns if self.warm else self.bns[: self._bounds[self.stage]]
+
+    def bn_input_moments(self, vector: np.ndarray, stats: dict) -> dict:
+        """{bn: (E[z], E[z^2])} of each BN's input from the variant's moments output `vector`, given the
+        statistics {bn: (mean, var)} folded into the model that produced it."""
+        v = np.asarray(vector, np.float64).reshape(-1)
+        if v.size != 2 * self._total:
+            raise ValueError(f"moments output has {v.size} values, expected {2 * self._total}")
+        means = np.split(v[: self._total], self._splits)
+        squares = np.split(v[self._total:], self._splits)
+        out = {}
+        for bn, m_y, sq_y in zip(self.bns, means, squares):
+            rec = self._recs[bn]
+            mean, var = stats[bn]
+            s = bn_scale(rec.gamma, var, rec.eps).astype(np.float64)
+            c = _f64(rec.beta, len(s), 0.0) - s * np.asarray(mean, np.float64)
+            ok = np.abs(s) > 1e-12  # gamma == 0: the BN output ignores its input; keep the source stats
+            inv = np.where(ok, 1.0 / np.where(ok, s, 1.0), 0.0)
+            m_z = np.where(ok, (m_y - c) * inv, self.source[bn][0])
+            sq_z = np.where(ok, (sq_y - 2 * c * m_y + c * c) * inv * inv,
+                            self.source[bn][1] + self.source[bn][0] ** 2)
+            out[bn] = (m_z, sq_z)
+        return out
+
+    def observe(self, noisy_vector, noisy_stats, clean_vector=None, clean_stats=None) -> dict | None:
+        """One calibration frame: the noisy model's moments output (and, in `shift` mode, the clean
+        model's on the same frame) with the statistics each had folded in.  Returns the statistics to
+        re-fuse when a re-fuse is due, else None."""
+        active = self._active()
+        noisy = self.bn_input_moments(noisy_vector, noisy_stats)
+        for bn in active:
+            self.noisy[bn].update(*noisy[bn])
+        if self.clean is not None:
+            if clean_vector is None:
+                raise ValueError("shift mode needs the clean model's moments on the same frame")
+            clean = self.bn_input_moments(clean_vector, clean_stats)
+            for bn in active:
+                self.clean[bn].update(*clean[bn])
+        self._since_refuse += 1
+        if self._since_refuse < self.refuse_every:
+            return None
+        self._since_refuse = 0
+        if not self.warm:
+            self.stage += 1
+        return self.statistics()
+
+    def statistics(self) -> dict:
+        """Current calibrated statistics {bn: (mean, var)} as float32: the source statistics for layers
+        not reached by the warm-up yet."""
+        out = {}
+        done = set(self.bns if self.warm else self.bns[: self._bounds[self.stage - 1]] if self.stage else [])
+        for bn in self.bns:
+            src_mean, src_var = self.source[bn]
+            noisy = self.noisy[bn]
+            if noisy.count == 0 or bn not in done:
+                mean, var = src_mean, src_var
+            elif self.mode == "absolute":
+                mean, var = noisy.mean, noisy.var
+            elif self.mode == "prior":
+                w = noisy.count / (noisy.count + self.prior)
+                mean, var = (1 - w) * src_mean + w * noisy.mean, (1 - w) * src_var + w * noisy.var
+            else:
+                clean = self.clean[bn]
+                ratio = np.where(clean.var > 1e-12, noisy.var / np.maximum(clean.var, 1e-12), 1.0)
+                mean, var = noisy.mean + np.sqrt(ratio) * (src_mean - clean.mean), src_var * ratio
+            out[bn] = (np.asarray(mean, np.float32), np.maximum(np.asarray(var, np.float32), 0.0))
+        return out
+
+    def state_dict(self) -> dict:
+        """Plain numpy arrays: what `--state` saves."""
+        state = {"mode": np.array(self.mode), "stage": np.array(self.stage),
+                 "since_refuse": np.array(self._since_refuse)}
+        for prefix, accs in (("noisy", self.noisy), ("clean", self.clean or {})):
+            for bn, acc in accs.items():
+                for k, v in acc.state_dict().items():
+                    state[f"{prefix}/{bn}/{k}"] = v
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if str(state["mode"]) != self.mode:
+            raise ValueError(f"saved calibration state is for mode {state['mode']}, not {self.mode}")
+        self.stage, self._since_refuse = int(state["stage"]), int(state["since_refuse"])
+        for prefix, accs in (("noisy", self.noisy), ("clean", self.clean or {})):
+            for bn, acc in accs.items():
+                acc.load_state_dict({k: state[f"{prefix}/{bn}/{k}"] for k in acc._FIELDS})

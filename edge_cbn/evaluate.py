@@ -1,0 +1,130 @@
+"""Recovery under noise on natural photos, with the device-side code (LiteRT, streaming calibrator at
+batch size 1): `edge-cbn evaluate`.
+
+No labelled dataset installs offline, so accuracy is measured as agreement with the clean model: the top-1
+class of the noisy model (uncalibrated, and after streaming calibration) against the clean model's top-1
+on evaluation crops of the photos scikit-image and scikit-learn ship.  Calibration crops come from
+different random crops (`--split crops`) or from disjoint photos (`--split photos`)."""
+from __future__ import annotations
+
+import json
+import time
+
+import click
+import numpy as np
+
+from .bundle import load_bundle
+from .calibrator import MODES, StreamCalibrator
+from .engine import NoisyModel, noise_layers
+from .noise import PRESETS, make_noise
+
+EVAL_FRAME0 = 1 << 32  # temporal-noise frame indices of evaluation inferences (disjoint from calibration)
+
+
+def preprocess_batch(bundle, crops_rgb: np.ndarray) -> np.ndarray:
+    pre = bundle.meta["preprocess"]
+    return (crops_rgb.astype(np.float32) - np.float32(pre["mean"])) / np.float32(pre["std"])
+
+
+def top1(model: NoisyModel, xs: np.ndarray, frame0: int) -> np.ndarray:
+    return np.array([int(np.argmax(model.run(x[None], frame0 + i)[0])) for i, x in enumerate(xs)])
+
+
+def stream_calibrate(bundle, chip, xs, *, num_threads=None, checkpoints=(), on_checkpoint=None,
+                     **calibrator_options) -> StreamCalibrator:
+    """Streaming calibration at batch size 1 over the frames `xs` (preprocessed), exactly as the stream
+    does it: the noisy calibration variant, re-fused whenever the calibrator says so, plus the clean
+    variant on the same frames in shift mode.  `on_checkpoint(frames, stats)` runs after each frame
+    count in `checkpoints`."""
+    variant = bundle.calibration_variant()
+    cal = StreamCalibrator(bundle, **calibrator_options)
+    noisy = NoisyModel(variant, chip, num_threads=num_threads)
+    clean = NoisyModel(variant, None, num_threads=num_threads) if cal.needs_clean else None
+    for i, x in enumerate(xs):
+        out = noisy.run(x[None], i)
+        clean_out = clean.run(x[None], i) if clean else None
+        stats = cal.observe(out[-1], noisy.stats(), clean_out and clean_out[-1], clean and clean.stats())
+        if stats is not None:
+            noisy.set_stats(stats)
+        if on_checkpoint and i + 1 in checkpoints:
+            on_checkpoint(i + 1, cal.statistics())
+    return cal
+
+
+def evaluate_setting(bundle, preset, eta, seed, cal_x, eval_x, clean_top1, *, checkpoints, num_threads=None,
+                     **calibrator_options) -> dict:
+    chip = make_noise(preset, eta, seed).instantiate(noise_layers(bundle))
+    noisy = NoisyModel(bundle, chip, num_threads=num_threads)
+    row = {"preset": preset, "eta": eta, "seed": seed,
+           "uncalibrated": float(np.mean(top1(noisy, eval_x, EVAL_FRAME0) == clean_top1) * 100)}
+
+    def check(frames, stats):
+        noisy.set_stats(stats)
+        row[f"calibrated@{frames}"] = float(np.mean(top1(noisy, eval_x, EVAL_FRAME0) == clean_top1) * 100)
+
+    stream_calibrate(bundle, chip, cal_x, num_threads=num_threads, checkpoints=checkpoints, on_checkpoint=check,
+                     **calibrator_options)
+    return row
+
+
+def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
+    from .photos import load_photos, random_crops, split_photos
+
+    photos = load_photos()
+    size = bundle.meta["input_size"][0]
+    cal_photos, eval_photos = split_photos(photos) if split == "photos" else (photos, photos)
+    cal, _ = random_crops(cal_photos, n_cal, size, seed=1000 + seed)
+    ev, _ = random_crops(eval_photos, n_eval, size, seed=2000 + seed)
+    return preprocess_batch(bundle, cal), preprocess_batch(bundle, ev)
+
+
+@click.command("evaluate")
+@click.option("--model", default=None, help="Registered name or exported .tflite (default: efficientnet_lite0).")
+@click.option("--noise", "settings", multiple=True, default=("relative:0.02,0.05,0.1", "paper:0.1,0.3",
+              "additive-max:0.02,0.05"), show_default=True,
+              help="PRESET:ETA[,ETA…], repeatable.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated chip seeds.")
+@click.option("--mode", type=click.Choice(MODES), default="shift", show_default=True)
+@click.option("--window", type=float, default=64, show_default=True, help="Moments window (frames).")
+@click.option("--refuse-every", type=int, default=8, show_default=True)
+@click.option("--cal-frames", type=int, default=192, show_default=True)
+@click.option("--eval-crops", type=int, default=256, show_default=True)
+@click.option("--checkpoints", default="16,32,64,128,192", show_default=True,
+              help="Calibration frame counts at which to evaluate.")
+@click.option("--split", type=click.Choice(["crops", "photos"]), default="crops", show_default=True,
+              help="Calibration crops from other random crops of the same photos, or from disjoint photos.")
+@click.option("--num-threads", type=int, default=None)
+@click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
+def main(model, settings, seeds, mode, window, refuse_every, cal_frames, eval_crops, checkpoints, split,
+         num_threads, json_out):
+    """Agreement (%) of the noisy model's top-1 with the clean model's, uncalibrated and after streaming
+    batch-size-1 calibration on LiteRT, for each noise setting; ends with one JSON line."""
+    from .resolve import resolve_model
+
+    bundle = load_bundle(resolve_model(model, echo=click.echo))
+    checkpoints = tuple(int(c) for c in checkpoints.split(",") if int(c) <= cal_frames) or (cal_frames,)
+    cal_x, eval_x = crops(bundle, split, cal_frames, eval_crops)
+    clean_top1 = top1(NoisyModel(bundle, None, num_threads=num_threads), eval_x, EVAL_FRAME0)
+    rows = []
+    cols = ["uncalibrated"] + [f"calibrated@{c}" for c in checkpoints]
+    click.echo(f"{'preset':<13} {'eta':>5} {'seed':>4} " + " ".join(f"{c:>15}" for c in cols))
+    for setting in settings:
+        preset, _, etas = setting.partition(":")
+        if preset not in PRESETS:
+            raise click.BadParameter(f"unknown preset {preset!r} (one of {PRESETS})", param_hint="--noise")
+        for eta in [float(e) for e in etas.split(",")]:
+            for seed in [int(s) for s in seeds.split(",")]:
+                t = time.perf_counter()
+                row = evaluate_setting(bundle, preset, eta, seed, cal_x, eval_x, clean_top1, mode=mode,
+                                       window=window, refuse_every=refuse_every, checkpoints=checkpoints,
+                                       num_threads=num_threads)
+                row["seconds"] = round(time.perf_counter() - t, 1)
+                rows.append(row)
+                click.echo(f"{preset:<13} {eta:>5.3g} {seed:>4} " + " ".join(f"{row[c]:>15.1f}" for c in cols))
+    result = {"evaluate": "agreement", "model": bundle.meta["model"], "mode": mode, "window": window,
+              "refuse_every": refuse_every, "split": split, "cal_frames": cal_frames, "eval_crops": eval_crops,
+              "rows": rows}
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    click.echo(json.dumps(result))
