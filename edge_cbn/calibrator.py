@@ -42,7 +42,7 @@ def _f64(x, n, fill):
 
 class StreamCalibrator:
     def __init__(self, bundle, *, mode: str = "shift", window: float | None = 64, prior: float = 16.0,
-                 refuse_every: int = 4, stages: int = 16):
+                 refuse_every: int = 1, stages: int = 1000):
         if mode not in MODES:
             raise ValueError(f"unknown calibration mode {mode!r}; expected one of {MODES}")
         if "calibration" not in bundle.meta:

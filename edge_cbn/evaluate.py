@@ -26,11 +26,30 @@ def preprocess_batch(bundle, crops_rgb: np.ndarray) -> np.ndarray:
     return (crops_rgb.astype(np.float32) - np.float32(pre["mean"])) / np.float32(pre["std"])
 
 
-def top1(model: NoisyModel, xs: np.ndarray, frame0: int) -> np.ndarray:
-    return np.array([int(np.argmax(model.run(x[None], frame0 + i)[0])) for i, x in enumerate(xs)])
+def top1(model: NoisyModel, xs: np.ndarray, frame0: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top-1 class, its softmax probability) per input."""
+    logits = np.stack([model.run(x[None], frame0 + i)[0].reshape(-1) for i, x in enumerate(xs)]).astype(np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return p.argmax(axis=1), p.max(axis=1)
 
 
-def stream_calibrate(bundle, chip, xs, *, num_threads=None, checkpoints=(), on_checkpoint=None,
+class Agreement:
+    """Agreement (%) of a model's top-1 with the clean model's, on all evaluation crops and on the
+    confident ones (clean top-1 probability >= `confident`): an unconfident crop's top-1 flips between
+    near-equal classes at the smallest perturbation, so it says little about recovery."""
+
+    def __init__(self, clean_model: NoisyModel, xs: np.ndarray, confident: float = 0.5):
+        self.xs = xs
+        self.clean, prob = top1(clean_model, xs, EVAL_FRAME0)
+        self.mask = prob >= confident
+
+    def __call__(self, model: NoisyModel) -> tuple[float, float]:
+        same = top1(model, self.xs, EVAL_FRAME0)[0] == self.clean
+        return float(same.mean() * 100), float(same[self.mask].mean() * 100) if self.mask.any() else float("nan")
+
+
+def stream_calibrate(bundle, chip, xs, *, num_threads=None, checkpoints=(), on_checkpoint=None, pool=0,
                      **calibrator_options) -> StreamCalibrator:
     """Streaming calibration at batch size 1 over the frames `xs` (preprocessed), exactly as the stream
     does it: the noisy calibration variant, re-fused whenever the calibrator says so, plus the clean
@@ -38,7 +57,7 @@ def stream_calibrate(bundle, chip, xs, *, num_threads=None, checkpoints=(), on_c
     count in `checkpoints`."""
     variant = bundle.calibration_variant()
     cal = StreamCalibrator(bundle, **calibrator_options)
-    noisy = NoisyModel(variant, chip, num_threads=num_threads)
+    noisy = NoisyModel(variant, chip, num_threads=num_threads, pool=pool)
     clean = NoisyModel(variant, None, num_threads=num_threads) if cal.needs_clean else None
     for i, x in enumerate(xs):
         out = noisy.run(x[None], i)
@@ -51,19 +70,25 @@ def stream_calibrate(bundle, chip, xs, *, num_threads=None, checkpoints=(), on_c
     return cal
 
 
-def evaluate_setting(bundle, preset, eta, seed, cal_x, eval_x, clean_top1, *, checkpoints, num_threads=None,
-                     **calibrator_options) -> dict:
+def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, checkpoints, num_threads=None,
+                     pool=8, **calibrator_options) -> dict:
+    """One noise setting: agreement uncalibrated and after streaming calibration at each checkpoint;
+    keys `X` (all crops) and `X_confident`."""
     chip = make_noise(preset, eta, seed).instantiate(noise_layers(bundle))
-    noisy = NoisyModel(bundle, chip, num_threads=num_threads)
-    row = {"preset": preset, "eta": eta, "seed": seed,
-           "uncalibrated": float(np.mean(top1(noisy, eval_x, EVAL_FRAME0) == clean_top1) * 100)}
+    noisy = NoisyModel(bundle, chip, num_threads=num_threads, pool=pool, seed=seed)
+    row = {"preset": preset, "eta": eta, "seed": seed}
+
+    def record(key):
+        row[key], row[key + "_confident"] = agreement(noisy)
+
+    record("uncalibrated")
 
     def check(frames, stats):
         noisy.set_stats(stats)
-        row[f"calibrated@{frames}"] = float(np.mean(top1(noisy, eval_x, EVAL_FRAME0) == clean_top1) * 100)
+        record(f"calibrated@{frames}")
 
     stream_calibrate(bundle, chip, cal_x, num_threads=num_threads, checkpoints=checkpoints, on_checkpoint=check,
-                     **calibrator_options)
+                     pool=pool, **calibrator_options)
     return row
 
 
@@ -86,7 +111,12 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated chip seeds.")
 @click.option("--mode", type=click.Choice(MODES), default="shift", show_default=True)
 @click.option("--window", type=float, default=64, show_default=True, help="Moments window (frames).")
-@click.option("--refuse-every", type=int, default=8, show_default=True)
+@click.option("--refuse-every", type=int, default=1, show_default=True,
+              help="Frames per warm-up stage / between re-fuses.")
+@click.option("--stages", type=int, default=1000, show_default=True,
+              help="Warm-up stages (capped at the number of BN layers: one layer per stage).")
+@click.option("--pool", type=int, default=8, show_default=True,
+              help="Temporal noise states per model (0: a fresh draw and interpreter every inference).")
 @click.option("--cal-frames", type=int, default=192, show_default=True)
 @click.option("--eval-crops", type=int, default=256, show_default=True)
 @click.option("--checkpoints", default="16,32,64,128,192", show_default=True,
@@ -94,19 +124,23 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
 @click.option("--split", type=click.Choice(["crops", "photos"]), default="crops", show_default=True,
               help="Calibration crops from other random crops of the same photos, or from disjoint photos.")
 @click.option("--num-threads", type=int, default=None)
-@click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
-def main(model, settings, seeds, mode, window, refuse_every, cal_frames, eval_crops, checkpoints, split,
-         num_threads, json_out):
-    """Agreement (%) of the noisy model's top-1 with the clean model's, uncalibrated and after streaming
-    batch-size-1 calibration on LiteRT, for each noise setting; ends with one JSON line."""
+@click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+def main(model, settings, seeds, mode, window, refuse_every, stages, pool, cal_frames, eval_crops, checkpoints,
+         split, num_threads, json_out):
+    """Agreement (%) of the noisy model's top-1 with the clean model's — on all evaluation crops and on
+    the confident ones (clean top-1 probability >= 0.5) — uncalibrated and after streaming batch-size-1
+    calibration on LiteRT, for each noise setting; ends with one JSON line."""
     from .resolve import resolve_model
 
     bundle = load_bundle(resolve_model(model, echo=click.echo))
     checkpoints = tuple(int(c) for c in checkpoints.split(",") if int(c) <= cal_frames) or (cal_frames,)
     cal_x, eval_x = crops(bundle, split, cal_frames, eval_crops)
-    clean_top1 = top1(NoisyModel(bundle, None, num_threads=num_threads), eval_x, EVAL_FRAME0)
+    agreement = Agreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
+    options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages)
     rows = []
     cols = ["uncalibrated"] + [f"calibrated@{c}" for c in checkpoints]
+    click.echo(f"{int(agreement.mask.sum())} of {len(eval_x)} evaluation crops are confident; "
+               "cells: all crops / confident crops")
     click.echo(f"{'preset':<13} {'eta':>5} {'seed':>4} " + " ".join(f"{c:>15}" for c in cols))
     for setting in settings:
         preset, _, etas = setting.partition(":")
@@ -115,14 +149,14 @@ def main(model, settings, seeds, mode, window, refuse_every, cal_frames, eval_cr
         for eta in [float(e) for e in etas.split(",")]:
             for seed in [int(s) for s in seeds.split(",")]:
                 t = time.perf_counter()
-                row = evaluate_setting(bundle, preset, eta, seed, cal_x, eval_x, clean_top1, mode=mode,
-                                       window=window, refuse_every=refuse_every, checkpoints=checkpoints,
-                                       num_threads=num_threads)
+                row = evaluate_setting(bundle, preset, eta, seed, cal_x, agreement, checkpoints=checkpoints,
+                                       num_threads=num_threads, pool=pool, **options)
                 row["seconds"] = round(time.perf_counter() - t, 1)
                 rows.append(row)
-                click.echo(f"{preset:<13} {eta:>5.3g} {seed:>4} " + " ".join(f"{row[c]:>15.1f}" for c in cols))
-    result = {"evaluate": "agreement", "model": bundle.meta["model"], "mode": mode, "window": window,
-              "refuse_every": refuse_every, "split": split, "cal_frames": cal_frames, "eval_crops": eval_crops,
+                cells = [f"{row[c]:.0f}/{row[c + '_confident']:.0f}" for c in cols]
+                click.echo(f"{preset:<13} {eta:>5.3g} {seed:>4} " + " ".join(f"{c:>15}" for c in cells))
+    result = {"evaluate": "agreement", "model": bundle.meta["model"], **options, "pool": pool, "split": split,
+              "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
               "rows": rows}
     if json_out:
         with open(json_out, "w") as f:

@@ -95,7 +95,7 @@ def test_detection_decodes_sorts_heads_and_unletterboxes():
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
     pytest.importorskip("tensorflow")
-    from test_export_refuse import PRE, tiny_model
+    from tiny import PRE, tiny_model
 
     from edge_cbn.export import export
 
@@ -106,7 +106,7 @@ def tiny_bundle(tmp_path_factory):
 
 
 def test_runner_end_to_end_and_swap(tiny_bundle):
-    from test_export_refuse import new_stats
+    from tiny import new_stats
 
     from edge_cbn.refuse import Refuser
 
