@@ -12,6 +12,7 @@ from . import models as zoo
 from .labels import load_labels
 from .noise import PRESETS as NOISE_PRESETS
 from .weights import default_weights, load_weights
+from .weights.torch_pickle import UnsafeCheckpoint
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -130,7 +131,7 @@ def main(model_name, weights, out, input_size, num_classes, random_weights, cali
                                   allow_random=random_weights, quiet=quiet)
     except KeyError as e:
         raise click.BadParameter(str(e.args[0]), param_hint="--model") from None
-    except (ValueError, OSError) as e:  # WeightMismatch, UnsafeCheckpoint, unreadable file: one clear line
+    except (ValueError, OSError, UnsafeCheckpoint) as e:  # WeightMismatch, unreadable file: one clear line
         raise click.ClickException(str(e)) from None
     if calib_dir:
         calibrate_offline(spec, model, calib_dir, noise=noise, eta=eta, seed=seed, batch_size=batch_size,

@@ -1,0 +1,83 @@
+"""Offline Algorithm 1 (Keras) and the noise source applied identically in the Keras and TFLite paths."""
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from edge_cbn.bundle import load_bundle  # noqa: E402
+from edge_cbn.calibrate import bn_layers, calibrate, noisy_layers, set_kernels  # noqa: E402
+from edge_cbn.engine import NoisyModel, noise_layers  # noqa: E402
+from edge_cbn.export import export  # noqa: E402
+from edge_cbn.noise import PRESETS, make_noise  # noqa: E402
+from tiny import PRE, SIZE, tiny_model  # noqa: E402
+
+
+def batches(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((size, SIZE, SIZE, 3)).astype(np.float32) for _ in range(n)]
+
+
+def test_cumulative_estimator_equals_train_mode_batch_statistics():
+    model = tiny_model()
+    (batch,) = batches(1, 16)
+    bns = bn_layers(model)
+    probe = keras.Model(model.inputs, [l.input for l in bns])
+    acts = probe(batch, training=True)  # BN normalises with batch statistics, as torch train mode
+    stats = calibrate(model, [batch], estimator="cumulative")
+    for layer, a in zip(bns, acts):
+        a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
+        np.testing.assert_allclose(stats[layer.name][0], a.mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stats[layer.name][1], a.var(0, ddof=1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), a.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_ema_estimator_is_algorithm_1_from_the_source_statistics():
+    model = tiny_model()
+    bn = bn_layers(model)[0]
+    src_mean = bn.moving_mean.numpy().copy()
+    data = batches(3, 4)
+    ema = calibrate(model, data, estimator="ema", momentum=0.9)[bn.name][0]
+    cum_model = tiny_model()
+    means = []
+    for b in data:  # one batch at a time: the cumulative estimator over a single batch = its mean
+        means.append(calibrate(cum_model, [b], estimator="cumulative")[bn.name][0])
+        cum_model = tiny_model()
+    want = src_mean
+    for m in means:  # only the first BN's batch means do not depend on earlier updates
+        want = 0.9 * want + 0.1 * m
+    np.testing.assert_allclose(ema, want, rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_under_noise_restores_clean_kernels_and_is_seeded():
+    model = tiny_model()
+    clean = {n: k.copy() for n, (_, k) in noisy_layers(model).items()}
+    chip = make_noise("relative", 0.2, seed=4).instantiate(noisy_layers(model))
+    a = calibrate(model, batches(2, 4), chip=chip, estimator="cumulative")
+    for name, k in noisy_layers(model).items():
+        np.testing.assert_array_equal(k[1], clean[name])
+    model2 = tiny_model()
+    b = calibrate(model2, batches(2, 4), chip=make_noise("relative", 0.2, seed=4).instantiate(
+        noisy_layers(model2)), estimator="cumulative")
+    c = calibrate(tiny_model(), batches(2, 4), estimator="cumulative")
+    bn = next(iter(a))
+    np.testing.assert_allclose(a[bn][0], b[bn][0], rtol=1e-6)
+    assert not np.allclose(a[bn][1], c[bn][1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "none"])
+def test_same_seed_same_noisy_outputs_in_keras_and_tflite(tmp_path, preset):
+    model = tiny_model(num_classes=6, seed=3)
+    path = export(model, tmp_path / "m.tflite", name="tiny", task="classification", preprocess=PRE,
+                  labels=list("abcdef"), calibration=False)
+    bundle = load_bundle(path)
+    eta = 1.0 if preset == "pcm" else 0.1
+    x = np.random.default_rng(1).standard_normal((1, SIZE, SIZE, 3)).astype(np.float32)
+    tflite = NoisyModel(bundle, make_noise(preset, eta, seed=7).instantiate(noise_layers(bundle)))
+    chip = make_noise(preset, eta, seed=7).instantiate(noisy_layers(model))
+    for frame in (0, 5):
+        set_kernels(model, chip.perturb(frame))
+        want = np.asarray(model(x, training=False))
+        got = tflite.run(x, frame)[0]
+        np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
+    clean = NoisyModel(bundle).run(x, 0)[0]
+    assert np.abs(got - clean).max() > 1e-3  # the noise did something
