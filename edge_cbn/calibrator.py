@@ -42,14 +42,14 @@ def _f64(x, n, fill):
 
 class StreamCalibrator:
     def __init__(self, bundle, *, mode: str = "shift", window: float | None = 64, prior: float = 16.0,
-                 refuse_every: int = 1, stages: int = 1000):
+                 refuse_every: int = 1, stages: int = 1000, shrink: float = 1.0):
         if mode not in MODES:
             raise ValueError(f"unknown calibration mode {mode!r}; expected one of {MODES}")
         if "calibration" not in bundle.meta:
             raise ValueError("the model has no calibration variant: re-export it with tools/convert.py")
         if refuse_every < 1 or stages < 1:
             raise ValueError("refuse_every and stages must be >= 1")
-        self.mode, self.window, self.prior = mode, window, prior
+        self.mode, self.window, self.prior, self.shrink = mode, window, prior, shrink
         self.refuse_every = refuse_every
         self.bns = list(bundle.meta["calibration"]["bns"])
         # Stage boundaries over the BN layers (topological order), at most one stage per layer.
@@ -153,9 +153,14 @@ class StreamCalibrator:
                 w = noisy.count / (noisy.count + self.prior)
                 mean, var = (1 - w) * src_mean + w * noisy.mean, (1 - w) * src_var + w * noisy.var
             else:
+                # Few frames (one scene) pin a channel's moments badly: `shrink` pseudo-frames of the
+                # source statistics in both the noisy and the clean moments keep the ratio sane.
+                w = noisy.count / (noisy.count + self.shrink)
                 clean = self.clean[bn]
-                ratio = np.where(clean.var > 1e-12, noisy.var / np.maximum(clean.var, 1e-12), 1.0)
-                mean, var = noisy.mean + np.sqrt(ratio) * (src_mean - clean.mean), src_var * ratio
+                e_n, e_c = (w * m + (1 - w) * src_mean for m in (noisy.mean, clean.mean))
+                v_n, v_c = (w * v + (1 - w) * src_var for v in (noisy.var, clean.var))
+                ratio = np.where(v_c > 1e-12, v_n / np.maximum(v_c, 1e-12), 1.0)
+                mean, var = e_n + np.sqrt(ratio) * (src_mean - e_c), src_var * ratio
             out[bn] = (np.asarray(mean, np.float32), np.maximum(np.asarray(var, np.float32), 0.0))
         return out
 

@@ -115,6 +115,8 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
               help="Frames per warm-up stage / between re-fuses.")
 @click.option("--stages", type=int, default=1000, show_default=True,
               help="Warm-up stages (capped at the number of BN layers: one layer per stage).")
+@click.option("--shrink", type=float, default=1.0, show_default=True,
+              help="Shift mode: pseudo-frames of the source statistics mixed into the moments.")
 @click.option("--pool", type=int, default=8, show_default=True,
               help="Temporal noise states per model (0: a fresh draw and interpreter every inference).")
 @click.option("--cal-frames", type=int, default=192, show_default=True)
@@ -125,8 +127,8 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
               help="Calibration crops from other random crops of the same photos, or from disjoint photos.")
 @click.option("--num-threads", type=int, default=None)
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
-def main(model, settings, seeds, mode, window, refuse_every, stages, pool, cal_frames, eval_crops, checkpoints,
-         split, num_threads, json_out):
+def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, pool, cal_frames, eval_crops,
+         checkpoints, split, num_threads, json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's — on all evaluation crops and on
     the confident ones (clean top-1 probability >= 0.5) — uncalibrated and after streaming batch-size-1
     calibration on LiteRT, for each noise setting; ends with one JSON line."""
@@ -136,7 +138,7 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, pool, cal_f
     checkpoints = tuple(int(c) for c in checkpoints.split(",") if int(c) <= cal_frames) or (cal_frames,)
     cal_x, eval_x = crops(bundle, split, cal_frames, eval_crops)
     agreement = Agreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
-    options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages)
+    options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink)
     rows = []
     cols = ["uncalibrated"] + [f"calibrated@{c}" for c in checkpoints]
     click.echo(f"{int(agreement.mask.sum())} of {len(eval_x)} evaluation crops are confident; "

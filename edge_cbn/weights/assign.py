@@ -14,25 +14,16 @@ _BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
+# Axis permutation Keras layout -> torch layout: conv HWIO -> OIHW, depthwise HWC1 -> C1HW, dense IO -> OI.
+_TO_TORCH = {"conv": (3, 2, 0, 1), "depthwise": (2, 3, 0, 1), "dense": (1, 0)}
+
+
 def keras_to_torch(kind: str, w: np.ndarray) -> np.ndarray:
-    """Keras kernel layout -> torch layout (conv HWIO->OIHW, depthwise HWC1->C1HW, dense IO->OI)."""
-    if kind == "conv":
-        return w.transpose(3, 2, 0, 1)
-    if kind == "depthwise":
-        return w.transpose(2, 3, 0, 1)
-    if kind == "dense":
-        return w.T
-    raise ValueError(kind)
+    return w.transpose(_TO_TORCH[kind])
 
 
 def torch_to_keras(kind: str, w: np.ndarray) -> np.ndarray:
-    if kind == "conv":
-        return w.transpose(2, 3, 1, 0)
-    if kind == "depthwise":
-        return w.transpose(2, 3, 0, 1)
-    if kind == "dense":
-        return w.T
-    raise ValueError(kind)
+    return w.transpose(np.argsort(_TO_TORCH[kind]))
 
 
 def layer_kind(layer) -> str | None:
