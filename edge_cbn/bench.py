@@ -2,7 +2,9 @@
 run on this machine and ends with one JSON line of them; docs/BENCHMARKS.md records results."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 
 import click
@@ -68,3 +70,137 @@ def bench_models(names, num_threads, input_size):
         r = rows[name]
         click.echo(f"{name:<20} {side:>5} {r['keras_ms']:>9.2f} {r['tflite_ms']:>9.2f} {r['convert_s']:>9.2f}")
     emit({"bench": "models", "num_threads": num_threads, "models": rows})
+
+
+def _perturbed_stats(bundle, seed: int) -> dict:
+    """BN statistics near the exported ones (what a calibration step produces)."""
+    rng = np.random.default_rng(seed)
+    return {r.bn: (r.mean + rng.normal(0, 0.05, r.mean.shape).astype(np.float32),
+                   r.var * rng.uniform(0.8, 1.25, r.var.shape).astype(np.float32))
+            for r in bundle.layers if r.bn}
+
+
+@bench.command("stream")
+@click.option("--model", default=None, help="Registered name or exported .tflite (default: efficientnet_lite0).")
+@click.option("--num-threads", type=int, default=os.cpu_count(), show_default=True)
+@click.option("--frames", type=int, default=100, show_default=True, help="Frames per stream measurement.")
+@click.option("--noise", "preset", default="relative", show_default=True, help="Noise preset of the noisy runs.")
+@click.option("--eta", type=float, default=0.05, show_default=True)
+def bench_stream(model, num_threads, frames, preset, eta):
+    """Frames per second of `edge-cbn stream` on the bundled sample clip (headless, overlay drawn, no
+    agreement passes), measured in one run on one model and thread count: raw LiteRT invoke, the clean
+    stream, the noisy stream (pooled and exact temporal noise), and calibrating over the warm-up; plus
+    the per-frame cost of exact noise and the cost of one re-fuse."""
+    from .engine import NoisyModel, noise_layers
+    from .noise import make_noise
+    from .runtime import Processor, make_interpreter
+    from .stream import Engine, StreamLoop, StreamOptions, load_model, open_frames
+
+    bundle, name = load_model(model, echo=lambda *a, **k: click.echo(*a, **{**k, "err": True}))
+    with open_frames() as src:
+        frame = src.read()
+    x, _ = Processor(bundle).preprocess(frame)
+    it = make_interpreter(model_content=bundle.model_bytes, num_threads=num_threads)
+    inp = it.get_input_details()[0]["index"]
+
+    def invoke():
+        it.set_tensor(inp, x)
+        it.invoke()
+
+    raw_s = time_per_call(invoke)
+    base = StreamOptions(num_threads=num_threads, headless=True, quiet=True, agreement_every=0)
+
+    def stream_fps(n_frames=None, **changes):
+        opts = dataclasses.replace(base, **changes)
+        engine = Engine(bundle, opts)
+        if n_frames is None:  # the calibration warm-up
+            n_frames = engine.cal.warmup_frames * opts.calibrate_every
+        opts.frames = n_frames
+        with open_frames() as source:
+            summary = StreamLoop(engine, source, opts, model_name=name).run()
+        return summary["fps"], summary
+
+    fig = {"bench": "stream", "model": name, "num_threads": num_threads, "frames": frames,
+           "noise": f"{preset} eta={eta:g}", "noise_pool": base.noise_pool,
+           "raw_fps": round(1 / raw_s, 2), "raw_ms": round(raw_s * 1e3, 2)}
+    fig["stream_fps"] = stream_fps(frames)[0]
+    noisy = dict(noise=preset, eta=eta, calibrate=False)
+    fig["noisy_stream_fps"] = stream_fps(frames, **noisy)[0]
+    fig["noisy_exact_stream_fps"] = stream_fps(max(10, frames // 4), **noisy, noise_pool=0)[0]
+    if bundle.can_calibrate:
+        fps, summary = stream_fps(None, noise=preset, eta=eta, calibrate=True)
+        fig.update(calibrating_fps=fps, calibrating_frames=summary["frames"], calibrating_refuses=summary["refuses"])
+    else:
+        fig["calibrating_fps"] = None
+
+    chip = make_noise(preset, eta, 0).instantiate(noise_layers(bundle))
+    exact = NoisyModel(bundle, chip, num_threads=num_threads, pool=0)
+    frame_no = iter(range(1 << 30))
+    fig["noise_ms_per_frame"] = round(time_per_call(lambda: exact.interpreter(next(frame_no))) * 1e3, 2)
+    stats = [_perturbed_stats(bundle, s) for s in (1, 2)]
+    for key, model_ in (("refuse_ms", NoisyModel(bundle, chip, num_threads=num_threads, pool=base.noise_pool)),
+                        ("refuse_clean_ms", NoisyModel(bundle, None, num_threads=num_threads))):
+        turn = iter(range(1 << 30))
+        fig[key] = round(time_per_call(lambda: model_.set_stats(stats[next(turn) % 2]), warmup=1, min_calls=3)
+                         * 1e3, 1)
+
+    rows = [("raw LiteRT invoke (fps)", "raw_fps"), ("clean stream (fps)", "stream_fps"),
+            (f"noisy stream, pool {base.noise_pool} (fps)", "noisy_stream_fps"),
+            ("noisy stream, exact (fps)", "noisy_exact_stream_fps"), ("calibrating, warm-up (fps)", "calibrating_fps"),
+            ("exact noise: write + build (ms/frame)", "noise_ms_per_frame"),
+            (f"re-fuse, pool {base.noise_pool} (ms)", "refuse_ms"), ("re-fuse, clean (ms)", "refuse_clean_ms")]
+    click.echo(f"{name}, {num_threads} threads, noise {fig['noise']}")
+    for label, key in rows:
+        click.echo(f"  {label:<40} {fig[key] if fig[key] is not None else '-':>10}")
+    emit(fig)
+
+
+@bench.command("refuse")
+@click.option("--models", "names", default="efficientnet_lite0,resnet50", show_default=True,
+              help="Comma-separated model names (random weights).")
+@click.option("--num-threads", type=int, default=os.cpu_count(), show_default=True)
+def bench_refuse(names, num_threads):
+    """New BN statistics into a model: on-device re-fuse (Refuser.refuse + interpreter build, no TensorFlow)
+    against reconversion (set the statistics in Keras, fold_model + convert_keras), per model."""
+    import tempfile
+
+    from . import models as zoo
+    from .bundle import load_bundle
+    from .export import convert_keras, export, fold_model
+    from .refuse import Refuser
+    from .weights.assign import assign_state_dict, random_state_dict
+
+    rows = {}
+    click.echo(f"{'model':<20} {'refuse ms':>10} {'reconvert s':>12} {'ratio':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in [n for n in names.split(",") if n]:
+            spec = zoo.get_spec(name)
+            model = zoo.build(name)
+            assign_state_dict(model, random_state_dict(model))
+            path = export(model, f"{tmp}/{name}.tflite", name=name, task=spec.task, preprocess=spec.preprocess,
+                          labels=[], calibration=False)
+            bundle = load_bundle(path)
+            stats = [_perturbed_stats(bundle, s) for s in (1, 2)]
+            refuser = Refuser(bundle)
+            turn = iter(range(1 << 30))
+
+            def refuse():
+                refuser.refuse(stats[next(turn) % 2])
+                return refuser.interpreter(num_threads)
+
+            refuse_s = time_per_call(refuse, warmup=1, min_calls=3)
+            bns = {rec.bn: model.get_layer(rec.bn) for rec in bundle.layers if rec.bn}
+
+            def reconvert():
+                for bn, (mean, var) in stats[next(turn) % 2].items():
+                    layer = bns[bn]
+                    layer.moving_mean.assign(mean)
+                    layer.moving_variance.assign(var)
+                return convert_keras(fold_model(model))
+
+            reconvert_s = time_per_call(reconvert, warmup=0, min_calls=2, min_seconds=0)
+            rows[name] = {"refuse_ms": round(refuse_s * 1e3, 1), "reconvert_s": round(reconvert_s, 2),
+                          "ratio": round(reconvert_s / refuse_s, 1), "tflite_mb": round(len(bundle.model_bytes) / 2**20, 1)}
+            r = rows[name]
+            click.echo(f"{name:<20} {r['refuse_ms']:>10.1f} {r['reconvert_s']:>12.2f} {r['ratio']:>7.1f}x")
+    emit({"bench": "refuse", "num_threads": num_threads, "models": rows})

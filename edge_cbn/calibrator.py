@@ -22,9 +22,9 @@ re-estimating all layers from one pass over-corrects: each layer also "corrects"
 the upstream layers correct themselves (Jacobi iteration; measured on EfficientNet-Lite0 it diverges,
 docs/RESULTS.md).  Warm-up therefore goes depth first (Gauss-Seidel): the BN layers are split into
 `stages` consecutive groups; stage g accumulates for `refuse_every` frames with groups < g already
-re-fused, then its statistics are re-fused and the deeper groups' (stale) moments are dropped.  After
-warm-up every layer keeps accumulating and all are re-fused every `refuse_every` frames, which tracks
-drift in small steps.
+re-fused, then its statistics are re-fused (earlier groups keep the statistics of their own stage, so
+each re-fuse rewrites one group only).  After warm-up every layer keeps accumulating and all are re-fused
+every `track_every` frames, which tracks drift in small steps.
 """
 from __future__ import annotations
 
@@ -42,15 +42,15 @@ def _f64(x, n, fill):
 
 class StreamCalibrator:
     def __init__(self, bundle, *, mode: str = "shift", window: float | None = 64, prior: float = 16.0,
-                 refuse_every: int = 1, stages: int = 1000, shrink: float = 1.0):
+                 refuse_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 8):
         if mode not in MODES:
             raise ValueError(f"unknown calibration mode {mode!r}; expected one of {MODES}")
         if "calibration" not in bundle.meta:
             raise ValueError("the model has no calibration variant: re-export it with tools/convert.py")
-        if refuse_every < 1 or stages < 1:
-            raise ValueError("refuse_every and stages must be >= 1")
+        if refuse_every < 1 or stages < 1 or track_every < 1:
+            raise ValueError("refuse_every, stages and track_every must be >= 1")
         self.mode, self.window, self.prior, self.shrink = mode, window, prior, shrink
-        self.refuse_every = refuse_every
+        self.refuse_every, self.track_every = refuse_every, track_every
         self.bns = list(bundle.meta["calibration"]["bns"])
         # Stage boundaries over the BN layers (topological order), at most one stage per layer.
         self.stages = min(stages, len(self.bns)) or 1
@@ -63,6 +63,7 @@ class StreamCalibrator:
         self._total = int(sum(sizes))
         self.source = {bn: (np.asarray(r.mean, np.float64), np.asarray(r.var, np.float64))
                        for bn, r in self._recs.items()}
+        self.applied = dict(self.source)  # what the last re-fuse folded in
         self.noisy = {bn: Moments(window) for bn in self.bns}
         self.clean = {bn: Moments(window) for bn in self.bns} if mode == "shift" else None
 
@@ -130,44 +131,51 @@ class StreamCalibrator:
             for bn in active:
                 self.clean[bn].update(*clean[bn])
         self._since_refuse += 1
-        if self._since_refuse < self.refuse_every:
+        if self._since_refuse < (self.track_every if self.warm else self.refuse_every):
             return None
         self._since_refuse = 0
-        if not self.warm:
+        if self.warm:
+            update = self.bns
+        else:
+            update = self.bns[self._bounds[self.stage - 1] if self.stage else 0: self._bounds[self.stage]]
             self.stage += 1
+        for bn in update:
+            self.applied[bn] = self.estimate(bn)
         return self.statistics()
 
     def statistics(self) -> dict:
-        """Current calibrated statistics {bn: (mean, var)} as float32: the source statistics for layers
-        not reached by the warm-up yet."""
-        out = {}
-        done = set(self.bns if self.warm else self.bns[: self._bounds[self.stage - 1]] if self.stage else [])
-        for bn in self.bns:
-            src_mean, src_var = self.source[bn]
-            noisy = self.noisy[bn]
-            if noisy.count == 0 or bn not in done:
-                mean, var = src_mean, src_var
-            elif self.mode == "absolute":
-                mean, var = noisy.mean, noisy.var
-            elif self.mode == "prior":
-                w = noisy.count / (noisy.count + self.prior)
-                mean, var = (1 - w) * src_mean + w * noisy.mean, (1 - w) * src_var + w * noisy.var
-            else:
-                # Few frames (one scene) pin a channel's moments badly: `shrink` pseudo-frames of the
-                # source statistics in both the noisy and the clean moments keep the ratio sane.
-                w = noisy.count / (noisy.count + self.shrink)
-                clean = self.clean[bn]
-                e_n, e_c = (w * m + (1 - w) * src_mean for m in (noisy.mean, clean.mean))
-                v_n, v_c = (w * v + (1 - w) * src_var for v in (noisy.var, clean.var))
-                ratio = np.where(v_c > 1e-12, v_n / np.maximum(v_c, 1e-12), 1.0)
-                mean, var = e_n + np.sqrt(ratio) * (src_mean - e_c), src_var * ratio
-            out[bn] = (np.asarray(mean, np.float32), np.maximum(np.asarray(var, np.float32), 0.0))
-        return out
+        """The calibrated statistics {bn: (mean, var)} as of the last re-fuse (float32; the source
+        statistics for layers the warm-up has not reached)."""
+        return {bn: (np.asarray(m, np.float32), np.asarray(v, np.float32)) for bn, (m, v) in self.applied.items()}
+
+    def estimate(self, bn: str) -> tuple:
+        """The current estimate of one BN layer's statistics from its accumulated moments."""
+        src_mean, src_var = self.source[bn]
+        noisy = self.noisy[bn]
+        if noisy.count == 0:
+            mean, var = src_mean, src_var
+        elif self.mode == "absolute":
+            mean, var = noisy.mean, noisy.var
+        elif self.mode == "prior":
+            w = noisy.count / (noisy.count + self.prior)
+            mean, var = (1 - w) * src_mean + w * noisy.mean, (1 - w) * src_var + w * noisy.var
+        else:
+            # Few frames (one scene) pin a channel's moments badly: `shrink` pseudo-frames of the
+            # source statistics in both the noisy and the clean moments keep the ratio sane.
+            w = noisy.count / (noisy.count + self.shrink)
+            clean = self.clean[bn]
+            e_n, e_c = (w * m + (1 - w) * src_mean for m in (noisy.mean, clean.mean))
+            v_n, v_c = (w * v + (1 - w) * src_var for v in (noisy.var, clean.var))
+            ratio = np.where(v_c > 1e-12, v_n / np.maximum(v_c, 1e-12), 1.0)
+            mean, var = e_n + np.sqrt(ratio) * (src_mean - e_c), src_var * ratio
+        return np.asarray(mean, np.float32), np.maximum(np.asarray(var, np.float32), 0.0)
 
     def state_dict(self) -> dict:
         """Plain numpy arrays: what `--state` saves."""
         state = {"mode": np.array(self.mode), "stage": np.array(self.stage),
                  "since_refuse": np.array(self._since_refuse)}
+        for bn, (m, v) in self.applied.items():
+            state[f"applied/{bn}/mean"], state[f"applied/{bn}/var"] = m, v
         for prefix, accs in (("noisy", self.noisy), ("clean", self.clean or {})):
             for bn, acc in accs.items():
                 for k, v in acc.state_dict().items():
@@ -178,6 +186,8 @@ class StreamCalibrator:
         if str(state["mode"]) != self.mode:
             raise ValueError(f"saved calibration state is for mode {state['mode']}, not {self.mode}")
         self.stage, self._since_refuse = int(state["stage"]), int(state["since_refuse"])
+        self.applied = {bn: (np.asarray(state[f"applied/{bn}/mean"], np.float32),
+                             np.asarray(state[f"applied/{bn}/var"], np.float32)) for bn in self.bns}
         for prefix, accs in (("noisy", self.noisy), ("clean", self.clean or {})):
             for bn, acc in accs.items():
                 acc.load_state_dict({k: state[f"{prefix}/{bn}/{k}"] for k in acc._FIELDS})

@@ -70,10 +70,27 @@ def stream_calibrate(bundle, chip, xs, *, num_threads=None, checkpoints=(), on_c
     return cal
 
 
+def offline_statistics(keras_model, preset, eta, seed, cal_x, *, estimator, batch_size=32, momentum=0.999) -> dict:
+    """Workstation reference: the paper's Algorithm 1 in Keras (train-mode forward, batches of
+    `batch_size`, temporal noise per batch) over the same calibration frames; {bn: (mean, var)}."""
+    from .calibrate import calibrate, noisy_layers
+
+    source = {l.name: [w.numpy().copy() for w in l.weights] for l in keras_model.layers if l.weights}
+    chip = make_noise(preset, eta, seed).instantiate(noisy_layers(keras_model))
+    batches = (cal_x[i:i + batch_size] for i in range(0, len(cal_x), batch_size))
+    try:
+        return calibrate(keras_model, batches, chip=chip, estimator=estimator, momentum=momentum)
+    finally:
+        for layer in keras_model.layers:  # leave the model as it came
+            if layer.weights:
+                layer.set_weights(source[layer.name])
+
+
 def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, checkpoints, num_threads=None,
-                     pool=8, **calibrator_options) -> dict:
-    """One noise setting: agreement uncalibrated and after streaming calibration at each checkpoint;
-    keys `X` (all crops) and `X_confident`."""
+                     pool=8, keras_model=None, **calibrator_options) -> dict:
+    """One noise setting: agreement uncalibrated, after streaming calibration at each checkpoint and,
+    given the Keras model, after offline Algorithm 1 (cumulative and EMA 0.999); keys `X` (all crops)
+    and `X_confident`."""
     chip = make_noise(preset, eta, seed).instantiate(noise_layers(bundle))
     noisy = NoisyModel(bundle, chip, num_threads=num_threads, pool=pool, seed=seed)
     row = {"preset": preset, "eta": eta, "seed": seed}
@@ -89,6 +106,10 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, 
 
     stream_calibrate(bundle, chip, cal_x, num_threads=num_threads, checkpoints=checkpoints, on_checkpoint=check,
                      pool=pool, **calibrator_options)
+    if keras_model is not None:
+        for estimator in ("cumulative", "ema"):
+            noisy.set_stats(offline_statistics(keras_model, preset, eta, seed, cal_x, estimator=estimator))
+            record(f"offline_{estimator}")
     return row
 
 
@@ -115,7 +136,7 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
               help="Frames per warm-up stage / between re-fuses.")
 @click.option("--stages", type=int, default=1000, show_default=True,
               help="Warm-up stages (capped at the number of BN layers: one layer per stage).")
-@click.option("--shrink", type=float, default=1.0, show_default=True,
+@click.option("--shrink", type=float, default=4.0, show_default=True,
               help="Shift mode: pseudo-frames of the source statistics mixed into the moments.")
 @click.option("--pool", type=int, default=8, show_default=True,
               help="Temporal noise states per model (0: a fresh draw and interpreter every inference).")
@@ -125,10 +146,13 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
               help="Calibration frame counts at which to evaluate.")
 @click.option("--split", type=click.Choice(["crops", "photos"]), default="crops", show_default=True,
               help="Calibration crops from other random crops of the same photos, or from disjoint photos.")
+@click.option("--offline", is_flag=True,
+              help="Also run the paper's offline Algorithm 1 in Keras (batch 32; cumulative and EMA 0.999) on the "
+                   "same calibration frames, for comparison (needs TensorFlow and a registered model).")
 @click.option("--num-threads", type=int, default=None)
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, pool, cal_frames, eval_crops,
-         checkpoints, split, num_threads, json_out):
+         checkpoints, split, offline, num_threads, json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's — on all evaluation crops and on
     the confident ones (clean top-1 probability >= 0.5) — uncalibrated and after streaming batch-size-1
     calibration on LiteRT, for each noise setting; ends with one JSON line."""
@@ -139,8 +163,14 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, poo
     cal_x, eval_x = crops(bundle, split, cal_frames, eval_crops)
     agreement = Agreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
     options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink)
+    keras_model = None
+    if offline:
+        from .convert import build_model
+
+        keras_model = build_model(bundle.meta["model"])[1]
     rows = []
-    cols = ["uncalibrated"] + [f"calibrated@{c}" for c in checkpoints]
+    cols = ["uncalibrated"] + [f"calibrated@{c}" for c in checkpoints] + (
+        ["offline_cumulative", "offline_ema"] if offline else [])
     click.echo(f"{int(agreement.mask.sum())} of {len(eval_x)} evaluation crops are confident; "
                "cells: all crops / confident crops")
     click.echo(f"{'preset':<13} {'eta':>5} {'seed':>4} " + " ".join(f"{c:>15}" for c in cols))
@@ -152,7 +182,7 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, poo
             for seed in [int(s) for s in seeds.split(",")]:
                 t = time.perf_counter()
                 row = evaluate_setting(bundle, preset, eta, seed, cal_x, agreement, checkpoints=checkpoints,
-                                       num_threads=num_threads, pool=pool, **options)
+                                       num_threads=num_threads, pool=pool, keras_model=keras_model, **options)
                 row["seconds"] = round(time.perf_counter() - t, 1)
                 rows.append(row)
                 cells = [f"{row[c]:.0f}/{row[c + '_confident']:.0f}" for c in cols]

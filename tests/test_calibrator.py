@@ -81,7 +81,7 @@ def normalised(cal, model, xs):
 
 def test_shift_mode_without_noise_keeps_the_source_statistics(exported):
     _, bundle = exported
-    cal, noisy, _, refuses = drive(bundle, None, frames(12), refuse_every=2, stages=3)
+    cal, noisy, _, refuses = drive(bundle, None, frames(12), refuse_every=2, stages=3, track_every=2)
     assert refuses == 6 and cal.warm and cal.progress == 1.0
     for bn, (mean, var) in cal.statistics().items():
         np.testing.assert_allclose(mean, cal.source[bn][0], rtol=1e-4, atol=1e-4)
@@ -97,8 +97,8 @@ def test_staged_calibration_aligns_every_layer_under_noise(exported, mode):
     chip = make_noise("relative", 0.3, seed=1, temporal=False).instantiate(noise_layers(bundle))
     xs = frames(6)
     n_bn = len(bundle.meta["calibration"]["bns"])
-    cal, noisy, clean, _ = drive(bundle, chip, xs * (n_bn + 3), mode=mode, window=None,
-                                 refuse_every=len(xs), stages=n_bn)
+    cal, noisy, clean, _ = drive(bundle, chip, xs * (n_bn + 3), mode=mode, window=None, shrink=0,
+                                 refuse_every=len(xs), stages=n_bn, track_every=len(xs))
     got = normalised(cal, noisy, xs)
     before = normalised(cal, NoisyModel(bundle.calibration_variant(), chip), xs)
     target = normalised(cal, clean, xs) if mode == "shift" else None

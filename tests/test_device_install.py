@@ -1,0 +1,55 @@
+"""The device install: `device/install.sh` into a fresh virtual environment (no system site packages) with
+the base dependencies only — no TensorFlow there — then `edge-cbn stream` from that environment on a
+model exported here.  pip may download the base dependencies (its cache makes reruns fast)."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+INSTALL = REPO / "device" / "install.sh"
+
+
+def test_install_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(INSTALL)], check=True)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", str(INSTALL)], check=True)
+    unit = (REPO / "device" / "edge-cbn.service").read_text()
+    assert "Restart=on-failure" in unit
+    for flag in ("--camera 0", "--headless", "--serve 8080", "--host 0.0.0.0", "--state /var/lib/edge-cbn/state.npz",
+                 "--model /var/lib/edge-cbn/model.tflite", "--quiet"):
+        assert flag in unit
+
+
+@pytest.mark.slow
+def test_device_install_runs_without_tensorflow(tmp_path):
+    from test_stream import export_tiny
+
+    model = export_tiny(tmp_path / "export" / "tiny.tflite")
+    prefix, data = tmp_path / "venv", tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"))}
+    subprocess.run(["bash", str(INSTALL), "--no-apt", "--no-service", "--prefix", str(prefix), "--data", str(data),
+                    str(model)], check=True, env=env, timeout=600)
+    assert not (prefix / "pyvenv.cfg").read_text().count("include-system-site-packages = true")
+    python, edge_cbn = prefix / "bin" / "python", prefix / "bin" / "edge-cbn"
+    assert subprocess.run([str(python), "-c", "import tensorflow"], env=env, capture_output=True).returncode != 0
+    installed = subprocess.run([str(python), "-c", "import edge_cbn; print(edge_cbn.__file__)"], env=env,
+                               capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert str(prefix) in installed  # the venv's copy, not the checkout
+
+    log = tmp_path / "s.jsonl"
+    subprocess.run([str(edge_cbn), "stream", "--model", str(data / "model.tflite"), "--frames", "50", "--headless",
+                    "--log", str(log)], check=True, env=env, cwd=tmp_path, timeout=300)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len([x for x in lines if "frame" in x]) == 50 and lines[-1]["summary"]["frames"] == 50
+
+    # The device path with noise, calibration and a saved state works without TensorFlow too.
+    subprocess.run([str(edge_cbn), "stream", "--model", str(data / "model.tflite"), "--frames", "20", "--headless",
+                    "--quiet", "--noise", "relative", "--stages", "2", "--refuse-every", "2", "--state",
+                    str(data / "state.npz"), "--log", str(log)], check=True, env=env, cwd=tmp_path, timeout=300)
+    summary = json.loads(log.read_text().splitlines()[-1])["summary"]
+    assert summary["refuses"] >= 1 and summary["calibrated"]
+    assert (data / "state.calibrated.tflite").is_file()

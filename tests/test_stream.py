@@ -1,0 +1,269 @@
+"""`edge-cbn stream`: the loop end to end on a tiny exported classifier (no default-model build): log and
+summary, noise + calibration + re-fuses, state save/resume, a kill during a save, sources that fail or
+have corrupt frames, the preview's /status, and no TensorFlow on the device side."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edge_cbn.bundle import load_bundle
+from edge_cbn.runtime import make_interpreter
+from edge_cbn.state import StateStore, calibrated_model_path, fingerprint
+from edge_cbn.stream import agreement, main
+
+SUMMARY_KEYS = {"frames", "fps", "refuses", "agreement_before", "agreement_after", "agreement_metric", "calibrated"}
+NOISY = ["--noise", "relative", "--eta", "0.05", "--refuse-every", "2", "--stages", "2", "--track-every", "1",
+         "--calibrate-every", "1"]
+
+
+def export_tiny(path: Path) -> Path:
+    """A small conv+BN+ReLU classifier with random weights and BN statistics, exported with its sidecar and
+    calibration variant (a few seconds; imports Keras/TensorFlow in this process only)."""
+    keras = pytest.importorskip("keras")
+    from keras import layers
+
+    from edge_cbn.export import export
+    from edge_cbn.weights.assign import assign_state_dict, random_state_dict
+
+    inp = keras.Input((32, 32, 3))
+    x = layers.Conv2D(8, 3, 2, padding="same", use_bias=False, name="stem.conv")(inp)
+    x = layers.ReLU()(layers.BatchNormalization(name="stem.bn")(x))
+    x = layers.DepthwiseConv2D(3, 1, padding="same", use_bias=False, name="b1.dw")(x)
+    x = layers.ReLU(6.0)(layers.BatchNormalization(name="b1.dw_bn")(x))
+    x = layers.Conv2D(16, 1, use_bias=False, name="b1.pw")(x)
+    x = layers.ReLU()(layers.BatchNormalization(name="b1.pw_bn")(x))
+    x = layers.Conv2D(16, 3, 2, padding="same", use_bias=False, name="b2.conv")(x)
+    x = layers.ReLU()(layers.BatchNormalization(name="b2.bn")(x))
+    x = layers.Dense(10, name="fc")(layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, x)
+    assign_state_dict(model, random_state_dict(model, 0))
+    pre = {"mean": [127.5] * 3, "std": [64.0] * 3, "letterbox": False}
+    return export(model, path, name="tiny", task="classification", preprocess=pre,
+                  labels=[f"class{i}" for i in range(10)])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(export_tiny(tmp_path_factory.mktemp("model") / "tiny.tflite"))
+
+
+def run(args, **kw):
+    result = CliRunner().invoke(main, args, catch_exceptions=False, **kw)
+    return result
+
+
+def read_log(path):
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [x for x in lines if "summary" not in x], lines[-1].get("summary")
+
+
+def test_headless_log_and_record(tiny, tmp_path):
+    log, video = tmp_path / "s.jsonl", tmp_path / "out.mp4"
+    r = run(["--model", tiny, "--frames", "30", "--headless", "--log", str(log), "--record", str(video)])
+    assert r.exit_code == 0, r.output
+    frames, summary = read_log(log)
+    assert [f["frame"] for f in frames] == list(range(30))
+    assert all({"frame", "latency_ms", "calibrating", "refuses", "top"} <= set(f) for f in frames)
+    assert frames[0]["top"][0].startswith("class") and not any(f["calibrating"] for f in frames)
+    assert SUMMARY_KEYS <= set(summary) and summary["frames"] == 30 and summary["fps"] > 0
+    assert summary["agreement_before"] is None and summary["calibrated"] is False
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"summary": summary}
+    cap = cv2.VideoCapture(str(video))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+    cap.release()
+
+
+def test_noise_calibrates_and_refuses(tiny, tmp_path):
+    log = tmp_path / "s.jsonl"
+    r = run(["--model", tiny, "--frames", "40", "--headless", "--log", str(log), *NOISY, "--calibrate",
+             "--agreement-every", "4", "--calibrate-every", "2"])
+    assert r.exit_code == 0, r.output
+    frames, summary = read_log(log)
+    assert len(frames) == 40
+    assert [f["calibrating"] for f in frames[:4]] == [True, False, True, False]  # --calibrate-every 2
+    warm = next(i for i, f in enumerate(frames) if f["progress"] == 1.0)  # tracking: every 4 * 2 frames
+    assert [f["calibrating"] for f in frames[warm + 1:warm + 17]].count(True) == 2
+    assert frames[-1]["refuses"] >= 1 and frames[-1]["progress"] == 1.0
+    assert any("agreement" in f for f in frames)
+    assert summary["calibrated"] is True and summary["refuses"] == frames[-1]["refuses"]
+    assert summary["agreement_metric"] == "top1_agreement" and summary["agreement_samples"] == 5
+    assert 0 <= summary["agreement_before"] <= 100 and 0 <= summary["agreement_after"] <= 100
+
+
+def test_state_save_resume_and_corrupt_state(tiny, tmp_path):
+    state = tmp_path / "st.npz"
+    args = ["--model", tiny, "--headless", *NOISY, "--state", str(state)]
+    r = run([*args, "--frames", "20"])
+    assert r.exit_code == 0, r.output
+    first = json.loads(r.stdout.strip().splitlines()[-1])["summary"]
+    assert first["refuses"] >= 2 and not first["resumed"]
+    model = calibrated_model_path(state)
+    cal = load_bundle(model, require_sidecar=True)  # an ordinary bundle: sidecar with the calibrated stats
+    make_interpreter(model_path=model)
+    src = load_bundle(tiny)
+    assert any(not np.array_equal(a.var, b.var) for a, b in zip(cal.layers, src.layers) if a.bn)
+
+    log = tmp_path / "s2.jsonl"
+    r = run([*args, "--frames", "10", "--log", str(log)])
+    assert r.exit_code == 0, r.output
+    frames, second = read_log(log)
+    assert second["resumed"] and second["calibrated"]
+    assert frames[0]["refuses"] >= first["refuses"] and second["refuses"] > first["refuses"]
+    assert frames[0]["progress"] == 1.0  # the warm-up is not repeated
+
+    state.write_bytes(b"not an npz at all")
+    r = run([*args, "--frames", "6"])
+    assert r.exit_code == 0, r.output
+    assert "not used" in r.stderr and "starting fresh" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["summary"]["resumed"] is False
+    r = run([*args, "--frames", "2"])  # the bad file was replaced by a good one
+    assert json.loads(r.stdout.strip().splitlines()[-1])["summary"]["resumed"] is True
+
+
+def _start(args, log, env):
+    """The stream in a subprocess, once it has logged a few frames."""
+    if log.exists():
+        log.unlink()
+    proc = subprocess.Popen([sys.executable, "-m", "edge_cbn.stream", *args, "--frames", "100000", "--log", str(log)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            return proc
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"the stream did not start: {proc.communicate()[1].decode()[-2000:]}")
+
+
+def test_sigterm_stops_cleanly_and_kill_during_save_resumes(tiny, tmp_path):
+    """SIGTERM: the stream finishes, saves and exits 0.  SIGKILL while it re-fuses and saves on every frame
+    (each file write paused half-way by the test hook): the files on disk stay loadable and a restart
+    resumes from them."""
+    state = tmp_path / "st.npz"
+    log = tmp_path / "s.jsonl"
+    args = ["--model", tiny, "--headless", "--quiet", "--noise", "relative", "--eta", "0.05", "--stages", "2",
+            "--refuse-every", "1", "--calibrate-every", "1", "--save-interval", "0", "--state", str(state)]
+    proc = _start(args, log, dict(os.environ))
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    frames, summary = read_log(log)
+    assert summary["frames"] == len(frames) >= 3 and json.loads(out)["summary"] == summary
+    assert state.exists() and calibrated_model_path(state).exists()
+
+    env = {**os.environ, "EDGE_CBN_TEST_SLOW_SAVE": "0.05"}
+    rng = random.Random(0)
+    killed_mid_write = False
+    for attempt in range(3):
+        proc = _start(args, log, env)
+        time.sleep(rng.uniform(0.05, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        killed_mid_write = bool(list(tmp_path.glob(".*.tmp")))
+        if killed_mid_write:
+            break
+    assert killed_mid_write, "the kill never hit a save in progress"
+
+    bundle = load_bundle(tiny)
+    fp = fingerprint(bundle, noise="relative", eta=0.05, seed=0, mode="shift", stages=2)
+    saved = StateStore(state, bundle, fp).load()  # loadable, whether or not the model beside it is newer
+    assert saved.counters["refuses"] >= summary["refuses"]
+    make_interpreter(model_path=calibrated_model_path(state))
+    load_bundle(calibrated_model_path(state), require_sidecar=True)
+
+    r = run([*args, "--frames", "5", "--log", str(log)])
+    assert r.exit_code == 0, r.output
+    frames, summary = read_log(log)
+    assert summary["resumed"] and frames[0]["refuses"] >= saved.counters["refuses"]
+    assert not list(tmp_path.glob(".*.tmp"))  # the killed save's temporaries are cleaned up
+
+
+def test_missing_video_is_one_clear_error(tiny, tmp_path):
+    r = CliRunner().invoke(main, ["--model", tiny, "--video", str(tmp_path / "nope.mp4")])
+    assert r.exit_code != 0
+    assert r.output.strip().splitlines() == [f"Error: video file not found: {tmp_path / 'nope.mp4'}"]
+    r = CliRunner().invoke(main, ["--model", tiny, "--camera", "57"])
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1 and "camera 57" in r.output
+    r = CliRunner().invoke(main, ["--model", str(tmp_path / "nope.tflite")])
+    assert r.exit_code != 0 and "does not exist" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_video_with_corrupt_frame_still_streams(tiny, tmp_path):
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(12):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    data = bytearray(path.read_bytes())
+    starts = [i for i in range(len(data) - 2) if data[i:i + 3] == b"\xff\xd8\xff"]
+    data[starts[5]:starts[6] - 16] = np.random.default_rng(0).integers(0, 256, starts[6] - 16 - starts[5],
+                                                                          dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    log = tmp_path / "s.jsonl"
+    r = run(["--model", tiny, "--video", str(path), "--headless", "--log", str(log)])
+    assert r.exit_code == 0, r.output
+    frames, summary = read_log(log)
+    assert len(frames) == summary["frames"] == 11
+
+
+def test_preview_status_updates_during_run(tiny, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seen, done = [], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as resp:
+                    status = json.loads(resp.read())
+                if status.get("frames"):
+                    seen.append(status)
+            except OSError:
+                pass
+            time.sleep(0.01)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        r = run(["--model", tiny, "--headless", "--serve", str(port), "--frames", "300", *NOISY])
+    finally:
+        done.set()
+        poller.join()
+    assert r.exit_code == 0, r.output
+    counts = [s["frames"] for s in seen]
+    assert len(set(counts)) >= 2 and counts == sorted(counts)
+    last = seen[-1]
+    assert {"fps", "calibration", "calibration_progress", "refuses", "noise", "result", "model", "task",
+            "source"} <= set(last)
+    assert last["model"] == "tiny" and last["noise"].startswith("noise relative") and last["published"] >= 1
+
+
+def test_agreement_metrics():
+    assert agreement("classification", [(3, "a", 0.9)], [(3, "a", 0.5)]) == 100.0
+    assert agreement("classification", [(3, "a", 0.9)], [(4, "b", 0.5)]) == 0.0
+    ref = [(0, "p", 0.9, (0, 0, 10, 10)), (1, "q", 0.8, (20, 20, 30, 30))]
+    assert agreement("detection", ref, ref) == 100.0
+    assert agreement("detection", [], []) == 100.0
+    moved = [(0, "p", 0.9, (1, 1, 11, 11)), (0, "p", 0.7, (20, 20, 30, 30))]  # second: wrong class
+    assert agreement("detection", ref, moved) == pytest.approx(50.0)
+    assert agreement("segmentation", np.array([[0, 1], [1, 1]]), np.array([[0, 1], [0, 0]])) == 50.0
+
+
+def test_stream_modules_do_not_import_tensorflow():
+    code = ("import sys, edge_cbn.stream, edge_cbn.state, edge_cbn.bench; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
