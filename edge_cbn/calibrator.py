@@ -22,8 +22,9 @@ re-estimating all layers from one pass over-corrects: each layer also "corrects"
 the upstream layers correct themselves (Jacobi iteration; measured on EfficientNet-Lite0 it diverges,
 docs/RESULTS.md).  Warm-up therefore goes depth first (Gauss-Seidel): the BN layers are split into
 `stages` consecutive groups; stage g accumulates for `refuse_every` frames with groups < g already
-re-fused, then its statistics are re-fused (earlier groups keep the statistics of their own stage, so
-each re-fuse rewrites one group only).  After warm-up every layer keeps accumulating and all are re-fused
+re-fused, then its statistics are re-fused together with the refreshed estimates of the earlier groups,
+which keep accumulating (re-fusing only the new group and all groups at once at the end of warm-up
+collapses the model: docs/RESULTS.md).  After warm-up every layer keeps accumulating and all are re-fused
 every `track_every` frames, which tracks drift in small steps.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _f64(x, n, fill):
 
 class StreamCalibrator:
     def __init__(self, bundle, *, mode: str = "shift", window: float | None = 64, prior: float = 16.0,
-                 refuse_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 8):
+                 refuse_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 1):
         if mode not in MODES:
             raise ValueError(f"unknown calibration mode {mode!r}; expected one of {MODES}")
         if "calibration" not in bundle.meta:
@@ -90,6 +91,10 @@ class StreamCalibrator:
             return 1.0
         return (self.stage * self.refuse_every + self._since_refuse) / self.warmup_frames
 
+    def _done(self) -> list:
+        """BN layers whose warm-up stage is over."""
+        return self.bns if self.warm else self.bns[: self._bounds[self.stage - 1]] if self.stage else []
+
     def _active(self) -> list:
         """BN layers whose moments are being accumulated now (warm-up: up to the current stage)."""
         return self.bns if self.warm else self.bns[: self._bounds[self.stage]]
@@ -134,12 +139,9 @@ class StreamCalibrator:
         if self._since_refuse < (self.track_every if self.warm else self.refuse_every):
             return None
         self._since_refuse = 0
-        if self.warm:
-            update = self.bns
-        else:
-            update = self.bns[self._bounds[self.stage - 1] if self.stage else 0: self._bounds[self.stage]]
+        if not self.warm:
             self.stage += 1
-        for bn in update:
+        for bn in self._done():
             self.applied[bn] = self.estimate(bn)
         return self.statistics()
 

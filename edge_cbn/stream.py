@@ -44,7 +44,8 @@ AGREEMENT_METRICS = {"classification": "top1_agreement", "detection": "box_f1_io
                      "segmentation": "pixel_agreement"}
 
 
-# Warm-up re-fuses (one stage each) between updates of the serving model.
+# Re-fuses of the calibration variant between updates of the serving model (a pool of interpreters to
+# rebuild); calibration frames already serve with the newest statistics.
 SERVE_REFUSE_EVERY = 16
 # After the warm-up, calibration frames come TRACKING_SLOWDOWN times less often.
 TRACKING_SLOWDOWN = 4
@@ -66,7 +67,7 @@ class StreamOptions:
     refuse_every: int = _CAL_DEFAULTS.get("refuse_every", 4)
     stages: int = _CAL_DEFAULTS.get("stages", 16)
     track_every: int = _CAL_DEFAULTS.get("track_every", 8)
-    calibrate_every: int = 2
+    calibrate_every: int = 4
     agreement_every: int = 10
     state: str | None = None
     save_interval: float = 30.0
@@ -394,9 +395,7 @@ class Engine:
                 self.calibrated = True
                 self.variant.set_stats(stats)
                 warmed = self.cal.warm and not was_warm
-                # The serving model (a pool of interpreters to rebuild) follows the warm-up in steps; the
-                # calibration frames already serve with the newest statistics.
-                if self.cal.warm or warmed or self.refuses % SERVE_REFUSE_EVERY == 0:
+                if warmed or self.refuses % SERVE_REFUSE_EVERY == 0:
                     cal_state = self.cal.state_dict() if self.saver else None
                     # The end of the warm-up is always saved, whatever --save-interval says.
                     self._refuser.submit((stats, self._counters(i + 1), cal_state, warmed))
@@ -725,7 +724,7 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
                    "of BN layers: one layer per stage).")
 @click.option("--track-every", type=int, default=StreamOptions.track_every, show_default=True,
               help="After the warm-up: re-fuse every N calibration frames (tracks drift).")
-@click.option("--calibrate-every", type=int, default=2, show_default=True, metavar="K",
+@click.option("--calibrate-every", type=int, default=StreamOptions.calibrate_every, show_default=True, metavar="K",
               help="Calibrate on every K-th frame during the warm-up, every 4K-th after it (calibration frames "
                    "run the calibration variant with exact per-frame noise; its outputs serve that frame).")
 @click.option("--state", type=click.Path(dir_okay=False),
