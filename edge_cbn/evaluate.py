@@ -49,15 +49,15 @@ class Agreement:
         return float(same.mean() * 100), float(same[self.mask].mean() * 100) if self.mask.any() else float("nan")
 
 
-def stream_calibrate(bundle, chip, xs, *, num_threads=None, checkpoints=(), on_checkpoint=None, pool=0,
+def stream_calibrate(bundle, chip, xs, *, num_threads=None, checkpoints=(), on_checkpoint=None,
                      **calibrator_options) -> StreamCalibrator:
     """Streaming calibration at batch size 1 over the frames `xs` (preprocessed), exactly as the stream
-    does it: the noisy calibration variant, re-fused whenever the calibrator says so, plus the clean
-    variant on the same frames in shift mode.  `on_checkpoint(frames, stats)` runs after each frame
-    count in `checkpoints`."""
+    does it: the noisy calibration variant (exact per-frame noise), re-fused whenever the calibrator says
+    so, plus the clean variant on the same frames in shift mode.  `on_checkpoint(frames, stats)` runs
+    after each frame count in `checkpoints`."""
     variant = bundle.calibration_variant()
     cal = StreamCalibrator(bundle, **calibrator_options)
-    noisy = NoisyModel(variant, chip, num_threads=num_threads, pool=pool)
+    noisy = NoisyModel(variant, chip, num_threads=num_threads)
     clean = NoisyModel(variant, None, num_threads=num_threads) if cal.needs_clean else None
     for i, x in enumerate(xs):
         out = noisy.run(x[None], i)
@@ -105,7 +105,7 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, 
         record(f"calibrated@{frames}")
 
     stream_calibrate(bundle, chip, cal_x, num_threads=num_threads, checkpoints=checkpoints, on_checkpoint=check,
-                     pool=pool, **calibrator_options)
+                     **calibrator_options)
     if keras_model is not None:
         for estimator in ("cumulative", "ema"):
             noisy.set_stats(offline_statistics(keras_model, preset, eta, seed, cal_x, estimator=estimator))
@@ -139,7 +139,8 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
 @click.option("--shrink", type=float, default=4.0, show_default=True,
               help="Shift mode: pseudo-frames of the source statistics mixed into the moments.")
 @click.option("--pool", type=int, default=8, show_default=True,
-              help="Temporal noise states per model (0: a fresh draw and interpreter every inference).")
+              help="Temporal noise states of the evaluated noisy models (0: a fresh draw and interpreter every "
+                   "inference); calibration always draws afresh per frame, as the stream does.")
 @click.option("--cal-frames", type=int, default=192, show_default=True)
 @click.option("--eval-crops", type=int, default=256, show_default=True)
 @click.option("--checkpoints", default="16,32,64,128,192", show_default=True,
