@@ -5,9 +5,11 @@ missing it is built on first use, which needs the workstation extra (`pip instal
 on a board, copy a converted model over instead (see device/README.md)."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
+from .bundle import calibration_path, sidecar_path
 from .paths import cache_dir
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -25,15 +27,13 @@ def resolve_model(model: str | None, *, echo=print) -> Path:
             raise ModelNotFound(f"model file {model} does not exist")
         return path
     path = cache_dir() / f"{model}.tflite"
-    if path.is_file() and path.with_suffix(".cbn.npz").is_file():
+    if all(p.is_file() for p in (path, sidecar_path(path), calibration_path(path))):
         return path
-    try:
-        import tensorflow  # noqa: F401  (only to tell the user what is missing)
-    except ImportError:
+    if importlib.util.find_spec("tensorflow") is None:
         raise ModelNotFound(
             f"{model} is not converted yet and TensorFlow is not installed here: convert it on a workstation "
             f"with `python tools/convert.py --model {model} -o {model}.tflite` and pass --model {model}.tflite"
-        ) from None
+        )
     from .convert import build_model, export_model
 
     echo(f"first use of {model}: converting it once into {path}", file=sys.stderr)

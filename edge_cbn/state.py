@@ -26,13 +26,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .bundle import atomic_write, load_bundle, sidecar_path, write_sidecar
+from .worker import LatestJobWorker
 
 FORMAT = 1
 _SLOW_ENV = "EDGE_CBN_TEST_SLOW_SAVE"
@@ -199,50 +199,18 @@ class StateStore:
         return self.model_path, ""
 
 
-class Saver:
-    """Writes snapshots on a background thread so a save never stalls the stream.  `submit` replaces a
-    snapshot still waiting (only the newest matters); `flush` waits until everything submitted is on
-    disk.  Errors are reported through `on_error` and do not stop the stream."""
+class Saver(LatestJobWorker):
+    """Writes snapshots on a background thread so a save never stalls the stream: only the newest
+    waiting snapshot is written; `flush` waits until everything submitted is on disk.  Errors go to
+    `on_error` and do not stop the stream."""
 
     def __init__(self, store: StateStore, on_error=None):
-        self.store, self.on_error = store, on_error
-        self.saves = 0
-        self._cond = threading.Condition()
-        self._pending: Snapshot | None = None
-        self._busy = self._closed = False
-        self._thread = threading.Thread(target=self._run, name="edge-cbn-saver", daemon=True)
-        self._thread.start()
+        self.store = store
+        super().__init__(store.save, name="edge-cbn-saver", on_error=on_error or (lambda e: None))
 
-    def submit(self, snap: Snapshot) -> None:
-        with self._cond:
-            self._pending = snap
-            self._cond.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending is not None or self._closed)
-                if self._pending is None:
-                    return
-                snap, self._pending, self._busy = self._pending, None, True
-            try:
-                self.store.save(snap)
-                self.saves += 1
-            except Exception as e:  # disk full, read-only, ...: keep streaming
-                if self.on_error:
-                    self.on_error(e)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+    @property
+    def saves(self) -> int:
+        return self.done
 
     def flush(self, timeout: float | None = None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout)
-
-    def close(self) -> None:
-        self.flush()
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join()
+        return self.wait(timeout)

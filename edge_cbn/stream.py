@@ -36,6 +36,7 @@ from .noise import PRESETS, make_noise
 from .runtime import Processor, make_interpreter
 from .sources import CameraSource, SourceError, open_source
 from .state import Saver, Snapshot, StateStore, fingerprint
+from .worker import LatestJobWorker
 
 _CAL_DEFAULTS = {k: p.default for k, p in inspect.signature(StreamCalibrator).parameters.items()
                  if p.default is not inspect.Parameter.empty}
@@ -106,72 +107,6 @@ class _PlainModel:
         self._it.set_tensor(self._inp, np.ascontiguousarray(x, np.float32))
         self._it.invoke()
         return [self._it.get_tensor(i) for i in self._outs]
-
-
-class _Refuses:
-    """Applies re-fuses to the serving model and saves state, on a background thread when that is safe
-    (the serving model picks ready-made interpreters per frame: pooled, static or clean) so that the
-    stream keeps serving the old interpreters while the new ones are built, then swaps them
-    (`NoisyModel.set_stats` builds before it replaces).  Only the newest pending request is kept."""
-
-    def __init__(self, apply, background: bool):
-        self._apply = apply
-        self._error = None
-        self.applied = 0
-        self._cond = threading.Condition()
-        self._pending = None
-        self._busy = self._closed = False
-        self._thread = None
-        if background:
-            self._thread = threading.Thread(target=self._run, name="edge-cbn-refuse", daemon=True)
-            self._thread.start()
-
-    def submit(self, job) -> None:
-        self._raise()
-        if self._thread is None:
-            self._apply(job)
-            self.applied += 1
-            return
-        with self._cond:
-            self._pending = job
-            self._cond.notify_all()
-
-    def _run(self):
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending is not None or self._closed)
-                if self._pending is None:
-                    return
-                job, self._pending, self._busy = self._pending, None, True
-            try:
-                self._apply(job)
-                self.applied += 1
-            except BaseException as e:  # re-raised on the streaming thread
-                self._error = e
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def _raise(self):
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise e
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending is None and not self._busy)
-        self._raise()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending is None and not self._busy)
-                self._closed = True
-                self._cond.notify_all()
-            self._thread.join()
-            self._thread = None
 
 
 # ------------------------------------------------------------------------------------------ agreement
@@ -303,7 +238,10 @@ class Engine:
             self._export = Refuser(bundle)
         self._last_save = time.monotonic()
         per_frame_exact = isinstance(self.serving, NoisyModel) and self.serving.per_frame and not self.serving.pool
-        self._refuser = _Refuses(self._apply, background=not per_frame_exact)
+        # Re-fuses of the serving model run beside it when that is safe (it picks ready-made interpreters
+        # per frame: pooled, static or clean): the stream keeps serving the old interpreters while the new
+        # ones are built (`NoisyModel.set_stats` builds before it replaces).
+        self._refuser = LatestJobWorker(self._apply, name="edge-cbn-refuse", background=not per_frame_exact)
 
         # Agreement: the clean model and the noisy model never re-fused, on sampled frames only.
         self.clean = self.uncalibrated = None

@@ -10,8 +10,7 @@ from edge_cbn.bundle import load_bundle  # noqa: E402
 from edge_cbn.export import FoldError, _fix_outputs, convert_keras, export, fold_model  # noqa: E402
 from edge_cbn.refuse import Refuser  # noqa: E402
 from edge_cbn.runtime import make_interpreter  # noqa: E402
-from edge_cbn.weights.assign import assign_state_dict, random_state_dict  # noqa: E402
-from tiny import PRE, SIZE, conv_bn, new_stats, tiny_model  # noqa: E402,F401
+from tiny import PRE, SIZE, new_stats, tiny_model  # noqa: E402
 
 def run_tflite(model_bytes, x):
     it = make_interpreter(model_content=bytes(model_bytes))
