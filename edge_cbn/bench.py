@@ -108,6 +108,7 @@ def bench_stream(model, num_threads, frames, preset, eta):
         it.invoke()
 
     raw_s = time_per_call(invoke)
+    no_xnnpack_ms = _no_xnnpack_invoke_ms(bundle.model_bytes, x, num_threads)
     base = StreamOptions(num_threads=num_threads, headless=True, quiet=True, agreement_every=0)
 
     def stream_fps(n_frames=None, engine=None, **changes):
@@ -122,7 +123,7 @@ def bench_stream(model, num_threads, frames, preset, eta):
 
     fig = {"bench": "stream", "model": name, "num_threads": num_threads, "frames": frames,
            "noise": f"{preset} eta={eta:g}", "noise_pool": base.noise_pool,
-           "raw_fps": round(1 / raw_s, 2), "raw_ms": round(raw_s * 1e3, 2)}
+           "raw_fps": round(1 / raw_s, 2), "raw_ms": round(raw_s * 1e3, 2), "no_xnnpack_invoke_ms": no_xnnpack_ms}
     fig["stream_fps"] = stream_fps(frames)[0]
     noisy = dict(noise=preset, eta=eta, calibrate=False)
     fig["noisy_stream_fps"] = stream_fps(frames, **noisy)[0]
@@ -147,7 +148,7 @@ def bench_stream(model, num_threads, frames, preset, eta):
         fig[key] = round(time_per_call(lambda: model_.set_stats(stats[next(turn) % 2]), warmup=1, min_calls=3)
                          * 1e3, 1)
 
-    rows = [("raw LiteRT invoke (fps)", "raw_fps"), ("clean stream (fps)", "stream_fps"),
+    rows = [("raw LiteRT invoke (fps)", "raw_fps"), ("invoke without XNNPACK (ms)", "no_xnnpack_invoke_ms"), ("clean stream (fps)", "stream_fps"),
             (f"noisy stream, pool {base.noise_pool} (fps)", "noisy_stream_fps"),
             ("noisy stream, exact (fps)", "noisy_exact_stream_fps"), ("calibrating, warm-up (fps)", "calibrating_fps"),
             ("calibrating, tracking after warm-up (fps)", "tracking_fps"),
@@ -157,6 +158,27 @@ def bench_stream(model, num_threads, frames, preset, eta):
     for label, key in rows:
         click.echo(f"  {label:<40} {fig[key] if fig[key] is not None else '-':>10}")
     emit(fig)
+
+
+def _no_xnnpack_invoke_ms(model_bytes, x, num_threads):
+    """Invoke time with the builtin kernels only, which read weights in place (so a live buffer patch
+    would need no rebuild); None where the interpreter has no such option."""
+    from .runtime import interpreter_class
+
+    try:
+        from ai_edge_litert.interpreter import OpResolverType
+    except ImportError:
+        return None
+    it = interpreter_class()(model_content=bytes(model_bytes), num_threads=num_threads,
+                             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]["index"]
+
+    def invoke():
+        it.set_tensor(inp, x)
+        it.invoke()
+
+    return round(time_per_call(invoke) * 1e3, 2)
 
 
 @bench.command("refuse")
