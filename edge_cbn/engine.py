@@ -37,6 +37,7 @@ class NoisyModel:
         self.folded = None if chip is None else chip.folded(
             {name: slot.scale() if slot.rec.bn else None for name, slot in self.refuser.layers.items()})
         self.refuses = 0
+        self._io = None
         self._interpreters: list = []
         self._build()
 
@@ -82,6 +83,9 @@ class NoisyModel:
     def run(self, x: np.ndarray, frame: int) -> list[np.ndarray]:
         """Outputs of inference `frame` on input `x`, in the exported (Keras) output order."""
         it = self.interpreter(frame)
-        it.set_tensor(it.get_input_details()[0]["index"], np.ascontiguousarray(x, np.float32))
+        if self._io is None:  # every interpreter of one model has the same tensor indices
+            self._io = (it.get_input_details()[0]["index"], [d["index"] for d in it.get_output_details()])
+        inp, outs = self._io
+        it.set_tensor(inp, np.ascontiguousarray(x, np.float32))
         it.invoke()
-        return [it.get_tensor(d["index"]) for d in it.get_output_details()]
+        return [it.get_tensor(i) for i in outs]

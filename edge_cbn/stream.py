@@ -68,7 +68,7 @@ class StreamOptions:
     refuse_every: int = _CAL_DEFAULTS.get("refuse_every", 4)
     stages: int = _CAL_DEFAULTS.get("stages", 16)
     track_every: int = _CAL_DEFAULTS.get("track_every", 8)
-    calibrate_every: int = 4
+    calibrate_every: int = 8
     agreement_every: int = 10
     state: str | None = None
     save_interval: float = 30.0
