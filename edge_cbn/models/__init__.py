@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from typing import Callable
+
+# Keras warns whenever a model whose Input is named is called on a bare tensor: harmless, and noise on
+# every command that runs a model.
+warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match", category=UserWarning)
 
 # Preprocessing in pixel units: the model input is (rgb - mean) / std, rgb in [0, 255].
 IMAGENET_TORCH = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "letterbox": False}
