@@ -50,9 +50,9 @@ def models():
     """List the registered models: input size, task, parameters, weight file."""
     from . import models as zoo
 
-    click.echo(f"{'name':<20} {'input':>5}  {'task':<14} {'params':>8}  weights")
+    click.echo(f"{'name':<20} {'input':>5}  {'task':<14} {'params':>8}  published weights")
     for name in zoo.names():
         spec = zoo.get_spec(name)
         params = zoo.build(name).count_params()
         click.echo(f"{name:<20} {spec.input_size:>5}  {spec.task:<14} {params / 1e6:>7.2f}M  "
-                   f"{spec.weights_file} ({spec.weights_format})")
+                   f"{spec.weights_file or 'none published'} ({spec.weights_format})")
