@@ -43,14 +43,15 @@ def _f64(x, n, fill):
 
 class StreamCalibrator:
     def __init__(self, bundle, *, mode: str = "shift", window: float | None = 64, prior: float = 16.0,
-                 refuse_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 1):
+                 refuse_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 1,
+                 power: float = 0.5):
         if mode not in MODES:
             raise ValueError(f"unknown calibration mode {mode!r}; expected one of {MODES}")
         if "calibration" not in bundle.meta:
             raise ValueError("the model has no calibration variant: re-export it with tools/convert.py")
         if refuse_every < 1 or stages < 1 or track_every < 1:
             raise ValueError("refuse_every, stages and track_every must be >= 1")
-        self.mode, self.window, self.prior, self.shrink = mode, window, prior, shrink
+        self.mode, self.window, self.prior, self.shrink, self.power = mode, window, prior, shrink, power
         self.refuse_every, self.track_every = refuse_every, track_every
         self.bns = list(bundle.meta["calibration"]["bns"])
         # Stage boundaries over the BN layers (topological order), at most one stage per layer.
@@ -169,7 +170,8 @@ class StreamCalibrator:
             e_n, e_c = (w * m + (1 - w) * src_mean for m in (noisy.mean, clean.mean))
             v_n, v_c = (w * v + (1 - w) * src_var for v in (noisy.var, clean.var))
             ratio = np.where(v_c > 1e-12, v_n / np.maximum(v_c, 1e-12), 1.0)
-            mean, var = e_n + np.sqrt(ratio) * (src_mean - e_c), src_var * ratio
+            a = ratio ** self.power
+            mean, var = e_n + a * (src_mean - e_c), src_var * a * a
         return np.asarray(mean, np.float32), np.maximum(np.asarray(var, np.float32), 0.0)
 
     def state_dict(self) -> dict:

@@ -138,6 +138,8 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
               help="Warm-up stages (capped at the number of BN layers: one layer per stage).")
 @click.option("--shrink", type=float, default=4.0, show_default=True,
               help="Shift mode: pseudo-frames of the source statistics mixed into the moments.")
+@click.option("--power", type=float, default=0.5, show_default=True,
+              help="Shift mode: a = (noisy var / clean var)^power (0.5: moment matching, 1: Wiener).")
 @click.option("--pool", type=int, default=8, show_default=True,
               help="Temporal noise states of the evaluated noisy models (0: a fresh draw and interpreter every "
                    "inference); calibration always draws afresh per frame, as the stream does.")
@@ -152,7 +154,7 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
                    "same calibration frames, for comparison (needs TensorFlow and a registered model).")
 @click.option("--num-threads", type=int, default=None)
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
-def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, pool, cal_frames, eval_crops,
+def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, power, pool, cal_frames, eval_crops,
          checkpoints, split, offline, num_threads, json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's — on all evaluation crops and on
     the confident ones (clean top-1 probability >= 0.5) — uncalibrated and after streaming batch-size-1
@@ -163,7 +165,7 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, poo
     checkpoints = tuple(int(c) for c in checkpoints.split(",") if int(c) <= cal_frames) or (cal_frames,)
     cal_x, eval_x = crops(bundle, split, cal_frames, eval_crops)
     agreement = Agreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
-    options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink)
+    options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink, power=power)
     keras_model = None
     if offline:
         from .convert import build_model
