@@ -87,7 +87,7 @@ def _perturbed_stats(bundle, seed: int) -> dict:
 @click.option("--noise", "preset", default="relative", show_default=True, help="Noise preset of the noisy runs.")
 @click.option("--eta", type=float, default=0.05, show_default=True)
 def bench_stream(model, num_threads, frames, preset, eta):
-    """Frames per second of `edge-cbn stream` on the bundled sample clip (headless, overlay drawn, no
+    """Frames per second of `edge-cbn stream` on the bundled sample clip (headless with no outputs, so no overlay is drawn; no
     agreement passes), measured in one run on one model and thread count: raw LiteRT invoke, the clean
     stream, the noisy stream (pooled and exact temporal noise), and calibrating over the warm-up; plus
     the per-frame cost of exact noise and the cost of one re-fuse."""

@@ -79,7 +79,6 @@ class StreamOptions:
     host: str = "127.0.0.1"
     log: str | None = None
     quiet: bool = False
-    draw: bool = True
     progress_every: float = 2.0
 
     @property
@@ -497,7 +496,7 @@ class StreamLoop:
                 frames += 1
                 latency_sum += result.latency_ms
                 self.fps.tick()
-                if opts.draw or display or recorder or preview:
+                if display or recorder or preview:  # headless without outputs: nobody sees an overlay
                     draw_prediction(frame, e.task, result.prediction, e.proc.labels)
                     progress, label = None, ""
                     if e.cal is not None:
