@@ -83,7 +83,7 @@ def _perturbed_stats(bundle, seed: int) -> dict:
 @bench.command("stream")
 @click.option("--model", default=None, help="Registered name or exported .tflite (default: efficientnet_lite0).")
 @click.option("--num-threads", type=int, default=os.cpu_count(), show_default=True)
-@click.option("--frames", type=int, default=100, show_default=True, help="Frames per stream measurement.")
+@click.option("--frames", type=int, default=300, show_default=True, help="Frames per stream measurement.")
 @click.option("--noise", "preset", default="relative", show_default=True, help="Noise preset of the noisy runs.")
 @click.option("--eta", type=float, default=0.05, show_default=True)
 def bench_stream(model, num_threads, frames, preset, eta):
