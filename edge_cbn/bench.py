@@ -114,11 +114,10 @@ def bench_stream(model, num_threads, frames, preset, eta):
     def stream_fps(n_frames=None, engine=None, **changes):
         opts = dataclasses.replace(base, **changes)
         engine = engine or Engine(bundle, opts)
-        if n_frames is None:  # the calibration warm-up
-            n_frames = engine.cal.warmup_frames * opts.calibrate_every
-        opts.frames = n_frames
+        opts.frames = n_frames  # None: the calibration warm-up, however many frames it takes
         with open_frames() as source:
-            summary = StreamLoop(engine, source, opts, model_name=name).run()
+            summary = StreamLoop(engine, source, opts, model_name=name,
+                                 until=None if n_frames else (lambda: engine.cal.warm)).run()
         return summary["fps"], summary, engine
 
     fig = {"bench": "stream", "model": name, "num_threads": num_threads, "frames": frames,

@@ -48,7 +48,7 @@ AGREEMENT_METRICS = {"classification": "top1_agreement", "detection": "box_f1_io
 # Re-fuses of the calibration variant between updates of the serving model (a pool of interpreters to
 # rebuild); calibration frames already serve with the newest statistics.
 SERVE_REFUSE_EVERY = 16
-# After the warm-up, calibration frames come TRACKING_SLOWDOWN times less often.
+# After the warm-up, calibration takes TRACKING_SLOWDOWN times less: the statistics only drift by then.
 TRACKING_SLOWDOWN = 4
 
 
@@ -68,7 +68,8 @@ class StreamOptions:
     refuse_every: int = _CAL_DEFAULTS.get("refuse_every", 4)
     stages: int = _CAL_DEFAULTS.get("stages", 16)
     track_every: int = _CAL_DEFAULTS.get("track_every", 8)
-    calibrate_every: int = 8
+    calibration_budget: float = 0.25
+    calibrate_every: int | None = None  # a fixed cadence instead of the time budget
     agreement_every: int = 10
     state: str | None = None
     save_interval: float = 30.0
@@ -179,8 +180,12 @@ class Engine:
             warn(msg + "; streaming without calibration")
             calibrate = False
         for name in ("calibrate_every", "refuse_every", "stages", "track_every"):
-            if getattr(opts, name) < 1:
+            if getattr(opts, name) is not None and getattr(opts, name) < 1:
                 raise StreamError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 0 < opts.calibration_budget < 1:
+            raise StreamError("--calibration-budget must be between 0 and 1")
+        # Time spent in process(): all of it, and the part calibration added over plain serving.
+        self._elapsed_ms = self._calibration_ms = self._serve_ms = 0.0
         if opts.agreement_every < 0:
             raise StreamError("--agreement-every must be >= 0")
         if opts.noise_pool < 0:
@@ -307,6 +312,15 @@ class Engine:
             return sorted(outputs, key=lambda o: int(o.shape[1]))
         return outputs
 
+    def _calibration_due(self, i: int) -> bool:
+        """Calibrate this frame?  With --calibrate-every, on a fixed cadence; otherwise whenever the time
+        calibration has added stays within --calibration-budget of all frame time, so the stream keeps
+        about (1 - budget) of its noisy frame rate on any board and model."""
+        slowdown = TRACKING_SLOWDOWN if self.cal.warm else 1
+        if self.opts.calibrate_every:
+            return i % (self.opts.calibrate_every * slowdown) == 0
+        return self._calibration_ms <= self.opts.calibration_budget / slowdown * self._elapsed_ms
+
     def process(self, frame_bgr: np.ndarray, i: int) -> FrameResult:
         """Stream frame `i` (0-based in this run); every model of the frame uses the same noise frame
         index."""
@@ -314,9 +328,7 @@ class Engine:
         x, ctx = self.proc.preprocess(frame_bgr)
         fi = self.frame0 + i
         calibrating = refused = False
-        # Tracking after the warm-up samples a quarter as often: the statistics only drift by then.
-        every = self.opts.calibrate_every * (TRACKING_SLOWDOWN if self.cal is not None and self.cal.warm else 1)
-        if self.cal is not None and i % every == 0:
+        if self.cal is not None and self._calibration_due(i):
             calibrating = True
             was_warm = self.cal.warm
             out = self.variant.run(x, fi)
@@ -340,6 +352,11 @@ class Engine:
             outputs = self.serving.run(x, fi)
         pred = self.proc.postprocess(self._task_outputs(outputs), ctx)
         latency = (time.perf_counter() - t) * 1e3
+        self._elapsed_ms += latency
+        if calibrating:
+            self._calibration_ms += max(latency - self._serve_ms, 0.0)
+        else:  # running mean of a served frame's cost
+            self._serve_ms += (latency - self._serve_ms) / (min(i, 50) + 1)
         sample = None
         if self.clean is not None and (i + 1) % self.opts.agreement_every == 0:
             clean = self.proc.postprocess(self._task_outputs(self.clean.run(x, fi)), ctx)
@@ -447,8 +464,10 @@ class _Recorder:
 class StreamLoop:
     """Drive `source` through `engine` into the outputs `opts` asks for; `run()` returns the summary."""
 
-    def __init__(self, engine: Engine, source, opts: StreamOptions, *, model_name: str, stop=None, echo=None):
+    def __init__(self, engine: Engine, source, opts: StreamOptions, *, model_name: str, stop=None, echo=None,
+                 until=None):
         self.engine, self.source, self.opts = engine, source, opts
+        self.until = until  # optional: stop once until() is true (benchmarks)
         self.model_name = model_name
         self.stop = stop or threading.Event()
         self.echo = echo or (lambda msg: click.echo(msg, err=True))
@@ -488,7 +507,8 @@ class StreamLoop:
                     raise StreamError(f"cannot write the log {opts.log}: {err.strerror or err}") from None
             next_progress = time.monotonic() + opts.progress_every
             start = time.perf_counter()
-            while not self.stop.is_set() and (opts.frames is None or frames < opts.frames):
+            while not self.stop.is_set() and (opts.frames is None or frames < opts.frames) and not (
+                    self.until and self.until()):
                 frame = self.source.read()
                 if frame is None:
                     break
@@ -661,9 +681,13 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
                    "of BN layers: one layer per stage).")
 @click.option("--track-every", type=int, default=StreamOptions.track_every, show_default=True,
               help="After the warm-up: re-fuse every N calibration frames (tracks drift).")
-@click.option("--calibrate-every", type=int, default=StreamOptions.calibrate_every, show_default=True, metavar="K",
-              help="Calibrate on every K-th frame during the warm-up, every 4K-th after it (calibration frames "
-                   "run the calibration variant with exact per-frame noise; its outputs serve that frame).")
+@click.option("--calibration-budget", type=float, default=StreamOptions.calibration_budget, show_default=True,
+              metavar="F", help="Share of the frame time calibration may add (a quarter of it after the warm-up): "
+                                "calibration frames run the calibration variant with exact per-frame noise (and the "
+                                "clean variant in shift mode), so they cost a few invokes; the stream keeps about "
+                                "1 - F of its noisy frame rate.")
+@click.option("--calibrate-every", type=int, default=None, metavar="K",
+              help="Instead of the budget: calibrate on every K-th frame during the warm-up, every 4K-th after.")
 @click.option("--state", type=click.Path(dir_okay=False),
               help="Save the calibration state to FILE (.npz) and the last good calibrated model beside it "
                    "(FILE-stem.calibrated.tflite + .cbn.npz), atomically; resume from them on start.")
@@ -682,7 +706,8 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
 @click.option("--log", type=click.Path(dir_okay=False), help="JSON lines: one per frame, then {\"summary\": ...}.")
 @click.option("--quiet", is_flag=True, help="No progress lines (warnings, errors and the summary only).")
 def main(camera, video, images, loop, width, height, picamera2, model, num_threads, max_results, score_threshold,
-         noise, eta, seed, noise_pool, calibrate, mode, window, refuse_every, stages, track_every, calibrate_every,
+         noise, eta, seed, noise_pool, calibrate, mode, window, refuse_every, stages, track_every, calibration_budget,
+         calibrate_every,
          state,
          save_interval, agreement_every, frames, headless, record, serve, host, log, quiet):
     """Live inference on a camera, video or image folder (default: the bundled sample clip) under
@@ -699,7 +724,7 @@ def main(camera, video, images, loop, width, height, picamera2, model, num_threa
     opts = StreamOptions(num_threads=num_threads, max_results=max_results, score_threshold=score_threshold,
                          noise=noise, eta=eta, seed=seed, noise_pool=noise_pool, calibrate=calibrate, mode=mode,
                          window=window, refuse_every=refuse_every, stages=stages, track_every=track_every,
-                         calibrate_every=calibrate_every,
+                         calibration_budget=calibration_budget, calibrate_every=calibrate_every,
                          agreement_every=agreement_every, state=state, save_interval=save_interval,
                          frames=frames, headless=headless or not has_display, record=record, serve=serve,
                          host=host, log=log, quiet=quiet)
