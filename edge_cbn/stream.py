@@ -68,7 +68,7 @@ class StreamOptions:
     refuse_every: int = _CAL_DEFAULTS.get("refuse_every", 4)
     stages: int = _CAL_DEFAULTS.get("stages", 16)
     track_every: int = _CAL_DEFAULTS.get("track_every", 8)
-    calibration_budget: float = 0.25
+    calibration_budget: float = 0.2
     calibrate_every: int | None = None  # a fixed cadence instead of the time budget
     agreement_every: int = 10
     state: str | None = None
