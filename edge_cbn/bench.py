@@ -114,10 +114,10 @@ def bench_stream(model, num_threads, frames, preset, eta):
     def stream_fps(n_frames=None, engine=None, **changes):
         opts = dataclasses.replace(base, **changes)
         engine = engine or Engine(bundle, opts)
-        opts.frames = n_frames  # None: the calibration warm-up, however many frames it takes
+        opts.frames = n_frames  # None: until the calibration has converged, however many frames it takes
         with open_frames() as source:
             summary = StreamLoop(engine, source, opts, model_name=name,
-                                 until=None if n_frames else (lambda: engine.cal.warm)).run()
+                                 until=None if n_frames else (lambda: engine.converged)).run()
         return summary["fps"], summary, engine
 
     fig = {"bench": "stream", "model": name, "num_threads": num_threads, "frames": frames,
@@ -133,7 +133,7 @@ def bench_stream(model, num_threads, frames, preset, eta):
         calibrating = dict(noise=preset, eta=eta, calibrate=True)
         fps, summary, engine = stream_fps(None, **calibrating)
         fig.update(calibrating_fps=fps, calibrating_frames=summary["frames"], calibrating_refuses=summary["refuses"])
-        # The same engine after its warm-up: calibration frames 4x rarer, re-fuse every --track-every of them.
+        # The same engine once converged: calibration 4x rarer, a re-fuse every --track-every of its frames.
         fps, summary, _ = stream_fps(2 * frames, engine, **calibrating)
         fig.update(tracking_fps=fps, tracking_refuses=summary["refuses"] - fig["calibrating_refuses"])
 
@@ -150,8 +150,8 @@ def bench_stream(model, num_threads, frames, preset, eta):
 
     rows = [("raw LiteRT invoke (fps)", "raw_fps"), ("invoke without XNNPACK (ms)", "no_xnnpack_invoke_ms"), ("clean stream (fps)", "stream_fps"),
             (f"noisy stream, pool {base.noise_pool} (fps)", "noisy_stream_fps"),
-            ("noisy stream, exact (fps)", "noisy_exact_stream_fps"), ("calibrating, warm-up (fps)", "calibrating_fps"),
-            ("calibrating, tracking after warm-up (fps)", "tracking_fps"),
+            ("noisy stream, exact (fps)", "noisy_exact_stream_fps"), ("calibrating, to convergence (fps)", "calibrating_fps"),
+            ("calibrating, tracking after it (fps)", "tracking_fps"),
             ("exact noise: write + build (ms/frame)", "noise_ms_per_frame"),
             (f"re-fuse, pool {base.noise_pool} (ms)", "refuse_ms"), ("re-fuse, clean (ms)", "refuse_clean_ms")]
     click.echo(f"{name}, {num_threads} threads, noise {fig['noise']}")

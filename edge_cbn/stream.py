@@ -48,7 +48,9 @@ AGREEMENT_METRICS = {"classification": "top1_agreement", "detection": "box_f1_io
 # Re-fuses of the calibration variant between updates of the serving model (a pool of interpreters to
 # rebuild); calibration frames already serve with the newest statistics.
 SERVE_REFUSE_EVERY = 16
-# After the warm-up, calibration takes TRACKING_SLOWDOWN times less: the statistics only drift by then.
+# Once CONVERGED_FRAMES calibration frames are in (the estimate has mostly converged by then,
+# docs/RESULTS.md), calibration takes TRACKING_SLOWDOWN times less: the statistics only drift.
+CONVERGED_FRAMES = 192
 TRACKING_SLOWDOWN = 4
 
 
@@ -312,11 +314,16 @@ class Engine:
             return sorted(outputs, key=lambda o: int(o.shape[1]))
         return outputs
 
+    @property
+    def converged(self) -> bool:
+        return self.cal is not None and self.cal.warm and self.calibration_frames >= CONVERGED_FRAMES
+
     def _calibration_due(self, i: int) -> bool:
         """Calibrate this frame?  With --calibrate-every, on a fixed cadence; otherwise whenever the time
         calibration has added stays within --calibration-budget of all frame time, so the stream keeps
-        about (1 - budget) of its noisy frame rate on any board and model."""
-        slowdown = TRACKING_SLOWDOWN if self.cal.warm else 1
+        about (1 - budget) of its noisy frame rate on any board and model.  Both slow down by
+        TRACKING_SLOWDOWN once the estimate has converged."""
+        slowdown = TRACKING_SLOWDOWN if self.converged else 1
         if self.opts.calibrate_every:
             return i % (self.opts.calibrate_every * slowdown) == 0
         return self._calibration_ms <= self.opts.calibration_budget / slowdown * self._elapsed_ms
@@ -682,12 +689,14 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
 @click.option("--track-every", type=int, default=StreamOptions.track_every, show_default=True,
               help="After the warm-up: re-fuse every N calibration frames (tracks drift).")
 @click.option("--calibration-budget", type=float, default=StreamOptions.calibration_budget, show_default=True,
-              metavar="F", help="Share of the frame time calibration may add (a quarter of it after the warm-up): "
+              metavar="F", help="Share of the frame time calibration may add (a quarter of it once 192 calibration "
+                                "frames are in): "
                                 "calibration frames run the calibration variant with exact per-frame noise (and the "
                                 "clean variant in shift mode), so they cost a few invokes; the stream keeps about "
                                 "1 - F of its noisy frame rate.")
 @click.option("--calibrate-every", type=int, default=None, metavar="K",
-              help="Instead of the budget: calibrate on every K-th frame during the warm-up, every 4K-th after.")
+              help="Instead of the budget: calibrate on every K-th frame, every 4K-th once 192 calibration frames "
+                   "are in.")
 @click.option("--state", type=click.Path(dir_okay=False),
               help="Save the calibration state to FILE (.npz) and the last good calibrated model beside it "
                    "(FILE-stem.calibrated.tflite + .cbn.npz), atomically; resume from them on start.")
