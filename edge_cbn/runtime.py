@@ -13,6 +13,8 @@ import sys
 import cv2
 import numpy as np
 
+from .detection import letterbox
+
 _INTERPRETER_CLS = None
 
 
@@ -43,15 +45,6 @@ def make_interpreter(model_content: bytes | None = None, model_path=None, num_th
                              str(model_path), num_threads=num_threads)
     it.allocate_tensors()
     return it
-
-
-def _letterbox_fn():
-    """`edge_cbn.detection.letterbox`, or None (plain resize) where that module is not installed."""
-    try:
-        from .detection import letterbox
-    except ImportError:
-        return None
-    return letterbox
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -90,8 +83,7 @@ class Processor:
         """BGR uint8 frame -> ((1, H, W, 3) float32 model input, context for postprocess)."""
         h, w = self.input_hw
         ctx = {"orig_hw": frame_bgr.shape[:2], "scale": None, "pad": None}
-        letterbox = _letterbox_fn() if self.letterbox else None
-        if letterbox is not None:
+        if self.letterbox:
             img, ctx["scale"], ctx["pad"] = letterbox(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB), (h, w))
         else:  # resize first: the colour conversion then touches fewer pixels
             img = cv2.cvtColor(cv2.resize(frame_bgr, (w, h), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
@@ -117,6 +109,7 @@ class Processor:
     def _detections(self, outputs, ctx):
         from .detection import decode_yolo, nms, unletterbox
 
+        outputs = sorted(outputs, key=lambda o: int(o.shape[1]))  # head maps by stride 32, 16, 8 = growing grid
         boxes, scores, ids = decode_yolo(outputs, self.input_hw, self.meta["head"], self.conf_threshold)
         keep = nms(boxes, scores, ids, self.iou_threshold)
         boxes, scores, ids = boxes[keep], scores[keep], ids[keep]
@@ -148,8 +141,6 @@ class Runner(Processor):
         outs = interpreter.get_output_details()
         if tuple(inp["shape"][1:3]) != self.input_hw:
             raise ValueError(f"interpreter input {tuple(inp['shape'])} does not match input_size {self.input_hw}")
-        if self.task == "detection":  # DESIGN: head maps in stride order 32, 16, 8 = growing grid
-            outs = sorted(outs, key=lambda d: int(d["shape"][1]))
         state = (interpreter, inp["index"], [d["index"] for d in outs])
         old, self._state = self._state, state  # one reference assignment: atomic for invoke()
         return old and old[0]

@@ -309,11 +309,6 @@ class Engine:
             self.saver.flush()
 
     # ------------------------------------------------------------------------------------------ frame
-    def _task_outputs(self, outputs):
-        if self.task == "detection":  # DESIGN: head maps in stride order 32, 16, 8 = growing grid
-            return sorted(outputs, key=lambda o: int(o.shape[1]))
-        return outputs
-
     @property
     def converged(self) -> bool:
         return self.cal is not None and self.cal.warm and self.calibration_frames >= CONVERGED_FRAMES
@@ -357,7 +352,7 @@ class Engine:
                     self._refuser.submit((stats, self._counters(i + 1), cal_state, warmed))
         else:
             outputs = self.serving.run(x, fi)
-        pred = self.proc.postprocess(self._task_outputs(outputs), ctx)
+        pred = self.proc.postprocess(outputs, ctx)
         latency = (time.perf_counter() - t) * 1e3
         self._elapsed_ms += latency
         if calibrating:
@@ -366,8 +361,8 @@ class Engine:
             self._serve_ms += (latency - self._serve_ms) / (min(i, 50) + 1)
         sample = None
         if self.clean is not None and (i + 1) % self.opts.agreement_every == 0:
-            clean = self.proc.postprocess(self._task_outputs(self.clean.run(x, fi)), ctx)
-            uncal = self.proc.postprocess(self._task_outputs(self.uncalibrated.run(x, fi)), ctx)
+            clean = self.proc.postprocess(self.clean.run(x, fi), ctx)
+            uncal = self.proc.postprocess(self.uncalibrated.run(x, fi), ctx)
             sample = {"frame": i, "clean": _short(self.task, clean), "uncalibrated": _short(self.task, uncal),
                       "served": _short(self.task, pred), "before": round(agreement(self.task, clean, uncal), 3),
                       "after": round(agreement(self.task, clean, pred), 3)}
