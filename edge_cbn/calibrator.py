@@ -74,10 +74,6 @@ class StreamCalibrator:
         return self.clean is not None
 
     @property
-    def frames(self) -> float:
-        return self.noisy[self.bns[0]].count if self.bns else 0.0
-
-    @property
     def warm(self) -> bool:
         return self.stage >= self.stages
 

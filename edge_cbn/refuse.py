@@ -109,16 +109,6 @@ class Refuser:
             self.layers[name].write()
         return done
 
-    def write_folded(self, name: str, kernel_tflite: np.ndarray, bias: np.ndarray | None = None) -> None:
-        """Write already-folded tensors (TFLite layout) for layer `name`.  They stay until `refuse()` or
-        `reset()` rewrites this layer."""
-        slot = self.layer(name)
-        np.copyto(slot.w, kernel_tflite)
-        if bias is not None:
-            if slot.b is None:
-                raise ValueError(f"layer {name!r} has no bias buffer")
-            np.copyto(slot.b, bias)
-
     def reset(self) -> None:
         """Rewrite every layer from the bundle's own kernels and statistics."""
         for slot in self.layers.values():
