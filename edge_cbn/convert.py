@@ -59,19 +59,19 @@ def image_batches(directory, spec, input_size, batch_size, max_images=None):
     import cv2
     import numpy as np
 
+    from .runtime import normalise
+
     files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:max_images]
     if not files:
         raise click.BadParameter(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}",
                                  param_hint="--calibrate")
-    mean, std = np.float32(spec.preprocess["mean"]), np.float32(spec.preprocess["std"])
-
     def load(path):
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if bgr is None:
             raise click.ClickException(f"cannot read image {path}")
         rgb = cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (input_size, input_size),
                          interpolation=cv2.INTER_AREA)
-        return (rgb.astype(np.float32) - mean) / std
+        return normalise(rgb, spec.preprocess)
 
     def gen():
         for i in range(0, len(files), batch_size):

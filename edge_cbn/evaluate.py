@@ -17,13 +17,9 @@ from .bundle import load_bundle
 from .calibrator import MODES, StreamCalibrator
 from .engine import NoisyModel, noise_layers
 from .noise import PRESETS, make_noise
+from .runtime import normalise
 
 EVAL_FRAME0 = 1 << 32  # temporal-noise frame indices of evaluation inferences (disjoint from calibration)
-
-
-def preprocess_batch(bundle, crops_rgb: np.ndarray) -> np.ndarray:
-    pre = bundle.meta["preprocess"]
-    return (crops_rgb.astype(np.float32) - np.float32(pre["mean"])) / np.float32(pre["std"])
 
 
 def top1(model: NoisyModel, xs: np.ndarray, frame0: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +117,7 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
     cal_photos, eval_photos = split_photos(photos) if split == "photos" else (photos, photos)
     cal, _ = random_crops(cal_photos, n_cal, size, seed=1000 + seed)
     ev, _ = random_crops(eval_photos, n_eval, size, seed=2000 + seed)
-    return preprocess_batch(bundle, cal), preprocess_batch(bundle, ev)
+    return normalise(cal, bundle.meta["preprocess"]), normalise(ev, bundle.meta["preprocess"])
 
 
 @click.command("evaluate")

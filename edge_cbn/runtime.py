@@ -47,6 +47,12 @@ def make_interpreter(model_content: bytes | None = None, model_path=None, num_th
     return it
 
 
+def normalise(rgb: np.ndarray, preprocess: dict) -> np.ndarray:
+    """(rgb - mean) / std as float32 for RGB uint8 images of any leading shape (offline batches; the
+    per-frame path in `Processor.preprocess` does the same with faster OpenCV arithmetic)."""
+    return (rgb.astype(np.float32) - np.float32(preprocess["mean"])) / np.float32(preprocess["std"])
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()

@@ -31,6 +31,7 @@ import numpy as np
 from . import overlay
 from .bundle import load_bundle
 from .calibrator import MODES, StreamCalibrator
+from .detection import box_iou
 from .engine import NoisyModel, noise_layers
 from .noise import PRESETS, make_noise
 from .runtime import Processor, make_interpreter
@@ -112,14 +113,6 @@ class _PlainModel:
 
 
 # ------------------------------------------------------------------------------------------ agreement
-def _iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def agreement(task: str, reference, other) -> float:
     """Agreement (%) of a prediction with the clean model's on one frame: classification top-1 equality;
     detection F1 of greedy one-to-one matches (same class, IoU >= 0.5) — 100 when both find nothing;
@@ -133,10 +126,14 @@ def agreement(task: str, reference, other) -> float:
     free = list(other)
     matched = 0
     for cls, _, _, box in sorted(reference, key=lambda d: -d[2]):
-        best = max(((_iou(box, o[3]), j) for j, o in enumerate(free) if o[0] == cls), default=(0.0, None))
-        if best[1] is not None and best[0] >= 0.5:
+        same = [j for j, o in enumerate(free) if o[0] == cls]
+        if not same:
+            continue
+        ious = box_iou(np.float32(box), np.float32([free[j][3] for j in same]))
+        best = int(np.argmax(ious))
+        if ious[best] >= 0.5:
             matched += 1
-            free.pop(best[1])
+            free.pop(same[best])
     return 200.0 * matched / (len(reference) + len(other))
 
 
