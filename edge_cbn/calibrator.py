@@ -23,8 +23,8 @@ the upstream layers correct themselves (Jacobi iteration; measured on EfficientN
 docs/RESULTS.md).  Warm-up therefore goes depth first (Gauss-Seidel): the BN layers are split into
 `stages` consecutive groups; stage g accumulates for `refuse_every` frames with groups < g already
 re-fused, then its statistics are re-fused together with the refreshed estimates of the earlier groups,
-which keep accumulating (re-fusing only the new group and all groups at once at the end of warm-up
-collapses the model: docs/RESULTS.md).  After warm-up every layer keeps accumulating and all are re-fused
+which keep accumulating (re-fusing only the new group, then all groups at once at the end of warm-up,
+made that last step a many-layer update again, which collapsed agreement when it was tried).  After warm-up every layer keeps accumulating and all are re-fused
 every `track_every` frames, which tracks drift in small steps.
 """
 from __future__ import annotations
