@@ -60,6 +60,12 @@ class Bundle:
         return tuple(self.meta["input_size"])
 
     @property
+    def raw_input(self) -> bool:
+        """True when the model takes RGB uint8 pixels and normalises them itself (meta "preprocess"
+        then documents what the graph does); False for float32 input normalised beforehand."""
+        return input_dtype(self.model_bytes) == np.uint8
+
+    @property
     def can_calibrate(self) -> bool:
         return "calibration" in self.meta and self.path is not None
 
@@ -115,10 +121,25 @@ def buffer_span(model_bytes, index: int, model=None) -> tuple[int, int]:
     return start, size
 
 
+def _input_tensor(model_bytes):
+    sg = tflite.Model.GetRootAs(model_bytes, 0).Subgraphs(0)
+    return sg.Tensors(int(sg.Inputs(0)))
+
+
 def input_shape(model_bytes) -> tuple:
     """Shape of the model's (first) input tensor, e.g. (1, 224, 224, 3)."""
-    sg = tflite.Model.GetRootAs(model_bytes, 0).Subgraphs(0)
-    return tuple(int(d) for d in sg.Tensors(int(sg.Inputs(0))).ShapeAsNumpy())
+    return tuple(int(d) for d in _input_tensor(model_bytes).ShapeAsNumpy())
+
+
+def input_dtype(model_bytes) -> np.dtype:
+    """numpy dtype of the model's (first) input: uint8 for models that take RGB pixels as they are
+    (edge-cbn's own exports normalise inside the graph), float32 for pre-normalised input."""
+    types = {tflite.TensorType.FLOAT32: np.float32, tflite.TensorType.UINT8: np.uint8,
+             tflite.TensorType.INT8: np.int8}
+    code = _input_tensor(model_bytes).Type()
+    if code not in types:
+        raise ValueError(f"unsupported model input type {code} (expected float32, uint8 or int8)")
+    return np.dtype(types[code])
 
 
 def write_sidecar(path, meta: dict, layers: list[LayerRecord]) -> Path:

@@ -86,6 +86,6 @@ class NoisyModel:
         if self._io is None:  # every interpreter of one model has the same tensor indices
             self._io = (it.get_input_details()[0]["index"], [d["index"] for d in it.get_output_details()])
         inp, outs = self._io
-        it.set_tensor(inp, np.ascontiguousarray(x, np.float32))
+        it.set_tensor(inp, np.ascontiguousarray(x))
         it.invoke()
         return [it.get_tensor(i) for i in outs]

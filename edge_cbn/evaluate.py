@@ -17,7 +17,7 @@ from .bundle import load_bundle
 from .calibrator import MODES, StreamCalibrator
 from .engine import NoisyModel, noise_layers
 from .noise import PRESETS, make_noise
-from .runtime import normalise
+from .runtime import model_input, normalise
 
 EVAL_FRAME0 = 1 << 32  # temporal-noise frame indices of evaluation inferences (disjoint from calibration)
 
@@ -83,10 +83,10 @@ def offline_statistics(keras_model, preset, eta, seed, cal_x, *, estimator, batc
 
 
 def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, checkpoints, num_threads=None,
-                     pool=8, keras_model=None, **calibrator_options) -> dict:
+                     pool=8, keras_model=None, keras_cal_x=None, **calibrator_options) -> dict:
     """One noise setting: agreement uncalibrated, after streaming calibration at each checkpoint and,
-    given the Keras model, after offline Algorithm 1 (cumulative and EMA 0.999); keys `X` (all crops)
-    and `X_confident`."""
+    given the Keras model and `keras_cal_x` (the calibration frames normalised for Keras), after offline
+    Algorithm 1 (cumulative and EMA 0.999); keys `X` (all crops) and `X_confident`."""
     chip = make_noise(preset, eta, seed).instantiate(noise_layers(bundle))
     noisy = NoisyModel(bundle, chip, num_threads=num_threads, pool=pool, seed=seed)
     row = {"preset": preset, "eta": eta, "seed": seed}
@@ -104,12 +104,13 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, 
                      **calibrator_options)
     if keras_model is not None:
         for estimator in ("cumulative", "ema"):
-            noisy.set_stats(offline_statistics(keras_model, preset, eta, seed, cal_x, estimator=estimator))
+            noisy.set_stats(offline_statistics(keras_model, preset, eta, seed, keras_cal_x, estimator=estimator))
             record(f"offline_{estimator}")
     return row
 
 
 def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
+    """(calibration crops, evaluation crops) as RGB uint8 at the model's input size."""
     from .photos import load_photos, random_crops, split_photos
 
     photos = load_photos()
@@ -117,7 +118,7 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
     cal_photos, eval_photos = split_photos(photos) if split == "photos" else (photos, photos)
     cal, _ = random_crops(cal_photos, n_cal, size, seed=1000 + seed)
     ev, _ = random_crops(eval_photos, n_eval, size, seed=2000 + seed)
-    return normalise(cal, bundle.meta["preprocess"]), normalise(ev, bundle.meta["preprocess"])
+    return cal, ev
 
 
 @click.command("evaluate")
@@ -159,14 +160,16 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, pow
 
     bundle = load_bundle(resolve_model(model, echo=click.echo))
     checkpoints = tuple(int(c) for c in checkpoints.split(",") if int(c) <= cal_frames) or (cal_frames,)
-    cal_x, eval_x = crops(bundle, split, cal_frames, eval_crops)
+    cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops)
+    cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
     agreement = Agreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
     options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink, power=power)
-    keras_model = None
+    keras_model = keras_cal_x = None
     if offline:
         from .convert import build_model
 
         keras_model = build_model(bundle.meta["model"])[1]
+        keras_cal_x = normalise(cal_rgb, bundle.meta["preprocess"])
     rows = []
     cols = ["uncalibrated"] + [f"calibrated@{c}" for c in checkpoints] + (
         ["offline_cumulative", "offline_ema"] if offline else [])
@@ -181,7 +184,8 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, pow
             for seed in [int(s) for s in seeds.split(",")]:
                 t = time.perf_counter()
                 row = evaluate_setting(bundle, preset, eta, seed, cal_x, agreement, checkpoints=checkpoints,
-                                       num_threads=num_threads, pool=pool, keras_model=keras_model, **options)
+                                       num_threads=num_threads, pool=pool, keras_model=keras_model,
+                                       keras_cal_x=keras_cal_x, **options)
                 row["seconds"] = round(time.perf_counter() - t, 1)
                 rows.append(row)
                 cells = [f"{row[c]:.0f}/{row[c + '_confident']:.0f}" for c in cols]

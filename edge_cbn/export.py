@@ -23,7 +23,7 @@ import tflite
 from . import fold
 from .bundle import Bundle, LayerRecord, atomic_write, buffer_span, calibration_path, sidecar_path, write_sidecar
 from .refuse import Refuser
-from .runtime import make_interpreter
+from .runtime import make_interpreter, normalise
 from .weights.assign import layer_kind
 
 _WEIGHT_KINDS = ("conv", "depthwise", "dense")
@@ -133,13 +133,14 @@ class _DropDeprecationNote(logging.Filter):
 
 
 def convert_keras(model, input_hw: tuple[int, int] | None = None) -> bytes:
-    """Float32 TFLite flatbuffer of `model` with a fixed (1, H, W, C) input (no BN folding here)."""
+    """Float32 TFLite flatbuffer of `model` with a fixed (1, H, W, C) input of the model's input dtype
+    (no BN folding here)."""
     import tensorflow as tf
 
     h, w = input_hw or model.input_shape[1:3]
     if h is None or w is None:
         raise ValueError("the model has a free spatial input size: pass input_size")
-    spec = tf.TensorSpec((1, h, w, model.input_shape[-1]), tf.float32, name="input")
+    spec = tf.TensorSpec((1, h, w, model.input_shape[-1]), model.inputs[0].dtype, name="input")
     fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
     quiet = _DropDeprecationNote()
     logging.getLogger("absl").addFilter(quiet)
@@ -151,10 +152,20 @@ def convert_keras(model, input_hw: tuple[int, int] | None = None) -> bytes:
         logging.getLogger("absl").removeFilter(quiet)
 
 
-def _convert_with_sentinels(folded, records, input_hw) -> tuple[bytes, dict]:
-    """Convert `folded` with unique random weights in every recorded layer, locate each layer's kernel
-    and bias buffers by exact byte match and restore the real weights; returns the sentinel model and
-    {layer name: (w_buffer, b_buffer)}."""
+def with_raw_input(model, preprocess: dict) -> keras.Model:
+    """`model` behind an RGB uint8 input normalised in the graph, (x - mean) / std as
+    `runtime.normalise` does: the device then feeds resized camera pixels as they are (a quarter of
+    the bytes of float input, no normalisation pass in Python)."""
+    inp = keras.Input(model.input_shape[1:], dtype="uint8", name="rgb")
+    x = keras.ops.cast(inp, "float32")
+    x = (x - np.float32(preprocess["mean"])) / np.float32(preprocess["std"])
+    return keras.Model(inp, model(x))
+
+
+def _convert_with_sentinels(folded, records, input_hw, graph=None) -> tuple[bytes, dict]:
+    """Convert `graph` (default `folded`, whose layers it uses) with unique random weights in every
+    recorded layer of `folded`, locate each layer's kernel and bias buffers by exact byte match and
+    restore the real weights; returns the sentinel model and {layer name: (w_buffer, b_buffer)}."""
     rng = np.random.default_rng(0)
     real, sentinels = {}, {}
     for rec in records:
@@ -163,7 +174,7 @@ def _convert_with_sentinels(folded, records, input_hw) -> tuple[bytes, dict]:
         sentinels[rec.name] = [rng.standard_normal(w.shape).astype(np.float32) for w in real[rec.name]]
         layer.set_weights(sentinels[rec.name])
     try:
-        model_bytes = convert_keras(folded, input_hw)
+        model_bytes = convert_keras(folded if graph is None else graph, input_hw)
     finally:
         for name, weights in real.items():
             folded.get_layer(name).set_weights(weights)
@@ -240,16 +251,20 @@ def _fix_outputs(model_bytes: bytearray, probe: np.ndarray, keras_outs: list[np.
 
 
 def _convert_folded(keras_model, records, hw, meta) -> tuple[bytearray, dict]:
-    """Convert, locate the buffers, write the real folded tensors exactly as on-device re-fuse writes
-    them, and check/fix the outputs against Keras."""
-    sentinel_bytes, buffers = _convert_with_sentinels(keras_model, records, hw)
+    """Convert (behind an RGB uint8 input unless the model letterboxes: a letterbox's 127.5 grey is not
+    a uint8 value), locate the buffers, write the real folded tensors exactly as on-device re-fuse
+    writes them, and check/fix the outputs against Keras."""
+    pre = meta["preprocess"]
+    graph = None if pre.get("letterbox") else with_raw_input(keras_model, pre)
+    sentinel_bytes, buffers = _convert_with_sentinels(keras_model, records, hw, graph)
     located = [dataclasses.replace(rec, w_buffer=buffers[rec.name][0], b_buffer=buffers[rec.name][1])
                for rec in records]
     refuser = Refuser(Bundle(None, sentinel_bytes, meta, located))
     refuser.reset()
     model_bytes = bytearray(refuser.model_bytes())
-    probe = np.random.default_rng(1).standard_normal((1, *hw, keras_model.input_shape[-1])).astype(np.float32)
-    _fix_outputs(model_bytes, probe, _outputs(keras_model, probe))
+    rgb = np.random.default_rng(1).integers(0, 256, (1, *hw, keras_model.input_shape[-1]), np.uint8)
+    x = normalise(rgb, pre)
+    _fix_outputs(model_bytes, x if graph is None else rgb, _outputs(keras_model, x))
     return model_bytes, buffers
 
 

@@ -48,9 +48,15 @@ def make_interpreter(model_content: bytes | None = None, model_path=None, num_th
 
 
 def normalise(rgb: np.ndarray, preprocess: dict) -> np.ndarray:
-    """(rgb - mean) / std as float32 for RGB uint8 images of any leading shape (offline batches; the
-    per-frame path in `Processor.preprocess` does the same with faster OpenCV arithmetic)."""
+    """(rgb - mean) / std as float32 for RGB images of any leading shape (offline batches; the per-frame
+    path in `Processor.preprocess` looks the same values up in a table made by this function)."""
     return (rgb.astype(np.float32) - np.float32(preprocess["mean"])) / np.float32(preprocess["std"])
+
+
+def model_input(rgb: np.ndarray, bundle) -> np.ndarray:
+    """RGB uint8 images at the model's input size (any leading shape) -> what `bundle`'s model takes:
+    the pixels as they are for a uint8-input model, else normalised float32 (offline batches)."""
+    return rgb if bundle.raw_input else normalise(rgb, bundle.meta["preprocess"])
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -78,26 +84,35 @@ class Processor:
         self.task = self.meta["task"]
         self.input_hw = tuple(self.meta["input_size"])
         pre = self.meta["preprocess"]
-        # (rgb - mean) / std as OpenCV scalars (4 channels).
-        self._cv_mean = (*map(float, pre["mean"]), 0.0)
-        self._cv_scale = (*(1.0 / float(s) for s in pre["std"]), 0.0)
         self.letterbox = bool(pre.get("letterbox", False))
+        self.raw_input = bundle.raw_input
+        if self.letterbox and self.raw_input:
+            raise ValueError("a letterboxing model needs float input (its grey, 127.5, is no uint8 value)")
+        # normalise() of every uint8 level per channel: for float-input models one table lookup per
+        # pixel makes the model input in one pass, equal to the offline path bit for bit.
+        levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+        self._lut = normalise(levels, pre).reshape(1, 256, 3)
         self.labels = list(self.meta.get("labels") or [])
         self.max_results, self.conf_threshold, self.iou_threshold = max_results, conf_threshold, iou_threshold
+        # Buffers reused frame after frame: fresh 0.6 MB arrays per frame cost page faults.
+        h, w = self.input_hw
+        self._rgb = np.empty((h, w, 3), np.uint8)
+        self._x = self._rgb[None] if self.raw_input else np.empty((1, h, w, 3), np.float32)
 
     def preprocess(self, frame_bgr: np.ndarray):
-        """BGR uint8 frame -> ((1, H, W, 3) float32 model input, context for postprocess)."""
+        """BGR uint8 frame -> ((1, H, W, 3) model input, context for postprocess).  The input array
+        belongs to the Processor and is overwritten by the next call."""
         h, w = self.input_hw
         ctx = {"orig_hw": frame_bgr.shape[:2], "scale": None, "pad": None}
-        if self.letterbox:
+        if self.letterbox:  # a float canvas (its grey is 127.5): arithmetic, not the table
             img, ctx["scale"], ctx["pad"] = letterbox(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB), (h, w))
-        else:  # resize first: the colour conversion then touches fewer pixels
-            img = cv2.cvtColor(cv2.resize(frame_bgr, (w, h), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
-        # OpenCV's per-channel arithmetic is ~3x faster than numpy's uint8 -> float32 broadcasting here.
-        x = img.astype(np.float32)
-        cv2.subtract(x, self._cv_mean, dst=x)
-        cv2.multiply(x, self._cv_scale, dst=x)
-        return x[None], ctx
+            self._x[0] = normalise(img, self.meta["preprocess"])
+        else:  # resize first: the colour conversion and the lookup then touch fewer pixels
+            img = cv2.resize(frame_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
+            cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=self._rgb)
+            if not self.raw_input:
+                cv2.LUT(self._rgb, self._lut, dst=self._x[0])
+        return self._x, ctx
 
     def postprocess(self, outputs: list[np.ndarray], ctx: dict, max_results: int | None = None):
         """classification: [(class_id, label, score)] best first; segmentation: (h, w) class-id mask at
@@ -154,7 +169,7 @@ class Runner(Processor):
     def invoke(self, x: np.ndarray) -> list[np.ndarray]:
         """Run the model; outputs in the Keras model's output order."""
         it, inp, outs = self._state
-        it.set_tensor(inp, np.ascontiguousarray(x, np.float32))
+        it.set_tensor(inp, np.ascontiguousarray(x))
         it.invoke()
         return [it.get_tensor(i) for i in outs]
 

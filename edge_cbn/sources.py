@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -31,6 +33,7 @@ __all__ = [
     "CameraSource",
     "VideoSource",
     "ImageDirSource",
+    "Prefetched",
     "open_source",
 ]
 
@@ -44,6 +47,7 @@ class FrameSource:
 
     name = "source"
     fps: Optional[float] = None
+    live = False  # a device whose read may block (reconnecting); close() from another thread ends it
 
     def read(self) -> Optional[np.ndarray]:
         raise NotImplementedError
@@ -236,6 +240,8 @@ class CameraSource(FrameSource):
     injectable for tests.
     """
 
+    live = True
+
     def __init__(self, index: Union[int, str] = 0, width: int = 640, height: int = 480, *,
                  picamera2: bool = False, backoff: tuple = (0.5, 8.0),
                  sleep: Callable[[float], None] = time.sleep):
@@ -305,6 +311,65 @@ class CameraSource(FrameSource):
         cap, self._cap = getattr(self, "_cap", None), None
         if cap is not None:
             cap.release()
+
+
+class Prefetched(FrameSource):
+    """Another source read one frame ahead in a background thread, so decoding (or waiting for the
+    camera) overlaps the caller's work on the current frame; OpenCV releases the GIL while it decodes.
+
+    Same interface as the wrapped source (``name``, ``fps``, ``read``, ``close``); an exception raised
+    by its ``read`` is raised again by this ``read``.
+    """
+
+    _END = object()
+
+    def __init__(self, source: FrameSource, depth: int = 1):
+        self.source, self.name, self.fps, self.live = source, source.name, source.fps, source.live
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name=f"read {source.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                frame = self.source.read()
+                self._put(self._END if frame is None else frame)
+                if frame is None:
+                    return
+        except BaseException as exc:  # handed to the reader, raised there
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self) -> Optional[np.ndarray]:
+        while not (self._done or self.closed):
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is self._END:
+                self._done = True
+            elif isinstance(item, BaseException):
+                self._done = True
+                raise item
+            else:
+                return item
+        return None
+
+    def _release(self) -> None:
+        self._stop.set()
+        # A read in progress finishes first: releasing a capture under it is not safe.  A camera
+        # waiting to reconnect may take longer; closing it below ends that wait.
+        self._thread.join(timeout=2.0)
+        self.source.close()
 
 
 def open_source(camera: Union[int, str, None] = None, video: Union[str, os.PathLike, None] = None,

@@ -35,7 +35,7 @@ from .detection import box_iou
 from .engine import NoisyModel, noise_layers
 from .noise import PRESETS, make_noise
 from .runtime import Processor, make_interpreter
-from .sources import CameraSource, SourceError, open_source
+from .sources import Prefetched, SourceError, open_source
 from .state import Saver, Snapshot, StateStore, fingerprint
 from .worker import LatestJobWorker
 
@@ -107,7 +107,7 @@ class _PlainModel:
         self._outs = [d["index"] for d in self._it.get_output_details()]
 
     def run(self, x, frame):
-        self._it.set_tensor(self._inp, np.ascontiguousarray(x, np.float32))
+        self._it.set_tensor(self._inp, np.ascontiguousarray(x))
         self._it.invoke()
         return [self._it.get_tensor(i) for i in self._outs]
 
@@ -586,7 +586,7 @@ def stop_on_signals(stop: threading.Event, source=None):
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.set()
-        if isinstance(source, CameraSource):  # a camera may be waiting to reconnect: end that wait
+        if source is not None and source.live:  # a camera may be waiting to reconnect: end that wait
             source.close()
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -613,7 +613,7 @@ def load_model(model: str | None, echo=None):
 
 
 def open_frames(camera=None, video=None, images=None, loop=False, width=640, height=480, picamera2=False):
-    """The frame source; no source = the bundled sample clip, looped."""
+    """The frame source, read one frame ahead in a thread; no source = the bundled sample clip, looped."""
     if camera is None and video is None and images is None:
         loop = True
     if (camera is not None and str(camera).isdigit() and sys.platform.startswith("linux")
@@ -624,8 +624,8 @@ def open_frames(camera=None, video=None, images=None, loop=False, width=640, hei
         quiet_opencv = _opencv_log_level(cv2.utils.logging.LOG_LEVEL_ERROR)  # its own warnings at open
     try:
         with quiet_opencv:
-            return open_source(camera=camera, video=video, images=images, loop=loop, width=width,
-                               height=height, picamera2=picamera2)
+            return Prefetched(open_source(camera=camera, video=video, images=images, loop=loop, width=width,
+                                          height=height, picamera2=picamera2))
     except (SourceError, ValueError, FileNotFoundError) as e:
         raise StreamError(str(e)) from None
 

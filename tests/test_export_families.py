@@ -8,6 +8,7 @@ from edge_cbn import models as zoo  # noqa: E402
 from edge_cbn.bundle import load_bundle  # noqa: E402
 from edge_cbn.engine import NoisyModel  # noqa: E402
 from edge_cbn.export import export  # noqa: E402
+from edge_cbn.runtime import model_input, normalise  # noqa: E402
 from edge_cbn.weights.assign import assign_state_dict, random_state_dict  # noqa: E402
 
 FAMILIES = [("resnet18", 64), ("mobilenet_v2", 64), ("efficientnet_lite0", 64), ("yolov3", 64),
@@ -24,10 +25,12 @@ def test_tflite_equals_keras(tmp_path, name, side):
     bundle = load_bundle(path)
     assert len(bundle.layers) == sum(1 for l in model.layers if type(l).__name__ in
                                      ("Conv2D", "DepthwiseConv2D", "Dense"))
-    x = np.random.default_rng(3).standard_normal((1, side, side, 3)).astype(np.float32)
-    want = model(x, training=False)
+    rgb = np.random.default_rng(3).integers(0, 256, (1, side, side, 3), np.uint8)
+    # RGB uint8 in, normalised in the graph — except for letterboxing models (YOLOv3), which stay float.
+    assert bundle.raw_input == (not spec.preprocess["letterbox"])
+    want = model(normalise(rgb, spec.preprocess), training=False)
     want = [np.asarray(w) for w in (want if isinstance(want, (list, tuple)) else [want])]
-    got = NoisyModel(bundle).run(x, 0)
+    got = NoisyModel(bundle).run(model_input(rgb, bundle), 0)
     assert [g.shape for g in got] == [w.shape for w in want]
     for g, w in zip(got, want):
         assert np.abs(g - w).max() <= 1e-4 * max(1.0, np.abs(w).max()), (name, np.abs(g - w).max())

@@ -7,10 +7,10 @@ from keras import layers  # noqa: E402
 
 from edge_cbn import fold  # noqa: E402
 from edge_cbn.bundle import load_bundle  # noqa: E402
-from edge_cbn.export import FoldError, _fix_outputs, convert_keras, export, fold_model  # noqa: E402
+from edge_cbn.export import FoldError, _fix_outputs, convert_keras, export, fold_model, with_raw_input  # noqa: E402
 from edge_cbn.refuse import Refuser  # noqa: E402
 from edge_cbn.runtime import make_interpreter  # noqa: E402
-from tiny import PRE, SIZE, new_stats, tiny_model  # noqa: E402
+from tiny import PRE, SIZE, as_keras, new_stats, pixels, tiny_model  # noqa: E402
 
 def run_tflite(model_bytes, x):
     it = make_interpreter(model_content=bytes(model_bytes))
@@ -20,13 +20,19 @@ def run_tflite(model_bytes, x):
 
 
 def keras_outputs(model, x):
-    out = model(x, training=False)
+    out = model(as_keras(x) if x.dtype == np.uint8 else x, training=False)
     return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 @pytest.fixture(scope="module")
 def x():
-    return np.random.default_rng(5).standard_normal((1, SIZE, SIZE, 3)).astype(np.float32)
+    """Pixels: the exported model takes RGB uint8 and normalises in the graph."""
+    return pixels(np.random.default_rng(5).standard_normal((1, SIZE, SIZE, 3)))
+
+
+def reconvert(model):
+    """The workstation path: full conversion of the folded model, behind the same uint8 input as export."""
+    return convert_keras(with_raw_input(fold_model(model), PRE))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +150,7 @@ def test_refuse_stats_equals_reconversion(exported, x):
     one["b0.pw.bn"] = (one["b0.pw.bn"][0] + 1, one["b0.pw.bn"][1])
     assert r.refuse(one) == ["b0.pw.conv"]
     stats.update(one)
-    ref = convert_keras(fold_model(set_weights(tiny_model(seg=True), stats)))
+    ref = reconvert(set_weights(tiny_model(seg=True), stats))
     got = r.interpreter()
     got.set_tensor(got.get_input_details()[0]["index"], x)
     got.invoke()
@@ -160,7 +166,7 @@ def test_refuse_noisy_kernels_equals_reconversion(exported, x):
     stats = new_stats(bundle, seed=3)
     r = Refuser(bundle)
     assert len(r.refuse(stats, kernels)) == len(bundle.layers)
-    ref = convert_keras(fold_model(set_weights(tiny_model(seg=True), stats, kernels)))
+    ref = reconvert(set_weights(tiny_model(seg=True), stats, kernels))
     for a, b in zip(run_tflite(r.model_bytes(), x), run_tflite(ref, x)):
         assert np.max(np.abs(a - b)) <= 1e-5
 

@@ -9,7 +9,7 @@ from edge_cbn.calibrate import bn_layers, calibrate, noisy_layers, set_kernels  
 from edge_cbn.engine import NoisyModel, noise_layers  # noqa: E402
 from edge_cbn.export import export  # noqa: E402
 from edge_cbn.noise import PRESETS, make_noise  # noqa: E402
-from tiny import PRE, SIZE, tiny_model  # noqa: E402
+from tiny import PRE, SIZE, as_keras, pixels, tiny_model  # noqa: E402
 
 
 def batches(n, size, seed=0):
@@ -71,13 +71,14 @@ def test_same_seed_same_noisy_outputs_in_keras_and_tflite(tmp_path, preset):
                   labels=list("abcdef"), calibration=False)
     bundle = load_bundle(path)
     eta = 1.0 if preset == "pcm" else 0.1
-    x = np.random.default_rng(1).standard_normal((1, SIZE, SIZE, 3)).astype(np.float32)
+    rgb = pixels(np.random.default_rng(1).standard_normal((1, SIZE, SIZE, 3)))
+    x = as_keras(rgb)
     tflite = NoisyModel(bundle, make_noise(preset, eta, seed=7).instantiate(noise_layers(bundle)))
     chip = make_noise(preset, eta, seed=7).instantiate(noisy_layers(model))
     for frame in (0, 5):
         set_kernels(model, chip.perturb(frame))
         want = np.asarray(model(x, training=False))
-        got = tflite.run(x, frame)[0]
+        got = tflite.run(rgb, frame)[0]
         np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
-    clean = NoisyModel(bundle).run(x, 0)[0]
+    clean = NoisyModel(bundle).run(rgb, 0)[0]
     assert np.abs(got - clean).max() > 1e-3  # the noise did something

@@ -2,11 +2,12 @@
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
 from edge_cbn.bundle import Bundle, load_bundle
-from edge_cbn.runtime import Runner, top_k
+from edge_cbn.runtime import Runner, normalise, top_k
 
 HEAD = {"anchors": [[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [59, 119], [116, 90], [156, 198],
                     [373, 326]], "masks": [[6, 7, 8], [3, 4, 5], [0, 1, 2]], "strides": [32, 16, 8]}
@@ -34,10 +35,15 @@ class FakeInterpreter:
         return self.outputs[index - 1]
 
 
+class FloatBundle(Bundle):
+    """A bundle whose model takes float input normalised in Python (no flatbuffer to read it from)."""
+    raw_input = False
+
+
 def fake_runner(task, input_hw, outputs, *, labels=(), head=None, letterbox=False, **kw):
     meta = {"format": 1, "model": "fake", "task": task, "input_size": list(input_hw), "labels": list(labels),
             "preprocess": {"mean": [0.0] * 3, "std": [255.0] * 3, "letterbox": letterbox}, "head": head}
-    return Runner(Bundle(None, b"", meta, []), interpreter=FakeInterpreter(input_hw, outputs), **kw)
+    return Runner(FloatBundle(None, b"", meta, []), interpreter=FakeInterpreter(input_hw, outputs), **kw)
 
 
 DEVICE_MODULES = ("runtime", "refuse", "bundle", "fold", "detection", "noise", "moments", "calibrator", "engine",
@@ -69,6 +75,19 @@ def test_classification_postprocess_max_results():
     assert [r[:2] for r in res] == [(2, "z"), (0, "x")]
     assert len(runner(np.zeros((20, 30, 3), np.uint8), max_results=1)) == 1
     assert runner.interpreter.x.shape == (1, 8, 8, 3)
+
+
+def test_float_input_preprocessing_equals_offline_normalisation():
+    runner = fake_runner("classification", (16, 16), [np.zeros((1, 3), np.float32)])
+    runner.meta["preprocess"].update(mean=[120.0, 110.0, 100.0], std=[60.0, 58.0, 57.0])
+    runner = Runner(runner.bundle, interpreter=runner.interpreter)  # the table is made from the meta
+    frame = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
+    x, _ = runner.preprocess(frame)
+    rgb = cv2.resize(frame, (16, 16), interpolation=cv2.INTER_LINEAR)[..., ::-1]
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x[0], (rgb - np.float32([120, 110, 100])) / np.float32([60, 58, 57]), rtol=1e-6)
+    # The per-frame table lookup equals the offline arithmetic exactly.
+    np.testing.assert_array_equal(x[0], normalise(rgb, runner.meta["preprocess"]))
 
 
 def test_segmentation_mask_at_frame_size():
@@ -111,7 +130,7 @@ def tiny_bundle(tmp_path_factory):
 
 
 def test_runner_end_to_end_and_swap(tiny_bundle):
-    from tiny import new_stats
+    from tiny import PRE, new_stats
 
     from edge_cbn.refuse import Refuser
 
@@ -119,11 +138,11 @@ def test_runner_end_to_end_and_swap(tiny_bundle):
     frame = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
     runner = Runner(bundle, num_threads=1)
     x, _ = runner.preprocess(frame)
-    import cv2
-    rgb = cv2.resize(frame[..., ::-1], (16, 16), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    np.testing.assert_allclose(x[0], (rgb - [120, 110, 100]) / np.float32([60, 58, 57]), rtol=1e-6)
+    # The exported model takes the resized RGB pixels as they are and normalises them in the graph.
+    assert bundle.raw_input and x.dtype == np.uint8
+    np.testing.assert_array_equal(x[0], cv2.resize(frame, (16, 16), interpolation=cv2.INTER_LINEAR)[..., ::-1])
     logits = runner.invoke(x)[0]
-    np.testing.assert_allclose(logits, np.asarray(model(x, training=False)), atol=1e-4)
+    np.testing.assert_allclose(logits, np.asarray(model(normalise(x, PRE), training=False)), atol=1e-4)
     res = runner(frame, max_results=4)
     assert [r[0] for r in res] == list(np.argsort(-logits[0])) and res[0][1] == "wxyz"[res[0][0]]
 

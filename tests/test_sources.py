@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_cbn import sample
-from edge_cbn.sources import CameraSource, ImageDirSource, SourceError, VideoSource, open_source
+from edge_cbn.sources import CameraSource, ImageDirSource, Prefetched, SourceError, VideoSource, open_source
 
 W, H = 64, 48
 
@@ -291,3 +291,33 @@ def test_sample_clip_reads_back_every_frame():
     with VideoSource(sample.sample_path()) as src:
         assert sum(1 for _ in src) == info["frames"]
         assert src.index == info["frames"] - 1
+
+
+def test_prefetched_reads_ahead_in_order_and_raises_the_sources_errors(tmp_path, caplog):
+    path = write_video(tmp_path / "clip.avi", 12)
+    corrupt_mjpeg_frame(path, 5)
+    with Prefetched(VideoSource(path)) as src:
+        assert (src.name, src.fps, src.live) == (str(path), pytest.approx(10), False)
+        assert [number_of(f) for f in src] == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+        assert src.read() is None and not src._thread.is_alive()
+    assert len(warnings_in(caplog, "undecodable")) == 1  # logged from the reader thread, once
+
+    class Failing(ImageDirSource):
+        def read(self):
+            raise OSError("disk gone")
+
+    (tmp_path / "a.png").write_bytes(cv2.imencode(".png", numbered_frame(1))[1].tobytes())
+    src = Prefetched(Failing(tmp_path))
+    with pytest.raises(OSError, match="disk gone"):
+        src.read()
+    assert src.read() is None
+    src.close()
+
+
+def test_prefetched_close_stops_the_reader_and_closes_the_source(fake_camera):
+    fake_camera.script(1000)
+    src = Prefetched(CameraSource(0))
+    assert src.live and src.read() is not None
+    src.close()
+    assert not src._thread.is_alive() and src.source.closed and src.read() is None
+    assert fake_camera.instances[-1].released
