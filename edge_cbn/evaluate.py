@@ -109,15 +109,16 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, 
     return row
 
 
-def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
-    """(calibration crops, evaluation crops) as RGB uint8 at the model's input size."""
+def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.15, 1.0)):
+    """(calibration crops, evaluation crops) as RGB uint8 at the model's input size; `scale`: the crop
+    side as a fraction of the photo's shorter side (see `photos.random_crops`)."""
     from .photos import load_photos, random_crops, split_photos
 
     photos = load_photos()
     size = bundle.meta["input_size"][0]
     cal_photos, eval_photos = split_photos(photos) if split == "photos" else (photos, photos)
-    cal, _ = random_crops(cal_photos, n_cal, size, seed=1000 + seed)
-    ev, _ = random_crops(eval_photos, n_eval, size, seed=2000 + seed)
+    cal, _ = random_crops(cal_photos, n_cal, size, seed=1000 + seed, scale=scale)
+    ev, _ = random_crops(eval_photos, n_eval, size, seed=2000 + seed, scale=scale)
     return cal, ev
 
 
@@ -146,13 +147,16 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0):
               help="Calibration frame counts at which to evaluate.")
 @click.option("--split", type=click.Choice(["crops", "photos"]), default="crops", show_default=True,
               help="Calibration crops from other random crops of the same photos, or from disjoint photos.")
+@click.option("--crop-scale", default="0.15,1", show_default=True,
+              help="LO,HI: crop side as a fraction of the photo's shorter side, drawn uniformly in area "
+                   "(small crops are textures and details, large ones whole scenes).")
 @click.option("--offline", is_flag=True,
               help="Also run the paper's offline Algorithm 1 in Keras (batch 32; cumulative and EMA 0.999) on the "
                    "same calibration frames, for comparison (needs TensorFlow and a registered model).")
 @click.option("--num-threads", type=int, default=None)
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, power, pool, cal_frames, eval_crops,
-         checkpoints, split, offline, num_threads, json_out):
+         checkpoints, split, crop_scale, offline, num_threads, json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's — on all evaluation crops and on
     the confident ones (clean top-1 probability >= 0.5) — uncalibrated and after streaming batch-size-1
     calibration on LiteRT, for each noise setting; ends with one JSON line."""
@@ -160,7 +164,14 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, pow
 
     bundle = load_bundle(resolve_model(model, echo=click.echo))
     checkpoints = tuple(int(c) for c in checkpoints.split(",") if int(c) <= cal_frames) or (cal_frames,)
-    cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops)
+    try:
+        scale = tuple(float(v) for v in crop_scale.split(","))
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{crop_scale!r}: expected LO,HI with 0 < LO <= HI <= 1",
+                                 param_hint="--crop-scale") from None
+    cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale)
     cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
     agreement = Agreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
     options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink, power=power)
@@ -190,7 +201,7 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, pow
                 rows.append(row)
                 cells = [f"{row[c]:.0f}/{row[c + '_confident']:.0f}" for c in cols]
                 click.echo(f"{preset:<13} {eta:>5.3g} {seed:>4} " + " ".join(f"{c:>15}" for c in cells))
-    result = {"evaluate": "agreement", "model": bundle.meta["model"], **options, "pool": pool, "split": split,
+    result = {"evaluate": "agreement", "model": bundle.meta["model"], **options, "pool": pool, "split": split, "crop_scale": list(scale),
               "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
               "rows": rows}
     if json_out:
