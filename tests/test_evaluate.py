@@ -1,0 +1,45 @@
+"""`edge-cbn evaluate` end to end on a tiny exported model: the table, the JSON line, bad options."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("keras")
+pytest.importorskip("skimage")
+
+from edge_cbn.evaluate import main  # noqa: E402
+from edge_cbn.export import export  # noqa: E402
+from tiny import PRE, tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return export(tiny_model(num_classes=4), tmp_path_factory.mktemp("ev") / "m.tflite", name="tiny",
+                  task="classification", preprocess=PRE, labels=list("abcd"))
+
+
+def run(model_path, *args):
+    return CliRunner().invoke(main, ["--model", str(model_path), "--cal-frames", "12", "--eval-crops", "24",
+                                     "--checkpoints", "6,12", "--num-threads", "1", *args])
+
+
+def test_evaluate_reports_agreement_per_setting(model_path):
+    res = run(model_path, "--noise", "none:0", "--noise", "relative:0.3", "--seeds", "0,1", "--crop-scale", "0.5,1")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["crop_scale"] == [0.5, 1.0] and out["cal_frames"] == 12 and out["eval_crops"] == 24
+    rows = {(r["preset"], r["seed"]): r for r in out["rows"]}
+    assert set(rows) == {("none", 0), ("none", 1), ("relative", 0), ("relative", 1)}
+    for seed in (0, 1):  # no noise: the noisy model is the clean one, before and after calibration
+        assert rows["none", seed]["uncalibrated"] == rows["none", seed]["calibrated@12"] == 100.0
+    for key in ("uncalibrated", "calibrated@6", "calibrated@12"):
+        assert 0 <= rows["relative", 0][key] <= 100
+    assert "relative" in res.output and "calibrated@12" in res.output
+
+
+@pytest.mark.parametrize("args,hint", [(["--crop-scale", "0.9,0.2"], "--crop-scale"),
+                                       (["--crop-scale", "x"], "--crop-scale"),
+                                       (["--noise", "bogus:0.1"], "--noise")])
+def test_evaluate_rejects_bad_options(model_path, args, hint):
+    res = run(model_path, *args)
+    assert res.exit_code == 2 and hint in res.output
