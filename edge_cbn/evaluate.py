@@ -201,8 +201,8 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, pow
                 rows.append(row)
                 cells = [f"{row[c]:.0f}/{row[c + '_confident']:.0f}" for c in cols]
                 click.echo(f"{preset:<13} {eta:>5.3g} {seed:>4} " + " ".join(f"{c:>15}" for c in cells))
-    result = {"evaluate": "agreement", "model": bundle.meta["model"], **options, "pool": pool, "split": split, "crop_scale": list(scale),
-              "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
+    result = {"evaluate": "agreement", "model": bundle.meta["model"], **options, "pool": pool, "split": split,
+              "crop_scale": list(scale), "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
               "rows": rows}
     if json_out:
         with open(json_out, "w") as f:
