@@ -236,7 +236,7 @@ def bench_refuse(names, num_threads):
             x = np.zeros(detail["shape"], detail["dtype"])
 
             def invoke():
-                it.set_tensor(it.get_input_details()[0]["index"], x)
+                it.set_tensor(detail["index"], x)
                 it.invoke()
 
             invoke_s = time_per_call(invoke)

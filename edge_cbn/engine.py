@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .refuse import Refuser
-from .runtime import make_interpreter
+from .runtime import io_indices, make_interpreter, run_interpreter
 
 # Temporal-state indices for the pool live far from real frame indices so the two never share draws.
 _POOL_FRAME0 = 1 << 40
@@ -84,8 +84,5 @@ class NoisyModel:
         """Outputs of inference `frame` on input `x`, in the exported (Keras) output order."""
         it = self.interpreter(frame)
         if self._io is None:  # every interpreter of one model has the same tensor indices
-            self._io = (it.get_input_details()[0]["index"], [d["index"] for d in it.get_output_details()])
-        inp, outs = self._io
-        it.set_tensor(inp, np.ascontiguousarray(x))
-        it.invoke()
-        return [it.get_tensor(i) for i in outs]
+            self._io = io_indices(it)
+        return run_interpreter(it, *self._io, x)

@@ -23,7 +23,7 @@ import tflite
 from . import fold
 from .bundle import Bundle, LayerRecord, atomic_write, buffer_span, calibration_path, sidecar_path, write_sidecar
 from .refuse import Refuser
-from .runtime import make_interpreter, normalise
+from .runtime import io_indices, make_interpreter, normalise, run_interpreter
 from .weights.assign import layer_kind
 
 _WEIGHT_KINDS = ("conv", "depthwise", "dense")
@@ -229,9 +229,7 @@ def _fix_outputs(model_bytes: bytearray, probe: np.ndarray, keras_outs: list[np.
     """Run `probe` through the .tflite, check its outputs against the Keras ones and reorder the
     subgraph's output vector in place so that output i of the .tflite is Keras output i."""
     it = make_interpreter(model_content=bytes(model_bytes))
-    it.set_tensor(it.get_input_details()[0]["index"], probe)
-    it.invoke()
-    tfl = [it.get_tensor(d["index"]) for d in it.get_output_details()]
+    tfl = run_interpreter(it, *io_indices(it), probe)
     if len(tfl) != len(keras_outs):
         raise RuntimeError(f"the .tflite has {len(tfl)} outputs, the Keras model {len(keras_outs)}")
     perm, free = [], set(range(len(tfl)))

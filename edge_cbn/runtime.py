@@ -47,6 +47,18 @@ def make_interpreter(model_content: bytes | None = None, model_path=None, num_th
     return it
 
 
+def io_indices(interpreter) -> tuple[int, list[int]]:
+    """(input tensor index, output tensor indices) of an allocated interpreter."""
+    return (interpreter.get_input_details()[0]["index"], [d["index"] for d in interpreter.get_output_details()])
+
+
+def run_interpreter(interpreter, inp: int, outs: list[int], x: np.ndarray) -> list[np.ndarray]:
+    """Set input `inp` to `x`, invoke, and return the tensors `outs` (copies)."""
+    interpreter.set_tensor(inp, np.ascontiguousarray(x))
+    interpreter.invoke()
+    return [interpreter.get_tensor(i) for i in outs]
+
+
 def normalise(rgb: np.ndarray, preprocess: dict) -> np.ndarray:
     """(rgb - mean) / std as float32 for RGB images of any leading shape (offline batches; the per-frame
     path in `Processor.preprocess` looks the same values up in a table made by this function)."""
@@ -158,20 +170,16 @@ class Runner(Processor):
 
     def swap(self, interpreter):
         """Use `interpreter` (allocated, same model structure) from the next invoke on; returns the old one."""
-        inp = interpreter.get_input_details()[0]
-        outs = interpreter.get_output_details()
-        if tuple(inp["shape"][1:3]) != self.input_hw:
-            raise ValueError(f"interpreter input {tuple(inp['shape'])} does not match input_size {self.input_hw}")
-        state = (interpreter, inp["index"], [d["index"] for d in outs])
+        shape = tuple(int(d) for d in interpreter.get_input_details()[0]["shape"])
+        if shape[1:3] != self.input_hw:
+            raise ValueError(f"interpreter input {shape} does not match input_size {self.input_hw}")
+        state = (interpreter, *io_indices(interpreter))
         old, self._state = self._state, state  # one reference assignment: atomic for invoke()
         return old and old[0]
 
     def invoke(self, x: np.ndarray) -> list[np.ndarray]:
         """Run the model; outputs in the Keras model's output order."""
-        it, inp, outs = self._state
-        it.set_tensor(inp, np.ascontiguousarray(x))
-        it.invoke()
-        return [it.get_tensor(i) for i in outs]
+        return run_interpreter(*self._state, x)
 
     def __call__(self, frame_bgr: np.ndarray, max_results: int | None = None):
         x, ctx = self.preprocess(frame_bgr)

@@ -34,7 +34,7 @@ from .calibrator import MODES, StreamCalibrator
 from .detection import box_iou
 from .engine import NoisyModel, noise_layers
 from .noise import PRESETS, make_noise
-from .runtime import Processor, make_interpreter
+from .runtime import Processor, io_indices, make_interpreter, run_interpreter
 from .sources import Prefetched, SourceError, open_source
 from .state import Saver, Snapshot, StateStore, fingerprint
 from .worker import LatestJobWorker
@@ -102,14 +102,11 @@ class _PlainModel:
     """A `.tflite` without its re-fuse sidecar: clean inference only (NoisyModel's `run` interface)."""
 
     def __init__(self, bundle, num_threads=None):
-        self._it = make_interpreter(model_content=bundle.model_bytes, num_threads=num_threads)
-        self._inp = self._it.get_input_details()[0]["index"]
-        self._outs = [d["index"] for d in self._it.get_output_details()]
+        it = make_interpreter(model_content=bundle.model_bytes, num_threads=num_threads)
+        self._io = (it, *io_indices(it))
 
     def run(self, x, frame):
-        self._it.set_tensor(self._inp, np.ascontiguousarray(x))
-        self._it.invoke()
-        return [self._it.get_tensor(i) for i in self._outs]
+        return run_interpreter(*self._io, x)
 
 
 # ------------------------------------------------------------------------------------------ agreement
