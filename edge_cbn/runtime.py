@@ -100,10 +100,10 @@ class Processor:
         self.raw_input = bundle.raw_input
         if self.letterbox and self.raw_input:
             raise ValueError("a letterboxing model needs float input (its grey, 127.5, is no uint8 value)")
-        # normalise() of every uint8 level per channel: for float-input models one table lookup per
-        # pixel makes the model input in one pass, equal to the offline path bit for bit.
+        # Float-input models: normalise() of every uint8 level per channel, so that one table lookup
+        # per pixel makes the model input in one pass, equal to the offline path bit for bit.
         levels = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
-        self._lut = normalise(levels, pre).reshape(1, 256, 3)
+        self._lut = None if self.raw_input else normalise(levels, pre).reshape(1, 256, 3)
         self.labels = list(self.meta.get("labels") or [])
         self.max_results, self.conf_threshold, self.iou_threshold = max_results, conf_threshold, iou_threshold
         # Buffers reused frame after frame: fresh 0.6 MB arrays per frame cost page faults.
