@@ -9,7 +9,8 @@ from edge_cbn.calibrator import StreamCalibrator  # noqa: E402
 from edge_cbn.engine import NoisyModel, noise_layers  # noqa: E402
 from edge_cbn.export import export  # noqa: E402
 from edge_cbn.noise import make_noise  # noqa: E402
-from tiny import PRE, SIZE, as_keras, new_stats, pixels, tiny_model  # noqa: E402
+from edge_cbn.runtime import normalise  # noqa: E402
+from tiny import PRE, SIZE, new_stats, pixels, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_bn_input_moments_match_keras_under_any_folded_statistics(exported):
     x = frames(1)[0]
     got = cal.bn_input_moments(variant.run(x, 0)[-1], variant.stats())
     assert set(got) == {l.name for l in bns}
-    for layer, z in zip(bns, probe(as_keras(x))):
+    for layer, z in zip(bns, probe(normalise(x, PRE))):
         z = np.asarray(z, np.float64).reshape(-1, z.shape[-1])
         np.testing.assert_allclose(got[layer.name][0], z.mean(0), rtol=1e-4, atol=1e-4 * np.abs(z).max())
         np.testing.assert_allclose(got[layer.name][1], (z ** 2).mean(0), rtol=1e-4, atol=1e-4 * (z ** 2).max())

@@ -9,18 +9,17 @@ from edge_cbn import fold  # noqa: E402
 from edge_cbn.bundle import load_bundle  # noqa: E402
 from edge_cbn.export import FoldError, _fix_outputs, convert_keras, export, fold_model, with_raw_input  # noqa: E402
 from edge_cbn.refuse import Refuser  # noqa: E402
-from edge_cbn.runtime import make_interpreter  # noqa: E402
-from tiny import PRE, SIZE, as_keras, new_stats, pixels, tiny_model  # noqa: E402
+from edge_cbn.runtime import io_indices, make_interpreter, normalise, run_interpreter  # noqa: E402
+from tiny import PRE, SIZE, new_stats, pixels, tiny_model  # noqa: E402
+
 
 def run_tflite(model_bytes, x):
     it = make_interpreter(model_content=bytes(model_bytes))
-    it.set_tensor(it.get_input_details()[0]["index"], x)
-    it.invoke()
-    return [it.get_tensor(d["index"]) for d in it.get_output_details()]
+    return run_interpreter(it, *io_indices(it), x)
 
 
 def keras_outputs(model, x):
-    out = model(as_keras(x) if x.dtype == np.uint8 else x, training=False)
+    out = model(normalise(x, PRE) if x.dtype == np.uint8 else x, training=False)
     return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
@@ -152,10 +151,8 @@ def test_refuse_stats_equals_reconversion(exported, x):
     stats.update(one)
     ref = reconvert(set_weights(tiny_model(seg=True), stats))
     got = r.interpreter()
-    got.set_tensor(got.get_input_details()[0]["index"], x)
-    got.invoke()
-    for d, b in zip(got.get_output_details(), run_tflite(ref, x)):
-        assert np.max(np.abs(got.get_tensor(d["index"]) - b)) <= 1e-5
+    for a, b in zip(run_interpreter(got, *io_indices(got), x), run_tflite(ref, x)):
+        assert np.max(np.abs(a - b)) <= 1e-5
 
 
 def test_refuse_noisy_kernels_equals_reconversion(exported, x):

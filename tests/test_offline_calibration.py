@@ -9,7 +9,8 @@ from edge_cbn.calibrate import bn_layers, calibrate, noisy_layers, set_kernels  
 from edge_cbn.engine import NoisyModel, noise_layers  # noqa: E402
 from edge_cbn.export import export  # noqa: E402
 from edge_cbn.noise import PRESETS, make_noise  # noqa: E402
-from tiny import PRE, SIZE, as_keras, pixels, tiny_model  # noqa: E402
+from edge_cbn.runtime import normalise  # noqa: E402
+from tiny import PRE, SIZE, pixels, tiny_model  # noqa: E402
 
 
 def batches(n, size, seed=0):
@@ -72,7 +73,7 @@ def test_same_seed_same_noisy_outputs_in_keras_and_tflite(tmp_path, preset):
     bundle = load_bundle(path)
     eta = 1.0 if preset == "pcm" else 0.1
     rgb = pixels(np.random.default_rng(1).standard_normal((1, SIZE, SIZE, 3)))
-    x = as_keras(rgb)
+    x = normalise(rgb, PRE)
     tflite = NoisyModel(bundle, make_noise(preset, eta, seed=7).instantiate(noise_layers(bundle)))
     chip = make_noise(preset, eta, seed=7).instantiate(noisy_layers(model))
     for frame in (0, 5):

@@ -3,7 +3,6 @@ import keras
 import numpy as np
 from keras import layers
 
-from edge_cbn.runtime import normalise
 from edge_cbn.weights.assign import assign_state_dict, random_state_dict
 
 SIZE = 16
@@ -53,8 +52,3 @@ def new_stats(bundle, seed):
 def pixels(x, pre=PRE):
     """Normalised float input -> the nearest RGB uint8 pixels (what an exported model takes)."""
     return np.clip(np.rint(np.asarray(x) * np.float32(pre["std"]) + np.float32(pre["mean"])), 0, 255).astype(np.uint8)
-
-
-def as_keras(rgb, pre=PRE):
-    """RGB uint8 pixels -> the normalised float input of the Keras model (as the exported graph does)."""
-    return normalise(rgb, pre)
