@@ -11,9 +11,6 @@ import click
 import numpy as np
 
 
-ROUNDS = 9  # alternations of the bare invoke and the clean stream in `bench stream`
-
-
 def time_per_call(fn, *, warmup=2, min_calls=5, min_seconds=1.0) -> float:
     """Median seconds per call of `fn()` over at least `min_calls` calls and `min_seconds`."""
     for _ in range(warmup):
@@ -89,7 +86,9 @@ def _perturbed_stats(bundle, seed: int) -> dict:
 @click.option("--frames", type=int, default=300, show_default=True, help="Frames per stream measurement.")
 @click.option("--noise", "preset", default="relative", show_default=True, help="Noise preset of the noisy runs.")
 @click.option("--eta", type=float, default=0.05, show_default=True)
-def bench_stream(model, num_threads, frames, preset, eta):
+@click.option("--rounds", type=click.IntRange(1), default=9, show_default=True,
+              help="Alternations of the bare invoke and the clean stream; the ratio is their median.")
+def bench_stream(model, num_threads, frames, preset, eta, rounds):
     """Frames per second of `edge-cbn stream` on the bundled sample clip (headless with no outputs, so no
     overlay is drawn; no agreement passes), measured in one run on one model and thread count: raw LiteRT invoke, the clean
     stream, the noisy stream (pooled and exact temporal noise), and calibrating over the warm-up; plus
@@ -122,10 +121,10 @@ def bench_stream(model, num_threads, frames, preset, eta):
                                  until=None if n_frames else (lambda: engine.converged)).run()
         return summary["fps"], summary, engine
 
-    fig = {"bench": "stream", "model": name, "num_threads": num_threads, "frames": frames,
+    fig = {"bench": "stream", "model": name, "num_threads": num_threads, "frames": frames, "rounds": rounds,
            "noise": f"{preset} eta={eta:g}", "noise_pool": base.noise_pool, "no_xnnpack_invoke_ms": no_xnnpack_ms}
     stream_fps(frames // 4)  # warm caches and the video decoder: the first stream would be slower
-    # The bare invoke and the clean stream alternate, ROUNDS times: this shared machine's speed drifts
+    # The bare invoke and the clean stream alternate, `rounds` times: this shared machine's speed drifts
     # within a run, so each ratio pairs figures taken a second apart; medians are reported.
     # Both are frames / elapsed over `frames` frames: a median per call would drop the hiccups of the
     # shared machine from the invoke's figure but not from the stream's.
@@ -137,7 +136,7 @@ def bench_stream(model, num_threads, frames, preset, eta):
         return frames / (time.perf_counter() - t)
 
     raw, clean = [], []
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         raw.append(raw_fps())
         clean.append(stream_fps(frames)[0])
     fig.update(raw_fps=round(float(np.median(raw)), 2), raw_ms=round(1e3 / float(np.median(raw)), 2),
