@@ -10,7 +10,7 @@ import click
 
 from . import models as zoo
 from .labels import load_labels
-from .noise import PRESETS as NOISE_PRESETS
+from .noise import PRESETS as NOISE_PRESETS, parse_noise_options
 from .weights import default_weights, load_weights
 from .weights.torch_pickle import UnsafeCheckpoint
 
@@ -81,14 +81,16 @@ def image_batches(directory, spec, input_size, batch_size, max_images=None):
 
 
 def calibrate_offline(spec, model, directory, *, noise, eta, seed, batch_size, momentum, estimator,
-                      max_images=None, quiet=True) -> None:
-    """Algorithm 1 over the images in `directory` under the given noise, in place on `model`."""
+                      max_images=None, quiet=True, noise_options=None) -> None:
+    """Algorithm 1 over the images in `directory` under the given noise (`noise_options`: make_noise
+    keywords), in place on `model`."""
     from .calibrate import calibrate, noisy_layers
     from .noise import make_noise
 
     side = model.input_shape[1]
     n, batches = image_batches(directory, spec, side, batch_size, max_images)
-    chip = None if noise == "none" else make_noise(noise, eta, seed).instantiate(noisy_layers(model))
+    chip = None if noise == "none" else make_noise(noise, eta, seed, **(noise_options or {})).instantiate(
+        noisy_layers(model))
     label = f"calibrating BN ({estimator}, noise {noise} eta={eta} seed {seed}, batch {batch_size})"
     with click.progressbar(length=n, label=label, hidden=quiet) as bar:
         calibrate(model, batches, chip=chip, estimator=estimator, momentum=momentum, progress=bar.update)
@@ -111,6 +113,9 @@ def calibrate_offline(spec, model, directory, *, noise, eta, seed, batch_size, m
               help="Noise preset simulated during --calibrate (see docs/NOISE.md).")
 @click.option("--eta", type=float, default=0.05, show_default=True, help="Noise scale eta0.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Chip seed (same seed = same chip).")
+@click.option("--noise-option", "noise_option", multiple=True, metavar="KEY=VALUE",
+              help="Override an option of the --noise preset, repeatable, e.g. t_granularity=weight "
+                   "(docs/NOISE.md).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Calibration batch size.")
 @click.option("--momentum", type=float, default=0.999, show_default=True,
               help="EMA momentum m of Algorithm 1 (estimator ema).")
@@ -120,12 +125,16 @@ def calibrate_offline(spec, model, directory, *, noise, eta, seed, batch_size, m
 @click.option("--max-images", type=int, help="Use at most this many calibration images.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 def main(model_name, weights, out, input_size, num_classes, random_weights, calib_dir, noise, eta, seed,
-         batch_size, momentum, estimator, max_images, quiet):
+         noise_option, batch_size, momentum, estimator, max_images, quiet):
     """Build MODEL, load its weights, optionally calibrate BN statistics offline under simulated noise,
     fold every BatchNorm and export a float32 TFLite model plus the sidecar and calibration variant
     that on-device re-fusing needs."""
     if not out.endswith(".tflite"):
         raise click.BadParameter("the output must end in .tflite", param_hint="-o")
+    try:
+        noise_options = parse_noise_options(noise, noise_option)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--noise-option") from None
     try:
         spec, model = build_model(model_name, weights, input_size=input_size, num_classes=num_classes,
                                   allow_random=random_weights, quiet=quiet)
@@ -135,7 +144,8 @@ def main(model_name, weights, out, input_size, num_classes, random_weights, cali
         raise click.ClickException(str(e)) from None
     if calib_dir:
         calibrate_offline(spec, model, calib_dir, noise=noise, eta=eta, seed=seed, batch_size=batch_size,
-                          momentum=momentum, estimator=estimator, max_images=max_images, quiet=quiet)
+                          momentum=momentum, estimator=estimator, max_images=max_images, quiet=quiet,
+                          noise_options=noise_options)
     path = export_model(spec, model, out, quiet=quiet)
     _say(f"wrote {path} and {path.with_suffix('.cbn.npz').name}", quiet)
 

@@ -16,7 +16,7 @@ import numpy as np
 from .bundle import load_bundle
 from .calibrator import MODES, StreamCalibrator
 from .engine import NoisyModel, noise_layers
-from .noise import PRESETS, make_noise
+from .noise import PRESETS, make_noise, parse_noise_options
 from .runtime import model_input, normalise
 
 EVAL_FRAME0 = 1 << 32  # temporal-noise frame indices of evaluation inferences (disjoint from calibration)
@@ -66,13 +66,14 @@ def stream_calibrate(bundle, chip, xs, *, num_threads=None, checkpoints=(), on_c
     return cal
 
 
-def offline_statistics(keras_model, preset, eta, seed, cal_x, *, estimator, batch_size=32, momentum=0.999) -> dict:
+def offline_statistics(keras_model, preset, eta, seed, cal_x, *, estimator, batch_size=32, momentum=0.999,
+                       noise_options=None) -> dict:
     """Workstation reference: the paper's Algorithm 1 in Keras (train-mode forward, batches of
     `batch_size`, temporal noise per batch) over the same calibration frames; {bn: (mean, var)}."""
     from .calibrate import calibrate, noisy_layers
 
     source = {l.name: [w.numpy().copy() for w in l.weights] for l in keras_model.layers if l.weights}
-    chip = make_noise(preset, eta, seed).instantiate(noisy_layers(keras_model))
+    chip = make_noise(preset, eta, seed, **(noise_options or {})).instantiate(noisy_layers(keras_model))
     batches = (cal_x[i:i + batch_size] for i in range(0, len(cal_x), batch_size))
     try:
         return calibrate(keras_model, batches, chip=chip, estimator=estimator, momentum=momentum)
@@ -83,11 +84,13 @@ def offline_statistics(keras_model, preset, eta, seed, cal_x, *, estimator, batc
 
 
 def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, checkpoints, num_threads=None,
-                     pool=8, keras_model=None, keras_cal_x=None, **calibrator_options) -> dict:
+                     pool=8, keras_model=None, keras_cal_x=None, noise_options=None, **calibrator_options) -> dict:
     """One noise setting: agreement uncalibrated, after streaming calibration at each checkpoint and,
     given the Keras model and `keras_cal_x` (the calibration frames normalised for Keras), after offline
-    Algorithm 1 (cumulative and EMA 0.999); keys `X` (all crops) and `X_confident`."""
-    chip = make_noise(preset, eta, seed).instantiate(noise_layers(bundle))
+    Algorithm 1 (cumulative and EMA 0.999); keys `X` (all crops) and `X_confident`.  `noise_options`:
+    make_noise keywords."""
+    noise_options = noise_options or {}
+    chip = make_noise(preset, eta, seed, **noise_options).instantiate(noise_layers(bundle))
     noisy = NoisyModel(bundle, chip, num_threads=num_threads, pool=pool, seed=seed)
     row = {"preset": preset, "eta": eta, "seed": seed}
 
@@ -104,7 +107,8 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, 
                      **calibrator_options)
     if keras_model is not None:
         for estimator in ("cumulative", "ema"):
-            noisy.set_stats(offline_statistics(keras_model, preset, eta, seed, keras_cal_x, estimator=estimator))
+            noisy.set_stats(offline_statistics(keras_model, preset, eta, seed, keras_cal_x, estimator=estimator,
+                                               noise_options=noise_options))
             record(f"offline_{estimator}")
     return row
 
@@ -128,6 +132,9 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
               "additive-max:0.02,0.05"), show_default=True,
               help="PRESET:ETA[,ETA…], repeatable.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated chip seeds.")
+@click.option("--noise-option", "noise_option", multiple=True, metavar="KEY=VALUE",
+              help="Override an option of every --noise preset, repeatable, e.g. t_granularity=weight "
+                   "(docs/NOISE.md).")
 @click.option("--mode", type=click.Choice(MODES), default="shift", show_default=True)
 @click.option("--window", type=float, default=64, show_default=True, help="Moments window (frames).")
 @click.option("--refuse-every", type=int, default=1, show_default=True,
@@ -155,7 +162,7 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
                    "same calibration frames, for comparison (needs TensorFlow and a registered model).")
 @click.option("--num-threads", type=int, default=None)
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
-def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, power, pool, cal_frames, eval_crops,
+def main(model, settings, seeds, noise_option, mode, window, refuse_every, stages, shrink, power, pool, cal_frames, eval_crops,
          checkpoints, split, crop_scale, offline, num_threads, json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's — on all evaluation crops and on
     the confident ones (clean top-1 probability >= 0.5) — uncalibrated and after streaming batch-size-1
@@ -171,6 +178,15 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, pow
     except ValueError:
         raise click.BadParameter(f"{crop_scale!r}: expected LO,HI with 0 < LO <= HI <= 1",
                                  param_hint="--crop-scale") from None
+    noise_options = {}
+    for setting in settings:
+        preset = setting.partition(":")[0]
+        if preset not in PRESETS:
+            raise click.BadParameter(f"unknown preset {preset!r} (one of {PRESETS})", param_hint="--noise")
+        try:
+            noise_options[preset] = parse_noise_options(preset, noise_option)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--noise-option") from None
     cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale)
     cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
     agreement = Agreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
@@ -189,19 +205,17 @@ def main(model, settings, seeds, mode, window, refuse_every, stages, shrink, pow
     click.echo(f"{'preset':<13} {'eta':>5} {'seed':>4} " + " ".join(f"{c:>15}" for c in cols))
     for setting in settings:
         preset, _, etas = setting.partition(":")
-        if preset not in PRESETS:
-            raise click.BadParameter(f"unknown preset {preset!r} (one of {PRESETS})", param_hint="--noise")
         for eta in [float(e) for e in etas.split(",")]:
             for seed in [int(s) for s in seeds.split(",")]:
                 t = time.perf_counter()
                 row = evaluate_setting(bundle, preset, eta, seed, cal_x, agreement, checkpoints=checkpoints,
                                        num_threads=num_threads, pool=pool, keras_model=keras_model,
-                                       keras_cal_x=keras_cal_x, **options)
+                                       keras_cal_x=keras_cal_x, noise_options=noise_options[preset], **options)
                 row["seconds"] = round(time.perf_counter() - t, 1)
                 rows.append(row)
                 cells = [f"{row[c]:.0f}/{row[c + '_confident']:.0f}" for c in cols]
                 click.echo(f"{preset:<13} {eta:>5.3g} {seed:>4} " + " ".join(f"{c:>15}" for c in cells))
-    result = {"evaluate": "agreement", "model": bundle.meta["model"], **options, "pool": pool, "split": split,
+    result = {"evaluate": "agreement", "model": bundle.meta["model"], "noise_options": list(noise_option), **options, "pool": pool, "split": split,
               "crop_scale": list(scale), "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
               "rows": rows}
     if json_out:

@@ -23,6 +23,7 @@ channel, fold(base + xi*dev) = s*base + xi*(s*dev) exactly (up to float32 roundi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -158,35 +159,67 @@ class PCMNoise(Noise):
         return (g_d[0] - g_d[1]) / ratio, np.hypot(*(g_d * sig_r)) / ratio
 
 
+# What `--noise-option KEY=VALUE` may set per preset, with the defaults (the rest of each model's
+# fields is what makes it that preset).
+_FACTOR_OPTIONS = {"temporal_level": 0.2, "s_granularity": "weight", "t_granularity": "tensor"}
+PRESET_OPTIONS = {
+    "none": {},
+    "paper": {**_FACTOR_OPTIONS, "spatial_level": 0.1, "spatial_reading": "relative"},
+    "relative": _FACTOR_OPTIONS,
+    "additive-max": _FACTOR_OPTIONS,
+    "pcm": {f.name: f.default for f in dataclasses.fields(PCMNoise)
+            if f.name not in {g.name for g in dataclasses.fields(Noise)} - {"t_granularity"}
+            and not isinstance(f.default, tuple)},
+}
+
+
+def parse_noise_options(preset: str, items) -> dict:
+    """["KEY=VALUE", ...] (the CLIs' repeatable --noise-option) -> keyword options of `make_noise`,
+    each VALUE converted to the type of the option's default."""
+    defaults = PRESET_OPTIONS.get(preset, {})
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in defaults:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {sorted(defaults) or 'none'} "
+                             f"for preset {preset!r}")
+        try:
+            options[key] = type(defaults[key])(value.strip())
+        except ValueError:
+            raise ValueError(f"{item!r}: {key} takes a {type(defaults[key]).__name__}") from None
+    return options
+
+
 def make_noise(preset: str, eta: float = 0.0, seed: int = 0, *, temporal: bool = True,
                **options) -> Noise:
-    """Noise model for a `--noise` preset name.  Options (all keyword):
-
-    - paper: temporal_level=0.2 (sigma_T = level*eta), spatial_level=0.1, spatial_reading="relative"
-      (sigma_S = level*eta) | "absolute" (sigma_S = level), s_granularity="weight",
-      t_granularity="tensor";
-    - relative, additive-max: temporal_level=0.2, s_granularity="weight", t_granularity="tensor";
-    - pcm: t_inference=3600.0 s, t0=20.0, t_read=250e-9, g_max=25.0, prog_coeff, drift_scale=1.0
-      (eta scales programming and read noise amplitudes; eta=1 gives aihwkit's defaults).
-    """
+    """Noise model for a `--noise` preset name; `options` override the preset's defaults in
+    `PRESET_OPTIONS` (docs/NOISE.md): for paper temporal_level (sigma_T = level*eta), spatial_level and
+    spatial_reading ("relative": sigma_S = level*eta, "absolute": sigma_S = level), s_granularity and
+    t_granularity; relative and additive-max the same without the spatial ones; pcm t_inference (s),
+    t0, t_read, g_max, drift_scale, t_granularity (eta scales the programming and read noise
+    amplitudes; eta=1 gives aihwkit's defaults)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown noise preset {preset!r}; expected one of {PRESETS}")
+    unknown = set(options) - set(PRESET_OPTIONS[preset])
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for noise preset {preset!r}; "
+                         f"expected some of {sorted(PRESET_OPTIONS[preset])}")
     common = dict(preset=preset, eta=float(eta), seed=int(seed), temporal=temporal)
     if preset == "none":
-        return Noise(**common, **options)
+        return Noise(**common)
     if preset == "pcm":
         return PCMNoise(**common, **options)
-    level = options.pop("temporal_level", 0.2)
+    o = {**PRESET_OPTIONS[preset], **options}
     if preset == "paper":
-        spatial_level = options.pop("spatial_level", 0.1)
-        reading = options.pop("spatial_reading", "relative")
-        if reading not in ("relative", "absolute"):
-            raise ValueError(f"spatial_reading must be 'relative' or 'absolute', not {reading!r}")
-        s_std = spatial_level * eta if reading == "relative" else spatial_level
+        if o["spatial_reading"] not in ("relative", "absolute"):
+            raise ValueError(f"spatial_reading must be 'relative' or 'absolute', not {o['spatial_reading']!r}")
+        s_std = o["spatial_level"] * eta if o["spatial_reading"] == "relative" else o["spatial_level"]
         factors = dict(s_mean=eta, s_std=s_std, ref="weight")
     else:
         factors = dict(s_mean=0.0, s_std=1.0, ref="weight" if preset == "relative" else "max")
-    return FactorNoise(**common, **factors, t_mean=eta, t_std=level * eta, **options)
+    return FactorNoise(**common, **factors, t_mean=eta, t_std=o["temporal_level"] * eta,
+                       s_granularity=o["s_granularity"], t_granularity=o["t_granularity"])
 
 
 class Chip:

@@ -49,11 +49,13 @@ def calibrated_model_path(state_path) -> Path:
     return p.with_name(stem + ".calibrated.tflite")
 
 
-def fingerprint(bundle, *, noise: str, eta: float, seed: int, mode: str, stages: int) -> dict:
+def fingerprint(bundle, *, noise: str, eta: float, seed: int, mode: str, stages: int,
+                noise_options: dict | None = None) -> dict:
     """What a saved state is valid for: the source model's bytes, the simulated chip and the calibrator
     settings that shape its accumulators."""
     return {"model": bundle.meta.get("model"), "model_sha1": sha1(bundle.model_bytes), "noise": noise,
-            "eta": float(eta), "seed": int(seed), "mode": mode, "stages": int(stages)}
+            "eta": float(eta), "seed": int(seed), "noise_options": dict(sorted((noise_options or {}).items())),
+            "mode": mode, "stages": int(stages)}
 
 
 @dataclasses.dataclass

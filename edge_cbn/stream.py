@@ -33,7 +33,7 @@ from .bundle import load_bundle
 from .calibrator import MODES, StreamCalibrator
 from .detection import box_iou
 from .engine import NoisyModel, noise_layers
-from .noise import PRESETS, make_noise
+from .noise import PRESETS, make_noise, parse_noise_options
 from .runtime import Processor, io_indices, make_interpreter, run_interpreter
 from .sources import Prefetched, SourceError, open_source
 from .state import Saver, Snapshot, StateStore, fingerprint
@@ -64,6 +64,7 @@ class StreamOptions:
     noise: str = "none"
     eta: float = 0.05
     seed: int = 0
+    noise_options: dict = dataclasses.field(default_factory=dict)  # make_noise keywords (--noise-option)
     noise_pool: int = 4
     calibrate: bool | None = None  # None: when noise is on (and the model has a calibration variant)
     mode: str = "shift"
@@ -187,8 +188,11 @@ class Engine:
         if opts.noise_pool < 0:
             raise StreamError("--noise-pool must be >= 0")
         self.noise_text = overlay.noise_text(opts.noise if opts.noise_on else None, opts.eta, opts.seed)
-        self.chip = (make_noise(opts.noise, opts.eta, opts.seed).instantiate(noise_layers(bundle))
-                     if opts.noise_on else None)
+        try:
+            self.chip = (make_noise(opts.noise, opts.eta, opts.seed, **opts.noise_options)
+                         .instantiate(noise_layers(bundle)) if opts.noise_on else None)
+        except ValueError as e:
+            raise StreamError(f"--noise-option: {e}") from None
         threads = opts.num_threads
         self.cal = self._new_calibrator() if calibrate else None
 
@@ -199,7 +203,7 @@ class Engine:
             n_bns = len(bundle.meta.get("calibration", {}).get("bns", []))
             self.store = StateStore(opts.state, bundle, fingerprint(
                 bundle, noise=opts.noise, eta=opts.eta if opts.noise_on else 0.0, seed=opts.seed,
-                mode=opts.mode, stages=min(opts.stages, n_bns) or 1))
+                noise_options=opts.noise_options, mode=opts.mode, stages=min(opts.stages, n_bns) or 1))
             self.store.remove_stale_temporaries()
             if self.store.path.exists():
                 # Without calibration the saved statistics are served frozen: mode and stages do not matter.
@@ -662,6 +666,8 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
               help="Simulated analog weight noise preset (docs/NOISE.md).")
 @click.option("--eta", type=float, default=0.05, show_default=True, help="Noise level.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Chip seed (the simulated device instance).")
+@click.option("--noise-option", "noise_option", multiple=True, metavar="KEY=VALUE",
+              help="Override a preset's option, repeatable, e.g. t_granularity=weight (docs/NOISE.md).")
 @click.option("--noise-pool", type=int, default=StreamOptions.noise_pool, show_default=True, metavar="K",
               help=POOL_HELP)
 @click.option("--calibrate/--no-calibrate", default=None,
@@ -704,7 +710,7 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
 @click.option("--log", type=click.Path(dir_okay=False), help="JSON lines: one per frame, then {\"summary\": ...}.")
 @click.option("--quiet", is_flag=True, help="No progress lines (warnings, errors and the summary only).")
 def main(camera, video, images, loop, width, height, picamera2, model, num_threads, max_results, score_threshold,
-         noise, eta, seed, noise_pool, calibrate, mode, window, refuse_every, stages, track_every, calibration_budget,
+         noise, eta, seed, noise_option, noise_pool, calibrate, mode, window, refuse_every, stages, track_every, calibration_budget,
          calibrate_every,
          state,
          save_interval, agreement_every, frames, headless, record, serve, host, log, quiet):
@@ -718,9 +724,13 @@ def main(camera, video, images, loop, width, height, picamera2, model, num_threa
     Ctrl-C or SIGTERM stop cleanly (state saved); 'q' in the window too.
     """
     num_threads = num_threads or os.cpu_count()
+    try:
+        noise_options = parse_noise_options(noise, noise_option)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--noise-option") from None
     has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     opts = StreamOptions(num_threads=num_threads, max_results=max_results, score_threshold=score_threshold,
-                         noise=noise, eta=eta, seed=seed, noise_pool=noise_pool, calibrate=calibrate, mode=mode,
+                         noise=noise, eta=eta, seed=seed, noise_options=noise_options, noise_pool=noise_pool, calibrate=calibrate, mode=mode,
                          window=window, refuse_every=refuse_every, stages=stages, track_every=track_every,
                          calibration_budget=calibration_budget, calibrate_every=calibrate_every,
                          agreement_every=agreement_every, state=state, save_interval=save_interval,

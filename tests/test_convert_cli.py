@@ -71,6 +71,8 @@ def test_offline_calibration_under_noise(tmp_path):
     assert all(moved)
     r = run(common + ["-o", str(cal), "--calibrate", str(tmp_path / "plain.tflite")])
     assert r.exit_code == 2
+    r = run(common + ["-o", str(cal), "--calibrate", str(images), "--noise", "relative", "--noise-option", "x=1"])
+    assert r.exit_code == 2 and "--noise-option" in r.output
 
 
 def test_default_model_classifies_the_cat_and_the_espresso(tmp_path):

@@ -9,6 +9,7 @@ pytest.importorskip("skimage")
 
 from edge_cbn.evaluate import main  # noqa: E402
 from edge_cbn.export import export  # noqa: E402
+from edge_cbn.noise import make_noise  # noqa: E402
 from tiny import PRE, tiny_model  # noqa: E402
 
 
@@ -28,6 +29,7 @@ def test_evaluate_reports_agreement_per_setting(model_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["crop_scale"] == [0.5, 1.0] and out["cal_frames"] == 12 and out["eval_crops"] == 24
+    assert out["noise_options"] == []
     rows = {(r["preset"], r["seed"]): r for r in out["rows"]}
     assert set(rows) == {("none", 0), ("none", 1), ("relative", 0), ("relative", 1)}
     for seed in (0, 1):  # no noise: the noisy model is the clean one, before and after calibration
@@ -39,7 +41,27 @@ def test_evaluate_reports_agreement_per_setting(model_path):
 
 @pytest.mark.parametrize("args,hint", [(["--crop-scale", "0.9,0.2"], "--crop-scale"),
                                        (["--crop-scale", "x"], "--crop-scale"),
-                                       (["--noise", "bogus:0.1"], "--noise")])
+                                       (["--noise", "bogus:0.1"], "--noise"),
+                                       (["--noise", "relative:0.1", "--noise-option", "spatial_level=1"],
+                                        "--noise-option")])
 def test_evaluate_rejects_bad_options(model_path, args, hint):
     res = run(model_path, *args)
     assert res.exit_code == 2 and hint in res.output
+
+
+def test_evaluate_passes_noise_options_to_every_chip(model_path, monkeypatch):
+    import edge_cbn.evaluate as ev
+
+    calls = []
+
+    def recording(preset, eta, seed, **options):
+        calls.append((preset, options))
+        return make_noise(preset, eta, seed, **options)
+
+    monkeypatch.setattr(ev, "make_noise", recording)
+    res = run(model_path, "--noise", "paper:0.3", "--noise", "relative:0.1", "--checkpoints", "12",
+              "--noise-option", "t_granularity=weight", "--noise-option", "temporal_level=0.5")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["noise_options"] == [
+        "t_granularity=weight", "temporal_level=0.5"]
+    assert calls == [(p, {"t_granularity": "weight", "temporal_level": 0.5}) for p in ("paper", "relative")]

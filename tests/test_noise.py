@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from edge_cbn.fold import fold_kernel, to_tflite
-from edge_cbn.noise import PRESETS, make_noise
+from edge_cbn.noise import parse_noise_options, PRESETS, make_noise
 
 SHAPES = {"conv": (3, 3, 4, 6), "depthwise": (3, 3, 6, 1), "dense": (6, 5)}
 
@@ -168,7 +168,19 @@ def test_bad_names_raise():
         make_noise("gaussian", 0.1)
     with pytest.raises(ValueError):
         make_noise("paper", 0.1, t_granularity="pixel")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="t_inference"):  # a pcm option, not relative's
         make_noise("relative", 0.1, t_inference=5.0)
     with pytest.raises(ValueError):
         make_noise("none").instantiate({"x": ("lstm", np.ones((2, 2)))})
+
+
+def test_noise_options_from_the_command_line():
+    opts = parse_noise_options("paper", ["t_granularity=weight", "temporal-level=0.3", "spatial_reading=absolute"])
+    assert opts == {"t_granularity": "weight", "temporal_level": 0.3, "spatial_reading": "absolute"}
+    noise = make_noise("paper", 0.2, 0, **opts)
+    assert (noise.t_granularity, noise.t_std, noise.s_std) == ("weight", pytest.approx(0.06), 0.1)
+    assert parse_noise_options("pcm", ["t_inference=60"]) == {"t_inference": 60.0}
+    for preset, item in (("relative", "spatial_level=0.2"), ("relative", "temporal_level"),
+                         ("relative", "temporal_level=x"), ("none", "t_granularity=weight")):
+        with pytest.raises(ValueError):
+            parse_noise_options(preset, [item])

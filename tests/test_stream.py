@@ -130,6 +130,16 @@ def test_state_save_resume_and_corrupt_state(tiny, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["summary"]["resumed"] is True
 
 
+def test_noise_option_is_part_of_the_chip_and_bad_ones_are_clear(tiny, tmp_path):
+    args = ["--model", tiny, "--headless", *NOISY, "--state", str(tmp_path / "st.npz"), "--frames", "6"]
+    assert run(args).exit_code == 0
+    r = run([*args, "--noise-option", "t_granularity=weight"])  # another chip: the saved state is not its
+    assert r.exit_code == 0, r.output
+    assert "noise_options" in r.stderr and "starting fresh" in r.stderr
+    r = CliRunner().invoke(main, ["--model", tiny, *NOISY, "--noise-option", "spatial_level=0.2"])
+    assert r.exit_code == 2 and "--noise-option" in r.output and "temporal_level" in r.output
+
+
 def _start(args, log, env):
     """The stream in a subprocess, once it has logged a few frames."""
     if log.exists():
