@@ -4,7 +4,8 @@ batch size 1): `edge-cbn evaluate`.
 No labelled dataset installs offline, so accuracy is measured as agreement with the clean model: the top-1
 class of the noisy model (uncalibrated, and after streaming calibration) against the clean model's top-1
 on evaluation crops of the photos scikit-image and scikit-learn ship.  Calibration crops come from
-different random crops (`--split crops`) or from disjoint photos (`--split photos`)."""
+different random crops (`--split crops`) or from disjoint photos (`--split photos`); `--split same`
+calibrates on the evaluation crops themselves, a bound for diagnosis, not a result."""
 from __future__ import annotations
 
 import json
@@ -84,13 +85,17 @@ def offline_statistics(keras_model, preset, eta, seed, cal_x, *, estimator, batc
 
 
 def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, checkpoints, num_threads=None,
-                     pool=8, keras_model=None, keras_cal_x=None, noise_options=None, **calibrator_options) -> dict:
+                     pool=8, keras_model=None, keras_cal_x=None, noise_options=None, static_calibration=False,
+                     **calibrator_options) -> dict:
     """One noise setting: agreement uncalibrated, after streaming calibration at each checkpoint and,
     given the Keras model and `keras_cal_x` (the calibration frames normalised for Keras), after offline
     Algorithm 1 (cumulative and EMA 0.999); keys `X` (all crops) and `X_confident`.  `noise_options`:
-    make_noise keywords."""
+    make_noise keywords; `static_calibration`: calibrate on the same chip with its temporal factor held
+    at its mean (only a simulation can; a diagnostic of what per-frame noise costs the calibration)."""
     noise_options = noise_options or {}
     chip = make_noise(preset, eta, seed, **noise_options).instantiate(noise_layers(bundle))
+    cal_chip = make_noise(preset, eta, seed, temporal=False, **noise_options).instantiate(
+        noise_layers(bundle)) if static_calibration else chip
     noisy = NoisyModel(bundle, chip, num_threads=num_threads, pool=pool, seed=seed)
     row = {"preset": preset, "eta": eta, "seed": seed}
 
@@ -103,7 +108,7 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, 
         noisy.set_stats(stats)
         record(f"calibrated@{frames}")
 
-    stream_calibrate(bundle, chip, cal_x, num_threads=num_threads, checkpoints=checkpoints, on_checkpoint=check,
+    stream_calibrate(bundle, cal_chip, cal_x, num_threads=num_threads, checkpoints=checkpoints, on_checkpoint=check,
                      **calibrator_options)
     if keras_model is not None:
         for estimator in ("cumulative", "ema"):
@@ -121,8 +126,10 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
     photos = load_photos()
     size = bundle.meta["input_size"][0]
     cal_photos, eval_photos = split_photos(photos) if split == "photos" else (photos, photos)
-    cal, _ = random_crops(cal_photos, n_cal, size, seed=1000 + seed, scale=scale)
     ev, _ = random_crops(eval_photos, n_eval, size, seed=2000 + seed, scale=scale)
+    if split == "same":  # a diagnostic bound, not a fair result: calibrate on the evaluation crops
+        return ev[np.arange(n_cal) % len(ev)], ev
+    cal, _ = random_crops(cal_photos, n_cal, size, seed=1000 + seed, scale=scale)
     return cal, ev
 
 
@@ -152,18 +159,22 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
 @click.option("--eval-crops", type=int, default=256, show_default=True)
 @click.option("--checkpoints", default="16,32,64,128,192", show_default=True,
               help="Calibration frame counts at which to evaluate.")
-@click.option("--split", type=click.Choice(["crops", "photos"]), default="crops", show_default=True,
-              help="Calibration crops from other random crops of the same photos, or from disjoint photos.")
+@click.option("--split", type=click.Choice(["crops", "photos", "same"]), default="crops", show_default=True,
+              help="Calibration crops from other random crops of the same photos, or from disjoint photos; "
+                   "`same`: the evaluation crops themselves (cycled), an upper bound for diagnosis only.")
 @click.option("--crop-scale", default="0.15,1", show_default=True,
               help="LO,HI: crop side as a fraction of the photo's shorter side, drawn uniformly in area "
                    "(small crops are textures and details, large ones whole scenes).")
+@click.option("--static-calibration", is_flag=True,
+              help="Diagnostic: calibrate with the chip's temporal noise held at its mean (evaluation keeps it), "
+                   "which only a simulation can do; shows what per-frame noise costs the calibration.")
 @click.option("--offline", is_flag=True,
               help="Also run the paper's offline Algorithm 1 in Keras (batch 32; cumulative and EMA 0.999) on the "
                    "same calibration frames, for comparison (needs TensorFlow and a registered model).")
 @click.option("--num-threads", type=int, default=None)
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 def main(model, settings, seeds, noise_option, mode, window, refuse_every, stages, shrink, power, pool, cal_frames, eval_crops,
-         checkpoints, split, crop_scale, offline, num_threads, json_out):
+         checkpoints, split, crop_scale, static_calibration, offline, num_threads, json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's — on all evaluation crops and on
     the confident ones (clean top-1 probability >= 0.5) — uncalibrated and after streaming batch-size-1
     calibration on LiteRT, for each noise setting; ends with one JSON line."""
@@ -210,12 +221,14 @@ def main(model, settings, seeds, noise_option, mode, window, refuse_every, stage
                 t = time.perf_counter()
                 row = evaluate_setting(bundle, preset, eta, seed, cal_x, agreement, checkpoints=checkpoints,
                                        num_threads=num_threads, pool=pool, keras_model=keras_model,
-                                       keras_cal_x=keras_cal_x, noise_options=noise_options[preset], **options)
+                                       keras_cal_x=keras_cal_x, noise_options=noise_options[preset],
+                                       static_calibration=static_calibration, **options)
                 row["seconds"] = round(time.perf_counter() - t, 1)
                 rows.append(row)
                 cells = [f"{row[c]:.0f}/{row[c + '_confident']:.0f}" for c in cols]
                 click.echo(f"{preset:<13} {eta:>5.3g} {seed:>4} " + " ".join(f"{c:>15}" for c in cells))
-    result = {"evaluate": "agreement", "model": bundle.meta["model"], "noise_options": list(noise_option), **options, "pool": pool, "split": split,
+    result = {"evaluate": "agreement", "model": bundle.meta["model"], "noise_options": list(noise_option),
+              "static_calibration": static_calibration, **options, "pool": pool, "split": split,
               "crop_scale": list(scale), "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
               "rows": rows}
     if json_out:

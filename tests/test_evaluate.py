@@ -65,3 +65,27 @@ def test_evaluate_passes_noise_options_to_every_chip(model_path, monkeypatch):
     assert json.loads(res.output.strip().splitlines()[-1])["noise_options"] == [
         "t_granularity=weight", "temporal_level=0.5"]
     assert calls == [(p, {"t_granularity": "weight", "temporal_level": 0.5}) for p in ("paper", "relative")]
+
+
+def test_static_calibration_and_split_same(model_path, monkeypatch):
+    """--static-calibration calibrates on the same chip without its temporal draw; --split same
+    calibrates on the evaluation crops themselves."""
+    import edge_cbn.evaluate as ev
+
+    chips, crop_sets = [], []
+    monkeypatch.setattr(ev, "make_noise", lambda *a, **k: chips.append(k.get("temporal", True)) or make_noise(*a, **k))
+    real_calibrate = ev.stream_calibrate
+
+    def recording(bundle, chip, xs, **kw):
+        crop_sets.append(xs)
+        return real_calibrate(bundle, chip, xs, **kw)
+
+    monkeypatch.setattr(ev, "stream_calibrate", recording)
+    res = run(model_path, "--noise", "relative:0.2", "--checkpoints", "12", "--static-calibration", "--split", "same")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["static_calibration"] is True and out["split"] == "same"
+    assert chips == [True, False]  # the evaluated chip keeps its temporal noise
+    _, eval_rgb = ev.crops(ev.load_bundle(str(model_path)), "crops", 12, 24, scale=(0.15, 1.0))
+    cal = crop_sets[0]
+    assert len(cal) == 12 and (cal == ev.model_input(eval_rgb[:12], ev.load_bundle(str(model_path)))).all()
