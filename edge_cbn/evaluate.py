@@ -18,6 +18,7 @@ from .bundle import load_bundle
 from .calibrator import MODES, StreamCalibrator
 from .engine import NoisyModel, noise_layers
 from .noise import PRESETS, make_noise, parse_noise_options
+from .photos import PHOTO_SETS
 from .runtime import model_input, normalise
 
 EVAL_FRAME0 = 1 << 32  # temporal-noise frame indices of evaluation inferences (disjoint from calibration)
@@ -118,12 +119,13 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, 
     return row
 
 
-def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.15, 1.0)):
+def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.15, 1.0), photos: str = "all"):
     """(calibration crops, evaluation crops) as RGB uint8 at the model's input size; `scale`: the crop
-    side as a fraction of the photo's shorter side (see `photos.random_crops`)."""
+    side as a fraction of the photo's shorter side (see `photos.random_crops`); `photos`: the photo set
+    (`photos.PHOTO_SETS`)."""
     from .photos import load_photos, random_crops, split_photos
 
-    photos = load_photos()
+    photos = load_photos(photos)
     size = bundle.meta["input_size"][0]
     cal_photos, eval_photos = split_photos(photos) if split == "photos" else (photos, photos)
     ev, _ = random_crops(eval_photos, n_eval, size, seed=2000 + seed, scale=scale)
@@ -162,6 +164,9 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
 @click.option("--split", type=click.Choice(["crops", "photos", "same"]), default="crops", show_default=True,
               help="Calibration crops from other random crops of the same photos, or from disjoint photos; "
                    "`same`: the evaluation crops themselves (cycled), an upper bound for diagnosis only.")
+@click.option("--photos", "photo_set", type=click.Choice(PHOTO_SETS), default="all", show_default=True,
+              help="all: the 19 sample photos, including greyscale textures, text, microscopy and astronomy; "
+                   "natural: the 7 colour photographs of everyday scenes and objects.")
 @click.option("--crop-scale", default="0.15,1", show_default=True,
               help="LO,HI: crop side as a fraction of the photo's shorter side, drawn uniformly in area "
                    "(small crops are textures and details, large ones whole scenes).")
@@ -174,7 +179,7 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
 @click.option("--num-threads", type=int, default=None)
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 def main(model, settings, seeds, noise_option, mode, window, refuse_every, stages, shrink, power, pool, cal_frames, eval_crops,
-         checkpoints, split, crop_scale, static_calibration, offline, num_threads, json_out):
+         checkpoints, split, photo_set, crop_scale, static_calibration, offline, num_threads, json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's — on all evaluation crops and on
     the confident ones (clean top-1 probability >= 0.5) — uncalibrated and after streaming batch-size-1
     calibration on LiteRT, for each noise setting; ends with one JSON line."""
@@ -198,7 +203,7 @@ def main(model, settings, seeds, noise_option, mode, window, refuse_every, stage
             noise_options[preset] = parse_noise_options(preset, noise_option)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--noise-option") from None
-    cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale)
+    cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale, photos=photo_set)
     cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
     agreement = Agreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
     options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink, power=power)
@@ -228,7 +233,7 @@ def main(model, settings, seeds, noise_option, mode, window, refuse_every, stage
                 cells = [f"{row[c]:.0f}/{row[c + '_confident']:.0f}" for c in cols]
                 click.echo(f"{preset:<13} {eta:>5.3g} {seed:>4} " + " ".join(f"{c:>15}" for c in cells))
     result = {"evaluate": "agreement", "model": bundle.meta["model"], "noise_options": list(noise_option),
-              "static_calibration": static_calibration, **options, "pool": pool, "split": split,
+              "static_calibration": static_calibration, **options, "pool": pool, "split": split, "photos": photo_set,
               "crop_scale": list(scale), "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
               "rows": rows}
     if json_out:

@@ -11,10 +11,16 @@ SKIMAGE_COLOUR = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field
                   "retina")
 SKLEARN_COLOUR = ("china.jpg", "flower.jpg")
 SKIMAGE_GREY = ("camera", "clock", "coins", "grass", "gravel", "brick", "moon", "page", "text")
+# The colour photographs of everyday scenes and objects, the kind ImageNet classifiers are made for; the
+# others are greyscale, textures, text, microscopy and astronomy.
+NATURAL = ("astronaut", "chelsea", "china", "coffee", "flower", "motorcycle", "rocket")
+PHOTO_SETS = ("all", "natural")
 
 
-def load_photos() -> dict[str, np.ndarray]:
-    """name -> RGB uint8 image."""
+def load_photos(which: str = "all") -> dict[str, np.ndarray]:
+    """name -> RGB uint8 image, for the photo set `which` (PHOTO_SETS)."""
+    if which not in PHOTO_SETS:
+        raise ValueError(f"unknown photo set {which!r}; expected one of {PHOTO_SETS}")
     import skimage.data
     from sklearn.datasets import load_sample_image
 
@@ -24,7 +30,7 @@ def load_photos() -> dict[str, np.ndarray]:
     for n in SKIMAGE_GREY:
         grey = getattr(skimage.data, n)()
         photos[n] = np.repeat(grey[..., None], 3, axis=2)
-    return photos
+    return photos if which == "all" else {n: photos[n] for n in NATURAL}
 
 
 def random_crops(photos: dict[str, np.ndarray], n: int, size: int, seed: int,

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 pytest.importorskip("keras")
 pytest.importorskip("skimage")
 
+from edge_cbn.bundle import load_bundle  # noqa: E402
 from edge_cbn.evaluate import main  # noqa: E402
 from edge_cbn.export import export  # noqa: E402
 from edge_cbn.noise import make_noise  # noqa: E402
@@ -89,3 +90,23 @@ def test_static_calibration_and_split_same(model_path, monkeypatch):
     _, eval_rgb = ev.crops(ev.load_bundle(str(model_path)), "crops", 12, 24, scale=(0.15, 1.0))
     cal = crop_sets[0]
     assert len(cal) == 12 and (cal == ev.model_input(eval_rgb[:12], ev.load_bundle(str(model_path)))).all()
+
+
+def test_photo_sets(model_path):
+    from edge_cbn.photos import NATURAL, load_photos
+
+    natural, every = load_photos("natural"), load_photos("all")
+    assert sorted(natural) == sorted(NATURAL) and set(natural) < set(every) and len(every) == 19
+    assert all(img.ndim == 3 and img.shape[2] == 3 and img.dtype.name == "uint8" for img in natural.values())
+    with pytest.raises(ValueError):
+        load_photos("textures")
+    from edge_cbn.evaluate import crops
+    from edge_cbn.photos import random_crops
+
+    bundle = load_bundle(str(model_path))
+    side = bundle.meta["input_size"][0]
+    _, ev = crops(bundle, "crops", 4, 8, photos="natural")
+    assert (ev == random_crops(natural, 8, side, seed=2000)[0]).all()
+    res = run(model_path, "--noise", "relative:0.2", "--checkpoints", "12", "--photos", "natural")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["photos"] == "natural"
