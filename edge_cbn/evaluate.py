@@ -5,7 +5,7 @@ No labelled dataset installs offline, so accuracy is measured as agreement with 
 class of the noisy model (uncalibrated, and after streaming calibration) against the clean model's top-1
 on evaluation crops of the photos scikit-image and scikit-learn ship.  Calibration crops come from
 different random crops (`--split crops`) or from disjoint photos (`--split photos`); `--split same`
-calibrates on the evaluation crops themselves, a bound for diagnosis, not a result."""
+calibrates on the evaluation crops themselves, a diagnostic, not a fair result."""
 from __future__ import annotations
 
 import json
@@ -129,7 +129,7 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
     size = bundle.meta["input_size"][0]
     cal_photos, eval_photos = split_photos(photos) if split == "photos" else (photos, photos)
     ev, _ = random_crops(eval_photos, n_eval, size, seed=2000 + seed, scale=scale)
-    if split == "same":  # a diagnostic bound, not a fair result: calibrate on the evaluation crops
+    if split == "same":  # a diagnostic, not a fair result: calibrate on the evaluation crops
         return ev[np.arange(n_cal) % len(ev)], ev
     cal, _ = random_crops(cal_photos, n_cal, size, seed=1000 + seed, scale=scale)
     return cal, ev
@@ -163,7 +163,7 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
               help="Calibration frame counts at which to evaluate.")
 @click.option("--split", type=click.Choice(["crops", "photos", "same"]), default="crops", show_default=True,
               help="Calibration crops from other random crops of the same photos, or from disjoint photos; "
-                   "`same`: the evaluation crops themselves (cycled), an upper bound for diagnosis only.")
+                   "`same`: the evaluation crops themselves (cycled), a diagnostic, not a fair result.")
 @click.option("--photos", "photo_set", type=click.Choice(PHOTO_SETS), default="all", show_default=True,
               help="all: the 19 sample photos, including greyscale textures, text, microscopy and astronomy; "
                    "natural: the 7 colour photographs of everyday scenes and objects.")
