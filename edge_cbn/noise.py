@@ -159,8 +159,8 @@ class PCMNoise(Noise):
         return (g_d[0] - g_d[1]) / ratio, np.hypot(*(g_d * sig_r)) / ratio
 
 
-# What `--noise-option KEY=VALUE` may set per preset, with the defaults (the rest of each model's
-# fields is what makes it that preset).
+# The options make_noise takes per preset, with their defaults (the rest of each model's fields is what
+# makes it that preset); `--noise-option KEY=VALUE` sets all but the tuple-valued ones.
 _FACTOR_OPTIONS = {"temporal_level": 0.2, "s_granularity": "weight", "t_granularity": "tensor"}
 PRESET_OPTIONS = {
     "none": {},
@@ -168,15 +168,14 @@ PRESET_OPTIONS = {
     "relative": _FACTOR_OPTIONS,
     "additive-max": _FACTOR_OPTIONS,
     "pcm": {f.name: f.default for f in dataclasses.fields(PCMNoise)
-            if f.name not in {g.name for g in dataclasses.fields(Noise)} - {"t_granularity"}
-            and not isinstance(f.default, tuple)},
+            if f.name not in {g.name for g in dataclasses.fields(Noise)} - {"t_granularity"}},
 }
 
 
 def parse_noise_options(preset: str, items) -> dict:
     """["KEY=VALUE", ...] (the CLIs' repeatable --noise-option) -> keyword options of `make_noise`,
     each VALUE converted to the type of the option's default."""
-    defaults = PRESET_OPTIONS.get(preset, {})
+    defaults = {k: v for k, v in PRESET_OPTIONS.get(preset, {}).items() if not isinstance(v, tuple)}
     options = {}
     for item in items:
         key, sep, value = item.partition("=")

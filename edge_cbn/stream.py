@@ -571,7 +571,7 @@ class StreamLoop:
                 "calibration_progress": round(e.cal.progress, 4) if e.cal else None,
                 "model": self.model_name, "task": e.task, "source": self.source.name,
                 "noise": opts.noise, "eta": opts.eta if opts.noise_on else None, "seed": opts.seed,
-                "noise_pool": opts.noise_pool, "mode": opts.mode if e.cal else None,
+                "noise_options": opts.noise_options, "noise_pool": opts.noise_pool, "mode": opts.mode if e.cal else None,
                 "state": opts.state, "resumed": e.resumed}
 
 

@@ -180,6 +180,9 @@ def test_noise_options_from_the_command_line():
     noise = make_noise("paper", 0.2, 0, **opts)
     assert (noise.t_granularity, noise.t_std, noise.s_std) == ("weight", pytest.approx(0.06), 0.1)
     assert parse_noise_options("pcm", ["t_inference=60"]) == {"t_inference": 60.0}
+    assert make_noise("pcm", 1.0, 0, prog_coeff=(0.1, 0.0, 0.0)).prog_coeff == (0.1, 0.0, 0.0)  # Python only
+    with pytest.raises(ValueError):
+        parse_noise_options("pcm", ["prog_coeff=0.1"])
     for preset, item in (("relative", "spatial_level=0.2"), ("relative", "temporal_level"),
                          ("relative", "temporal_level=x"), ("none", "t_granularity=weight")):
         with pytest.raises(ValueError):

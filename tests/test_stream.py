@@ -136,6 +136,7 @@ def test_noise_option_is_part_of_the_chip_and_bad_ones_are_clear(tiny, tmp_path)
     r = run([*args, "--noise-option", "t_granularity=weight"])  # another chip: the saved state is not its
     assert r.exit_code == 0, r.output
     assert "noise_options" in r.stderr and "starting fresh" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["summary"]["noise_options"] == {"t_granularity": "weight"}
     r = CliRunner().invoke(main, ["--model", tiny, *NOISY, "--noise-option", "spatial_level=0.2"])
     assert r.exit_code == 2 and "--noise-option" in r.output and "temporal_level" in r.output
 
