@@ -66,6 +66,12 @@ def test_top_k_known_logits():
     np.testing.assert_allclose([s for *_, s in got], p[[1, 3, 2]], rtol=1e-6)
     probs = np.array([0.1, 0.7, 0.2])  # already a distribution: no second softmax
     assert top_k(probs, [], k=1) == [(1, "1", pytest.approx(0.7))]
+    small = np.array([0.2, 0.5, 0.1], np.float32)  # below 1 but no distribution: softmax
+    assert top_k(small, [], k=1)[0][2] == pytest.approx(np.exp(0.5) / np.exp(small.astype(float)).sum())
+    quantised = np.array([[3, 200, 7]], np.uint8)  # integer outputs, k beyond the class count
+    assert [i for i, *_ in top_k(quantised, [], k=5)] == [1, 2, 0]
+    ties = np.array([1.0, 4.0, 4.0, 2.0], np.float32)
+    assert [i for i, *_ in top_k(ties, [], k=3)] == [1, 2, 3]
 
 
 def test_classification_postprocess_max_results():
