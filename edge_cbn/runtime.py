@@ -8,6 +8,7 @@ Interpreter backends, first available wins: `ai_edge_litert` (x86_64/aarch64 whe
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 
 import cv2
@@ -79,18 +80,22 @@ def top_k(logits, labels, k: int = 5) -> list[tuple[int, str, float]]:
     its warm time, so it makes few of them: k argmax passes (the k shown are a handful; measured ≈ 50 µs
     for k = 3 against ≈ 90 µs for one argpartition), ranked on the raw values (softmax keeps the order),
     and the distribution test only when the best value could be a probability."""
-    x = np.asarray(logits).reshape(-1)
-    rest = x.astype(np.float64)  # a copy that the passes may overwrite
-    ids = []
-    for _ in range(min(k, x.size)):
-        ids.append(int(rest.argmax()))
-        rest[ids[-1]] = -np.inf
-    top = x[ids].astype(np.float64)
-    if top[0] <= 1 and x.min() >= 0 and abs(float(x.sum()) - 1) < 1e-3:
+    v = np.array(logits, np.float64).reshape(-1)  # one float64 copy: the passes mark taken classes in it
+    ids, top = [], []
+    for _ in range(min(k, v.size)):
+        i = int(v.argmax())
+        ids.append(i)
+        top.append(float(v[i]))
+        v[i] = -np.inf
+    if not ids:
+        return []
+    v[ids] = top
+    if top[0] <= 1 and v.min() >= 0 and abs(float(v.sum()) - 1) < 1e-3:
         probs = top
     else:
-        probs = np.exp(top - top[0]) / np.exp(x.astype(np.float64) - top[0]).sum()
-    return [(i, labels[i] if i < len(labels) else str(i), float(p)) for i, p in zip(ids, probs)]
+        z = float(np.exp(v - top[0]).sum())
+        probs = [math.exp(t - top[0]) / z for t in top]
+    return [(i, labels[i] if i < len(labels) else str(i), p) for i, p in zip(ids, probs)]
 
 
 class Processor:

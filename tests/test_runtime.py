@@ -72,6 +72,8 @@ def test_top_k_known_logits():
     assert [i for i, *_ in top_k(quantised, [], k=5)] == [1, 2, 0]
     ties = np.array([1.0, 4.0, 4.0, 2.0], np.float32)
     assert [i for i, *_ in top_k(ties, [], k=3)] == [1, 2, 3]
+    assert top_k(logits, ["a"], k=0) == []
+    np.testing.assert_array_equal(logits, [[0.0, 3.0, 1.0, 2.0]])  # the caller's array is left alone
 
 
 def test_classification_postprocess_max_results():
