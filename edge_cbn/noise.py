@@ -187,6 +187,7 @@ def parse_noise_options(preset: str, items) -> dict:
             options[key] = type(defaults[key])(value.strip())
         except ValueError:
             raise ValueError(f"{item!r}: {key} takes a {type(defaults[key]).__name__}") from None
+    make_noise(preset, **options)  # values too (a granularity, a reading), before any long run starts
     return options
 
 

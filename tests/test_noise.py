@@ -184,6 +184,7 @@ def test_noise_options_from_the_command_line():
     with pytest.raises(ValueError):
         parse_noise_options("pcm", ["prog_coeff=0.1"])
     for preset, item in (("relative", "spatial_level=0.2"), ("relative", "temporal_level"),
-                         ("relative", "temporal_level=x"), ("none", "t_granularity=weight")):
+                         ("relative", "temporal_level=x"), ("none", "t_granularity=weight"),
+                         ("relative", "t_granularity=pixel"), ("paper", "spatial_reading=both")):
         with pytest.raises(ValueError):
             parse_noise_options(preset, [item])
