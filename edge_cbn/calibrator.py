@@ -29,6 +29,8 @@ every `track_every` frames, which tracks drift in small steps.
 """
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from .fold import bn_scale
@@ -42,7 +44,7 @@ def _f64(x, n, fill):
 
 
 class StreamCalibrator:
-    def __init__(self, bundle, *, mode: str = "shift", window: float | None = 64, prior: float = 16.0,
+    def __init__(self, bundle, *, mode: str = "shift", window: float | None = 1024, prior: float = 16.0,
                  refuse_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 1,
                  power: float = 0.5):
         if mode not in MODES:
@@ -191,3 +193,8 @@ class StreamCalibrator:
         for prefix, accs in (("noisy", self.noisy), ("clean", self.clean or {})):
             for bn, acc in accs.items():
                 acc.load_state_dict({k: state[f"{prefix}/{bn}/{k}"] for k in acc._FIELDS})
+
+
+# The constructor's defaults, which the `stream` and `evaluate` options show and use.
+DEFAULTS = {k: p.default for k, p in inspect.signature(StreamCalibrator).parameters.items()
+            if p.default is not inspect.Parameter.empty}

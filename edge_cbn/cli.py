@@ -11,6 +11,17 @@ import click
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def noise_options(preset: str, items) -> dict:
+    """`--noise-option KEY=VALUE` items for `preset`, parsed and checked (`noise.parse_noise_options`);
+    a bad one is a usage error of that option."""
+    from .noise import parse_noise_options
+
+    try:
+        return parse_noise_options(preset, items)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--noise-option") from None
+
+
 class LazyGroup(click.Group):
     def __init__(self, *args, lazy: dict[str, str], **kwargs):
         super().__init__(*args, **kwargs)

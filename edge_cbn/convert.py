@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 
 from . import models as zoo
+from .cli import noise_options as cli_noise_options
 from .labels import load_labels
-from .noise import PRESETS as NOISE_PRESETS, parse_noise_options
+from .noise import PRESETS as NOISE_PRESETS
 from .weights import default_weights, load_weights
 from .weights.torch_pickle import UnsafeCheckpoint
 
@@ -131,10 +132,7 @@ def main(model_name, weights, out, input_size, num_classes, random_weights, cali
     that on-device re-fusing needs."""
     if not out.endswith(".tflite"):
         raise click.BadParameter("the output must end in .tflite", param_hint="-o")
-    try:
-        noise_options = parse_noise_options(noise, noise_option)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--noise-option") from None
+    noise_options = cli_noise_options(noise, noise_option)
     try:
         spec, model = build_model(model_name, weights, input_size=input_size, num_classes=num_classes,
                                   allow_random=random_weights, quiet=quiet)

@@ -15,9 +15,10 @@ import click
 import numpy as np
 
 from .bundle import load_bundle
-from .calibrator import MODES, StreamCalibrator
+from .calibrator import DEFAULTS as CAL_DEFAULTS, MODES, StreamCalibrator
+from .cli import noise_options as cli_noise_options
 from .engine import NoisyModel, noise_layers
-from .noise import PRESETS, make_noise, parse_noise_options
+from .noise import PRESETS, make_noise
 from .photos import PHOTO_SETS
 from .runtime import model_input, normalise
 
@@ -144,15 +145,15 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
 @click.option("--noise-option", "noise_option", multiple=True, metavar="KEY=VALUE",
               help="Override an option of every --noise preset, repeatable, e.g. t_granularity=weight "
                    "(docs/NOISE.md).")
-@click.option("--mode", type=click.Choice(MODES), default="shift", show_default=True)
-@click.option("--window", type=float, default=64, show_default=True, help="Moments window (frames).")
-@click.option("--refuse-every", type=int, default=1, show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=CAL_DEFAULTS["mode"], show_default=True)
+@click.option("--window", type=float, default=CAL_DEFAULTS["window"], show_default=True, help="Moments window (frames).")
+@click.option("--refuse-every", type=int, default=CAL_DEFAULTS["refuse_every"], show_default=True,
               help="Frames per warm-up stage / between re-fuses.")
-@click.option("--stages", type=int, default=1000, show_default=True,
+@click.option("--stages", type=int, default=CAL_DEFAULTS["stages"], show_default=True,
               help="Warm-up stages (capped at the number of BN layers: one layer per stage).")
-@click.option("--shrink", type=float, default=4.0, show_default=True,
+@click.option("--shrink", type=float, default=CAL_DEFAULTS["shrink"], show_default=True,
               help="Shift mode: pseudo-frames of the source statistics mixed into the moments.")
-@click.option("--power", type=float, default=0.5, show_default=True,
+@click.option("--power", type=float, default=CAL_DEFAULTS["power"], show_default=True,
               help="Shift mode: a = (noisy var / clean var)^power (0.5: moment matching, 1: Wiener).")
 @click.option("--pool", type=int, default=8, show_default=True,
               help="Temporal noise states of the evaluated noisy models (0: a fresh draw and interpreter every "
@@ -199,10 +200,7 @@ def main(model, settings, seeds, noise_option, mode, window, refuse_every, stage
         preset = setting.partition(":")[0]
         if preset not in PRESETS:
             raise click.BadParameter(f"unknown preset {preset!r} (one of {PRESETS})", param_hint="--noise")
-        try:
-            noise_options[preset] = parse_noise_options(preset, noise_option)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--noise-option") from None
+        noise_options[preset] = cli_noise_options(preset, noise_option)
     cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale, photos=photo_set)
     cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
     agreement = Agreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import signal
@@ -30,17 +29,16 @@ import numpy as np
 
 from . import overlay
 from .bundle import load_bundle
-from .calibrator import MODES, StreamCalibrator
+from .calibrator import DEFAULTS as CAL_DEFAULTS, MODES, StreamCalibrator
+from .cli import noise_options as cli_noise_options
 from .detection import box_iou
 from .engine import NoisyModel, noise_layers
-from .noise import PRESETS, make_noise, parse_noise_options
+from .noise import PRESETS, make_noise
 from .runtime import Processor, io_indices, make_interpreter, run_interpreter
 from .sources import Prefetched, SourceError, open_source
 from .state import Saver, Snapshot, StateStore, fingerprint
 from .worker import LatestJobWorker
 
-_CAL_DEFAULTS = {k: p.default for k, p in inspect.signature(StreamCalibrator).parameters.items()
-                 if p.default is not inspect.Parameter.empty}
 MAX_SAMPLES = 10000
 AGREEMENT_METRICS = {"classification": "top1_agreement", "detection": "box_f1_iou50",
                      "segmentation": "pixel_agreement"}
@@ -67,11 +65,11 @@ class StreamOptions:
     noise_options: dict = dataclasses.field(default_factory=dict)  # make_noise keywords (--noise-option)
     noise_pool: int = 4
     calibrate: bool | None = None  # None: when noise is on (and the model has a calibration variant)
-    mode: str = "shift"
-    window: float = 64
-    refuse_every: int = _CAL_DEFAULTS.get("refuse_every", 4)
-    stages: int = _CAL_DEFAULTS.get("stages", 16)
-    track_every: int = _CAL_DEFAULTS.get("track_every", 8)
+    mode: str = CAL_DEFAULTS["mode"]
+    window: float = CAL_DEFAULTS["window"]
+    refuse_every: int = CAL_DEFAULTS["refuse_every"]
+    stages: int = CAL_DEFAULTS["stages"]
+    track_every: int = CAL_DEFAULTS["track_every"]
     calibration_budget: float = 0.2
     calibrate_every: int | None = None  # a fixed cadence instead of the time budget
     agreement_every: int = 10
@@ -672,10 +670,12 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
               help=POOL_HELP)
 @click.option("--calibrate/--no-calibrate", default=None,
               help="Re-estimate BN statistics on the stream (default: when --noise is not none).")
-@click.option("--mode", type=click.Choice(MODES), default="shift", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=StreamOptions.mode, show_default=True,
               help="shift: correct only the noise-induced change (runs the clean variant too on calibration "
                    "frames); absolute: the paper's re-estimation; prior: blend with the source statistics.")
-@click.option("--window", type=float, default=64, show_default=True, help="Moments window (calibration frames).")
+@click.option("--window", type=float, default=StreamOptions.window, show_default=True, metavar="N",
+              help="Moments window: a cumulative average over the first N calibration frames, then an EMA over "
+                   "about N frames, which follows drift (docs/RESULTS.md: shorter windows lose accuracy).")
 @click.option("--refuse-every", type=int, default=StreamOptions.refuse_every, show_default=True,
               help="Warm-up: calibration frames per stage (a re-fuse ends each stage).")
 @click.option("--stages", type=int, default=StreamOptions.stages, show_default=True,
@@ -724,10 +724,7 @@ def main(camera, video, images, loop, width, height, picamera2, model, num_threa
     Ctrl-C or SIGTERM stop cleanly (state saved); 'q' in the window too.
     """
     num_threads = num_threads or os.cpu_count()
-    try:
-        noise_options = parse_noise_options(noise, noise_option)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--noise-option") from None
+    noise_options = cli_noise_options(noise, noise_option)
     has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     opts = StreamOptions(num_threads=num_threads, max_results=max_results, score_threshold=score_threshold,
                          noise=noise, eta=eta, seed=seed, noise_options=noise_options, noise_pool=noise_pool, calibrate=calibrate, mode=mode,
