@@ -675,7 +675,8 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
                    "frames); absolute: the paper's re-estimation; prior: blend with the source statistics.")
 @click.option("--window", type=float, default=StreamOptions.window, show_default=True, metavar="N",
               help="Moments window: a cumulative average over the first N calibration frames, then an EMA over "
-                   "about N frames, which follows drift (docs/RESULTS.md: shorter windows lose accuracy).")
+                   "about N frames, which follows drift (docs/RESULTS.md: shorter windows lost accuracy on "
+                   "natural-photo crops).")
 @click.option("--refuse-every", type=int, default=StreamOptions.refuse_every, show_default=True,
               help="Warm-up: calibration frames per stage (a re-fuse ends each stage).")
 @click.option("--stages", type=int, default=StreamOptions.stages, show_default=True,
