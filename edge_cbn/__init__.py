@@ -1,2 +1,43 @@
-"""edge-cbn: Calibrated BatchNorm for CNNs on noisy analog-style hardware at the edge."""
+"""edge-cbn: Calibrated BatchNorm for CNNs on noisy analog-style hardware at the edge.
+
+The Python API (docs/API.md), imported on first use so that `import edge_cbn` stays light:
+
+    load_bundle(path)                        an exported model: X.tflite + X.cbn.npz (+ X.calib.tflite)
+    make_noise(preset, eta, seed)            a simulated noise model; .instantiate(noise_targets(bundle)) = a chip
+    NoisyModel(bundle, chip)                 run it noisy (`.run(x, frame)`), refold statistics (`.set_stats`)
+    Processor(bundle)                        BGR frame -> model input, outputs -> predictions
+    DeviceCalibration(bundle, chip)          streaming batch-size-1 calibration (`.step`, `.calibrate`)
+    Refolder(bundle)                         new statistics into the .tflite bytes (`.refold`, `.model_bytes`)
+    export(keras_model, path, ...)           fold BN and export a bundle (workstation: TensorFlow)
+    calibrate_bn(keras_model, batches, ...)  the paper's offline Algorithm 1 (workstation: TensorFlow)
+    Engine, StreamLoop, StreamOptions        the `edge-cbn stream` app
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_API = {
+    "Bundle": "edge_cbn.runtime.bundle", "load_bundle": "edge_cbn.runtime.bundle",
+    "make_noise": "edge_cbn.runtime.noise", "PRESETS": "edge_cbn.runtime.noise",
+    "NoisyModel": "edge_cbn.runtime.noisy_model", "noise_targets": "edge_cbn.runtime.noisy_model",
+    "Processor": "edge_cbn.runtime.processing", "model_input": "edge_cbn.runtime.processing",
+    "DeviceCalibration": "edge_cbn.runtime.device_calibration",
+    "StreamCalibrator": "edge_cbn.runtime.stream_calibrator",
+    "Refolder": "edge_cbn.runtime.refold",
+    "Engine": "edge_cbn.stream.engine", "StreamLoop": "edge_cbn.stream.loop", "StreamOptions": "edge_cbn.stream.options",
+    "export": "edge_cbn.convert.export", "build_model": "edge_cbn.convert.build",
+    "calibrate_bn": "edge_cbn.convert.offline_calibration",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'edge_cbn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,5 +1,5 @@
-"""`edge-cbn` command line.  Each command's module is imported only when that command runs, so the
-device commands (`stream`, `bench stream`) start without TensorFlow."""
+"""`edge-cbn` command line: the root group.  Each command's module is imported only when that command
+runs, so the device commands (`stream`, `bench stream`) start without TensorFlow."""
 from __future__ import annotations
 
 import importlib
@@ -9,17 +9,6 @@ import click
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) says nothing to a user of these commands.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def noise_options(preset: str, items) -> dict:
-    """`--noise-option KEY=VALUE` items for `preset`, parsed and checked (`noise.parse_noise_options`);
-    a bad one is a usage error of that option."""
-    from .noise import parse_noise_options
-
-    try:
-        return parse_noise_options(preset, items)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--noise-option") from None
 
 
 class LazyGroup(click.Group):
@@ -38,10 +27,11 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, lazy={
-    "convert": "edge_cbn.convert:main",
-    "stream": "edge_cbn.stream:main",
-    "bench": "edge_cbn.bench:bench",
-    "evaluate": "edge_cbn.evaluate:main",
+    "convert": "edge_cbn.convert.command:main",
+    "stream": "edge_cbn.stream.command:main",
+    "bench": "edge_cbn.lab.bench:bench",
+    "evaluate": "edge_cbn.lab.evaluate:main",
+    "models": "edge_cbn.convert.command:models",
 })
 @click.version_option(package_name="edge-cbn")
 def main():
@@ -54,16 +44,3 @@ def main():
     edge-cbn evaluate          recovery under noise on natural photos (workstation)
     edge-cbn bench …           benchmarks (models, refuse, stream)
     """
-
-
-@main.command()
-def models():
-    """List the registered models: input size, task, parameters, weight file."""
-    from . import models as zoo
-
-    click.echo(f"{'name':<20} {'input':>5}  {'task':<14} {'params':>8}  published weights")
-    for name in zoo.names():
-        spec = zoo.get_spec(name)
-        params = zoo.build(name).count_params()
-        click.echo(f"{name:<20} {spec.input_size:>5}  {spec.task:<14} {params / 1e6:>7.2f}M  "
-                   f"{spec.weights_file or 'none published'} ({spec.weights_format})")

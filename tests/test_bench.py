@@ -7,8 +7,8 @@ from click.testing import CliRunner
 
 pytest.importorskip("keras")
 
-from edge_cbn.bench import bench  # noqa: E402
-from edge_cbn.export import export  # noqa: E402
+from edge_cbn.lab.bench import bench  # noqa: E402
+from edge_cbn.convert.export import export  # noqa: E402
 from tiny import PRE, tiny_model  # noqa: E402
 
 

@@ -4,12 +4,13 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from edge_cbn.bundle import load_bundle  # noqa: E402
-from edge_cbn.calibrator import StreamCalibrator  # noqa: E402
-from edge_cbn.engine import NoisyModel, noise_layers  # noqa: E402
-from edge_cbn.export import export  # noqa: E402
-from edge_cbn.noise import make_noise  # noqa: E402
-from edge_cbn.runtime import normalise  # noqa: E402
+from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
+from edge_cbn.runtime.device_calibration import DeviceCalibration  # noqa: E402
+from edge_cbn.runtime.stream_calibrator import StreamCalibrator  # noqa: E402
+from edge_cbn.runtime.noisy_model import NoisyModel, noise_targets  # noqa: E402
+from edge_cbn.convert.export import export  # noqa: E402
+from edge_cbn.runtime.noise import make_noise  # noqa: E402
+from edge_cbn.runtime.processing import normalise  # noqa: E402
 from tiny import PRE, SIZE, new_stats, pixels, tiny_model  # noqa: E402
 
 
@@ -50,18 +51,11 @@ def test_bn_input_moments_match_keras_under_any_folded_statistics(exported):
 
 
 def drive(bundle, chip, xs, **options):
-    """The stream's calibration loop (as edge_cbn.evaluate.stream_calibrate) over frames `xs`."""
-    cal = StreamCalibrator(bundle, **options)
-    variant = bundle.calibration_variant()
-    noisy, clean = NoisyModel(variant, chip), NoisyModel(variant, None)
-    refuses = 0
-    for i, x in enumerate(xs):
-        c = clean.run(x, i)[-1] if cal.needs_clean else None
-        stats = cal.observe(noisy.run(x, i)[-1], noisy.stats(), c, clean.stats())
-        if stats is not None:
-            noisy.set_stats(stats)
-            refuses += 1
-    return cal, noisy, clean, refuses
+    """The stream's calibration step (DeviceCalibration, as stream and evaluate run it) over frames `xs`."""
+    calibration = DeviceCalibration(bundle, chip, **options)
+    refuses = sum(calibration.step(x, i)[1] is not None for i, x in enumerate(xs))
+    clean = calibration.clean or NoisyModel(bundle.calibration_variant(), None)
+    return calibration.calibrator, calibration.noisy, clean, refuses
 
 
 def normalised(cal, model, xs):
@@ -95,7 +89,7 @@ def test_staged_calibration_aligns_every_layer_under_noise(exported, mode):
     normalised BN outputs match the target: the clean model's (shift) or mean 0 / variance 1
     (absolute), in every layer — the Gauss-Seidel schedule reaches the fixed point."""
     _, bundle = exported
-    chip = make_noise("relative", 0.3, seed=1, temporal=False).instantiate(noise_layers(bundle))
+    chip = make_noise("relative", 0.3, seed=1, temporal=False).instantiate(noise_targets(bundle))
     xs = frames(6)
     n_bn = len(bundle.meta["calibration"]["bns"])
     cal, noisy, clean, _ = drive(bundle, chip, xs * (n_bn + 3), mode=mode, window=None, shrink=0,
@@ -113,7 +107,7 @@ def test_staged_calibration_aligns_every_layer_under_noise(exported, mode):
 
 def test_progress_and_state_round_trip(exported):
     _, bundle = exported
-    chip = make_noise("relative", 0.1, seed=2).instantiate(noise_layers(bundle))
+    chip = make_noise("relative", 0.1, seed=2).instantiate(noise_targets(bundle))
     cal, *_ = drive(bundle, chip, frames(5), refuse_every=2, stages=3)
     assert not cal.warm and cal.stage == 2 and cal.progress == pytest.approx(5 / 6)
     again = StreamCalibrator(bundle, refuse_every=2, stages=3)

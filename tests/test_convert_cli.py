@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 pytest.importorskip("tensorflow")
 
-from edge_cbn.bundle import load_bundle  # noqa: E402
-from edge_cbn.convert import main as convert  # noqa: E402
-from edge_cbn.runtime import Runner  # noqa: E402
+from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
+from edge_cbn.convert.command import main as convert  # noqa: E402
+from predict import Predictor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,11 +80,11 @@ def test_default_model_classifies_the_cat_and_the_espresso(tmp_path):
     use into the cache, run through LiteRT."""
     skimage = pytest.importorskip("skimage.data")
     env = dict(os.environ, EDGE_CBN_CACHE=str(tmp_path))
-    code = "from edge_cbn.resolve import resolve_model; print(resolve_model(None))"
+    code = "from edge_cbn.stream.resolve import resolve_model; print(resolve_model(None))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     path = Path(out.stdout.strip().splitlines()[-1])
     assert path.parent == tmp_path and path.exists()
-    runner = Runner(load_bundle(path), num_threads=2)
+    runner = Predictor(load_bundle(path), num_threads=2)
     for photo, cls in (("chelsea", 285), ("coffee", 967)):
         top = runner(cv2.cvtColor(getattr(skimage, photo)(), cv2.COLOR_RGB2BGR))
         assert top[0][0] == cls, (photo, top[:3])

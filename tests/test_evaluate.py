@@ -1,16 +1,17 @@
 """`edge-cbn evaluate` end to end on a tiny exported model: the table, the JSON line, bad options."""
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 pytest.importorskip("keras")
 pytest.importorskip("skimage")
 
-from edge_cbn.bundle import load_bundle  # noqa: E402
-from edge_cbn.evaluate import main  # noqa: E402
-from edge_cbn.export import export  # noqa: E402
-from edge_cbn.noise import make_noise  # noqa: E402
+from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
+from edge_cbn.lab.evaluate import main  # noqa: E402
+from edge_cbn.convert.export import export  # noqa: E402
+from edge_cbn.runtime.noise import make_noise  # noqa: E402
 from tiny import PRE, tiny_model  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def test_evaluate_rejects_bad_options(model_path, args, hint):
 
 
 def test_evaluate_passes_noise_options_to_every_chip(model_path, monkeypatch):
-    import edge_cbn.evaluate as ev
+    import edge_cbn.lab.evaluate as ev
 
     calls = []
 
@@ -71,17 +72,17 @@ def test_evaluate_passes_noise_options_to_every_chip(model_path, monkeypatch):
 def test_static_calibration_and_split_same(model_path, monkeypatch):
     """--static-calibration calibrates on the same chip without its temporal draw; --split same
     calibrates on the evaluation crops themselves."""
-    import edge_cbn.evaluate as ev
+    import edge_cbn.lab.evaluate as ev
 
     chips, crop_sets = [], []
     monkeypatch.setattr(ev, "make_noise", lambda *a, **k: chips.append(k.get("temporal", True)) or make_noise(*a, **k))
-    real_calibrate = ev.stream_calibrate
 
-    def recording(bundle, chip, xs, **kw):
-        crop_sets.append(xs)
-        return real_calibrate(bundle, chip, xs, **kw)
+    class Recording(ev.DeviceCalibration):
+        def calibrate(self, inputs, **kw):
+            crop_sets.append(np.asarray(inputs)[:, 0])
+            return super().calibrate(inputs, **kw)
 
-    monkeypatch.setattr(ev, "stream_calibrate", recording)
+    monkeypatch.setattr(ev, "DeviceCalibration", Recording)
     res = run(model_path, "--noise", "relative:0.2", "--checkpoints", "12", "--static-calibration", "--split", "same")
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
@@ -93,15 +94,15 @@ def test_static_calibration_and_split_same(model_path, monkeypatch):
 
 
 def test_photo_sets(model_path):
-    from edge_cbn.photos import NATURAL, load_photos
+    from edge_cbn.lab.photos import NATURAL, load_photos
 
     natural, every = load_photos("natural"), load_photos("all")
     assert sorted(natural) == sorted(NATURAL) and set(natural) < set(every) and len(every) == 19
     assert all(img.ndim == 3 and img.shape[2] == 3 and img.dtype.name == "uint8" for img in natural.values())
     with pytest.raises(ValueError):
         load_photos("textures")
-    from edge_cbn.evaluate import crops
-    from edge_cbn.photos import random_crops
+    from edge_cbn.lab.evaluate import crops
+    from edge_cbn.lab.photos import random_crops
 
     bundle = load_bundle(str(model_path))
     side = bundle.meta["input_size"][0]

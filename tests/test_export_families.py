@@ -4,12 +4,12 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from edge_cbn import models as zoo  # noqa: E402
-from edge_cbn.bundle import load_bundle  # noqa: E402
-from edge_cbn.engine import NoisyModel  # noqa: E402
-from edge_cbn.export import export  # noqa: E402
-from edge_cbn.runtime import model_input, normalise  # noqa: E402
-from edge_cbn.weights.assign import assign_state_dict, random_state_dict  # noqa: E402
+from edge_cbn.convert import models as zoo  # noqa: E402
+from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
+from edge_cbn.runtime.noisy_model import NoisyModel  # noqa: E402
+from edge_cbn.convert.export import export  # noqa: E402
+from edge_cbn.runtime.processing import model_input, normalise  # noqa: E402
+from edge_cbn.convert.weights.assign import assign_state_dict, random_state_dict  # noqa: E402
 
 FAMILIES = [("resnet18", 64), ("mobilenet_v2", 64), ("efficientnet_lite0", 64), ("yolov3", 64),
             ("fcn_resnet50", 48)]

@@ -5,11 +5,12 @@ import pytest
 keras = pytest.importorskip("keras")
 from keras import layers  # noqa: E402
 
-from edge_cbn import fold  # noqa: E402
-from edge_cbn.bundle import load_bundle  # noqa: E402
-from edge_cbn.export import FoldError, _fix_outputs, convert_keras, export, fold_model, with_raw_input  # noqa: E402
-from edge_cbn.refuse import Refuser  # noqa: E402
-from edge_cbn.runtime import io_indices, make_interpreter, normalise, run_interpreter  # noqa: E402
+from edge_cbn.runtime import fold  # noqa: E402
+from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
+from edge_cbn.convert.export import FoldError, _fix_outputs, convert_keras, export, fold_model, with_raw_input  # noqa: E402
+from edge_cbn.runtime.refold import Refolder  # noqa: E402
+from edge_cbn.runtime.interpreter import io_indices, make_interpreter, run_interpreter
+from edge_cbn.runtime.processing import normalise  # noqa: E402
 from tiny import PRE, SIZE, new_stats, pixels, tiny_model  # noqa: E402
 
 
@@ -129,7 +130,7 @@ def test_sidecar_roundtrip(exported):
 
 def test_refuse_reset_is_bit_identical_to_export(exported):
     bundle = load_bundle(exported[1])
-    r = Refuser(bundle)
+    r = Refolder(bundle)
     r.reset()
     assert r.model_bytes() == bundle.model_bytes
     for rec in bundle.layers:
@@ -142,12 +143,12 @@ def test_refuse_reset_is_bit_identical_to_export(exported):
 def test_refuse_stats_equals_reconversion(exported, x):
     bundle = load_bundle(exported[1])
     stats = new_stats(bundle, seed=1)
-    r = Refuser(bundle)
-    assert sorted(r.refuse(stats)) == sorted(rec.name for rec in bundle.layers if rec.bn)
-    assert r.refuse(stats) == []  # unchanged statistics: nothing rewritten
+    r = Refolder(bundle)
+    assert sorted(r.refold(stats)) == sorted(rec.name for rec in bundle.layers if rec.bn)
+    assert r.refold(stats) == []  # unchanged statistics: nothing rewritten
     one = {"b0.pw.bn": stats["b0.pw.bn"]}
     one["b0.pw.bn"] = (one["b0.pw.bn"][0] + 1, one["b0.pw.bn"][1])
-    assert r.refuse(one) == ["b0.pw.conv"]
+    assert r.refold(one) == ["b0.pw.conv"]
     stats.update(one)
     ref = reconvert(set_weights(tiny_model(seg=True), stats))
     got = r.interpreter()
@@ -161,8 +162,8 @@ def test_refuse_noisy_kernels_equals_reconversion(exported, x):
     kernels = {rec.name: rec.kernel * (1 + 0.1 * rng.standard_normal(rec.kernel.shape)).astype(np.float32)
                for rec in bundle.layers}
     stats = new_stats(bundle, seed=3)
-    r = Refuser(bundle)
-    assert len(r.refuse(stats, kernels)) == len(bundle.layers)
+    r = Refolder(bundle)
+    assert len(r.refold(stats, kernels)) == len(bundle.layers)
     ref = reconvert(set_weights(tiny_model(seg=True), stats, kernels))
     for a, b in zip(run_tflite(r.model_bytes(), x), run_tflite(ref, x)):
         assert np.max(np.abs(a - b)) <= 1e-5
@@ -182,7 +183,7 @@ def test_refuser_needs_sidecar(exported, tmp_path):
         bundle = load_bundle(tmp_path / "m.tflite")
     assert bundle.meta["input_size"] == [16, 16] and not bundle.has_sidecar
     with pytest.raises(ValueError, match="sidecar"):
-        Refuser(bundle)
+        Refolder(bundle)
     with pytest.raises(FileNotFoundError):
         load_bundle(tmp_path / "m.tflite", require_sidecar=True)
 
@@ -192,7 +193,7 @@ def test_refuse_handles_buffers_stored_outside_the_flatbuffer():
     import flatbuffers
     import tflite
 
-    from edge_cbn.bundle import Bundle, LayerRecord, buffer_span
+    from edge_cbn.runtime.bundle import Bundle, LayerRecord, buffer_span
 
     external_at = 1024
     b = flatbuffers.Builder(0)
@@ -222,9 +223,9 @@ def test_refuse_handles_buffers_stored_outside_the_flatbuffer():
     kernel = np.float32([[1], [2], [3]])  # dense IO (3 -> 1)
     rec = LayerRecord("fc", "dense", "bn", 1e-3, w_buffer=2, b_buffer=1, kernel=kernel, bias=None,
                       gamma=np.float32([2]), beta=np.float32([0.5]), mean=np.float32([0]), var=np.float32([1]))
-    r = Refuser(Bundle(None, model_bytes, {}, [rec]))
+    r = Refolder(Bundle(None, model_bytes, {}, [rec]))
     np.testing.assert_array_equal(r.layer("fc").w, [[1, 2, 3]])
-    assert r.refuse({"bn": (np.float32([1.0]), np.float32([4.0]))}) == ["fc"]
+    assert r.refold({"bn": (np.float32([1.0]), np.float32([4.0]))}) == ["fc"]
     k, bias = fold.fold("dense", kernel, None, rec.gamma, rec.beta, np.float32([1.0]), np.float32([4.0]), 1e-3)
     out = r.model_bytes()
     assert out[external_at:] == k.tobytes() and out[:external_at] != model_bytes[:external_at]

@@ -8,9 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from edge_cbn import models  # noqa: E402
-from edge_cbn.weights import torch_pickle  # noqa: E402
-from edge_cbn.weights.assign import assign_state_dict, random_state_dict  # noqa: E402
+from edge_cbn.convert import models  # noqa: E402
+from edge_cbn.convert.weights import torch_pickle  # noqa: E402
+from edge_cbn.convert.weights.assign import assign_state_dict, random_state_dict  # noqa: E402
 
 
 def _t(sd, key):

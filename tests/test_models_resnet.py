@@ -6,9 +6,9 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from edge_cbn.models import _REGISTRY  # noqa: E402
-from edge_cbn.models import resnet  # noqa: E402  (registers the models below)
-from edge_cbn.weights.assign import WeightMismatch, assign_state_dict, random_state_dict  # noqa: E402
+from edge_cbn.convert.models import _REGISTRY  # noqa: E402
+from edge_cbn.convert.models import resnet  # noqa: E402  (registers the models below)
+from edge_cbn.convert.weights.assign import WeightMismatch, assign_state_dict, random_state_dict  # noqa: E402
 
 # name -> (bottleneck?, depths, segmentation?, torchvision parameter count without the aux head)
 ARCHS = {

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edge_cbn.moments import EMA, BatchStatsTracker, Moments
+from edge_cbn.runtime.moments import EMA, BatchStatsTracker, Moments
 
 MU, TAU, SIGMA, HW = np.array([1.0, -2.0, 0.5]), np.array([0.5, 1.0, 0.0]), np.array([1.0, 0.3, 2.0]), 49
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from edge_cbn.fold import fold_kernel, to_tflite
-from edge_cbn.noise import parse_noise_options, PRESETS, make_noise
+from edge_cbn.runtime.fold import fold_kernel, to_tflite
+from edge_cbn.runtime.noise import parse_noise_options, PRESETS, make_noise
 
 SHAPES = {"conv": (3, 3, 4, 6), "depthwise": (3, 3, 6, 1), "dense": (6, 5)}
 

@@ -4,12 +4,12 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from edge_cbn.bundle import load_bundle  # noqa: E402
-from edge_cbn.calibrate import bn_layers, calibrate, noisy_layers, set_kernels  # noqa: E402
-from edge_cbn.engine import NoisyModel, noise_layers  # noqa: E402
-from edge_cbn.export import export  # noqa: E402
-from edge_cbn.noise import PRESETS, make_noise  # noqa: E402
-from edge_cbn.runtime import normalise  # noqa: E402
+from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
+from edge_cbn.convert.offline_calibration import bn_layers, calibrate_bn, keras_noise_targets, set_kernels  # noqa: E402
+from edge_cbn.runtime.noisy_model import NoisyModel, noise_targets  # noqa: E402
+from edge_cbn.convert.export import export  # noqa: E402
+from edge_cbn.runtime.noise import PRESETS, make_noise  # noqa: E402
+from edge_cbn.runtime.processing import normalise  # noqa: E402
 from tiny import PRE, SIZE, pixels, tiny_model  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def test_cumulative_estimator_equals_train_mode_batch_statistics():
     bns = bn_layers(model)
     probe = keras.Model(model.inputs, [l.input for l in bns])
     acts = probe(batch, training=True)  # BN normalises with batch statistics, as torch train mode
-    stats = calibrate(model, [batch], estimator="cumulative")
+    stats = calibrate_bn(model, [batch], estimator="cumulative")
     for layer, a in zip(bns, acts):
         a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
         np.testing.assert_allclose(stats[layer.name][0], a.mean(0), rtol=1e-4, atol=1e-5)
@@ -37,11 +37,11 @@ def test_ema_estimator_is_algorithm_1_from_the_source_statistics():
     bn = bn_layers(model)[0]
     src_mean = bn.moving_mean.numpy().copy()
     data = batches(3, 4)
-    ema = calibrate(model, data, estimator="ema", momentum=0.9)[bn.name][0]
+    ema = calibrate_bn(model, data, estimator="ema", momentum=0.9)[bn.name][0]
     cum_model = tiny_model()
     means = []
     for b in data:  # one batch at a time: the cumulative estimator over a single batch = its mean
-        means.append(calibrate(cum_model, [b], estimator="cumulative")[bn.name][0])
+        means.append(calibrate_bn(cum_model, [b], estimator="cumulative")[bn.name][0])
         cum_model = tiny_model()
     want = src_mean
     for m in means:  # only the first BN's batch means do not depend on earlier updates
@@ -51,15 +51,15 @@ def test_ema_estimator_is_algorithm_1_from_the_source_statistics():
 
 def test_calibration_under_noise_restores_clean_kernels_and_is_seeded():
     model = tiny_model()
-    clean = {n: k.copy() for n, (_, k) in noisy_layers(model).items()}
-    chip = make_noise("relative", 0.2, seed=4).instantiate(noisy_layers(model))
-    a = calibrate(model, batches(2, 4), chip=chip, estimator="cumulative")
-    for name, k in noisy_layers(model).items():
+    clean = {n: k.copy() for n, (_, k) in keras_noise_targets(model).items()}
+    chip = make_noise("relative", 0.2, seed=4).instantiate(keras_noise_targets(model))
+    a = calibrate_bn(model, batches(2, 4), chip=chip, estimator="cumulative")
+    for name, k in keras_noise_targets(model).items():
         np.testing.assert_array_equal(k[1], clean[name])
     model2 = tiny_model()
-    b = calibrate(model2, batches(2, 4), chip=make_noise("relative", 0.2, seed=4).instantiate(
-        noisy_layers(model2)), estimator="cumulative")
-    c = calibrate(tiny_model(), batches(2, 4), estimator="cumulative")
+    b = calibrate_bn(model2, batches(2, 4), chip=make_noise("relative", 0.2, seed=4).instantiate(
+        keras_noise_targets(model2)), estimator="cumulative")
+    c = calibrate_bn(tiny_model(), batches(2, 4), estimator="cumulative")
     bn = next(iter(a))
     np.testing.assert_allclose(a[bn][0], b[bn][0], rtol=1e-6)
     assert not np.allclose(a[bn][1], c[bn][1], rtol=1e-3)
@@ -74,8 +74,8 @@ def test_same_seed_same_noisy_outputs_in_keras_and_tflite(tmp_path, preset):
     eta = 1.0 if preset == "pcm" else 0.1
     rgb = pixels(np.random.default_rng(1).standard_normal((1, SIZE, SIZE, 3)))
     x = normalise(rgb, PRE)
-    tflite = NoisyModel(bundle, make_noise(preset, eta, seed=7).instantiate(noise_layers(bundle)))
-    chip = make_noise(preset, eta, seed=7).instantiate(noisy_layers(model))
+    tflite = NoisyModel(bundle, make_noise(preset, eta, seed=7).instantiate(noise_targets(bundle)))
+    chip = make_noise(preset, eta, seed=7).instantiate(keras_noise_targets(model))
     for frame in (0, 5):
         set_kernels(model, chip.perturb(frame))
         want = np.asarray(model(x, training=False))

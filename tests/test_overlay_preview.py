@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_cbn import overlay
-from edge_cbn.overlay import FpsCounter, draw_classification, draw_detections, draw_hud, draw_segmentation
-from edge_cbn.preview import PreviewServer
+from edge_cbn.stream import overlay
+from edge_cbn.stream.overlay import FpsCounter, draw_classification, draw_detections, draw_hud, draw_segmentation
+from edge_cbn.stream.preview import PreviewServer
 
 
 def gray(h=480, w=640, level=100):

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_cbn.overlay import draw_hud
-from edge_cbn.preview import PreviewServer
+from edge_cbn.stream.overlay import draw_hud
+from edge_cbn.stream.preview import PreviewServer
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 

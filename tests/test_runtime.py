@@ -1,4 +1,4 @@
-"""Device runtime: no TensorFlow import, preprocessing, invoke, postprocessing per task, interpreter swap."""
+"""Device runtime: preprocessing, invoke, postprocessing per task, refolded statistics."""
 import subprocess
 import sys
 
@@ -6,15 +6,16 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_cbn.bundle import Bundle, load_bundle
-from edge_cbn.runtime import Runner, normalise, top_k
+from edge_cbn.runtime.bundle import Bundle, load_bundle
+from edge_cbn.runtime.processing import normalise, top_k
+from predict import Predictor
 
 HEAD = {"anchors": [[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [59, 119], [116, 90], [156, 198],
                     [373, 326]], "masks": [[6, 7, 8], [3, 4, 5], [0, 1, 2]], "strides": [32, 16, 8]}
 
 
 class FakeInterpreter:
-    """Returns fixed outputs: enough of the LiteRT interface for Runner."""
+    """Returns fixed outputs: enough of the LiteRT interface for the Predictor."""
 
     def __init__(self, input_hw, outputs):
         self.input_hw, self.outputs, self.x = input_hw, outputs, None
@@ -43,19 +44,7 @@ class FloatBundle(Bundle):
 def fake_runner(task, input_hw, outputs, *, labels=(), head=None, letterbox=False, **kw):
     meta = {"format": 1, "model": "fake", "task": task, "input_size": list(input_hw), "labels": list(labels),
             "preprocess": {"mean": [0.0] * 3, "std": [255.0] * 3, "letterbox": letterbox}, "head": head}
-    return Runner(FloatBundle(None, b"", meta, []), interpreter=FakeInterpreter(input_hw, outputs), **kw)
-
-
-DEVICE_MODULES = ("runtime", "refuse", "bundle", "fold", "detection", "noise", "moments", "calibrator", "engine",
-                  "stream", "sources", "overlay", "preview", "state", "resolve", "cli")
-
-
-def test_device_modules_do_not_import_tensorflow():
-    code = (f"import sys, importlib; [importlib.import_module('edge_cbn.' + m) for m in {DEVICE_MODULES!r}]; "
-            "import edge_cbn.cli as c; c.main.get_command(None, 'stream'); "
-            "bad = [m for m in ('tensorflow', 'keras', 'edge_cbn.models', 'edge_cbn.export') if m in sys.modules]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    return Predictor(FloatBundle(None, b"", meta, []), interpreter=FakeInterpreter(input_hw, outputs), **kw)
 
 
 def test_top_k_known_logits():
@@ -88,7 +77,7 @@ def test_classification_postprocess_max_results():
 def test_float_input_preprocessing_equals_offline_normalisation():
     runner = fake_runner("classification", (16, 16), [np.zeros((1, 3), np.float32)])
     runner.meta["preprocess"].update(mean=[120.0, 110.0, 100.0], std=[60.0, 58.0, 57.0])
-    runner = Runner(runner.bundle, interpreter=runner.interpreter)  # the table is made from the meta
+    runner = Predictor(runner.bundle, interpreter=runner.interpreter)  # the table is made from the meta
     frame = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
     x, _ = runner.preprocess(frame)
     rgb = cv2.resize(frame, (16, 16), interpolation=cv2.INTER_LINEAR)[..., ::-1]
@@ -129,7 +118,7 @@ def tiny_bundle(tmp_path_factory):
     pytest.importorskip("tensorflow")
     from tiny import PRE, tiny_model
 
-    from edge_cbn.export import export
+    from edge_cbn.convert.export import export
 
     model = tiny_model(num_classes=4)
     path = export(model, tmp_path_factory.mktemp("rt") / "cls.tflite", name="cls", task="classification",
@@ -137,14 +126,14 @@ def tiny_bundle(tmp_path_factory):
     return model, load_bundle(path)
 
 
-def test_runner_end_to_end_and_swap(tiny_bundle):
+def test_processor_and_noisy_model_end_to_end(tiny_bundle):
     from tiny import PRE, new_stats
 
-    from edge_cbn.refuse import Refuser
+    from edge_cbn.runtime.noisy_model import NoisyModel
 
     model, bundle = tiny_bundle
     frame = np.random.default_rng(0).integers(0, 256, (24, 40, 3), np.uint8)
-    runner = Runner(bundle, num_threads=1)
+    runner = Predictor(bundle, num_threads=1)
     x, _ = runner.preprocess(frame)
     # The exported model takes the resized RGB pixels as they are and normalises them in the graph.
     assert bundle.raw_input and x.dtype == np.uint8
@@ -154,9 +143,7 @@ def test_runner_end_to_end_and_swap(tiny_bundle):
     res = runner(frame, max_results=4)
     assert [r[0] for r in res] == list(np.argsort(-logits[0])) and res[0][1] == "wxyz"[res[0][0]]
 
-    refuser = Refuser(bundle)
-    refuser.refuse(new_stats(bundle, seed=4))
-    fresh = refuser.interpreter(num_threads=1)
-    old = runner.swap(fresh)
-    assert old is not fresh and runner.interpreter is fresh
-    assert not np.allclose(runner.invoke(x)[0], logits)
+    served = NoisyModel(bundle, num_threads=1)
+    np.testing.assert_array_equal(served.run(x)[0], logits)
+    served.set_stats(new_stats(bundle, seed=4))
+    assert not np.allclose(served.run(x)[0], logits)

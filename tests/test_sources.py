@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_cbn import sample
-from edge_cbn.sources import CameraSource, ImageDirSource, Prefetched, SourceError, VideoSource, open_source
+from edge_cbn.stream import sample
+from edge_cbn.stream.sources import CameraSource, ImageDirSource, Prefetched, SourceError, VideoSource, open_source
 
 W, H = 64, 48
 

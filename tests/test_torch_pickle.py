@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from edge_cbn.weights import torch_pickle
+from edge_cbn.convert.weights import torch_pickle
 
 torch = pytest.importorskip("torch")
 

@@ -3,7 +3,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from edge_cbn.weights.assign import assign_state_dict, random_state_dict
+from edge_cbn.convert.weights.assign import assign_state_dict, random_state_dict
 
 SIZE = 16
 PRE = {"mean": [120.0, 110.0, 100.0], "std": [60.0, 58.0, 57.0], "letterbox": False}

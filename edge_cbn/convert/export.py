@@ -5,7 +5,7 @@ Locating the folded tensors in the flatbuffer: the TFLite converter deduplicates
 buffers and drops all-zero biases, so matching the real folded values could be ambiguous.  Instead the
 model is converted with unique random *sentinel* weights in every conv/depthwise/dense layer, each
 layer's buffers are found by exact byte match of its sentinels (in TFLite layout), and the real folded
-values are then written into them by `edge_cbn.refuse.Refuser` — the same code path as on-device
+values are then written into them by `edge_cbn.runtime.refold.Refolder` — the same code path as on-device
 re-fusing, so export and re-fuse produce identical bytes.  A final check runs the `.tflite` against the
 folded Keras model, which also fixes the output order to the Keras one.
 """
@@ -20,10 +20,12 @@ import keras
 import numpy as np
 import tflite
 
-from . import fold
-from .bundle import Bundle, LayerRecord, atomic_write, buffer_span, calibration_path, sidecar_path, write_sidecar
-from .refuse import Refuser
-from .runtime import io_indices, make_interpreter, normalise, run_interpreter
+from ..runtime import fold
+from ..runtime.bundle import (Bundle, LayerRecord, atomic_write, buffer_span, calibration_path, sidecar_path,
+                              write_sidecar)
+from ..runtime.interpreter import io_indices, make_interpreter, run_interpreter
+from ..runtime.processing import normalise
+from ..runtime.refold import Refolder
 from .weights.assign import layer_kind
 
 _WEIGHT_KINDS = ("conv", "depthwise", "dense")
@@ -257,9 +259,9 @@ def _convert_folded(keras_model, records, hw, meta) -> tuple[bytearray, dict]:
     sentinel_bytes, buffers = _convert_with_sentinels(keras_model, records, hw, graph)
     located = [dataclasses.replace(rec, w_buffer=buffers[rec.name][0], b_buffer=buffers[rec.name][1])
                for rec in records]
-    refuser = Refuser(Bundle(None, sentinel_bytes, meta, located))
-    refuser.reset()
-    model_bytes = bytearray(refuser.model_bytes())
+    refolder = Refolder(Bundle(None, sentinel_bytes, meta, located))
+    refolder.reset()
+    model_bytes = bytearray(refolder.model_bytes())
     rgb = np.random.default_rng(1).integers(0, 256, (1, *hw, keras_model.input_shape[-1]), np.uint8)
     x = normalise(rgb, pre)
     _fix_outputs(model_bytes, x if graph is None else rgb, _outputs(keras_model, x))

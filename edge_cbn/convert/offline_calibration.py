@@ -1,5 +1,5 @@
-"""Workstation side: the paper's Algorithm 1 — re-estimate every BatchNorm's statistics under weight
-noise, offline, at any batch size, on a Keras model.
+"""Offline calibration, the paper's Algorithm 1 on the workstation: re-estimate every BatchNorm's
+statistics of a Keras model under weight noise, at any batch size.
 
 Each batch runs with freshly drawn temporal noise (the chip's spatial noise fixed by the seed), in training
 mode so that every BN normalises with the batch statistics as PyTorch's train mode does; the batch mean and
@@ -7,16 +7,22 @@ mode so that every BN normalises with the batch statistics as PyTorch's train mo
 from the source statistics) or a cumulative average (AIMET `reestimate_bn_stats`, torch `update_bn`)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from .moments import BatchStatsTracker
+from ..runtime.moments import BatchStatsTracker
+from ..runtime.noise import make_noise
+from ..runtime.processing import normalise
 from .weights.assign import layer_kind
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
-def noisy_layers(model) -> dict:
-    """name -> (kind, Keras-layout kernel) of every conv/depthwise/dense layer: what noise applies to."""
+
+def keras_noise_targets(model) -> dict:
+    """{name: (kind, Keras-layout kernel)} of every conv/depthwise/dense layer of a Keras model: what
+    noise applies to, the argument of `Noise.instantiate` (`runtime.noise_targets` for a bundle)."""
     return {l.name: (layer_kind(l), np.asarray(l.weights[0].numpy()))
             for l in model.layers if layer_kind(l) in ("conv", "depthwise", "dense")}
 
@@ -30,15 +36,15 @@ def bn_layers(model) -> list:
     return [l for l in model.layers if layer_kind(l) == "bn"]
 
 
-def calibrate(model, batches: Iterable[np.ndarray], *, chip=None, estimator: str = "ema", momentum: float = 0.999,
-              progress: Callable[[int], None] | None = None) -> dict:
+def calibrate_bn(model, batches: Iterable[np.ndarray], *, chip=None, estimator: str = "ema", momentum: float = 0.999,
+                 progress: Callable[[int], None] | None = None) -> dict:
     """Re-estimate BN statistics of `model` in place over `batches` (preprocessed NHWC float32 arrays).
     `chip` is an instantiated noise source (None: clean).  Returns {bn_name: (mean, var)}."""
     import keras
 
     bns = bn_layers(model)
     probe = keras.Model(model.inputs, [bn.input for bn in bns])
-    clean = {n: k for n, (_, k) in noisy_layers(model).items()}
+    clean = {n: k for n, (_, k) in keras_noise_targets(model).items()}
     trackers = {bn.name: BatchStatsTracker(bn.moving_mean.numpy(), bn.moving_variance.numpy(),
                                            estimator=estimator, momentum=momentum) for bn in bns}
     try:
@@ -62,3 +68,53 @@ def calibrate(model, batches: Iterable[np.ndarray], *, chip=None, estimator: str
         bn.moving_variance.assign(var.astype(np.float32))
         stats[bn.name] = (mean, var)
     return stats
+
+
+def offline_statistics(keras_model, preset, eta, seed, inputs, *, estimator, batch_size=32, momentum=0.999,
+                       noise_options=None) -> dict:
+    """Algorithm 1 over `inputs` (normalised NHWC float32) under a fresh chip, in batches of `batch_size`;
+    {bn: (mean, var)}.  The model is left as it came."""
+    source = {l.name: [w.numpy().copy() for w in l.weights] for l in keras_model.layers if l.weights}
+    chip = make_noise(preset, eta, seed, **(noise_options or {})).instantiate(keras_noise_targets(keras_model))
+    batches = (inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size))
+    try:
+        return calibrate_bn(keras_model, batches, chip=chip, estimator=estimator, momentum=momentum)
+    finally:
+        for layer in keras_model.layers:
+            if layer.weights:
+                layer.set_weights(source[layer.name])
+
+
+def image_files(directory, max_images=None) -> list[Path]:
+    """The images in `directory` (recursively, sorted); ValueError when there are none."""
+    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:max_images]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+    return files
+
+
+def image_batches(files, preprocess: dict, input_size: int, batch_size: int):
+    """Batches of normalised NHWC float32 images, resized (squashed) to the model input as the runtime
+    does; an unreadable image is an OSError naming it."""
+    import cv2
+
+    def load(path):
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise OSError(f"cannot read image {path}")
+        rgb = cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (input_size, input_size),
+                         interpolation=cv2.INTER_AREA)
+        return normalise(rgb, preprocess)
+
+    for i in range(0, len(files), batch_size):
+        yield np.stack([load(f) for f in files[i:i + batch_size]])
+
+
+def calibrate_on_images(spec, model, files, *, noise="none", eta=0.0, seed=0, batch_size=32, momentum=0.999,
+                        estimator="cumulative", noise_options=None, progress=None) -> dict:
+    """Algorithm 1 over the image `files` (see `image_files`) under the given noise, in place on `model`
+    (the registered model `spec` says how to preprocess); {bn: (mean, var)}."""
+    chip = None if noise == "none" else make_noise(noise, eta, seed, **(noise_options or {})).instantiate(
+        keras_noise_targets(model))
+    batches = image_batches(files, spec.preprocess, model.input_shape[1], batch_size)
+    return calibrate_bn(model, batches, chip=chip, estimator=estimator, momentum=momentum, progress=progress)

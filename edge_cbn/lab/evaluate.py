@@ -14,13 +14,14 @@ import time
 import click
 import numpy as np
 
-from .bundle import load_bundle
-from .calibrator import DEFAULTS as CAL_DEFAULTS, MODES, StreamCalibrator
-from .cli import noise_options as cli_noise_options
-from .engine import NoisyModel, noise_layers
-from .noise import PRESETS, make_noise
+from ..options import NoiseSweep, noise_option_flag, noise_options, num_threads_option
+from ..runtime.bundle import load_bundle
+from ..runtime.device_calibration import DeviceCalibration
+from ..runtime.noise import make_noise
+from ..runtime.noisy_model import NoisyModel, noise_targets
+from ..runtime.processing import model_input, normalise
+from ..runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES
 from .photos import PHOTO_SETS
-from .runtime import model_input, normalise
 
 EVAL_FRAME0 = 1 << 32  # temporal-noise frame indices of evaluation inferences (disjoint from calibration)
 
@@ -33,7 +34,7 @@ def top1(model: NoisyModel, xs: np.ndarray, frame0: int) -> tuple[np.ndarray, np
     return p.argmax(axis=1), p.max(axis=1)
 
 
-class Agreement:
+class CropAgreement:
     """Agreement (%) of a model's top-1 with the clean model's, on all evaluation crops and on the
     confident ones (clean top-1 probability >= `confident`): an unconfident crop's top-1 flips between
     near-equal classes at the smallest perturbation, so it says little about recovery."""
@@ -48,45 +49,7 @@ class Agreement:
         return float(same.mean() * 100), float(same[self.mask].mean() * 100) if self.mask.any() else float("nan")
 
 
-def stream_calibrate(bundle, chip, xs, *, num_threads=None, checkpoints=(), on_checkpoint=None,
-                     **calibrator_options) -> StreamCalibrator:
-    """Streaming calibration at batch size 1 over the frames `xs` (preprocessed), exactly as the stream
-    does it: the noisy calibration variant (exact per-frame noise), re-fused whenever the calibrator says
-    so, plus the clean variant on the same frames in shift mode.  `on_checkpoint(frames, stats)` runs
-    after each frame count in `checkpoints`."""
-    variant = bundle.calibration_variant()
-    cal = StreamCalibrator(bundle, **calibrator_options)
-    noisy = NoisyModel(variant, chip, num_threads=num_threads)
-    clean = NoisyModel(variant, None, num_threads=num_threads) if cal.needs_clean else None
-    for i, x in enumerate(xs):
-        out = noisy.run(x[None], i)
-        clean_out = clean.run(x[None], i) if clean else None
-        stats = cal.observe(out[-1], noisy.stats(), clean_out and clean_out[-1], clean and clean.stats())
-        if stats is not None:
-            noisy.set_stats(stats)
-        if on_checkpoint and i + 1 in checkpoints:
-            on_checkpoint(i + 1, cal.statistics())
-    return cal
-
-
-def offline_statistics(keras_model, preset, eta, seed, cal_x, *, estimator, batch_size=32, momentum=0.999,
-                       noise_options=None) -> dict:
-    """Workstation reference: the paper's Algorithm 1 in Keras (train-mode forward, batches of
-    `batch_size`, temporal noise per batch) over the same calibration frames; {bn: (mean, var)}."""
-    from .calibrate import calibrate, noisy_layers
-
-    source = {l.name: [w.numpy().copy() for w in l.weights] for l in keras_model.layers if l.weights}
-    chip = make_noise(preset, eta, seed, **(noise_options or {})).instantiate(noisy_layers(keras_model))
-    batches = (cal_x[i:i + batch_size] for i in range(0, len(cal_x), batch_size))
-    try:
-        return calibrate(keras_model, batches, chip=chip, estimator=estimator, momentum=momentum)
-    finally:
-        for layer in keras_model.layers:  # leave the model as it came
-            if layer.weights:
-                layer.set_weights(source[layer.name])
-
-
-def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, checkpoints, num_threads=None,
+def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: CropAgreement, *, checkpoints, num_threads=None,
                      pool=8, keras_model=None, keras_cal_x=None, noise_options=None, static_calibration=False,
                      **calibrator_options) -> dict:
     """One noise setting: agreement uncalibrated, after streaming calibration at each checkpoint and,
@@ -95,9 +58,9 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, 
     make_noise keywords; `static_calibration`: calibrate on the same chip with its temporal factor held
     at its mean (only a simulation can; a diagnostic of what per-frame noise costs the calibration)."""
     noise_options = noise_options or {}
-    chip = make_noise(preset, eta, seed, **noise_options).instantiate(noise_layers(bundle))
+    chip = make_noise(preset, eta, seed, **noise_options).instantiate(noise_targets(bundle))
     cal_chip = make_noise(preset, eta, seed, temporal=False, **noise_options).instantiate(
-        noise_layers(bundle)) if static_calibration else chip
+        noise_targets(bundle)) if static_calibration else chip
     noisy = NoisyModel(bundle, chip, num_threads=num_threads, pool=pool, seed=seed)
     row = {"preset": preset, "eta": eta, "seed": seed}
 
@@ -106,13 +69,17 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: Agreement, *, 
 
     record("uncalibrated")
 
-    def check(frames, stats):
-        noisy.set_stats(stats)
-        record(f"calibrated@{frames}")
+    calibration = DeviceCalibration(bundle, cal_chip, num_threads=num_threads, **calibrator_options)
 
-    stream_calibrate(bundle, cal_chip, cal_x, num_threads=num_threads, checkpoints=checkpoints, on_checkpoint=check,
-                     **calibrator_options)
+    def check(frames):
+        if frames in checkpoints:
+            noisy.set_stats(calibration.statistics())
+            record(f"calibrated@{frames}")
+
+    calibration.calibrate(cal_x[:, None], on_frame=check)
     if keras_model is not None:
+        from ..convert.offline_calibration import offline_statistics
+
         for estimator in ("cumulative", "ema"):
             noisy.set_stats(offline_statistics(keras_model, preset, eta, seed, keras_cal_x, estimator=estimator,
                                                noise_options=noise_options))
@@ -136,30 +103,59 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
     return cal, ev
 
 
+def parse_crop_scale(text: str) -> tuple[float, float]:
+    """`LO,HI` of --crop-scale, checked."""
+    try:
+        scale = tuple(float(v) for v in text.split(","))
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected LO,HI with 0 < LO <= HI <= 1", param_hint="--crop-scale") from None
+    return scale
+
+
+def sweep(bundle, settings, seeds, cal_x, agreement, cols, **setting_options) -> list[dict]:
+    """Every (preset, eta, seed) of the sweep, one table row printed as each finishes."""
+    rows = []
+    click.echo(f"{'preset':<13} {'eta':>5} {'seed':>4} " + " ".join(f"{c:>15}" for c in cols))
+    noise_options = setting_options.pop("noise_options")
+    for preset, etas in settings:
+        for eta in etas:
+            for seed in seeds:
+                t = time.perf_counter()
+                row = evaluate_setting(bundle, preset, eta, seed, cal_x, agreement,
+                                       noise_options=noise_options[preset], **setting_options)
+                row["seconds"] = round(time.perf_counter() - t, 1)
+                rows.append(row)
+                cells = [f"{row[c]:.0f}/{row[c + '_confident']:.0f}" for c in cols]
+                click.echo(f"{preset:<13} {eta:>5.3g} {seed:>4} " + " ".join(f"{c:>15}" for c in cells))
+    return rows
+
+
 @click.command("evaluate")
 @click.option("--model", default=None, help="Registered name or exported .tflite (default: efficientnet_lite0).")
-@click.option("--noise", "settings", multiple=True, default=("relative:0.02,0.05,0.1", "paper:0.1,0.3",
-              "additive-max:0.02,0.05"), show_default=True,
+@click.option("--noise", "settings", type=NoiseSweep(), multiple=True, show_default=True,
+              default=("relative:0.02,0.05,0.1", "paper:0.1,0.3", "additive-max:0.02,0.05"),
               help="PRESET:ETA[,ETA…], repeatable.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated chip seeds.")
-@click.option("--noise-option", "noise_option", multiple=True, metavar="KEY=VALUE",
-              help="Override an option of every --noise preset, repeatable, e.g. t_granularity=weight "
+@noise_option_flag("Override an option of every --noise preset, repeatable, e.g. t_granularity=weight "
                    "(docs/NOISE.md).")
 @click.option("--mode", type=click.Choice(MODES), default=CAL_DEFAULTS["mode"], show_default=True)
-@click.option("--window", type=float, default=CAL_DEFAULTS["window"], show_default=True, help="Moments window (frames).")
-@click.option("--refuse-every", type=int, default=CAL_DEFAULTS["refuse_every"], show_default=True,
+@click.option("--window", type=click.FloatRange(1), default=CAL_DEFAULTS["window"], show_default=True,
+              help="Moments window (frames).")
+@click.option("--refuse-every", type=click.IntRange(1), default=CAL_DEFAULTS["refuse_every"], show_default=True,
               help="Frames per warm-up stage / between re-fuses.")
-@click.option("--stages", type=int, default=CAL_DEFAULTS["stages"], show_default=True,
+@click.option("--stages", type=click.IntRange(1), default=CAL_DEFAULTS["stages"], show_default=True,
               help="Warm-up stages (capped at the number of BN layers: one layer per stage).")
-@click.option("--shrink", type=float, default=CAL_DEFAULTS["shrink"], show_default=True,
+@click.option("--shrink", type=click.FloatRange(0), default=CAL_DEFAULTS["shrink"], show_default=True,
               help="Shift mode: pseudo-frames of the source statistics mixed into the moments.")
 @click.option("--power", type=float, default=CAL_DEFAULTS["power"], show_default=True,
               help="Shift mode: a = (noisy var / clean var)^power (0.5: moment matching, 1: Wiener).")
-@click.option("--pool", type=int, default=8, show_default=True,
+@click.option("--pool", type=click.IntRange(0), default=8, show_default=True,
               help="Temporal noise states of the evaluated noisy models (0: a fresh draw and interpreter every "
                    "inference); calibration always draws afresh per frame, as the stream does.")
-@click.option("--cal-frames", type=int, default=192, show_default=True)
-@click.option("--eval-crops", type=int, default=256, show_default=True)
+@click.option("--cal-frames", type=click.IntRange(1), default=192, show_default=True)
+@click.option("--eval-crops", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--checkpoints", default="16,32,64,128,192", show_default=True,
               help="Calibration frame counts at which to evaluate.")
 @click.option("--split", type=click.Choice(["crops", "photos", "same"]), default="crops", show_default=True,
@@ -177,59 +173,37 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
 @click.option("--offline", is_flag=True,
               help="Also run the paper's offline Algorithm 1 in Keras (batch 32; cumulative and EMA 0.999) on the "
                    "same calibration frames, for comparison (needs TensorFlow and a registered model).")
-@click.option("--num-threads", type=int, default=None)
+@num_threads_option()
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
-def main(model, settings, seeds, noise_option, mode, window, refuse_every, stages, shrink, power, pool, cal_frames, eval_crops,
-         checkpoints, split, photo_set, crop_scale, static_calibration, offline, num_threads, json_out):
-    """Agreement (%) of the noisy model's top-1 with the clean model's — on all evaluation crops and on
-    the confident ones (clean top-1 probability >= 0.5) — uncalibrated and after streaming batch-size-1
+def main(model, settings, seeds, noise_option, mode, window, refuse_every, stages, shrink, power, pool, cal_frames,
+         eval_crops, checkpoints, split, photo_set, crop_scale, static_calibration, offline, num_threads, json_out):
+    """Agreement (%) of the noisy model's top-1 with the clean model's (on all evaluation crops and on
+    the confident ones, clean top-1 probability >= 0.5), uncalibrated and after streaming batch-size-1
     calibration on LiteRT, for each noise setting; ends with one JSON line."""
-    from .resolve import resolve_model
+    from ..stream.resolve import resolve_model
 
     bundle = load_bundle(resolve_model(model, echo=click.echo))
     checkpoints = tuple(int(c) for c in checkpoints.split(",") if int(c) <= cal_frames) or (cal_frames,)
-    try:
-        scale = tuple(float(v) for v in crop_scale.split(","))
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f"{crop_scale!r}: expected LO,HI with 0 < LO <= HI <= 1",
-                                 param_hint="--crop-scale") from None
-    noise_options = {}
-    for setting in settings:
-        preset = setting.partition(":")[0]
-        if preset not in PRESETS:
-            raise click.BadParameter(f"unknown preset {preset!r} (one of {PRESETS})", param_hint="--noise")
-        noise_options[preset] = cli_noise_options(preset, noise_option)
+    scale = parse_crop_scale(crop_scale)
+    options_by_preset = {preset: noise_options(preset, noise_option) for preset, _ in settings}
     cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale, photos=photo_set)
     cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
-    agreement = Agreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
+    agreement = CropAgreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
     options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink, power=power)
     keras_model = keras_cal_x = None
     if offline:
-        from .convert import build_model
+        from ..convert.build import build_model
 
         keras_model = build_model(bundle.meta["model"])[1]
         keras_cal_x = normalise(cal_rgb, bundle.meta["preprocess"])
-    rows = []
     cols = ["uncalibrated"] + [f"calibrated@{c}" for c in checkpoints] + (
         ["offline_cumulative", "offline_ema"] if offline else [])
     click.echo(f"{int(agreement.mask.sum())} of {len(eval_x)} evaluation crops are confident; "
                "cells: all crops / confident crops")
-    click.echo(f"{'preset':<13} {'eta':>5} {'seed':>4} " + " ".join(f"{c:>15}" for c in cols))
-    for setting in settings:
-        preset, _, etas = setting.partition(":")
-        for eta in [float(e) for e in etas.split(",")]:
-            for seed in [int(s) for s in seeds.split(",")]:
-                t = time.perf_counter()
-                row = evaluate_setting(bundle, preset, eta, seed, cal_x, agreement, checkpoints=checkpoints,
-                                       num_threads=num_threads, pool=pool, keras_model=keras_model,
-                                       keras_cal_x=keras_cal_x, noise_options=noise_options[preset],
-                                       static_calibration=static_calibration, **options)
-                row["seconds"] = round(time.perf_counter() - t, 1)
-                rows.append(row)
-                cells = [f"{row[c]:.0f}/{row[c + '_confident']:.0f}" for c in cols]
-                click.echo(f"{preset:<13} {eta:>5.3g} {seed:>4} " + " ".join(f"{c:>15}" for c in cells))
+    rows = sweep(bundle, settings, [int(s) for s in seeds.split(",")], cal_x, agreement, cols,
+                 checkpoints=checkpoints, num_threads=num_threads, pool=pool, keras_model=keras_model,
+                 keras_cal_x=keras_cal_x, noise_options=options_by_preset, static_calibration=static_calibration,
+                 **options)
     result = {"evaluate": "agreement", "model": bundle.meta["model"], "noise_options": list(noise_option),
               "static_calibration": static_calibration, **options, "pool": pool, "split": split, "photos": photo_set,
               "crop_scale": list(scale), "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),

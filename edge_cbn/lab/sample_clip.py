@@ -1,15 +1,9 @@
-"""The bundled sample clip: slow Ken Burns pans and zooms over natural photos, like a camera would see.
-
-``edge_cbn/static/sample.mp4`` (package data, so it is there after a plain ``pip install``) is what
-``open_source()`` streams when no camera, video or image folder is given. ``static/sample.json`` next to
-it tells which photo each frame shows and the crop box of every frame in that photo's pixel
-coordinates, for evaluations that compare a frame with its photo.
+"""Make the bundled sample clip (``edge_cbn.stream.sample`` reads it): slow Ken Burns pans and zooms over
+natural photos, like a camera would see.
 
 Regenerate it (needs the ``data`` extra: scikit-image and scikit-learn, which ship the photos) with::
 
-    python -m edge_cbn.sample [--out edge_cbn/static/sample.mp4]
-
-Reading the clip and its JSON needs only the standard library; the photos are loaded lazily.
+    python -m edge_cbn.lab.sample_clip [--out edge_cbn/stream/static/sample.mp4]
 """
 from __future__ import annotations
 
@@ -21,7 +15,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-STATIC = Path(__file__).with_name("static")
+from ..stream.sample import STATIC
 SIZE = (320, 240)  # width, height
 FPS = 10
 SECONDS_PER_PHOTO = 2.0
@@ -41,28 +35,6 @@ PHOTOS = [
     ("flower", "sklearn.datasets.load_sample_image('flower.jpg')", "flower", (0.40, 0.55, 0.80),
      (0.55, 0.45, 0.80)),
 ]
-
-
-def sample_path() -> Path:
-    """Path of the bundled clip ``edge_cbn/static/sample.mp4``."""
-    path = STATIC / "sample.mp4"
-    if not path.is_file():
-        raise FileNotFoundError(f"sample clip missing: {path} (regenerate with `python -m edge_cbn.sample`)")
-    return path
-
-
-def sample_info(path: Optional[Path] = None) -> dict:
-    """The clip's JSON description (``sample.json`` next to the clip)."""
-    return json.loads(Path(path or sample_path()).with_suffix(".json").read_text())
-
-
-def photo_at(frame_index: int, info: Optional[dict] = None) -> dict:
-    """The ``photos`` entry of ``sample.json`` whose frames include ``frame_index`` (0-based, in the file)."""
-    info = info or sample_info()
-    for photo in info["photos"]:
-        if photo["first_frame"] <= frame_index <= photo["last_frame"]:
-            return photo
-    raise IndexError(f"frame {frame_index} is not in the sample clip ({info['frames']} frames)")
 
 
 def load_photos() -> Dict[str, np.ndarray]:
@@ -132,7 +104,7 @@ def make_sample(out: Path, fps: int = FPS, size=SIZE, seconds_per_photo: float =
     writer.release()
     info = {"video": out.name, "fps": fps, "size": list(size), "frames": per_photo * len(PHOTOS),
             "codec": "mp4v", "crop_format": "x0, y0, x1, y1 in photo pixels, one per frame",
-            "generator": "python -m edge_cbn.sample", "photos": entries}
+            "generator": "python -m edge_cbn.lab.sample_clip", "photos": entries}
     _check_readback(out, info["frames"])
     text = json.dumps(info, indent=1)
     # Lists of numbers on one line each.
@@ -154,7 +126,7 @@ def _check_readback(path: Path, expected: int) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m edge_cbn.sample", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m edge_cbn.lab.sample_clip", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=STATIC / "sample.mp4",
                         help="clip to write (default: %(default)s)")
     parser.add_argument("--fps", type=int, default=FPS)

@@ -71,7 +71,7 @@ class Bundle:
 
     def calibration_variant(self) -> "Bundle":
         """The calibration variant (same layers and arrays, its own file and buffer indices); its last
-        output is the moments vector described in `edge_cbn.export.moments_model`."""
+        output is the moments vector described in `edge_cbn.convert.export.moments_model`."""
         if not self.can_calibrate:
             raise FileNotFoundError(f"{self.path}: no calibration variant (re-export with tools/convert.py)")
         cal = self.meta["calibration"]
@@ -216,7 +216,7 @@ def load_bundle(tflite_path, *, require_sidecar: bool = False) -> Bundle:
     if side.exists():
         meta, layers = read_sidecar(side)
         return Bundle(path, model_bytes, meta, layers)
-    msg = (f"{side} not found: the sidecar is written by `tools/convert.py` (edge_cbn.export) next to the "
+    msg = (f"{side} not found: the sidecar is written by `tools/convert.py` (edge_cbn.convert.export) next to the "
            ".tflite and is needed to re-fuse BatchNorm statistics")
     if require_sidecar:
         raise FileNotFoundError(msg)

@@ -1,6 +1,6 @@
 """BatchNorm folding: the one place the arithmetic lives (device side, numpy only).
 
-Export (`edge_cbn.export`) and on-device re-fuse (`edge_cbn.refuse`) both call these functions, so an
+Export (`edge_cbn.convert.export`) and the on-device refold (`edge_cbn.runtime.refold`) both call these functions, so an
 exported `.tflite` and a re-fused one hold bit-identical tensors for the same statistics.
 
 Arithmetic: the per-channel scale `s = gamma / sqrt(var + eps)` and the folded bias

@@ -140,7 +140,7 @@ class EMA(_State):
 
 
 def BatchStatsTracker(mean, var, estimator: str = "ema", momentum: float = 0.999) -> EMA:
-    """Offline tracker for one BN layer (used by `edge_cbn.calibrate`): `estimator="ema"` is
+    """Offline tracker for one BN layer (used by `edge_cbn.convert.offline_calibration`): `estimator="ema"` is
     Algorithm 1 starting from the layer's current statistics `(mean, var)`; `"cumulative"` ignores
     them and averages all batches equally (torch `update_bn` resets the statistics the same way)."""
     if estimator == "ema":

@@ -11,7 +11,7 @@ written `base = W + m*D`, `dev = sd*D`, so all presets share the per-frame code.
 
 Layers: `{name: (kind, kernel)}` with kind "conv" | "depthwise" | "dense" and the kernel in Keras layout
 (conv HWIO, depthwise HWC1, dense IO).  Internally everything (draws included) is in TFLite layout
-(conv OHWI, depthwise 1HWC, dense OI, see `edge_cbn.fold`), so the on-device fast path writes straight
+(conv OHWI, depthwise 1HWC, dense OI, see `edge_cbn.runtime.fold`), so the on-device fast path writes straight
 into the flatbuffer without a transpose, and the Keras path gives the same numbers transposed.
 
 Random streams: `numpy.random.default_rng([seed, crc32(name), stream, frame])` — independent of dict
@@ -31,7 +31,7 @@ from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from edge_cbn.fold import KINDS, channel_shape, fold_kernel, out_channels, to_keras, to_tflite
+from .fold import KINDS, channel_shape, fold_kernel, out_channels, to_keras, to_tflite
 
 PRESETS = ("none", "paper", "relative", "additive-max", "pcm")
 GRANULARITIES = ("weight", "channel", "tensor")

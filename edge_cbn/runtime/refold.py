@@ -1,13 +1,13 @@
-"""Re-fuse BatchNorm statistics (and optionally perturbed kernels) into an exported `.tflite` on the
-device, without TensorFlow and without reconverting.
+"""Refold BatchNorm statistics (and optionally perturbed kernels) into an exported `.tflite` on the
+device, without TensorFlow and without reconverting ("re-fuse" in the CLI and docs).
 
-`Refuser` keeps a writable copy of the flatbuffer and float32 numpy views onto every folded kernel and
+`Refolder` keeps a writable copy of the flatbuffer and float32 numpy views onto every folded kernel and
 bias buffer (located once through the `tflite` schema package).  Re-fusing is then the folding
-arithmetic of `edge_cbn.fold` written straight into those views: no parsing, no allocation of kernel-sized
+arithmetic of `edge_cbn.runtime.fold` written straight into those views: no parsing, no allocation of kernel-sized
 temporaries.  A fresh LiteRT interpreter is built from the bytes with `interpreter()`.
 
-    r = Refuser(load_bundle("m.tflite"))
-    r.refuse({"bn1": (mean, var)})        # only layers whose statistics changed are rewritten
+    r = Refolder(load_bundle("m.tflite"))
+    r.refold({"bn1": (mean, var)})        # only layers whose statistics changed are rewritten
     it = r.interpreter(num_threads=4)
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import tflite
 
 from . import fold
 from .bundle import buffer_span
+from .interpreter import make_interpreter
 
 
 class _Slot:
@@ -49,7 +50,7 @@ class _Slot:
         self.dirty = False
 
 
-class Refuser:
+class Refolder:
     def __init__(self, bundle):
         if not bundle.layers:
             raise ValueError(f"{bundle.path}: no re-fuse sidecar (.cbn.npz) — export the model with "
@@ -90,7 +91,7 @@ class Refuser:
             raise KeyError(f"no layer or BN named {name!r} in the sidecar")
         return slot
 
-    def refuse(self, stats: dict | None = None, kernels: dict | None = None) -> list[str]:
+    def refold(self, stats: dict | None = None, kernels: dict | None = None) -> list[str]:
         """Fold new BN statistics `{bn_name: (mean, var)}` and/or new unfolded kernels
         `{layer_name: kernel in Keras layout}` (e.g. noisy weights) into the model.  Layers whose stats
         and kernel are unchanged are not rewritten.  Arrays are used, not copied.  Returns the names of
@@ -121,5 +122,4 @@ class Refuser:
 
     def interpreter(self, num_threads: int | None = None):
         """A fresh, allocated LiteRT interpreter for the current model."""
-        from .runtime import make_interpreter
         return make_interpreter(model_content=self.model_bytes(), num_threads=num_threads)

@@ -6,7 +6,7 @@ Three files, each written atomically (`bundle.atomic_write`: temporary file besi
    calibrated BN statistics in place of the exported ones and without the `calibration` entry (the
    calibration variant belongs to the source model); meta gains `"calibrated": {...}`;
 2. `<stem>.calibrated.tflite` — the last good calibrated model: clean weights with the calibrated
-   statistics folded in (what `Refuser.refuse(stats)` makes of the source model).  Together with (1) it is
+   statistics folded in (what `Refolder.refold(stats)` makes of the source model).  Together with (1) it is
    an ordinary exported bundle: `edge-cbn stream --model <stem>.calibrated.tflite` serves it as is;
 3. `FILE` (an `.npz`, the commit point, written last): `meta` (JSON: format, what the state is valid for,
    counters, the sha1 of (2)), `cal/...` (`StreamCalibrator.state_dict()`), `stats/<bn>/mean|var`.

@@ -1,31 +1,26 @@
-"""Device side: streaming Calibrated BatchNorm at batch size 1 on LiteRT.
+"""Streaming Calibrated BatchNorm at batch size 1: BN input moments of calibration frames in, refolded
+statistics out.  numpy only; `device_calibration.DeviceCalibration` runs the models that feed it.
 
-Each calibration frame runs the calibration variant of the model (`X.calib.tflite`), whose last output
-holds, for every folded BN layer, the per-channel spatial mean and mean of squares of the folded layer's
-output y.  With the folding in force, y = s*z + c (s = gamma/sqrt(var+eps), c = beta - s*mean), so the
-moments of the BN input z follow exactly, whatever statistics the forward pass used.  `Moments`
-accumulates them across frames (E[z] and E[z^2], so the variance includes between-frame variance: the
-unbiased estimator at batch size 1), warm-up as a cumulative average, then a bias-corrected EMA whose
-`window` is a parameter.
+Each calibration frame runs the calibration variant (`X.calib.tflite`), whose last output holds, per
+folded BN, the per-channel spatial mean and mean of squares of the folded layer's output y.  With the
+folding in force, y = s*z + c (s = gamma/sqrt(var+eps), c = beta - s*mean), so the moments of the BN input
+z follow exactly, whatever statistics were folded in.  `Moments` accumulates them across frames (E[z] and
+E[z^2]: the variance includes the between-frame variance, the unbiased estimator at batch size 1), as a
+cumulative average over the first `window` frames, then a bias-corrected EMA.
 
 Modes (`--mode`), because a camera sees one scene and absolute re-estimation pulls BN toward it:
 - `absolute`: the paper's re-estimation, BN statistics = the noisy moments of the stream;
-- `shift`: only the noise-induced change: on the same frames the clean model (digital weights, source
-  statistics) runs too.  Modelling the noise's effect on a channel as affine, z_noisy = a*z_clean + b,
-  the moments give a = sqrt(noisy var / clean var) and b, and the statistics that make the noisy
-  normalised output match the clean one are var <- a^2 * source var,
-  mean <- noisy mean + a * (source mean - clean mean): the scene's own statistics cancel;
+- `shift`: only the noise-induced change.  The clean model runs on the same frames; with the noise's
+  effect on a channel modelled as affine, z_noisy = a*z_clean + b, var <- a^2 * source var and
+  mean <- noisy mean + a * (source mean - clean mean), so the scene's own statistics cancel;
 - `prior`: Schneider et al. 2020, mean/var <- (N*source + n*noisy)/(N + n) with prior strength N.
 
-Schedule.  A layer's input moments depend on the statistics folded into every layer before it, so
-re-estimating all layers from one pass over-corrects: each layer also "corrects" the upstream shift that
-the upstream layers correct themselves (Jacobi iteration; measured on EfficientNet-Lite0 it diverges,
-docs/RESULTS.md).  Warm-up therefore goes depth first (Gauss-Seidel): the BN layers are split into
-`stages` consecutive groups; stage g accumulates for `refuse_every` frames with groups < g already
-re-fused, then its statistics are re-fused together with the refreshed estimates of the earlier groups,
-which keep accumulating (re-fusing only the new group, then all groups at once at the end of warm-up,
-made that last step a many-layer update again, which collapsed agreement when it was tried).  After warm-up every layer keeps accumulating and all are re-fused
-every `track_every` frames, which tracks drift in small steps.
+Schedule.  A layer's input moments depend on the statistics folded into every layer before it, so warm-up
+goes depth first (Gauss-Seidel): the BN layers are split into `stages` consecutive groups; stage g
+accumulates for `refuse_every` frames with groups < g already refolded, then it is refolded together with
+the refreshed estimates of the earlier groups.  After warm-up all layers are refolded every `track_every`
+calibration frames, which tracks drift in small steps.  Why this schedule (the alternatives measured):
+docs/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -185,14 +180,22 @@ class StreamCalibrator:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()`; all or nothing (a bad state leaves the calibrator as it was)."""
         if str(state["mode"]) != self.mode:
             raise ValueError(f"saved calibration state is for mode {state['mode']}, not {self.mode}")
-        self.stage, self._since_refuse = int(state["stage"]), int(state["since_refuse"])
-        self.applied = {bn: (np.asarray(state[f"applied/{bn}/mean"], np.float32),
-                             np.asarray(state[f"applied/{bn}/var"], np.float32)) for bn in self.bns}
+        stage, since_refuse = int(state["stage"]), int(state["since_refuse"])
+        applied = {bn: (np.asarray(state[f"applied/{bn}/mean"], np.float32),
+                        np.asarray(state[f"applied/{bn}/var"], np.float32)) for bn in self.bns}
+        loaded = {}
         for prefix, accs in (("noisy", self.noisy), ("clean", self.clean or {})):
-            for bn, acc in accs.items():
+            loaded[prefix] = {}
+            for bn in accs:
+                acc = loaded[prefix][bn] = Moments(self.window)
                 acc.load_state_dict({k: state[f"{prefix}/{bn}/{k}"] for k in acc._FIELDS})
+        self.stage, self._since_refuse, self.applied = stage, since_refuse, applied
+        self.noisy = loaded["noisy"]
+        if self.clean is not None:
+            self.clean = loaded["clean"]
 
 
 # The constructor's defaults, which the `stream` and `evaluate` options show and use.

@@ -1,16 +1,25 @@
-"""Device side: turn `--model NAME|FILE.tflite` into an exported bundle path.
+"""Turn the stream's `--model` and source flags into a bundle and a frame source.
 
 A `.tflite` path is used as is.  A registered name means the cached export in `cache_dir()`; when it is
-missing it is built on first use, which needs the workstation extra (`pip install edge-cbn[convert]`) —
-on a board, copy a converted model over instead (see device/README.md)."""
+missing it is built on first use, which needs the workstation extra (`pip install edge-cbn[convert]`):
+the converter is imported only then.  On a board, copy a converted model over instead (device/README.md).
+"""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
-from .bundle import calibration_path, sidecar_path
-from .paths import cache_dir
+import click
+import cv2
+
+from ..runtime.bundle import calibration_path, load_bundle, sidecar_path
+from ..runtime.paths import cache_dir
+from .options import StreamError
+from .sources import Prefetched, SourceError, open_source
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -20,6 +29,7 @@ class ModelNotFound(Exception):
 
 
 def resolve_model(model: str | None, *, echo=print) -> Path:
+    """`NAME|FILE.tflite` -> the path of an exported bundle (converting a registered name once)."""
     model = model or DEFAULT_MODEL
     if model.endswith(".tflite"):
         path = Path(model)
@@ -34,11 +44,51 @@ def resolve_model(model: str | None, *, echo=print) -> Path:
             f"{model} is not converted yet and TensorFlow is not installed here: convert it on a workstation "
             f"with `python tools/convert.py --model {model} -o {model}.tflite` and pass --model {model}.tflite"
         )
-    from .convert import build_model, export_model
-
+    converter = importlib.import_module("edge_cbn.convert.build")  # the workstation side, on demand
     echo(f"first use of {model}: converting it once into {path}", file=sys.stderr)
     try:
-        spec, keras_model = build_model(model, quiet=False)
-    except KeyError as e:
+        spec, keras_model = converter.build_model(model, quiet=False)
+    except (KeyError, converter.MissingWeights) as e:
         raise ModelNotFound(str(e.args[0])) from None
-    return export_model(spec, keras_model, path, quiet=False)
+    return converter.export_model(spec, keras_model, path, quiet=False)
+
+
+def load_model(model: str | None, echo=None):
+    """`--model NAME|FILE.tflite` -> (bundle, display name); problems as one StreamError line."""
+    try:
+        path = resolve_model(model, echo=echo or (lambda *a, **k: click.echo(*a, **k)))
+    except ModelNotFound as e:
+        raise StreamError(str(e)) from None
+    try:
+        bundle = load_bundle(path)
+    except Exception as e:
+        raise StreamError(f"cannot load {path}: {e}") from None
+    return bundle, bundle.meta.get("model") or Path(path).stem
+
+
+def open_frames(camera=None, video=None, images=None, loop=False, width=640, height=480, picamera2=False):
+    """The frame source, read one frame ahead in a thread; no source = the bundled sample clip, looped."""
+    if camera is None and video is None and images is None:
+        loop = True
+    if (camera is not None and str(camera).isdigit() and sys.platform.startswith("linux")
+            and not (picamera2 and int(camera) == 0) and not os.path.exists(f"/dev/video{int(camera)}")):
+        raise StreamError(f"camera {camera} not found: /dev/video{int(camera)} does not exist")
+    quiet_opencv = contextlib.nullcontext()
+    with contextlib.suppress(Exception):
+        quiet_opencv = _opencv_log_level(cv2.utils.logging.LOG_LEVEL_ERROR)  # its own warnings at open
+    try:
+        with quiet_opencv:
+            return Prefetched(open_source(camera=camera, video=video, images=images, loop=loop, width=width,
+                                          height=height, picamera2=picamera2))
+    except (SourceError, ValueError, FileNotFoundError) as e:
+        raise StreamError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _opencv_log_level(level):
+    old = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(level)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(old)

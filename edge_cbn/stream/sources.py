@@ -3,7 +3,7 @@
 Every source yields BGR ``uint8`` frames (``H x W x 3``), is an iterable and a context manager, has
 ``close()``, ``read()`` (the next frame, or ``None`` at the end), a ``name`` and an ``fps`` hint (``None``
 when unknown). Problems at open raise one :class:`SourceError` naming the path or device; problems while
-streaming are logged as warnings on the ``edge_cbn.sources`` logger and the stream goes on:
+streaming are logged as warnings on the ``edge_cbn.stream.sources`` logger and the stream goes on:
 
 * a video frame that cannot be decoded is skipped (the next readable frame follows);
 * an image file that cannot be read is skipped (and not tried again when looping);
@@ -392,7 +392,7 @@ def open_source(camera: Union[int, str, None] = None, video: Union[str, os.PathL
     if images is not None:
         return ImageDirSource(images, loop=loop)
     if video is None:
-        from edge_cbn.sample import sample_path
+        from .sample import sample_path
 
         video = sample_path()
     return VideoSource(video, loop=loop, realtime=realtime)

@@ -28,7 +28,7 @@ class ModelSpec:
     task: str  # "classification" | "detection" | "segmentation"
     weights_format: str  # "torchvision" | "lukemelas" | "darknet"
     preprocess: dict
-    labels: str  # label file stem in edge_cbn/labels: "imagenet" | "coco" | "voc"
+    labels: str  # label file stem in edge_cbn/runtime/labels: "imagenet" | "coco" | "voc"
     num_classes: int
     weights_file: str = ""  # the published file name, for the model table and error messages
     # Checkpoint tensors the port has no use for (e.g. FCN's training-only aux classifier).

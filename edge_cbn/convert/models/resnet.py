@@ -5,7 +5,7 @@ In the style of `keras/applications/resnet.py`: one function per block type (`ba
 (`_classification_model`, `_fcn_model`).  Every Keras layer that holds weights is named by its
 torchvision state-dict prefix (`layer1.0.conv1`, `layer2.0.downsample.0`, `fc`; FCN models prefix the
 backbone with `backbone.` and name the head `classifier.0`/`.1`/`.4`), so
-`edge_cbn.weights.assign.assign_state_dict` loads a torchvision `.pth` state dict directly.  Layers
+`edge_cbn.convert.weights.assign.assign_state_dict` loads a torchvision `.pth` state dict directly.  Layers
 without weights are named `<weight layer>_pad`, `<bn>_relu`, `<block>.add`, `<block>.out`, `maxpool`, ...
 
 Padding: torchvision pads symmetrically (`padding=k//2 * dilation`), which Keras `padding="same"` does
@@ -32,7 +32,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from edge_cbn.models import IMAGENET_TORCH, register
+from . import IMAGENET_TORCH, register
 
 BN_EPS = 1e-5  # torch BatchNorm2d default
 

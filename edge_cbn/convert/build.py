@@ -1,0 +1,53 @@
+"""Build a registered model with its published weights, and export it as a bundle: what `convert` and
+a stream's first use of a registered name do."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import models as zoo
+from ..runtime.labels import load_labels
+from .weights import default_weights, load_weights
+
+
+class MissingWeights(ValueError):
+    """A model needs its weight file and none was given (nothing is downloaded at run time)."""
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        click.echo(msg, err=True)
+
+
+def build_model(name: str, weights: str | None = None, *, input_size=None, num_classes=None,
+                allow_random=False, quiet=True):
+    """(spec, Keras model) for registered `name` with weights from `weights`, or from the file a package
+    ships; KeyError for an unknown name, MissingWeights when there is no weight file."""
+    spec = zoo.get_spec(name)
+    weights = weights or default_weights(spec)
+    if weights is None and not allow_random:
+        raise MissingWeights(
+            f"{name} needs its weight file ({spec.weights_file or 'the published weights'}): pass --weights FILE "
+            "(no weights are downloaded at run time)")
+    _say(f"building {name}", quiet)
+    model = zoo.build(name, num_classes=num_classes, input_size=input_size)
+    if weights is not None:
+        _say(f"loading weights from {weights}", quiet)
+        load_weights(model, spec, weights)
+    return spec, model
+
+
+def export_model(spec, model, out, *, quiet=True) -> Path:
+    """Fold BN and export `model` (registered as `spec`) to `out` (.tflite) with its sidecar and
+    calibration variant."""
+    from .export import export
+    from .models import yolov3
+
+    labels = load_labels(spec.labels)
+    if model.output_shape[-1] != len(labels) and spec.task != "detection":
+        labels = [f"class {i}" for i in range(model.output_shape[-1])]
+    _say(f"folding BatchNorm and converting to TFLite (about 5-15 s) -> {out}", quiet)
+    head = yolov3.HEAD if spec.task == "detection" else None
+    return Path(export(model, out, name=spec.name, task=spec.task, preprocess=spec.preprocess,
+                       labels=labels, head=head))

@@ -1,0 +1,125 @@
+"""`edge-cbn bench stream`: the stream's frame rates against the bare LiteRT invoke, measured side by
+side in one run."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import click
+import numpy as np
+
+from ..runtime.interpreter import make_interpreter
+from ..runtime.noise import make_noise
+from ..runtime.noisy_model import NoisyModel, noise_targets
+from ..runtime.processing import Processor
+from ..stream import Engine, StreamLoop, StreamOptions, load_model, open_frames
+from .bench import emit, invoke_fn, perturbed_stats, time_per_call
+
+ROWS = [("raw LiteRT invoke (fps)", "raw_fps"), ("invoke without XNNPACK (ms)", "no_xnnpack_invoke_ms"),
+        ("clean stream (fps)", "stream_fps"), ("clean stream / raw invoke", "stream_ratio"),
+        ("noisy stream, pool {pool} (fps)", "noisy_stream_fps"), ("noisy stream, exact (fps)", "noisy_exact_stream_fps"),
+        ("calibrating, to convergence (fps)", "calibrating_fps"), ("calibrating, tracking after it (fps)", "tracking_fps"),
+        ("exact noise: write + build (ms/frame)", "noise_ms_per_frame"), ("re-fuse, pool {pool} (ms)", "refuse_ms"),
+        ("re-fuse, clean (ms)", "refuse_clean_ms")]
+
+
+class StreamBench:
+    """One model, thread count and noise setting; `run()` measures, prints the table and the JSON."""
+
+    def __init__(self, model, num_threads, frames, preset, eta, rounds):
+        self.bundle, self.name = load_model(model, echo=lambda *a, **k: click.echo(*a, **{**k, "err": True}))
+        self.num_threads, self.frames, self.preset, self.eta, self.rounds = num_threads, frames, preset, eta, rounds
+        self.base = StreamOptions(num_threads=num_threads, headless=True, quiet=True, agreement_every=0)
+        with open_frames() as src:
+            self.x = Processor(self.bundle).preprocess(src.read())[0].copy()
+        self.fig = {"bench": "stream", "model": self.name, "num_threads": num_threads, "frames": frames,
+                    "rounds": rounds, "noise": f"{preset} eta={eta:g}", "noise_pool": self.base.noise_pool,
+                    "no_xnnpack_invoke_ms": _no_xnnpack_invoke_ms(self.bundle.model_bytes, self.x, num_threads)}
+
+    def stream_fps(self, n_frames=None, engine=None, **changes):
+        """(fps, summary, engine) of one stream over the sample clip; `n_frames` None: until the
+        calibration has converged, however many frames it takes."""
+        opts = dataclasses.replace(self.base, **changes)
+        engine = engine or Engine(self.bundle, opts)
+        opts.frames = n_frames
+        with open_frames() as source:
+            summary = StreamLoop(engine, source, opts, model_name=self.name,
+                                 until=None if n_frames else (lambda: engine.converged)).run()
+        return summary["fps"], summary, engine
+
+    def run(self) -> None:
+        self.stream_fps(self.frames // 4)  # warm caches and the video decoder: the first stream is slower
+        self.clean_against_raw()
+        self.noisy_and_calibrating()
+        self.noise_and_refold_costs()
+        click.echo(f"{self.name}, {self.num_threads} threads, noise {self.fig['noise']}")
+        for label, key in ROWS:
+            value = self.fig[key]
+            click.echo(f"  {label.format(pool=self.base.noise_pool):<40} {value if value is not None else '-':>10}")
+        emit(self.fig)
+
+    def clean_against_raw(self) -> None:
+        """The bare invoke and the clean stream alternate, `rounds` times: this shared machine's speed
+        drifts within a run, so each ratio pairs figures taken a second apart; medians are reported.  Both
+        are frames / elapsed (a median per call would drop the machine's hiccups from one side only)."""
+        invoke = invoke_fn(make_interpreter(model_content=self.bundle.model_bytes, num_threads=self.num_threads),
+                           self.x)
+
+        def raw_fps():
+            invoke()
+            t = time.perf_counter()
+            for _ in range(self.frames):
+                invoke()
+            return self.frames / (time.perf_counter() - t)
+
+        raw, clean = [], []
+        for _ in range(self.rounds):
+            raw.append(raw_fps())
+            clean.append(self.stream_fps(self.frames)[0])
+        ratios = np.divide(clean, raw)
+        self.fig.update(raw_fps=round(float(np.median(raw)), 2), raw_ms=round(1e3 / float(np.median(raw)), 2),
+                        stream_fps=round(float(np.median(clean)), 2), stream_ratio=round(float(np.median(ratios)), 3),
+                        stream_ratios=[round(float(r), 3) for r in ratios])
+
+    def noisy_and_calibrating(self) -> None:
+        noisy = dict(noise=self.preset, eta=self.eta, calibrate=False)
+        self.fig["noisy_stream_fps"] = self.stream_fps(self.frames, **noisy)[0]
+        self.fig["noisy_exact_stream_fps"] = self.stream_fps(max(10, self.frames // 4), **noisy, noise_pool=0)[0]
+        self.fig["calibrating_fps"] = self.fig["tracking_fps"] = None
+        if self.bundle.can_calibrate:
+            calibrating = dict(noise=self.preset, eta=self.eta, calibrate=True)
+            fps, summary, engine = self.stream_fps(None, **calibrating)
+            self.fig.update(calibrating_fps=fps, calibrating_frames=summary["frames"],
+                            calibrating_refuses=summary["refuses"])
+            # The same engine once converged: calibration 4x rarer, a re-fuse every --track-every of its frames.
+            fps, summary, _ = self.stream_fps(2 * self.frames, engine, **calibrating)
+            self.fig.update(tracking_fps=fps, tracking_refuses=summary["refuses"] - self.fig["calibrating_refuses"])
+
+    def noise_and_refold_costs(self) -> None:
+        chip = make_noise(self.preset, self.eta, 0).instantiate(noise_targets(self.bundle))
+        exact = NoisyModel(self.bundle, chip, num_threads=self.num_threads, pool=0)
+        frame_no = itertools.count()
+        self.fig["noise_ms_per_frame"] = round(time_per_call(lambda: exact.interpreter(next(frame_no))) * 1e3, 2)
+        stats = [perturbed_stats(self.bundle, s) for s in (1, 2)]
+        for key, model in (("refuse_ms", NoisyModel(self.bundle, chip, num_threads=self.num_threads,
+                                                    pool=self.base.noise_pool)),
+                           ("refuse_clean_ms", NoisyModel(self.bundle, None, num_threads=self.num_threads))):
+            turn = itertools.count()
+            seconds = time_per_call(lambda: model.set_stats(stats[next(turn) % 2]), warmup=1, min_calls=3)
+            self.fig[key] = round(seconds * 1e3, 1)
+
+
+def _no_xnnpack_invoke_ms(model_bytes, x, num_threads):
+    """Invoke time with the builtin kernels only, which read weights in place (so a live buffer patch
+    would need no rebuild); None where the interpreter has no such option."""
+    from ..runtime.interpreter import interpreter_class
+
+    try:
+        from ai_edge_litert.interpreter import OpResolverType
+    except ImportError:
+        return None
+    it = interpreter_class()(model_content=bytes(model_bytes), num_threads=num_threads,
+                             experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    return round(time_per_call(invoke_fn(it, x)) * 1e3, 2)

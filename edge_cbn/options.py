@@ -1,0 +1,86 @@
+"""Click options that several commands share, declared once: the model, the LiteRT threads and the
+simulated noise (`--noise`, `--eta`, `--seed`, `--noise-option`, and `evaluate`'s `PRESET:ETA,…` sweeps)."""
+from __future__ import annotations
+
+import click
+
+from .runtime.noise import PRESETS, parse_noise_options
+
+NOISE_OPTION_HELP = ("Override an option of the --noise preset, repeatable, e.g. t_granularity=weight "
+                     "(docs/NOISE.md).")
+
+
+def model_option(help: str = "Registered name or exported .tflite (default: efficientnet_lite0)."):
+    return click.option("--model", default=None, help=help)
+
+
+def num_threads_option(default: int | None = None, help: str = "LiteRT threads."):
+    return click.option("--num-threads", type=int, default=default, show_default=default or
+                        "number of CPUs", help=help)
+
+
+def noise_flags(*, default: str = "none", seed: bool = True, noise_option: bool = True,
+                noise_help: str = "Simulated analog weight noise preset (docs/NOISE.md)."):
+    """`--noise PRESET`, `--eta` and, unless turned off, `--seed` and `--noise-option KEY=VALUE`."""
+    decorators = [
+        click.option("--noise", type=click.Choice(PRESETS), default=default, show_default=True, help=noise_help),
+        click.option("--eta", type=NON_NEGATIVE, default=0.05, show_default=True,
+                     help="Noise level eta0 (docs/NOISE.md)."),
+    ]
+    if seed:
+        decorators.append(click.option("--seed", type=int, default=0, show_default=True,
+                                       help="Chip seed (the simulated device instance; same seed = same chip)."))
+    if noise_option:
+        decorators.append(noise_option_flag())
+    return _apply(decorators)
+
+
+def noise_option_flag(help: str = NOISE_OPTION_HELP):
+    return click.option("--noise-option", "noise_option", multiple=True, metavar="KEY=VALUE", help=help)
+
+
+def _apply(decorators):
+    def wrap(f):
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+    return wrap
+
+
+def noise_options(preset: str, items) -> dict:
+    """`--noise-option KEY=VALUE` items for `preset`, parsed and checked; a bad one is a usage error of
+    that option."""
+    try:
+        return parse_noise_options(preset, items)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--noise-option") from None
+
+
+class NonNegativeFloat(click.ParamType):
+    """A finite float >= 0 (click's FloatRange lets NaN and infinity through)."""
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not 0 <= number < float("inf"):
+            self.fail(f"{value!r} must be finite and >= 0", param, ctx)
+        return number
+
+
+NON_NEGATIVE = NonNegativeFloat()
+
+
+class NoiseSweep(click.ParamType):
+    """`PRESET:ETA[,ETA…]` -> (preset, [eta, …]): a noise preset and the levels to sweep."""
+    name = "PRESET:ETA[,ETA…]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        preset, _, etas = str(value).partition(":")
+        if preset not in PRESETS:
+            self.fail(f"unknown preset {preset!r} (one of {PRESETS})", param, ctx)
+        return preset, [NON_NEGATIVE.convert(eta, param, ctx) for eta in etas.split(",")]

@@ -1,0 +1,86 @@
+"""How far the served prediction agrees with the clean model's, on sampled frames: the stream's own
+measure of what calibration recovers (`--agreement-every`)."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from ..runtime.detection import box_iou
+from ..runtime.noisy_model import NoisyModel
+
+MAX_SAMPLES = 10000
+AGREEMENT_METRICS = {"classification": "top1_agreement", "detection": "box_f1_iou50",
+                     "segmentation": "pixel_agreement"}
+
+
+def agreement(task: str, reference, other) -> float:
+    """Agreement (%) of a prediction with the clean model's on one frame: classification top-1 equality;
+    detection F1 of greedy one-to-one matches (same class, IoU >= 0.5), 100 when both find nothing;
+    segmentation pixel agreement of the class masks."""
+    if task == "classification":
+        return 100.0 if reference[0][0] == other[0][0] else 0.0
+    if task == "segmentation":
+        return float(np.mean(np.asarray(reference) == np.asarray(other)) * 100)
+    if not reference and not other:
+        return 100.0
+    free = list(other)
+    matched = 0
+    for cls, _, _, box in sorted(reference, key=lambda d: -d[2]):
+        same = [j for j, o in enumerate(free) if o[0] == cls]
+        if not same:
+            continue
+        ious = box_iou(np.float32(box), np.float32([free[j][3] for j in same]))
+        best = int(np.argmax(ious))
+        if ious[best] >= 0.5:
+            matched += 1
+            free.pop(same[best])
+    return 200.0 * matched / (len(reference) + len(other))
+
+
+def short_prediction(task: str, pred):
+    """A prediction as recorded in the log's agreement samples."""
+    if task == "classification":
+        return pred[0][1]
+    if task == "detection":
+        return len(pred)
+    return sorted(int(c) for c in np.unique(pred) if c)
+
+
+class AgreementSampler:
+    """On every `every`-th frame, the clean model and the noisy model that is never refolded run on the
+    frame too; the served prediction's agreement with the clean one is recorded before (uncalibrated)
+    and after (served) calibration."""
+
+    def __init__(self, bundle, chip, processor, *, every: int, num_threads=None, pool: int = 0, seed: int = 0):
+        self.proc, self.task, self.every = processor, processor.task, every
+        self.clean = NoisyModel(bundle, None, num_threads=num_threads)
+        self.uncalibrated = NoisyModel(bundle, chip, num_threads=num_threads, pool=pool, seed=seed)
+        # (frame, before, after) of the latest samples: bounded, the service runs for weeks.
+        self.samples: collections.deque = collections.deque(maxlen=MAX_SAMPLES)
+
+    def due(self, i: int) -> bool:
+        return (i + 1) % self.every == 0
+
+    def sample(self, x, ctx, frame: int, i: int, served) -> dict:
+        """Stream frame `i` (noise frame index `frame`), model input `x`, served prediction `served`."""
+        clean = self.proc.postprocess(self.clean.run(x, frame), ctx)
+        uncal = self.proc.postprocess(self.uncalibrated.run(x, frame), ctx)
+        task = self.task
+        sample = {"frame": i, "clean": short_prediction(task, clean), "uncalibrated": short_prediction(task, uncal),
+                  "served": short_prediction(task, served), "before": round(agreement(task, clean, uncal), 3),
+                  "after": round(agreement(task, clean, served), 3)}
+        self.samples.append((i, sample["before"], sample["after"]))
+        return sample
+
+
+def agreement_summary(task: str, sampler: AgreementSampler | None, frames_total: int) -> dict:
+    """Mean agreement (%) over the sampled frames of the second half of the stream (at most the latest
+    MAX_SAMPLES samples); None without samples."""
+    late = [s for s in sampler.samples if s[0] >= frames_total / 2] if sampler else []
+    out = {"agreement_metric": AGREEMENT_METRICS.get(task), "agreement_samples": len(late),
+           "agreement_before": None, "agreement_after": None}
+    if late:
+        out["agreement_before"] = round(float(np.mean([s[1] for s in late])), 2)
+        out["agreement_after"] = round(float(np.mean([s[2] for s in late])), 2)
+    return out

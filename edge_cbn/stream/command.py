@@ -1,0 +1,117 @@
+"""`edge-cbn stream`: the device app's command.  Its flags fill `StreamOptions` by name; the engine and
+the loop do the work."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import click
+
+from ..options import model_option, noise_flags, noise_options, num_threads_option
+from ..runtime.stream_calibrator import MODES
+from .engine import Engine
+from .loop import StreamLoop, stop_on_signals
+from .options import StreamOptions
+from .resolve import load_model, open_frames
+
+POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seeded pick each frame): no "
+             "per-frame cost, but frames see only K variants, rebuilt at each re-fuse (a re-fuse costs K "
+             "interpreter builds). 0 = exact: every frame draws its own noise and builds its interpreter "
+             "(faithful but slow: the build costs more than the invoke).")
+BUDGET_HELP = ("Share of the frame time calibration may add (a quarter of it once 192 calibration frames are in): "
+               "calibration frames run the calibration variant with exact per-frame noise (and the clean variant "
+               "in shift mode), so they cost a few invokes; the stream keeps about 1 - F of its noisy frame rate.")
+AGREEMENT_HELP = ("With noise: every N-th frame (frames N-1, 2N-1, ...) also run the clean model and the uncalibrated "
+                  "noisy model (only on those sampled frames) and report the served prediction's agreement with the "
+                  "clean one, before and after calibration. 0: off (saves the memory of those two models).")
+D = StreamOptions  # the defaults
+
+
+@click.command("stream")
+@click.option("--camera", help="Camera index or device path (e.g. 0 or /dev/video2).")
+@click.option("--video", type=click.Path(dir_okay=False), help="Video file.")
+@click.option("--images", type=click.Path(file_okay=False), help="Folder of images (sorted by name).")
+@click.option("--loop", is_flag=True, help="Start the video/image folder again at its end (the bundled sample "
+              "clip used without a source always loops).")
+@click.option("--width", type=int, default=640, show_default=True, help="Camera capture width.")
+@click.option("--height", type=int, default=480, show_default=True, help="Camera capture height.")
+@click.option("--picamera2", is_flag=True, help="Camera 0 through picamera2 (Raspberry Pi camera modules) "
+              "instead of OpenCV/V4L2.")
+@model_option("Registered name or exported FILE.tflite (with FILE.cbn.npz and FILE.calib.tflite beside it). "
+              "Default: efficientnet_lite0 (converted once on first use; needs TensorFlow).")
+@num_threads_option()
+@click.option("--max-results", type=click.IntRange(0), default=D.max_results, show_default=True,
+              help="Classification: classes shown.")
+@click.option("--score-threshold", type=float, default=D.score_threshold, show_default=True,
+              help="Detection: min score.")
+@noise_flags()
+@click.option("--noise-pool", type=click.IntRange(0), default=D.noise_pool, show_default=True, metavar="K",
+              help=POOL_HELP)
+@click.option("--calibrate/--no-calibrate", default=None,
+              help="Re-estimate BN statistics on the stream (default: when --noise is not none).")
+@click.option("--mode", type=click.Choice(MODES), default=D.mode, show_default=True,
+              help="shift: correct only the noise-induced change (runs the clean variant too on calibration "
+                   "frames); absolute: the paper's re-estimation; prior: blend with the source statistics.")
+@click.option("--window", type=click.FloatRange(1), default=D.window, show_default=True, metavar="N",
+              help="Moments window: a cumulative average over the first N calibration frames, then an EMA over "
+                   "about N frames, which follows drift (docs/RESULTS.md: shorter windows lost accuracy on "
+                   "natural-photo crops).")
+@click.option("--refuse-every", type=click.IntRange(1), default=D.refuse_every, show_default=True,
+              help="Warm-up: calibration frames per stage (a re-fuse ends each stage).")
+@click.option("--stages", type=click.IntRange(1), default=D.stages, show_default=True,
+              help="Warm-up stages: BN layers calibrated depth first, group by group (capped at the number "
+                   "of BN layers: one layer per stage).")
+@click.option("--track-every", type=click.IntRange(1), default=D.track_every, show_default=True,
+              help="After the warm-up: re-fuse every N calibration frames (tracks drift).")
+@click.option("--calibration-budget", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=D.calibration_budget, show_default=True, metavar="F", help=BUDGET_HELP)
+@click.option("--calibrate-every", type=click.IntRange(1), default=None, metavar="K",
+              help="Instead of the budget: calibrate on every K-th frame, every 4K-th once 192 calibration frames "
+                   "are in.")
+@click.option("--state", type=click.Path(dir_okay=False),
+              help="Save the calibration state to FILE (.npz) and the last good calibrated model beside it "
+                   "(FILE-stem.calibrated.tflite + .cbn.npz), atomically; resume from them on start.")
+@click.option("--save-interval", type=click.FloatRange(0), default=D.save_interval, show_default=True,
+              metavar="SECONDS", help="Save after a re-fuse at most every SECONDS (0: after every re-fuse); always "
+                                      "at exit.")
+@click.option("--agreement-every", type=click.IntRange(0), default=D.agreement_every, show_default=True, metavar="N",
+              help=AGREEMENT_HELP)
+@click.option("--frames", type=click.IntRange(1), help="Stop after N frames.")
+@click.option("--headless", is_flag=True, help="No window (automatic without DISPLAY/WAYLAND_DISPLAY).")
+@click.option("--record", type=click.Path(dir_okay=False), help="Write the annotated frames to an .mp4.")
+@click.option("--serve", type=int, metavar="PORT", help="Browser preview (MJPEG + /status JSON) on PORT.")
+@click.option("--host", default=D.host, show_default=True, help="Preview address (0.0.0.0: all).")
+@click.option("--log", type=click.Path(dir_okay=False), help="JSON lines: one per frame, then {\"summary\": ...}.")
+@click.option("--quiet", is_flag=True, help="No progress lines (warnings, errors and the summary only).")
+def main(**params):
+    """Live inference on a camera, video or image folder (default: the bundled sample clip) under
+    simulated analog weight noise, with Calibrated BatchNorm re-estimated on the device at batch size 1.
+
+    \b
+    edge-cbn stream                                   sample clip, clean model, window or headless
+    edge-cbn stream --noise relative --eta 0.05       noisy chip, calibrating as it streams
+    edge-cbn stream --camera 0 --serve 8080 --state /var/lib/edge-cbn/state.npz
+    Ctrl-C or SIGTERM stop cleanly (state saved); 'q' in the window too.
+    """
+    has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    opts = StreamOptions.from_params(
+        params, num_threads=params["num_threads"] or os.cpu_count(), headless=params["headless"] or not has_display,
+        noise_options=noise_options(params["noise"], params["noise_option"]))
+    quiet = opts.quiet
+    echo = (lambda *a, **k: None) if quiet else (lambda msg, **k: click.echo(msg, err=True))
+    source = open_frames(*(params[k] for k in ("camera", "video", "images", "loop", "width", "height", "picamera2")))
+    stop = threading.Event()
+    try:
+        with stop_on_signals(stop, source):  # a SIGTERM while the models load stops before the first frame
+            bundle, name = load_model(params["model"], echo=lambda *a, **k: click.echo(*a, **{**k, "err": True}))
+            summary = StreamLoop(Engine(bundle, opts, echo=echo), source, opts, model_name=name, stop=stop).run()
+    finally:
+        source.close()
+    if not quiet:
+        before, after = summary["agreement_before"], summary["agreement_after"]
+        agree = (f"  agreement ({summary['agreement_metric']}) {before}% -> {after}%"
+                 if before is not None else "")
+        click.echo(f"{summary['frames']} frames at {summary['fps']} fps, {summary['refuses']} re-fuses{agree}",
+                   err=True)
+    click.echo(json.dumps({"summary": summary}))

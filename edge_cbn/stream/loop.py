@@ -1,0 +1,144 @@
+"""The stream loop, read top to bottom like the TFLite Raspberry Pi examples' `run()`: read a frame,
+infer (the engine), draw, emit to the outputs; then save, close and summarise."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+
+import click
+
+from . import overlay
+from .engine import Engine
+from .options import StreamOptions
+from .outputs import Outputs, describe, draw_prediction, log_fields
+
+
+class StreamLoop:
+    """Drive `source` through `engine` into the outputs `opts` asks for; `run()` returns the summary."""
+
+    def __init__(self, engine: Engine, source, opts: StreamOptions, *, model_name: str, stop=None, echo=None,
+                 until=None):
+        self.engine, self.source, self.opts = engine, source, opts
+        self.until = until  # optional: stop once until() is true (benchmarks)
+        self.model_name = model_name
+        self.stop = stop or threading.Event()
+        self.echo = echo or (lambda msg: click.echo(msg, err=True))
+        self.fps = overlay.FpsCounter(10)
+
+    def run(self) -> dict:
+        outputs, frames, latency_sum = None, 0, 0.0
+        start = time.perf_counter()
+        try:
+            outputs = Outputs(self.opts, self.source.fps, self.echo)
+            next_progress = time.monotonic() + self.opts.progress_every
+            start = time.perf_counter()
+            while self._more(frames):
+                frame = self.source.read()
+                if frame is None:
+                    break
+                result = self.engine.process(frame, frames)
+                frames += 1
+                latency_sum += result.latency_ms
+                self.fps.tick()
+                if outputs.shows_frames:
+                    self.draw(frame, result)
+                if not outputs.emit(frame, lambda: self.log_line(frames - 1, result),
+                                    lambda: self.status(frames, result)):
+                    break
+                if not outputs.on_screen and not self.opts.quiet and time.monotonic() >= next_progress:
+                    next_progress = time.monotonic() + self.opts.progress_every
+                    self.report(frames, result)
+        finally:
+            summary = self.finish(frames, time.perf_counter() - start, latency_sum, outputs)
+        return summary
+
+    def _more(self, frames: int) -> bool:
+        return not self.stop.is_set() and (self.opts.frames is None or frames < self.opts.frames) and not (
+            self.until and self.until())
+
+    def draw(self, frame, result) -> None:
+        e = self.engine
+        draw_prediction(frame, e.task, result.prediction, e.proc.labels)
+        progress, label = None, ""
+        if e.cal is not None:
+            progress = e.cal.progress
+            label = f"calibrating {progress:.0%}" if not e.cal.warm else f"calibrated ({e.refuses} re-fuses)"
+        overlay.draw_hud(frame, self.fps.fps, e.noise_text, progress, label)
+
+    def log_line(self, frame_index: int, result) -> dict:
+        e = self.engine
+        line = {"frame": frame_index, "latency_ms": round(result.latency_ms, 3), "calibrating": result.calibrating,
+                "refuses": e.refuses, **log_fields(e.task, result.prediction)}
+        if e.cal is not None:
+            line["progress"] = round(e.cal.progress, 4)
+        if result.sample is not None:
+            line["agreement"] = result.sample
+        return line
+
+    def report(self, frames: int, result) -> None:
+        e = self.engine
+        cal = f"  calibration {e.calibration_text()}" if e.cal else ""
+        self.echo(f"frames {frames}  fps {self.fps.fps:.1f}{cal}  refuses {e.refuses}  "
+                  f"{describe(e.task, result.prediction)}")
+
+    def status(self, frames, result) -> dict:
+        e = self.engine
+        return {"model": self.model_name, "task": e.task, "source": self.source.name,
+                "fps": round(self.fps.fps, 2), "frames": frames, "noise": e.noise_text,
+                "calibration": e.calibration_text(),
+                "calibration_progress": round(e.cal.progress, 4) if e.cal else (1.0 if e.calibrated else None),
+                "noise_pool": self.opts.noise_pool if self.opts.noise_on else None,
+                "refuses": e.refuses, "latency_ms": round(result.latency_ms, 2) if result else None,
+                "result": describe(e.task, result.prediction) if result else None}
+
+    def finish(self, frames, elapsed, latency_sum, outputs) -> dict:
+        """Save the state, close the engine and the outputs, and write the summary to the log."""
+        summary = None
+        try:
+            self.engine.save(frames)
+        finally:
+            with contextlib.suppress(Exception):
+                self.engine.close()
+            summary = self.summary(frames, elapsed, latency_sum)
+            if outputs is not None:
+                outputs.close(summary)
+        return summary
+
+    def summary(self, frames, elapsed, latency_sum) -> dict:
+        e, opts = self.engine, self.opts
+        return {"frames": frames, "fps": round(frames / elapsed, 2) if elapsed > 0 and frames else 0.0,
+                "seconds": round(elapsed, 2),
+                "latency_ms": round(latency_sum / frames, 2) if frames else None,
+                "refuses": e.refuses, "calibrated": e.calibrated,
+                **e.agreement_summary(frames),
+                "calibration": e.calibration_text(),
+                "calibration_progress": round(e.cal.progress, 4) if e.cal else None,
+                "model": self.model_name, "task": e.task, "source": self.source.name,
+                "noise": opts.noise, "eta": opts.eta if opts.noise_on else None, "seed": opts.seed,
+                "noise_options": opts.noise_options, "noise_pool": opts.noise_pool,
+                "mode": opts.mode if e.cal else None, "state": opts.state, "resumed": e.resumed}
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, source=None):
+    """SIGTERM and Ctrl-C set `stop` (the loop finishes its frame, saves and exits); a second Ctrl-C
+    interrupts at once.  Only in the main thread (signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        if source is not None and source.live:  # a camera may be waiting to reconnect: end that wait
+            source.close()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -1,0 +1,71 @@
+"""`edge-cbn stream --state FILE`: resume the calibration on start, save it while calibrating and at
+exit (the files and their atomic writes: `edge_cbn.runtime.state`)."""
+from __future__ import annotations
+
+import time
+
+from ..runtime.refold import Refolder
+from ..runtime.state import Resumed, Saver, Snapshot, StateStore, fingerprint
+from .options import StreamOptions, warn
+
+
+class Persistence:
+    """The state file of one source bundle and stream setup.  Saves need a calibrating stream; a stream
+    that does not calibrate only resumes, serving the saved statistics frozen."""
+
+    def __init__(self, bundle, opts: StreamOptions, *, calibrating: bool):
+        n_bns = len(bundle.meta.get("calibration", {}).get("bns", []))
+        self.name, self.calibrating, self.save_interval = opts.state, calibrating, opts.save_interval
+        self.store = StateStore(opts.state, bundle, fingerprint(
+            bundle, noise=opts.noise, eta=opts.eta if opts.noise_on else 0.0, seed=opts.seed,
+            noise_options=opts.noise_options, mode=opts.mode, stages=min(opts.stages, n_bns) or 1))
+        self.store.remove_stale_temporaries()
+        self.saver = self._saved_model = None
+        if calibrating:
+            self.saver = Saver(self.store, on_error=lambda e: warn(f"cannot save the state to {opts.state}: {e}"))
+            self._saved_model = Refolder(bundle)  # clean weights + calibrated statistics: the model saved
+        self._last_save = time.monotonic()
+
+    @classmethod
+    def open(cls, bundle, opts: StreamOptions, *, calibrating: bool) -> "Persistence | None":
+        """None without --state, or (with a warning) for a bundle without its sidecar."""
+        if not opts.state:
+            return None
+        if not bundle.has_sidecar:
+            warn(f"--state ignored: {bundle.path.name} has no re-fuse sidecar")
+            return None
+        return cls(bundle, opts, calibrating=calibrating)
+
+    def resume(self, calibrator=None) -> Resumed | None:
+        """The saved state, its calibrator part loaded into `calibrator`; None (with a warning, never an
+        exception: whatever is wrong with the file) when there is none or it cannot be used."""
+        if not self.store.path.exists():
+            return None
+        try:
+            # Without calibration the saved statistics are served frozen: mode and stages do not matter.
+            resumed = self.store.load(ignore=() if self.calibrating else ("mode", "stages"))
+            if calibrator is not None:
+                calibrator.load_state_dict(resumed.calibrator)
+        except Exception as e:
+            msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            warn(f"state {self.name} not used ({msg}); starting fresh")
+            return None
+        return resumed
+
+    def due(self, force: bool = False) -> bool:
+        """A save is due: forced, or --save-interval seconds since the last one."""
+        return self.saver is not None and (force or time.monotonic() - self._last_save >= self.save_interval)
+
+    def save(self, stats: dict, calibrator_state: dict, counters: dict) -> None:
+        """Hand a snapshot to the background saver (the newest waiting one wins)."""
+        self._last_save = time.monotonic()
+        self._saved_model.refold(stats)
+        self.saver.submit(Snapshot(stats, calibrator_state, self._saved_model.model_bytes(), counters))
+
+    def flush(self) -> None:
+        if self.saver is not None:
+            self.saver.flush()
+
+    def close(self) -> None:
+        if self.saver is not None:
+            self.saver.close()
