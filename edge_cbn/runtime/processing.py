@@ -26,10 +26,10 @@ def top_k(logits, labels, k: int = 5) -> list[tuple[int, str, float]]:
     """(class_id, label, probability) of the k best classes, best first.  Softmax is applied unless the
     values already form a probability distribution (a model ending in softmax).
 
-    This runs right after an invoke has flushed the caches, where every numpy call costs several times
-    its warm time, so it makes few of them: k argmax passes (the k shown are a handful; measured ≈ 50 µs
-    for k = 3 against ≈ 90 µs for one argpartition), ranked on the raw values (softmax keeps the order),
-    and the distribution test only when the best value could be a probability."""
+    It runs right after an invoke, on cold caches where every numpy call costs several times its warm
+    time, so it makes few calls: k argmax passes on the raw values (k is a handful; softmax keeps the
+    order), and the distribution test only when the best value could be a probability (the timings:
+    docs/BENCHMARKS.md)."""
     v = np.array(logits, np.float64).reshape(-1)  # one float64 copy: the passes mark taken classes in it
     ids, top = [], []
     for _ in range(min(k, v.size)):
