@@ -3,12 +3,8 @@ runs, so the device commands (`stream`, `bench stream`) start without TensorFlow
 from __future__ import annotations
 
 import importlib
-import os
 
 import click
-
-# TensorFlow's C++ start-up chatter (CUDA probing, CPU features) says nothing to a user of these commands.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class LazyGroup(click.Group):

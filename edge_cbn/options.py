@@ -1,6 +1,9 @@
-"""Click options that several commands share, declared once: the model, the LiteRT threads and the
-simulated noise (`--noise`, `--eta`, `--seed`, `--noise-option`, and `evaluate`'s `PRESET:ETA,…` sweeps)."""
+"""Click options that several commands share, declared once: the model, the LiteRT threads, the
+simulated noise (`--noise`, `--eta`, `--seed`, `--noise-option`, and `evaluate`'s `PRESET:ETA,…` sweeps)
+and `--verbose` for TensorFlow's own log."""
 from __future__ import annotations
+
+import os
 
 import click
 
@@ -45,6 +48,17 @@ def _apply(decorators):
             f = decorator(f)
         return f
     return wrap
+
+
+def verbose_option():
+    """`--verbose`: TensorFlow's own start-up and conversion log, silenced otherwise (it is eager, so it
+    acts before the command imports TensorFlow)."""
+    def let_through(ctx, param, value):
+        if value:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+
+    return click.option("--verbose", is_flag=True, is_eager=True, expose_value=False, callback=let_through,
+                        help="Show TensorFlow's own log (start-up notices, conversion warnings).")
 
 
 def noise_options(preset: str, items) -> dict:

@@ -24,3 +24,21 @@ def test_bench_stream_reports_every_figure(tmp_path):
     assert fig["rounds"] == 3 and len(fig["stream_ratios"]) == 3
     assert fig["stream_ratio"] == pytest.approx(sorted(fig["stream_ratios"])[1], abs=1e-3)
     assert fig["calibrating_refuses"] >= 1 and fig["calibrating_frames"] > 0
+
+
+@pytest.mark.slow
+def test_bench_calibrate_reports_speed_memory_and_the_statistics_check(tmp_path):
+    """`bench calibrate` on a few images: edge-cbn's figures, the in-graph statistics within 1e-5 of the
+    float64 reduction, and the torch side reported as skipped when its Python cannot run it."""
+    no_torch = tmp_path / "python-without-torch"
+    no_torch.write_text("#!/bin/sh\necho 'No module named torchvision' >&2\nexit 1\n")
+    no_torch.chmod(0o755)
+    res = CliRunner().invoke(bench, ["calibrate", "--models", "mobilenet_v2", "--images", "6", "--batch-size", "2",
+                                     "--large-batch", "6", "--torch-python", str(no_torch)])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output.strip().splitlines()[-1])["models"]["mobilenet_v2"]
+    assert row["edge_cbn"]["images"] == 6 and row["edge_cbn"]["images_per_s"] > 0
+    assert row["edge_cbn"]["peak_rss_mb"] > 100 and row["edge_cbn_large"]["peak_rss_mb"] > 100
+    assert row["check"]["max_rel_diff"] <= 1e-5
+    assert "torchvision" in row["torch"]["error"] and row["ratio"] is None
+    assert "skipped" in res.output

@@ -111,3 +111,27 @@ def test_photo_sets(model_path):
     res = run(model_path, "--noise", "relative:0.2", "--checkpoints", "12", "--photos", "natural")
     assert res.exit_code == 0, res.output
     assert json.loads(res.output.strip().splitlines()[-1])["photos"] == "natural"
+
+
+def test_offline_reference_runs_at_the_given_batch_size(model_path, monkeypatch):
+    """--offline --batch-size N: Algorithm 1 beside the streaming calibration, in batches of N."""
+    import edge_cbn.convert.build as build
+    import edge_cbn.convert.offline_calibration as oc
+
+    sizes = []
+    real = oc.calibrate_bn
+
+    def recording(model, batches, **kw):
+        batches = list(batches)
+        sizes.append([len(b) for b in batches])
+        return real(model, batches, **kw)
+
+    monkeypatch.setattr(build, "build_model", lambda name: (None, tiny_model(num_classes=4)))
+    monkeypatch.setattr(oc, "calibrate_bn", recording)
+    res = run(model_path, "--noise", "relative:0.2", "--offline", "--batch-size", "5")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["offline_batch_size"] == 5
+    assert sizes == [[5, 5, 2], [5, 5, 2]]  # 12 calibration frames, cumulative and EMA
+    row = out["rows"][0]
+    assert 0 <= row["offline_cumulative"] <= 100 and 0 <= row["offline_ema"] <= 100

@@ -10,6 +10,7 @@ from edge_cbn.runtime.noisy_model import NoisyModel, noise_targets  # noqa: E402
 from edge_cbn.convert.export import export  # noqa: E402
 from edge_cbn.runtime.noise import PRESETS, make_noise  # noqa: E402
 from edge_cbn.runtime.processing import normalise  # noqa: E402
+from edge_cbn.lab.bench_calibrate import float64_statistics  # noqa: E402
 from tiny import PRE, SIZE, pixels, tiny_model  # noqa: E402
 
 
@@ -83,3 +84,59 @@ def test_same_seed_same_noisy_outputs_in_keras_and_tflite(tmp_path, preset):
         np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
     clean = NoisyModel(bundle).run(rgb, 0)[0]
     assert np.abs(got - clean).max() > 1e-3  # the noise did something
+
+
+def assert_close_statistics(got, want, rtol=1e-5):
+    for bn, (mean, var) in want.items():
+        scale = max(np.abs(mean).max(), np.sqrt(var).max())  # near-zero channels: relative to the layer
+        np.testing.assert_allclose(got[bn][0], mean, rtol=rtol, atol=rtol * scale)
+        np.testing.assert_allclose(got[bn][1], var, rtol=rtol, atol=rtol * var.max())
+
+
+def test_in_graph_reduction_equals_float64_activations():
+    """Only (mean, M2) per channel leave TensorFlow; the statistics equal the float64 reduction of the
+    whole activations to 1e-5."""
+    model = tiny_model()
+    (batch,) = batches(1, 32, seed=5)
+    want = float64_statistics(model, batch)
+    assert_close_statistics(calibrate_bn(model, [batch], estimator="cumulative"), want)
+
+
+@pytest.mark.parametrize("estimator", ["cumulative", "ema"])
+def test_micro_batches_equal_the_whole_batch(estimator):
+    """A batch run in micro-batches gives the statistics of the whole batch at once (each BN normalises
+    with the whole batch's statistics), with the same noise draw, for both estimators."""
+    data = batches(2, 24, seed=6)
+
+    def run(micro):
+        model = tiny_model()
+        chip = make_noise("relative", 0.1, seed=2).instantiate(keras_noise_targets(model))
+        return calibrate_bn(model, data, chip=chip, estimator=estimator, momentum=0.5, micro_batch=micro)
+
+    whole = run(None)
+    assert_close_statistics(run(5), whole)
+    if estimator == "ema":
+        return
+    # Averaging micro-batches that each normalise on their own is not the same thing (the test can fail).
+    model = tiny_model()
+    ghost = calibrate_bn(model, [b[i:i + 6] for b in data for i in range(0, 24, 6)], estimator=estimator,
+                         chip=make_noise("relative", 0.1, seed=2).instantiate(keras_noise_targets(model)),
+                         momentum=0.5)
+    with pytest.raises(AssertionError):
+        assert_close_statistics(ghost, whole)
+
+
+def test_prefetched_keeps_order_and_raises_the_producers_error():
+    from edge_cbn.convert.offline_calibration import prefetched
+
+    assert list(prefetched(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("cannot read image x.jpg")
+
+    got = []
+    with pytest.raises(OSError, match="x.jpg"):
+        for item in prefetched(failing()):
+            got.append(item)
+    assert got == [1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import noise_flags, noise_options
+from ..options import noise_flags, noise_options, verbose_option
 from .build import MissingWeights, build_model, export_model
 from .weights.torch_pickle import UnsafeCheckpoint
 
@@ -24,6 +24,9 @@ from .weights.torch_pickle import UnsafeCheckpoint
                    "exporting, under the noise given by --noise/--eta/--seed.")
 @noise_flags(noise_help="Noise preset simulated during --calibrate (see docs/NOISE.md).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Calibration batch size.")
+@click.option("--micro-batch", type=click.IntRange(1), metavar="N",
+              help="Run each calibration batch N images at a time, for batches that do not fit in memory: exact "
+                   "(the same statistics as the whole batch at once) but one pass per BN layer, so slow.")
 @click.option("--momentum", type=click.FloatRange(0, 1), default=0.999, show_default=True,
               help="EMA momentum m of Algorithm 1 (estimator ema).")
 @click.option("--estimator", type=click.Choice(["ema", "cumulative"]), default="cumulative", show_default=True,
@@ -31,8 +34,9 @@ from .weights.torch_pickle import UnsafeCheckpoint
                    "batches (torch update_bn / AIMET). With few images EMA 0.999 barely moves.")
 @click.option("--max-images", type=click.IntRange(1), help="Use at most this many calibration images.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@verbose_option()
 def main(model_name, weights, out, input_size, num_classes, random_weights, calib_dir, noise, eta, seed,
-         noise_option, batch_size, momentum, estimator, max_images, quiet):
+         noise_option, batch_size, micro_batch, momentum, estimator, max_images, quiet):
     """Build MODEL, load its weights, optionally calibrate BN statistics offline under simulated noise,
     fold every BatchNorm and export a float32 TFLite model plus the sidecar and calibration variant
     that on-device re-fusing needs."""
@@ -50,7 +54,8 @@ def main(model_name, weights, out, input_size, num_classes, random_weights, cali
         raise click.ClickException(str(e)) from None
     if calib_dir:
         calibrate(spec, model, calib_dir, quiet=quiet, noise=noise, eta=eta, seed=seed, batch_size=batch_size,
-                  momentum=momentum, estimator=estimator, max_images=max_images, noise_options=options)
+                  micro_batch=micro_batch, momentum=momentum, estimator=estimator, max_images=max_images,
+                  noise_options=options)
     path = export_model(spec, model, out, quiet=quiet)
     if not quiet:
         click.echo(f"wrote {path} and {path.with_suffix('.cbn.npz').name}", err=True)

@@ -16,7 +16,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-import keras
+from .tf_import import keras
 import numpy as np
 import tflite
 
@@ -25,6 +25,7 @@ from ..runtime.bundle import (Bundle, LayerRecord, atomic_write, buffer_span, ca
                               write_sidecar)
 from ..runtime.interpreter import io_indices, make_interpreter, run_interpreter
 from ..runtime.processing import normalise
+from ..runtime.native_log import silenced
 from ..runtime.refold import Refolder
 from .weights.assign import layer_kind
 
@@ -137,7 +138,7 @@ class _DropDeprecationNote(logging.Filter):
 def convert_keras(model, input_hw: tuple[int, int] | None = None) -> bytes:
     """Float32 TFLite flatbuffer of `model` with a fixed (1, H, W, C) input of the model's input dtype
     (no BN folding here)."""
-    import tensorflow as tf
+    from .tf_import import tf
 
     h, w = input_hw or model.input_shape[1:3]
     if h is None or w is None:
@@ -149,7 +150,8 @@ def convert_keras(model, input_hw: tuple[int, int] | None = None) -> bytes:
     try:
         converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        return converter.convert()
+        with silenced():  # the converter's MLIR notices
+            return converter.convert()
     finally:
         logging.getLogger("absl").removeFilter(quiet)
 

@@ -3,10 +3,14 @@ statistics of a Keras model under weight noise, at any batch size.
 
 Each batch runs with freshly drawn temporal noise (the chip's spatial noise fixed by the seed), in training
 mode so that every BN normalises with the batch statistics as PyTorch's train mode does; the batch mean and
-(unbiased) variance of each BN's input then update either an EMA with momentum m (Algorithm 1, starting
-from the source statistics) or a cumulative average (AIMET `reestimate_bn_stats`, torch `update_bn`)."""
+(unbiased) variance of each BN's input (reduced inside TensorFlow, `batch_moments`) then update either an
+EMA with momentum m (Algorithm 1, starting from the source statistics) or a cumulative average (AIMET
+`reestimate_bn_stats`, torch `update_bn`).  Images decode and noise is drawn for the next batch while
+the current one runs."""
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -15,6 +19,7 @@ import numpy as np
 from ..runtime.moments import BatchStatsTracker
 from ..runtime.noise import make_noise
 from ..runtime.processing import normalise
+from .batch_moments import BatchMoments
 from .weights.assign import layer_kind
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -37,26 +42,27 @@ def bn_layers(model) -> list:
 
 
 def calibrate_bn(model, batches: Iterable[np.ndarray], *, chip=None, estimator: str = "ema", momentum: float = 0.999,
-                 progress: Callable[[int], None] | None = None) -> dict:
+                 progress: Callable[[int], None] | None = None, micro_batch: int | None = None) -> dict:
     """Re-estimate BN statistics of `model` in place over `batches` (preprocessed NHWC float32 arrays).
-    `chip` is an instantiated noise source (None: clean).  Returns {bn_name: (mean, var)}."""
-    import keras
-
+    `chip` is an instantiated noise source (None: clean), drawn afresh per batch; `micro_batch`: run
+    larger batches in pieces of this many images (exact, one pass per BN layer: see `batch_moments`).
+    Returns {bn_name: (mean, var)}."""
     bns = bn_layers(model)
-    probe = keras.Model(model.inputs, [bn.input for bn in bns])
+    moments = BatchMoments(model, bns)
     clean = {n: k for n, (_, k) in keras_noise_targets(model).items()}
     trackers = {bn.name: BatchStatsTracker(bn.moving_mean.numpy(), bn.moving_variance.numpy(),
                                            estimator=estimator, momentum=momentum) for bn in bns}
+    noisy_batches = ((batch, None if chip is None else chip.perturb(i)) for i, batch in enumerate(batches))
     try:
-        for i, batch in enumerate(batches):
-            if chip is not None:
-                set_kernels(model, chip.perturb(i))
-            acts = probe(batch, training=True)
-            for bn, a in zip(bns, acts if isinstance(acts, (list, tuple)) else [acts]):
-                a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
-                n = a.shape[0]
-                var = a.var(axis=0) * (n / max(n - 1, 1))  # unbiased, as torch's running_var
-                trackers[bn.name].update(a.mean(axis=0), var)
+        for batch, kernels in prefetched(noisy_batches):  # the next batch decodes and draws its noise meanwhile
+            if kernels is not None:
+                set_kernels(model, kernels)
+            if micro_batch and len(batch) > micro_batch:
+                stats = moments.exact_in_micro_batches(batch, micro_batch)
+            else:
+                stats = moments(batch)
+            for bn, m in zip(bns, stats):
+                trackers[bn.name].update(m.mean, m.var)
             if progress:
                 progress(len(batch))
     finally:
@@ -68,6 +74,43 @@ def calibrate_bn(model, batches: Iterable[np.ndarray], *, chip=None, estimator: 
         bn.moving_variance.assign(var.astype(np.float32))
         stats[bn.name] = (mean, var)
     return stats
+
+
+def prefetched(items: Iterable, depth: int = 1):
+    """Iterate `items` while a background thread produces the next `depth` of them (image decoding and
+    numpy noise draws release the GIL, so they overlap TensorFlow's forward pass).  An exception in the
+    producer is raised here, in order."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((end, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put((end, e))
+
+    thread = threading.Thread(target=produce, name="edge-cbn-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def offline_statistics(keras_model, preset, eta, seed, inputs, *, estimator, batch_size=32, momentum=0.999,
@@ -110,11 +153,12 @@ def image_batches(files, preprocess: dict, input_size: int, batch_size: int):
         yield np.stack([load(f) for f in files[i:i + batch_size]])
 
 
-def calibrate_on_images(spec, model, files, *, noise="none", eta=0.0, seed=0, batch_size=32, momentum=0.999,
-                        estimator="cumulative", noise_options=None, progress=None) -> dict:
+def calibrate_on_images(spec, model, files, *, noise="none", eta=0.0, seed=0, batch_size=32, micro_batch=None,
+                        momentum=0.999, estimator="cumulative", noise_options=None, progress=None) -> dict:
     """Algorithm 1 over the image `files` (see `image_files`) under the given noise, in place on `model`
     (the registered model `spec` says how to preprocess); {bn: (mean, var)}."""
     chip = None if noise == "none" else make_noise(noise, eta, seed, **(noise_options or {})).instantiate(
         keras_noise_targets(model))
     batches = image_batches(files, spec.preprocess, model.input_shape[1], batch_size)
-    return calibrate_bn(model, batches, chip=chip, estimator=estimator, momentum=momentum, progress=progress)
+    return calibrate_bn(model, batches, chip=chip, estimator=estimator, momentum=momentum, progress=progress,
+                        micro_batch=micro_batch)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import click
 import numpy as np
 
-from ..options import model_option, noise_flags, num_threads_option
+from ..options import model_option, noise_flags, num_threads_option, verbose_option
 
 
 def time_per_call(fn, *, warmup=2, min_calls=5, min_seconds=1.0) -> float:
@@ -59,6 +60,7 @@ def random_model(name: str, input_size=None):
 
 
 @click.group()
+@verbose_option()
 def bench():
     """Benchmarks: models (Keras vs TFLite), refuse (re-fuse vs reconversion), stream (FPS)."""
 
@@ -135,3 +137,34 @@ def bench_refuse(names, num_threads):
 
 
 bench.add_command(bench_refuse, "refold")  # the code's word for it
+
+
+@bench.command("calibrate")
+@click.option("--models", "names", default="mobilenet_v2,resnet50", show_default=True,
+              help="Comma-separated model names (random weights; the speed does not depend on them).")
+@click.option("--images", type=click.IntRange(2), default=256, show_default=True,
+              help="Calibration images (crops of the bundled photos, written as JPEGs for both sides).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--large-batch", type=click.IntRange(0), default=256, show_default=True,
+              help="Also run edge-cbn at this batch size, for its peak RSS (0: skip).")
+@num_threads_option(default=2)
+@noise_flags(default="relative", seed=False, noise_option=False, noise_help="Noise preset of edge-cbn's runs "
+             "(torch's update_bn runs clean, as it has no noise).")
+@click.option("--torch-python", default=sys.executable, show_default="this Python",
+              help="The Python that runs the torch side (needs torch and torchvision).")
+def bench_calibrate(names, images, batch_size, large_batch, num_threads, noise, eta, torch_python):
+    """Offline calibration (Algorithm 1) per model against torch's update_bn on the torchvision model of
+    the same architecture: the same images, threads and batch size; steady-state images/s, their ratio,
+    and peak RSS at --batch-size and --large-batch.  Each run is a fresh process."""
+    from .bench_calibrate import bench_calibrate as measure
+
+    result = measure([n for n in names.split(",") if n], images, batch_size, large_batch, num_threads, noise, eta,
+                     torch_python, echo=lambda msg: click.echo(msg, err=True))
+    click.echo(f"{'model':<16} {'edge-cbn img/s':>14} {'torch img/s':>12} {'ratio':>6} "
+               f"{'RSS MB @' + str(batch_size):>12} {'RSS MB @' + str(large_batch):>12}")
+    for name, row in result["models"].items():
+        ours, theirs, large = row["edge_cbn"], row["torch"], row.get("edge_cbn_large") or {}
+        click.echo(f"{name:<16} {ours.get('images_per_s') or '-':>14} "
+                   f"{theirs.get('images_per_s') or 'skipped':>12} {row['ratio'] or '-':>6} "
+                   f"{ours.get('peak_rss_mb') or '-':>12} {large.get('peak_rss_mb') or '-':>12}")
+    emit(result)

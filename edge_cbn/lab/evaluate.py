@@ -14,7 +14,7 @@ import time
 import click
 import numpy as np
 
-from ..options import NoiseSweep, noise_option_flag, noise_options, num_threads_option
+from ..options import NoiseSweep, noise_option_flag, noise_options, num_threads_option, verbose_option
 from ..runtime.bundle import load_bundle
 from ..runtime.device_calibration import DeviceCalibration
 from ..runtime.noise import make_noise
@@ -51,7 +51,7 @@ class CropAgreement:
 
 def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: CropAgreement, *, checkpoints, num_threads=None,
                      pool=8, keras_model=None, keras_cal_x=None, noise_options=None, static_calibration=False,
-                     **calibrator_options) -> dict:
+                     offline_batch_size=32, **calibrator_options) -> dict:
     """One noise setting: agreement uncalibrated, after streaming calibration at each checkpoint and,
     given the Keras model and `keras_cal_x` (the calibration frames normalised for Keras), after offline
     Algorithm 1 (cumulative and EMA 0.999); keys `X` (all crops) and `X_confident`.  `noise_options`:
@@ -82,7 +82,7 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: CropAgreement,
 
         for estimator in ("cumulative", "ema"):
             noisy.set_stats(offline_statistics(keras_model, preset, eta, seed, keras_cal_x, estimator=estimator,
-                                               noise_options=noise_options))
+                                               batch_size=offline_batch_size, noise_options=noise_options))
             record(f"offline_{estimator}")
     return row
 
@@ -171,12 +171,17 @@ def sweep(bundle, settings, seeds, cal_x, agreement, cols, **setting_options) ->
               help="Diagnostic: calibrate with the chip's temporal noise held at its mean (evaluation keeps it), "
                    "which only a simulation can do; shows what per-frame noise costs the calibration.")
 @click.option("--offline", is_flag=True,
-              help="Also run the paper's offline Algorithm 1 in Keras (batch 32; cumulative and EMA 0.999) on the "
-                   "same calibration frames, for comparison (needs TensorFlow and a registered model).")
+              help="Also run the paper's offline Algorithm 1 in Keras (cumulative and EMA 0.999, batches of "
+                   "--batch-size) on the same calibration frames, for comparison (needs TensorFlow and a registered "
+                   "model).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="--offline: Algorithm 1's batch size (the paper: 256 for ImageNet, 8 for COCO, 1 for VOC).")
 @num_threads_option()
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
+@verbose_option()
 def main(model, settings, seeds, noise_option, mode, window, refuse_every, stages, shrink, power, pool, cal_frames,
-         eval_crops, checkpoints, split, photo_set, crop_scale, static_calibration, offline, num_threads, json_out):
+         eval_crops, checkpoints, split, photo_set, crop_scale, static_calibration, offline, batch_size, num_threads,
+         json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's (on all evaluation crops and on
     the confident ones, clean top-1 probability >= 0.5), uncalibrated and after streaming batch-size-1
     calibration on LiteRT, for each noise setting; ends with one JSON line."""
@@ -203,9 +208,11 @@ def main(model, settings, seeds, noise_option, mode, window, refuse_every, stage
     rows = sweep(bundle, settings, [int(s) for s in seeds.split(",")], cal_x, agreement, cols,
                  checkpoints=checkpoints, num_threads=num_threads, pool=pool, keras_model=keras_model,
                  keras_cal_x=keras_cal_x, noise_options=options_by_preset, static_calibration=static_calibration,
+                 offline_batch_size=batch_size,
                  **options)
     result = {"evaluate": "agreement", "model": bundle.meta["model"], "noise_options": list(noise_option),
-              "static_calibration": static_calibration, **options, "pool": pool, "split": split, "photos": photo_set,
+              "static_calibration": static_calibration, **options,
+              **({"offline_batch_size": batch_size} if offline else {}), "pool": pool, "split": split, "photos": photo_set,
               "crop_scale": list(scale), "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
               "rows": rows}
     if json_out:

@@ -6,12 +6,16 @@ Interpreter backends, first available wins: `ai_edge_litert` (x86_64/aarch64 whe
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 
 import numpy as np
 
+from .native_log import silenced
+
 _INTERPRETER_CLS = None
+_FIRST_INTERPRETER = True
 
 
 def interpreter_class():
@@ -37,9 +41,12 @@ def make_interpreter(model_content: bytes | None = None, model_path=None, num_th
     (the interpreter may read weights straight from it)."""
     if (model_content is None) == (model_path is None):
         raise ValueError("pass exactly one of model_content and model_path")
-    it = interpreter_class()(model_content=model_content, model_path=None if model_path is None else
-                             str(model_path), num_threads=num_threads)
-    it.allocate_tensors()
+    global _FIRST_INTERPRETER
+    with silenced() if _FIRST_INTERPRETER else contextlib.nullcontext():  # XNNPACK says hello once
+        it = interpreter_class()(model_content=model_content, model_path=None if model_path is None else
+                                 str(model_path), num_threads=num_threads)
+        it.allocate_tensors()
+    _FIRST_INTERPRETER = False
     return it
 
 

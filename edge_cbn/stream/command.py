@@ -8,7 +8,7 @@ import threading
 
 import click
 
-from ..options import model_option, noise_flags, noise_options, num_threads_option
+from ..options import model_option, noise_flags, noise_options, num_threads_option, verbose_option
 from ..runtime.stream_calibrator import MODES
 from .engine import Engine
 from .loop import StreamLoop, stop_on_signals
@@ -84,6 +84,7 @@ D = StreamOptions  # the defaults
 @click.option("--host", default=D.host, show_default=True, help="Preview address (0.0.0.0: all).")
 @click.option("--log", type=click.Path(dir_okay=False), help="JSON lines: one per frame, then {\"summary\": ...}.")
 @click.option("--quiet", is_flag=True, help="No progress lines (warnings, errors and the summary only).")
+@verbose_option()
 def main(**params):
     """Live inference on a camera, video or image folder (default: the bundled sample clip) under
     simulated analog weight noise, with Calibrated BatchNorm re-estimated on the device at batch size 1.

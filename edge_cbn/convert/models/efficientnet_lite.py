@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-import keras
+from ..tf_import import keras
 from keras import layers
 
 from . import EFFICIENTNET_LITE, register

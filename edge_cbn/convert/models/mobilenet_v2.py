@@ -5,7 +5,7 @@ torchvision pads symmetrically (`padding=(k-1)//2`); for stride 1 that is Keras 
 an explicit `ZeroPadding2D` + "valid" (Keras "same" would pad bottom/right only)."""
 from __future__ import annotations
 
-import keras
+from ..tf_import import keras
 from keras import layers
 
 from . import IMAGENET_TORCH, register

@@ -29,7 +29,7 @@ to `assign_state_dict`.
 """
 from __future__ import annotations
 
-import keras
+from ..tf_import import keras
 from keras import layers
 
 from . import IMAGENET_TORCH, register

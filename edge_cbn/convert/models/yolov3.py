@@ -7,7 +7,7 @@ stride 2.  The model outputs the raw maps feeding the three `[yolo]` layers (str
 is device side (`edge_cbn.detection.decode_yolo`) with `HEAD`."""
 from __future__ import annotations
 
-import keras
+from ..tf_import import keras
 from keras import layers
 
 from . import DARKNET, register
