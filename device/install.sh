@@ -26,6 +26,7 @@ EXTRA_ARGS=""
 PICAMERA2=0
 DO_APT=1
 DO_SERVICE=1
+DRY_RUN=0
 MODEL=""
 
 usage() {
@@ -41,6 +42,7 @@ usage: sudo $0 [options] MODEL.tflite
                    (written to /etc/default/edge-cbn; edit it later and restart the service)
   --no-apt         do not install apt packages
   --no-service     no user, no systemd unit (just the environment and the model)
+  --dry-run        print every command that would change the machine, change nothing
   -h, --help       this help
 
 MODEL.tflite needs MODEL.cbn.npz beside it (re-fuse sidecar) and, for calibration,
@@ -53,6 +55,26 @@ die() {
   exit 1
 }
 
+# Every command that changes the machine goes through run (or write_file): --dry-run prints it instead.
+run() {
+  if [ "$DRY_RUN" = 1 ]; then
+    printf '+'
+    printf ' %q' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+write_file() { # write_file PATH < content
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "+ write $1:"
+    sed 's/^/    /'
+  else
+    cat >"$1"
+  fi
+}
+
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) PREFIX=${2:?--prefix needs a directory}; shift 2 ;;
@@ -63,6 +85,7 @@ while [ $# -gt 0 ]; do
     --picamera2) PICAMERA2=1; shift ;;
     --no-apt) DO_APT=0; shift ;;
     --no-service) DO_SERVICE=0; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     -*) usage >&2; die "unknown option $1" ;;
     *) [ -z "$MODEL" ] || die "one model only (got $MODEL and $1)"; MODEL=$1; shift ;;
@@ -80,15 +103,13 @@ case "$PORT" in '' | *[!0-9]*) die "--port must be a number" ;; esac
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [ -f "$REPO/pyproject.toml" ] || die "$REPO is not an edge-cbn checkout (no pyproject.toml)"
 
-if [ "$DO_APT" = 1 ] || [ "$DO_SERVICE" = 1 ]; then
+if [ "$DRY_RUN" = 0 ] && { [ "$DO_APT" = 1 ] || [ "$DO_SERVICE" = 1 ]; }; then
   [ "$(id -u)" = 0 ] || die "run as root (sudo), or use --no-apt --no-service with writable --prefix/--data"
 fi
 
-arch=$(uname -m)
+arch=${EDGE_CBN_ARCH:-$(uname -m)}
 case "$arch" in
-  aarch64 | x86_64) ;;
-  armv7l) echo "install.sh: warning: 32-bit OS: LiteRT has no wheels here; pip falls back to tflite-runtime" \
-    "(old). Use the 64-bit Raspberry Pi OS." >&2 ;;
+  aarch64 | x86_64 | armv7l) ;;
   *) echo "install.sh: warning: untested architecture $arch" >&2 ;;
 esac
 
@@ -100,70 +121,90 @@ if [ "$DO_APT" = 1 ]; then
   packages=(python3 python3-venv python3-pip ca-certificates v4l-utils)
   [ "$PICAMERA2" = 0 ] || packages+=(python3-picamera2)
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${packages[@]}"
+  run apt-get update -q
+  run apt-get install -y -q --no-install-recommends "${packages[@]}"
+fi
+
+# 32-bit Raspberry Pi OS: PyPI has an armv7l wheel of tflite-runtime 2.14.0 for Python 3.11 but none of
+# numpy<2 or opencv-python-headless (piwheels, which Raspberry Pi OS configures, may have them). Ask the
+# configured index for all three before anything is built, so a board without them is refused in one
+# sentence instead of failing halfway through hours of source builds.
+if [ "$arch" = armv7l ]; then
+  step "armv7l: prebuilt wheels of the runtime's dependencies"
+  armv7l_tags=(--platform linux_armv7l)
+  for glibc in $(seq 17 36); do armv7l_tags+=(--platform "manylinux_2_${glibc}_armv7l"); done
+  run python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 "${armv7l_tags[@]}" \
+    -d "${TMPDIR:-/tmp}/edge-cbn-armv7l" 'numpy<2' opencv-python-headless tflite-runtime >/dev/null 2>&1 ||
+    die "32-bit Raspberry Pi OS (armv7l): no prebuilt wheel of numpy<2 or opencv-python-headless for" \
+      "Python 3.11 on the configured package index (PyPI has none); install the 64-bit Raspberry Pi OS" \
+      "or configure piwheels (device/README.md)."
 fi
 
 # 2. Virtual environment with the runtime-only package ----------------------------------------------------
 step "virtual environment in $PREFIX"
 venv_flags=()
 pip_flags=()
-workdir=$(mktemp -d)
-trap 'rm -rf "$workdir"' EXIT
+if [ "$DRY_RUN" = 1 ]; then
+  workdir=/tmp/edge-cbn-install.XXXXXX
+else
+  workdir=$(mktemp -d)
+  trap 'rm -rf "$workdir"' EXIT
+fi
 if [ "$PICAMERA2" = 1 ]; then
   # picamera2 comes from apt: let the venv see the system packages, and keep the system numpy that
   # picamera2's compiled parts were built against (pip then picks an OpenCV wheel that supports it).
   venv_flags+=(--system-site-packages)
   sys_numpy=$(python3 -c 'import numpy; print(numpy.__version__)' 2>/dev/null) ||
     die "--picamera2: the system numpy is missing (apt install python3-numpy python3-picamera2)"
-  echo "numpy==$sys_numpy" >"$workdir/constraints.txt"
+  echo "numpy==$sys_numpy" | write_file "$workdir/constraints.txt"
   pip_flags+=(--constraint "$workdir/constraints.txt")
 fi
-python3 -m venv "${venv_flags[@]}" "$PREFIX"
-"$PREFIX/bin/python" -m pip install -q --upgrade pip
+run python3 -m venv "${venv_flags[@]}" "$PREFIX"
+run "$PREFIX/bin/python" -m pip install -q --upgrade pip
 # Build from a copy so the checkout stays clean (pip builds in the source tree).
-mkdir "$workdir/src"
-tar -C "$REPO" --exclude=.git --exclude=build --exclude='*.egg-info' --exclude=__pycache__ \
-  --exclude=.pytest_cache --exclude=tests --exclude=.benchmarks -cf - . | tar -C "$workdir/src" -xf -
+run mkdir "$workdir/src"
+run tar -C "$REPO" --exclude=.git --exclude=build --exclude='*.egg-info' --exclude=__pycache__ \
+  --exclude=.pytest_cache --exclude=tests --exclude=.benchmarks -cf "$workdir/src.tar" .
+run tar -C "$workdir/src" -xf "$workdir/src.tar"
 # Base dependencies only: no [convert] extra, so no TensorFlow on the board.
-"$PREFIX/bin/python" -m pip install -q "${pip_flags[@]}" "$workdir/src"
-"$PREFIX/bin/edge-cbn" --version
-if "$PREFIX/bin/python" -c 'import tensorflow' 2>/dev/null; then
+run "$PREFIX/bin/python" -m pip install -q "${pip_flags[@]}" "$workdir/src"
+run "$PREFIX/bin/edge-cbn" --version
+if [ "$DRY_RUN" = 0 ] && "$PREFIX/bin/python" -c 'import tensorflow' 2>/dev/null; then
   echo "install.sh: warning: TensorFlow is importable in $PREFIX (not needed on the device)" >&2
 fi
 
 # 3. The model bundle -------------------------------------------------------------------------------------
 step "model bundle into $DATA"
-mkdir -p "$DATA"
+run mkdir -p "$DATA"
 name=$(basename "$MODEL")
 # Keep the exported names (the sidecar refers to the calibration variant by its file name) and point
 # model.tflite / model.cbn.npz at them.
-install -m 0644 "$MODEL" "$DATA/$name"
-install -m 0644 "$SIDECAR" "$DATA/${name%.tflite}.cbn.npz"
+run install -m 0644 "$MODEL" "$DATA/$name"
+run install -m 0644 "$SIDECAR" "$DATA/${name%.tflite}.cbn.npz"
 if [ -f "$CALIB" ]; then
-  install -m 0644 "$CALIB" "$DATA/${name%.tflite}.calib.tflite"
+  run install -m 0644 "$CALIB" "$DATA/${name%.tflite}.calib.tflite"
 else
   echo "install.sh: warning: $CALIB missing: the stream will run but cannot calibrate" >&2
 fi
 if [ "$name" != model.tflite ]; then
-  ln -sfn "$name" "$DATA/model.tflite"
-  ln -sfn "${name%.tflite}.cbn.npz" "$DATA/model.cbn.npz"
+  run ln -sfn "$name" "$DATA/model.tflite"
+  run ln -sfn "${name%.tflite}.cbn.npz" "$DATA/model.cbn.npz"
 fi
 
 # 4. Service ------------------------------------------------------------------------------------------------
 if [ "$DO_SERVICE" = 1 ]; then
   step "service user $SERVICE_USER and edge-cbn.service"
   if ! id "$SERVICE_USER" >/dev/null 2>&1; then
-    useradd --system --home-dir "$DATA" --no-create-home --shell /usr/sbin/nologin "$SERVICE_USER"
+    run useradd --system --home-dir "$DATA" --no-create-home --shell /usr/sbin/nologin "$SERVICE_USER"
   fi
   for group in video render; do
-    if getent group "$group" >/dev/null; then usermod -a -G "$group" "$SERVICE_USER"; fi
+    if getent group "$group" >/dev/null; then run usermod -a -G "$group" "$SERVICE_USER"; fi
   done
-  chown -R "$SERVICE_USER:" "$DATA"
+  run chown -R "$SERVICE_USER:" "$DATA"
   args="$EXTRA_ARGS"
   [ "$PICAMERA2" = 0 ] || args="--picamera2 $args"
   if [ ! -f /etc/default/edge-cbn ] || [ -n "$args" ]; then
-    cat >/etc/default/edge-cbn <<EOF
+    write_file /etc/default/edge-cbn <<EOF
 # Extra flags for 'edge-cbn stream' (see: $PREFIX/bin/edge-cbn stream --help), e.g.
 #   EDGE_CBN_ARGS="--noise relative --eta 0.05"
 # then: sudo systemctl restart edge-cbn
@@ -172,10 +213,10 @@ EOF
   fi
   sed -e "s|/opt/edge-cbn|$PREFIX|g" -e "s|/var/lib/edge-cbn|$DATA|g" \
     -e "s|^User=.*|User=$SERVICE_USER|" -e "s|--serve 8080|--serve $PORT|" \
-    "$REPO/device/edge-cbn.service" >/etc/systemd/system/edge-cbn.service
-  systemctl daemon-reload
-  systemctl enable edge-cbn.service
-  systemctl restart edge-cbn.service
+    "$REPO/device/edge-cbn.service" | write_file /etc/systemd/system/edge-cbn.service
+  run systemctl daemon-reload
+  run systemctl enable edge-cbn.service
+  run systemctl restart edge-cbn.service
   host=$(hostname -I 2>/dev/null | awk '{print $1}')
   step "done: preview at http://${host:-<board address>}:$PORT/   logs: journalctl -u edge-cbn -f"
 else

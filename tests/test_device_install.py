@@ -15,8 +15,9 @@ INSTALL = REPO / "device" / "install.sh"
 
 def test_install_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(INSTALL)], check=True)
-    if shutil.which("shellcheck"):
-        subprocess.run(["shellcheck", str(INSTALL)], check=True)
+    for script in (INSTALL, REPO / "device" / "emulate.sh"):
+        if shutil.which("shellcheck") or os.environ.get("CI"):  # CI installs it (.ci/run)
+            subprocess.run(["shellcheck", str(script)], check=True)
     unit = (REPO / "device" / "edge-cbn.service").read_text()
     assert "Restart=on-failure" in unit
     for flag in ("--camera 0", "--headless", "--serve 8080", "--host 0.0.0.0", "--state /var/lib/edge-cbn/state.npz",
@@ -54,3 +55,37 @@ def test_device_install_runs_without_tensorflow(tmp_path):
     summary = json.loads(log.read_text().splitlines()[-1])["summary"]
     assert summary["refuses"] >= 1 and summary["calibrated"]
     assert (data / "state.calibrated.tflite").is_file()
+
+
+def fake_bundle(folder: Path) -> Path:
+    model = folder / "m.tflite"
+    for path in (model, folder / "m.cbn.npz", folder / "m.calib.tflite"):
+        path.write_bytes(b"x")
+    return model
+
+
+def test_dry_run_prints_every_command_and_changes_nothing(tmp_path):
+    model = fake_bundle(tmp_path)
+    prefix, data = tmp_path / "venv", tmp_path / "data"
+    out = subprocess.run(["bash", str(INSTALL), "--dry-run", "--prefix", str(prefix), "--data", str(data),
+                          "--args", "--noise relative", str(model)], capture_output=True, text=True, check=True).stdout
+    for command in ("+ apt-get install", f"+ python3 -m venv {prefix}", f"{prefix}/bin/python -m pip install",
+                    f"+ install -m 0644 {model}", "+ useradd --system", "+ systemctl enable edge-cbn.service",
+                    "+ write /etc/default/edge-cbn:", 'EDGE_CBN_ARGS="--noise relative"',
+                    "+ write /etc/systemd/system/edge-cbn.service:", f"--model {data}/model.tflite"):
+        assert command in out, command
+    assert not prefix.exists() and not data.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.calib.tflite", "m.cbn.npz", "m.tflite"]
+
+
+def test_a_32_bit_board_without_wheels_is_refused_with_one_sentence(tmp_path):
+    """armv7l: PyPI has no numpy<2 or opencv-python-headless wheel for it, so install.sh asks the index
+    first and stops before building anything (pip may ask the registry: a few seconds)."""
+    prefix = tmp_path / "venv"
+    done = subprocess.run(["bash", str(INSTALL), "--no-apt", "--no-service", "--prefix", str(prefix), "--data",
+                           str(tmp_path / "data"), str(fake_bundle(tmp_path))], capture_output=True, text=True,
+                          env=dict(os.environ, EDGE_CBN_ARCH="armv7l"))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and "64-bit Raspberry Pi OS" in done.stderr
+    assert "numpy<2 or opencv-python-headless" in done.stderr
+    assert not prefix.exists()
