@@ -65,6 +65,7 @@ def calibrate_bn(model, batches: Iterable[np.ndarray], *, chip=None, estimator: 
                 trackers[bn.name].update(m.mean, m.var)
             if progress:
                 progress(len(batch))
+            del batch, kernels  # so that the prefetcher may make the next ones in their place
     finally:
         set_kernels(model, clean)
     stats = {}
@@ -78,29 +79,24 @@ def calibrate_bn(model, batches: Iterable[np.ndarray], *, chip=None, estimator: 
 
 def prefetched(items: Iterable, depth: int = 1):
     """Iterate `items` while a background thread produces the next `depth` of them (image decoding and
-    numpy noise draws release the GIL, so they overlap TensorFlow's forward pass).  An exception in the
-    producer is raised here, in order."""
-    q: queue.Queue = queue.Queue(depth)
+    numpy noise draws release the GIL, so they overlap TensorFlow's forward pass).  An item is made only
+    when fewer than `depth` + 1 are alive (the consumer's, once it asks for the next, counts as done; it
+    should drop its reference by then), which bounds memory: a batch and its noisy kernels each.  An
+    exception in the producer is raised here, in order."""
+    q: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(depth + 1)
     stop = threading.Event()
     end = object()
 
     def produce():
         try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
+            for item in _when_free(iter(items), slots, stop):
+                q.put((item, None))
             q.put((end, None))
         except BaseException as e:  # handed to the consumer, raised there
             q.put((end, e))
 
-    thread = threading.Thread(target=produce, name="edge-cbn-prefetch", daemon=True)
-    thread.start()
+    threading.Thread(target=produce, name="edge-cbn-prefetch", daemon=True).start()
     try:
         while True:
             item, error = q.get()
@@ -109,8 +105,25 @@ def prefetched(items: Iterable, depth: int = 1):
             if item is end:
                 return
             yield item
+            del item
+            slots.release()  # the consumer asks for the next one: it is done with this one
     finally:
         stop.set()
+        slots.release()
+
+
+def _when_free(iterator, slots, stop):
+    """The items of `iterator`, each made only once `slots` has a free slot (and never after `stop`)."""
+    while True:
+        while not slots.acquire(timeout=0.1):
+            if stop.is_set():
+                return
+        if stop.is_set():
+            return
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
 
 
 def offline_statistics(keras_model, preset, eta, seed, inputs, *, estimator, batch_size=32, momentum=0.999,

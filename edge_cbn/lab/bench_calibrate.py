@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from .statistics import relative_difference
+
 TORCH_ARCH = {"mobilenet_v2": "mobilenet_v2", "resnet50": "resnet50", "resnet18": "resnet18",
               "resnet34": "resnet34", "resnet101": "resnet101", "wide_resnet50_2": "wide_resnet50_2"}
 
@@ -83,15 +85,6 @@ def float64_statistics(model, batch) -> dict:
     return out
 
 
-def max_relative_difference(got: dict, want: dict) -> float:
-    """Largest difference of means and variances, relative to each layer's largest |mean| / variance."""
-    worst = 0.0
-    for bn, (mean, var) in want.items():
-        worst = max(worst, float(np.abs(got[bn][0] - mean).max() / max(np.abs(mean).max(), 1e-12)),
-                    float(np.abs(got[bn][1] - var).max() / max(var.max(), 1e-12)))
-    return worst
-
-
 def check_side(model_name, files, batch_size, noise, eta) -> dict:
     """The fast path's statistics of the first batch against `float64_statistics`, same noise draw."""
     from ..convert import models as zoo
@@ -104,7 +97,7 @@ def check_side(model_name, files, batch_size, noise, eta) -> dict:
     chip = make_noise(noise, eta, 0).instantiate(keras_noise_targets(model))
     fast = calibrate_bn(model, [batch], chip=chip, estimator="cumulative")
     set_kernels(model, chip.perturb(0))
-    return {"max_rel_diff": float(f"{max_relative_difference(fast, float64_statistics(model, batch)):.3g}")}
+    return {"max_rel_diff": float(f"{relative_difference(fast, float64_statistics(model, batch)):.3g}")}
 
 
 def torch_side(model_name, files, batch_size, threads) -> dict:
