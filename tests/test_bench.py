@@ -16,7 +16,7 @@ def test_bench_stream_reports_every_figure(tmp_path):
     path = export(tiny_model(num_classes=4), tmp_path / "m.tflite", name="tiny", task="classification",
                   preprocess=PRE, labels=list("abcd"))
     res = CliRunner().invoke(bench, ["stream", "--model", str(path), "--frames", "20", "--rounds", "3",
-                                     "--num-threads", "1"])
+                                     "--num-threads", "1", "--memory-frames", "30"])
     assert res.exit_code == 0, res.output
     fig = json.loads(res.output.strip().splitlines()[-1])
     for key in ("raw_fps", "stream_fps", "noisy_stream_fps", "calibrating_fps", "noise_ms_per_frame"):
@@ -24,6 +24,10 @@ def test_bench_stream_reports_every_figure(tmp_path):
     assert fig["rounds"] == 3 and len(fig["stream_ratios"]) == 3
     assert fig["stream_ratio"] == pytest.approx(sorted(fig["stream_ratios"])[1], abs=1e-3)
     assert fig["calibrating_refuses"] >= 1 and fig["calibrating_frames"] > 0
+    rss = fig["peak_rss_mb"]  # each configuration in its own process: the noisier, the larger
+    assert len(rss) == 4 and all(mb > 30 for mb in rss.values())
+    clean, defaults = rss["clean (no --noise)"], rss["calibrating, agreement every 10 (defaults)"]
+    assert clean < defaults
 
 
 @pytest.mark.slow

@@ -103,14 +103,18 @@ def bench_models(names, num_threads, input_size):
 @noise_flags(default="relative", seed=False, noise_option=False, noise_help="Noise preset of the noisy runs.")
 @click.option("--rounds", type=click.IntRange(1), default=9, show_default=True,
               help="Alternations of the bare invoke and the clean stream; the ratio is their median.")
-def bench_stream(model, num_threads, frames, noise, eta, rounds):
+@click.option("--memory-frames", type=click.IntRange(0), default=1000, show_default=True,
+              help="Frames of each peak-RSS run: the stream per configuration (clean, noisy, calibrating, with "
+                   "agreement sampling), each in a fresh process (device/README.md); 0: skip them.")
+def bench_stream(model, num_threads, frames, noise, eta, rounds, memory_frames):
     """Frames per second of `edge-cbn stream` on the bundled sample clip (headless with no outputs, so no
     overlay is drawn; no agreement passes), measured in one run on one model and thread count: raw LiteRT
     invoke, the clean stream, the noisy stream (pooled and exact temporal noise), and calibrating over the
-    warm-up; plus the per-frame cost of exact noise and the cost of one re-fuse."""
+    warm-up; plus the per-frame cost of exact noise, the cost of one re-fuse and the peak RSS per
+    configuration."""
     from .bench_stream import StreamBench
 
-    StreamBench(model, num_threads, frames, noise, eta, rounds).run()
+    StreamBench(model, num_threads, frames, noise, eta, rounds).run(memory_frames)
 
 
 @bench.command("refuse")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import subprocess
+import sys
 import time
 
 import click
@@ -16,6 +18,14 @@ from ..runtime.processing import Processor
 from ..stream import Engine, StreamLoop, StreamOptions, load_model, open_frames
 from .bench import emit, invoke_fn, perturbed_stats, time_per_call
 
+# Peak RSS of `edge-cbn stream` per configuration, each in a fresh process (device/README.md's table).
+MEMORY_CONFIGS = [
+    ("clean (no --noise)", []),
+    ("noisy, not calibrating, no agreement", ["--noise", "{preset}", "--eta", "{eta}", "--no-calibrate",
+                                              "--agreement-every", "0"]),
+    ("calibrating, no agreement", ["--noise", "{preset}", "--eta", "{eta}", "--agreement-every", "0"]),
+    ("calibrating, agreement every 10 (defaults)", ["--noise", "{preset}", "--eta", "{eta}"]),
+]
 ROWS = [("raw LiteRT invoke (fps)", "raw_fps"), ("invoke without XNNPACK (ms)", "no_xnnpack_invoke_ms"),
         ("clean stream (fps)", "stream_fps"), ("clean stream / raw invoke", "stream_ratio"),
         ("noisy stream, pool {pool} (fps)", "noisy_stream_fps"), ("noisy stream, exact (fps)", "noisy_exact_stream_fps"),
@@ -48,7 +58,7 @@ class StreamBench:
                                  until=None if n_frames else (lambda: engine.converged)).run()
         return summary["fps"], summary, engine
 
-    def run(self) -> None:
+    def run(self, memory_frames: int = 1000) -> None:
         self.stream_fps(self.frames // 4)  # warm caches and the video decoder: the first stream is slower
         self.clean_against_raw()
         self.noisy_and_calibrating()
@@ -57,7 +67,30 @@ class StreamBench:
         for label, key in ROWS:
             value = self.fig[key]
             click.echo(f"  {label.format(pool=self.base.noise_pool):<40} {value if value is not None else '-':>10}")
+        if memory_frames:
+            self.fig.update(peak_rss_mb={}, memory_frames=memory_frames)
+            for label, flags in MEMORY_CONFIGS:
+                mb = self.fig["peak_rss_mb"][label] = self.peak_rss_mb(flags, memory_frames)
+                click.echo(f"  {'peak RSS (MB), ' + label:<56} {mb:>10}")
         emit(self.fig)
+
+    def peak_rss_mb(self, flags, frames: int) -> float:
+        """Peak RSS of `edge-cbn stream` with `flags` over `frames` frames of the sample clip, in a fresh
+        process: its VmHWM at exit (rusage's maxrss of a child counts this process's size at the fork)."""
+        args = [a.format(preset=self.preset, eta=self.eta) for a in flags]
+        code = ("import atexit, sys\n"
+                "def peak():\n"
+                "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+                "    print('peak-rss-kb', hwm, file=sys.stderr)\n"
+                "atexit.register(peak)\n"
+                "from edge_cbn.cli import main; main()")
+        done = subprocess.run([sys.executable, "-c", code, "stream", "--model", str(self.bundle.path), "--frames",
+                               str(frames), "--headless", "--quiet", "--num-threads", str(self.num_threads),
+                               *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        lines = [line for line in done.stderr.splitlines() if line.startswith("peak-rss-kb")]
+        if done.returncode != 0 or not lines:
+            raise click.ClickException(f"stream {' '.join(args)} failed: {done.stderr.strip()}")
+        return round(int(lines[-1].split()[1]) / 1024, 1)
 
     def clean_against_raw(self) -> None:
         """The bare invoke and the clean stream alternate, `rounds` times: this shared machine's speed
