@@ -128,3 +128,24 @@ def test_prior_mode_weights_source_by_prior_strength(exported):
     for bn, (m, v) in prior.statistics().items():
         np.testing.assert_allclose(m, 0.5 * absolute.source[bn][0] + 0.5 * absolute.statistics()[bn][0],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_the_clean_calibration_variant_gives_the_models_outputs_bit_for_bit(exported):
+    """What lets the stream's agreement sampling take the clean model's outputs from the clean variant
+    it already runs (one model less in memory)."""
+    _, bundle = exported
+    model, variant = NoisyModel(bundle), NoisyModel(bundle.calibration_variant())
+    for x in frames(3):
+        want, got = model.run(x, 0), variant.run(x, 0)
+        assert len(got) == len(want) + 1
+        for a, b in zip(want, got[:-1]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_refolders_of_a_bundle_and_its_variant_share_one_read_only_kernel_copy(exported):
+    from edge_cbn.runtime.refold import Refolder
+
+    _, bundle = exported
+    a, b = Refolder(bundle), Refolder(bundle.calibration_variant())
+    for name, slot in a.layers.items():
+        assert slot.kernel is b.layers[name].kernel and not slot.kernel.flags.writeable

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import tflite
 
+from . import fold
+
 FORMAT = 1
 SIDECAR_SUFFIX = ".cbn.npz"
 _BN_FIELDS = ("gamma", "beta", "mean", "var")
@@ -50,6 +52,18 @@ class Bundle:
     model_bytes: bytes
     meta: dict
     layers: list[LayerRecord]
+    # TFLite-layout copies of the unfolded kernels, made once and shared (read-only) by every Refolder of
+    # this bundle and of its calibration variant: one copy of the weights instead of one per model.
+    _tflite_kernels: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def tflite_kernel(self, rec: "LayerRecord") -> np.ndarray:
+        """`rec`'s unfolded kernel in TFLite layout, float32, read-only, shared."""
+        kernel = self._tflite_kernels.get(rec.name)
+        if kernel is None:
+            kernel = np.ascontiguousarray(fold.to_tflite(rec.kind, np.asarray(rec.kernel, np.float32)))
+            kernel.setflags(write=False)
+            self._tflite_kernels[rec.name] = kernel
+        return kernel
 
     @property
     def has_sidecar(self) -> bool:
@@ -78,7 +92,7 @@ class Bundle:
         path = self.path.with_name(cal["file"])
         layers = [dataclasses.replace(rec, w_buffer=cal["buffers"][rec.name][0],
                                       b_buffer=cal["buffers"][rec.name][1]) for rec in self.layers]
-        return Bundle(path, path.read_bytes(), self.meta, layers)
+        return Bundle(path, path.read_bytes(), self.meta, layers, self._tflite_kernels)
 
     def layer(self, name: str) -> LayerRecord:
         for rec in self.layers:

@@ -72,7 +72,14 @@ class NoisyModel:
                                                    num_threads=self.num_threads)]
             return
         if self.folded is not None and self.per_frame:
-            self._interpreters = [self._noisy_interpreter(_POOL_FRAME0 + j) for j in range(self.pool)]
+            # One state at a time, each replacing its predecessor as soon as it is built: a refold holds
+            # one interpreter more, not a second pool (frames served meanwhile may still meet old states).
+            for j in range(self.pool):
+                state = self._noisy_interpreter(_POOL_FRAME0 + j)
+                if j < len(self._interpreters):
+                    self._interpreters[j] = state
+                else:
+                    self._interpreters.append(state)
             return
         if self.folded is not None:
             self.folded.write(0, self._views)

@@ -23,14 +23,14 @@ from .interpreter import make_interpreter
 class _Slot:
     """Mutable state of one layer: views into the flatbuffer plus the current unfolded tensors."""
 
-    def __init__(self, rec, w, b):
-        self.rec, self.kind, self.w, self.b = rec, rec.kind, w, b
+    def __init__(self, rec, w, b, kernel):
+        self.rec, self.kind, self.w, self.b, self._source_kernel = rec, rec.kind, w, b, kernel
         self.reset()
         self.dirty = False  # the model as loaded already holds the bundle's folded tensors
 
     def reset(self):
         rec = self.rec
-        self.kernel = np.ascontiguousarray(fold.to_tflite(self.kind, np.asarray(rec.kernel, np.float32)))
+        self.kernel = self._source_kernel  # shared and read-only: replaced, never written in place
         self.mean, self.var = rec.mean, rec.var
         self.dirty = True
 
@@ -68,7 +68,7 @@ class Refolder:
                 raise ValueError(f"layer {rec.name!r} has BN {rec.bn!r} but no bias buffer in the sidecar")
             b = None if rec.b_buffer is None else self._view(
                 model, rec.b_buffer, (fold.out_channels(rec.kind, shape),), rec.name, used)
-            slot = self.layers[rec.name] = _Slot(rec, w, b)
+            slot = self.layers[rec.name] = _Slot(rec, w, b, bundle.tflite_kernel(rec))
             if rec.bn:
                 self._by_bn[rec.bn] = slot
 
