@@ -1,7 +1,4 @@
 """Device runtime: preprocessing, invoke, postprocessing per task, refolded statistics."""
-import subprocess
-import sys
-
 import cv2
 import numpy as np
 import pytest

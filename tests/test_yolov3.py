@@ -3,8 +3,6 @@ format (handwritten fixture files, truncation/leftover refusal, header variants,
 and the device-side decode / NMS / letterbox."""
 import math
 import re
-import subprocess
-import sys
 
 import keras
 import numpy as np
