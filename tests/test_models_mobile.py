@@ -66,7 +66,9 @@ def torch_mobilenet_v2(sd, x):
     return F.linear(x, _t(sd, "classifier.1.weight"), _t(sd, "classifier.1.bias"))
 
 
-LITE_REPEATS = {"efficientnet_lite0": [1, 2, 2, 3, 3, 4, 1], "efficientnet_lite2": [1, 3, 3, 4, 4, 5, 1]}
+# ceil(depth coefficient x repeats), the first and last stages kept at 1 (Lite1: 1.1, Lite2: 1.2).
+LITE_REPEATS = {"efficientnet_lite0": [1, 2, 2, 3, 3, 4, 1], "efficientnet_lite1": [1, 3, 3, 4, 4, 5, 1],
+                "efficientnet_lite2": [1, 3, 3, 4, 4, 5, 1]}
 LITE_STRIDES = [1, 2, 2, 2, 1, 2, 1]
 
 
@@ -102,7 +104,7 @@ def _reference(name, sd, x):
     return torch_efficientnet_lite(sd, x, LITE_REPEATS[name])
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite2"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_parity_with_torch_reference(name):
     # At 67 px TF "same" pads the stride-2 layers both symmetrically (67->34, 9->5) and asymmetrically
     # (34->17, 1 pixel bottom/right only); at 64 px torch's symmetric pads differ from Keras "same".
