@@ -3,6 +3,7 @@ import itertools
 import logging
 import sys
 import types
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -321,3 +322,15 @@ def test_prefetched_close_stops_the_reader_and_closes_the_source(fake_camera):
     src.close()
     assert not src._thread.is_alive() and src.source.closed and src.read() is None
     assert fake_camera.instances[-1].released
+
+
+def test_sample_clip_credits_every_photo():
+    """The CC BY 2.0 photos are attributed in the clip's JSON (and samples/README.md), the rest too."""
+    info = sample.sample_info()
+    credits = {p["name"]: p["credit"] for p in info["photos"]}
+    assert len(credits) == len(info["photos"]) and all(credits.values())
+    for name in ("china", "flower"):
+        assert "CC BY 2.0" in credits[name] and "creativecommons.org/licenses/by/2.0" in credits[name]
+    readme = (Path(__file__).parents[1] / "samples" / "README.md").read_text()
+    assert readme.count("CC BY 2.0") >= 2 and (Path(__file__).parents[1] / "LICENSE").read_text().startswith(
+        " " * 33 + "Apache License")

@@ -36,6 +36,19 @@ PHOTOS = [
      (0.55, 0.45, 0.80)),
 ]
 
+# Who took each photo and under which terms (from the shipping package's docs; written to the JSON).
+CREDITS = {
+    "chelsea": "Stefan van der Walt, CC0 (scikit-image)",
+    "coffee": "Rachel Michetti, CC0 (scikit-image)",
+    "astronaut": "NASA (Eileen Collins), public domain (scikit-image)",
+    "rocket": "SpaceX (DSCOVR launch on Falcon 9), public domain (scikit-image)",
+    "motorcycle": "Middlebury 2014 stereo dataset, Scharstein et al., GCPR 2014 (scikit-image)",
+    "china": "danielbuechele on Flickr (photos/danielbuechele/6061409035), CC BY 2.0 "
+             "(https://creativecommons.org/licenses/by/2.0/), shipped by scikit-learn",
+    "flower": "Flickr photos/vultilion/6056698931 (scikit-learn's README names danielbuechele), CC BY 2.0 "
+              "(https://creativecommons.org/licenses/by/2.0/), shipped by scikit-learn",
+}
+
 
 def load_photos() -> Dict[str, np.ndarray]:
     """The clip's source photos as RGB uint8 arrays by name (needs the `data` extra)."""
@@ -88,6 +101,7 @@ def make_sample(out: Path, fps: int = FPS, size=SIZE, seconds_per_photo: float =
         raise RuntimeError(f"cannot write {out} with the mp4v codec")
     entries = []
     for name, loader, subject, start, end in PHOTOS:
+        credit = CREDITS[name]
         rgb = photos[name]
         h, w = rgb.shape[:2]
         boxes = [_crop_box((w, h), (start, end), i / (per_photo - 1), aspect) for i in range(per_photo)]
@@ -97,7 +111,8 @@ def make_sample(out: Path, fps: int = FPS, size=SIZE, seconds_per_photo: float =
         for box in boxes:
             writer.write(_render(bgr, [v * shrink for v in box], tuple(size)))
         first = len(entries) * per_photo
-        entries.append({"name": name, "source": loader, "subject": subject, "photo_size": [w, h],
+        entries.append({"name": name, "source": loader, "subject": subject, "credit": credit,
+                        "photo_size": [w, h],
                         "first_frame": first, "last_frame": first + per_photo - 1,
                         "start_s": first / fps, "end_s": (first + per_photo) / fps,
                         "crops": [[round(v, 1) for v in b] for b in boxes]})
