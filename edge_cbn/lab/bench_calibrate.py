@@ -20,10 +20,6 @@ import numpy as np
 
 from .statistics import relative_difference
 
-TORCH_ARCH = {"mobilenet_v2": "mobilenet_v2", "resnet50": "resnet50", "resnet18": "resnet18",
-              "resnet34": "resnet34", "resnet101": "resnet101", "wide_resnet50_2": "wide_resnet50_2"}
-
-
 def write_images(folder, n: int, size: int = 256, seed: int = 0) -> list[str]:
     """`n` JPEG crops of the photos the data extra ships (the same files for every run)."""
     import cv2
@@ -108,7 +104,7 @@ def torch_side(model_name, files, batch_size, threads) -> dict:
     from ..convert.offline_calibration import image_batches
 
     torch.set_num_threads(threads)
-    model = getattr(torchvision.models, TORCH_ARCH[model_name])(weights=None)
+    model = getattr(torchvision.models, model_name)(weights=None)  # the zoo uses torchvision's names
     spec = zoo.get_spec(model_name)
     batches = (torch.from_numpy(b).permute(0, 3, 1, 2).contiguous()
                for b in image_batches(files, spec.preprocess, spec.input_size, batch_size))
