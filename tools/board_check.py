@@ -61,8 +61,14 @@ def run(cmd, **kwargs) -> subprocess.CompletedProcess:
     return done
 
 
+def platform_flags(platforms) -> list[str]:
+    """pip's `--platform TAG` for each tag."""
+    return [flag for tag in platforms for flag in ("--platform", tag)]
+
+
 def ensure_qemu() -> str:
     if not shutil.which("qemu-aarch64-static"):
+        run(["apt-get", "update", "-q"])  # a fresh machine may have no package lists yet
         run(["apt-get", "install", "-y", "-q", "qemu-user-static"],
             env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
     return shutil.which("qemu-aarch64-static")
@@ -114,7 +120,7 @@ def board_site(cache: Path) -> Path:
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", project, REPO])
     (wheel,) = project.glob("edge_cbn-*.whl")
     pick = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", "3.11",
-            "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "-d", wheels,
+            "--implementation", "cp", *platform_flags(PLATFORMS), "-d", wheels,
             "--find-links", wheels, wheel]
     try:  # from the cache alone first: a second run needs no registry
         run(pick + ["--no-index"], stderr=subprocess.DEVNULL)
@@ -122,7 +128,7 @@ def board_site(cache: Path) -> Path:
         run(pick)
     shutil.rmtree(site, ignore_errors=True)
     run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-         "3.11", "--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "--target", site,
+         "3.11", "--implementation", "cp", *platform_flags(PLATFORMS), "--target", site,
          wheel, *sorted(p for p in wheels.glob("*.whl") if needed(p, wheels) and not p.name.startswith("edge_cbn-"))])
     return site
 
@@ -198,7 +204,7 @@ def armv7l_report(cache: Path) -> int:
     for requirement in ARMV7L_NEEDS:
         try:
             run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-                 "3.11", *[a for p in ARMV7L_PLATFORMS for a in ("--platform", p)], "-d", cache / "armv7l",
+                 "3.11", *platform_flags(ARMV7L_PLATFORMS), "-d", cache / "armv7l",
                  requirement], stderr=subprocess.DEVNULL)
         except CheckError:
             missing.append(requirement)

@@ -26,6 +26,14 @@ def time_per_call(fn, *, warmup=2, min_calls=5, min_seconds=1.0) -> float:
     return float(np.median(times))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: its VmHWM, which starts afresh at exec (rusage's
+    maxrss of a child process carries the parent's size at the fork)."""
+    with open("/proc/self/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmHWM"))
+    return round(int(kb) / 1024, 1)
+
+
 def emit(figures: dict) -> None:
     click.echo(json.dumps(figures, sort_keys=True))
 

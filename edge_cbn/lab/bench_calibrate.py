@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import time
 
 import numpy as np
 
+from .bench import peak_rss_mb
 from .statistics import relative_difference
 
 def write_images(folder, n: int, size: int = 256, seed: int = 0) -> list[str]:
@@ -141,7 +141,7 @@ def child(argv) -> None:
         figures = check_side(model_name, files, batch_size, noise, eta)
     else:
         figures = edge_cbn_side(model_name, files, batch_size, threads, noise, eta)
-    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    figures["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(figures))
 
 

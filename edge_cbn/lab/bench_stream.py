@@ -38,7 +38,7 @@ class StreamBench:
     """One model, thread count and noise setting; `run()` measures, prints the table and the JSON."""
 
     def __init__(self, model, num_threads, frames, preset, eta, rounds):
-        self.bundle, self.name = load_model(model, echo=lambda *a, **k: click.echo(*a, **{**k, "err": True}))
+        self.bundle, self.name = load_model(model)
         self.num_threads, self.frames, self.preset, self.eta, self.rounds = num_threads, frames, preset, eta, rounds
         self.base = StreamOptions(num_threads=num_threads, headless=True, quiet=True, agreement_every=0)
         with open_frames() as src:
@@ -76,21 +76,19 @@ class StreamBench:
 
     def peak_rss_mb(self, flags, frames: int) -> float:
         """Peak RSS of `edge-cbn stream` with `flags` over `frames` frames of the sample clip, in a fresh
-        process: its VmHWM at exit (rusage's maxrss of a child counts this process's size at the fork)."""
+        process that reports its own peak at exit (`bench.peak_rss_mb`)."""
         args = [a.format(preset=self.preset, eta=self.eta) for a in flags]
         code = ("import atexit, sys\n"
-                "def peak():\n"
-                "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-                "    print('peak-rss-kb', hwm, file=sys.stderr)\n"
-                "atexit.register(peak)\n"
+                "from edge_cbn.lab.bench import peak_rss_mb\n"
+                "atexit.register(lambda: print('peak-rss-mb', peak_rss_mb(), file=sys.stderr))\n"
                 "from edge_cbn.cli import main; main()")
         done = subprocess.run([sys.executable, "-c", code, "stream", "--model", str(self.bundle.path), "--frames",
                                str(frames), "--headless", "--quiet", "--num-threads", str(self.num_threads),
                                *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        lines = [line for line in done.stderr.splitlines() if line.startswith("peak-rss-kb")]
+        lines = [line for line in done.stderr.splitlines() if line.startswith("peak-rss-mb")]
         if done.returncode != 0 or not lines:
             raise click.ClickException(f"stream {' '.join(args)} failed: {done.stderr.strip()}")
-        return round(int(lines[-1].split()[1]) / 1024, 1)
+        return float(lines[-1].split()[1])
 
     def clean_against_raw(self) -> None:
         """The bare invoke and the clean stream alternate, `rounds` times: this shared machine's speed

@@ -40,7 +40,6 @@ class NoisyModel:
         self._views = {name: slot.w for name, slot in slots}
         self.folded = None if chip is None else chip.folded(
             {name: slot.scale() if slot.rec.bn else None for name, slot in self.refolder.layers.items()})
-        self.refolds = 0
         self._io = None
         self._interpreters: list = []
         self._build()
@@ -63,7 +62,6 @@ class NoisyModel:
             slot = self.refolder.layers[name]
             if self.folded is not None and slot.rec.bn:
                 self.folded.rescale(name, slot.scale())
-        self.refolds += 1
         self._build()
 
     def _build(self) -> None:

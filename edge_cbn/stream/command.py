@@ -105,7 +105,7 @@ def main(**params):
     stop = threading.Event()
     try:
         with stop_on_signals(stop, source):  # a SIGTERM while the models load stops before the first frame
-            bundle, name = load_model(params["model"], echo=lambda *a, **k: click.echo(*a, **{**k, "err": True}))
+            bundle, name = load_model(params["model"])
             summary = StreamLoop(Engine(bundle, opts, echo=echo), source, opts, model_name=name, stop=stop).run()
     finally:
         source.close()

@@ -101,8 +101,8 @@ class Engine:
     def _serving_model(self, resumed) -> NoisyModel:
         """The calibrated model on disk when resuming from it, else the source model (with the saved
         statistics refolded when resuming without the model)."""
-        opts, kwargs = self.opts, dict(num_threads=self.opts.num_threads, pool=self.opts.noise_pool,
-                                       seed=self.opts.seed)
+        opts = self.opts
+        kwargs = dict(num_threads=opts.num_threads, pool=opts.noise_pool, seed=opts.seed)
         if resumed and resumed.model_path is not None:
             self.echo(f"resumed from {resumed.model_path} ({self.refuses} re-fuses, {self.frame0} frames)")
             return NoisyModel(load_bundle(resumed.model_path, require_sidecar=True), self.chip, **kwargs)

@@ -54,7 +54,8 @@ def resolve_model(model: str | None, *, echo=print) -> Path:
 
 
 def load_model(model: str | None, echo=None):
-    """`--model NAME|FILE.tflite` -> (bundle, display name); problems as one StreamError line."""
+    """`--model NAME|FILE.tflite` -> (bundle, display name); problems as one StreamError line.  Messages
+    (a first use's conversion) go to stderr."""
     try:
         path = resolve_model(model, echo=echo or (lambda *a, **k: click.echo(*a, **k)))
     except ModelNotFound as e:
