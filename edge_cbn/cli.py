@@ -3,8 +3,13 @@ runs, so the device commands (`stream`, `bench stream`) start without TensorFlow
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+import traceback
 
 import click
+
+from .runtime.errors import BadInput
 
 
 class LazyGroup(click.Group):
@@ -20,6 +25,40 @@ class LazyGroup(click.Group):
             module, attr = self._lazy[name].split(":")
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
+
+    def main(self, args=None, standalone_mode=True, **kwargs):
+        """Bad input is one line on stderr and exit status 1 (usage errors: click's, status 2); so is an
+        unexpected error, which names itself as such.  `--debug` anywhere restores the traceback."""
+        args = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in args or os.environ.get("EDGE_CBN_DEBUG", "") not in ("", "0")
+        args = [a for a in args if a != "--debug"]
+        if not standalone_mode:
+            return super().main(args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - one line for a bad input and for a bug alike
+            if debug:
+                raise
+            sys.exit(one_line_error(e))
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def one_line_error(e: Exception) -> int:
+    """Print `e` as one line on stderr; the exit status for it (1)."""
+    if isinstance(e, BadInput):
+        click.echo(f"edge-cbn: error: {e}", err=True)
+    else:
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""
+        click.echo(f"edge-cbn: internal error: {type(e).__name__}: {e}{at} (--debug shows the traceback)",
+                   err=True)
+    return 1
 
 
 @click.group(cls=LazyGroup, lazy={
@@ -39,4 +78,7 @@ def main():
     edge-cbn convert           build + load weights + fold + export .tflite (workstation)
     edge-cbn evaluate          recovery under noise on natural photos (workstation)
     edge-cbn bench …           benchmarks (models, refuse, stream)
+
+    An input edge-cbn cannot use is one line on stderr and exit status 1 (a usage error: status 2);
+    --debug anywhere on the line (or EDGE_CBN_DEBUG=1) shows the traceback instead.
     """
