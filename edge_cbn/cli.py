@@ -32,6 +32,8 @@ class LazyGroup(click.Group):
         args = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in args or os.environ.get("EDGE_CBN_DEBUG", "") not in ("", "0")
         args = [a for a in args if a != "--debug"]
+        if debug:  # for the parts that decide what to show below the CLI (e.g. FFmpeg's log)
+            os.environ["EDGE_CBN_DEBUG"] = "1"
         if not standalone_mode:
             return super().main(args, standalone_mode=False, **kwargs)
         try:
