@@ -58,6 +58,19 @@ def test_rescale_matches_fresh_fold():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "weight"])
+def test_folded_write_is_the_precomputed_fold_bit_for_bit(granularity):
+    """Folding on the fly gives (s*dev)*xi + s*base exactly, as precomputing s*base and s*dev did."""
+    layers = fake_layers()
+    chip = make_noise("relative", 0.3, 5, t_granularity=granularity).instantiate(layers)
+    s = np.linspace(0.5, 2.0, 6).astype(np.float32)
+    out = np.empty(216, np.float32)
+    chip.folded({"conv0": s}).write(9, {"conv0": out})
+    layer = chip.layers["conv0"]
+    want = fold_kernel("conv", layer.dev, s) * chip.xi("conv0", 9) + fold_kernel("conv", layer.base, s)
+    np.testing.assert_array_equal(out.reshape(want.shape), want)
+
+
 def test_write_rejects_non_float32_or_wrong_size():
     chip = make_noise("relative", 0.3, 2).instantiate(fake_layers())
     fast = chip.folded({"dense0": None})

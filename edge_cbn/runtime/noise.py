@@ -19,7 +19,7 @@ order and of which other layers exist.  Offline at batch size > 1, pass the batc
 
 Folding: noise acts on the unfolded kernel W; the TFLite model holds W_f = W * s.  Since s is per output
 channel, fold(base + xi*dev) = s*base + xi*(s*dev) exactly (up to float32 rounding), which is what
-`FoldedChip` precomputes.  See docs/NOISE.md for every preset's formula and defaults.
+`FoldedChip` computes.  See docs/NOISE.md for every preset's formula and defaults.
 """
 from __future__ import annotations
 
@@ -257,43 +257,48 @@ class Chip:
 
 
 class FoldedChip:
-    """Per-layer folded arrays s*base, s*dev in TFLite layout; `write` produces one frame's noisy
-    folded kernels with one multiply and one add per weight (plus one normal draw per weight at
-    `t_granularity="weight"`)."""
+    """The chip under per-output-channel BN scales s: `write` produces one frame's noisy folded kernels
+    (s*dev)*xi + s*base, the same float32 operations in the same order as folding precomputed s*base and
+    s*dev, but folded on the fly through one scratch array of the largest layer's size, so every model
+    built on the chip shares its arrays instead of holding a folded copy of them (Lite0: 37 MB each)."""
 
     def __init__(self, chip: Chip, scales: Mapping[str, Optional[np.ndarray]]):
         self.chip = chip
-        self._base, self._dev = {}, {}
+        self._scales: dict[str, Optional[np.ndarray]] = {}
         for name, s in scales.items():
             self.rescale(name, s)
+        self._scratch = np.empty(max((layer.base.size for layer in chip.layers.values()), default=0), np.float32)
 
     @property
     def static(self) -> bool:
         """True when `write` gives the same kernels for every frame (write once, then skip)."""
-        return all(dev is None for dev in self._dev.values())
+        return all(self.chip.layers[name].dev is None for name in self._scales)
 
     def rescale(self, name: str, s: Optional[np.ndarray]) -> None:
-        """Re-fold layer `name` for a new BN scale `s` (after re-fusing BN statistics): one pass over
-        the layer's base and dev, in place.  The folded bias is not touched by weight noise."""
-        layer = self.chip.layers[name]
-        for store, arr in ((self._base, layer.base), (self._dev, layer.dev)):
-            out = store.get(name)
-            if arr is None or s is None:
-                store[name] = arr  # shared with the chip, read only
-            else:
-                store[name] = fold_kernel(layer.kind, arr, s, out=None if out is arr else out)
+        """Layer `name` is folded with the new BN scale `s` (None: no BN) from the next `write` on."""
+        self._scales[name] = None if s is None else np.array(s, np.float32)
 
     def write(self, frame: int, out: Mapping[str, np.ndarray]) -> None:
         """Write the noisy folded kernels of inference `frame` into `out` ({name: writable float32
         C-contiguous view, e.g. of the flatbuffer's buffer}, any shape of the right size)."""
         for name, view in out.items():
-            base, dev = self._base[name], self._dev[name]
-            if view.dtype != np.float32 or not view.flags.c_contiguous or view.size != base.size:
-                raise ValueError(f"{name}: need a C-contiguous float32 view of {base.size} elements")
-            o = view.reshape(base.shape)
-            if dev is None:
-                np.copyto(o, base)
+            layer, s = self.chip.layers[name], self._scales[name]
+            if view.dtype != np.float32 or not view.flags.c_contiguous or view.size != layer.base.size:
+                raise ValueError(f"{name}: need a C-contiguous float32 view of {layer.base.size} elements")
+            o = view.reshape(layer.base.shape)
+            scratch = self._scratch[:layer.base.size].reshape(layer.base.shape)
+            if layer.dev is None:
+                self._fold(layer, s, layer.base, o)
                 continue
-            xi = self.chip.xi(name, frame, out=o if self.chip.noise.t_granularity == "weight" else None)
-            np.multiply(dev, xi, out=o)
-            np.add(o, base, out=o)
+            xi = self.chip.xi(name, frame, out=scratch if self.chip.noise.t_granularity == "weight" else None)
+            self._fold(layer, s, layer.dev, o)
+            np.multiply(o, xi, out=o)
+            np.add(o, self._fold(layer, s, layer.base, scratch), out=o)
+
+    @staticmethod
+    def _fold(layer: Layer, s, arr: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """`arr` folded with scale `s` (None: as is) into `out`."""
+        if s is None:
+            np.copyto(out, arr)
+            return out
+        return fold_kernel(layer.kind, arr, s, out=out)

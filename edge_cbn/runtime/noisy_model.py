@@ -33,11 +33,12 @@ class NoisyModel:
 
     def __init__(self, bundle, chip=None, *, num_threads: int | None = None, pool: int = 0, seed: int = 0):
         self.bundle, self.num_threads, self.pool, self.seed = bundle, num_threads, pool, seed
-        self.refolder = Refolder(bundle) if bundle.has_sidecar else None
-        if self.refolder is None and chip is not None:
+        if chip is not None and not bundle.has_sidecar:
             raise ValueError(f"{bundle.path}: noise needs the model's sidecar (.cbn.npz)")
-        slots = self.refolder.layers.items() if self.refolder else ()
-        self._views = {name: slot.w for name, slot in slots}
+        # A clean model runs the bundle's own bytes until it gets new statistics: a writable copy (and an
+        # interpreter copy of it) only when something is refolded.
+        self.refolder = Refolder(bundle) if chip is not None else None
+        self._views = {name: slot.w for name, slot in self.refolder.layers.items()} if chip is not None else {}
         self.folded = None if chip is None else chip.folded(
             {name: slot.scale() if slot.rec.bn else None for name, slot in self.refolder.layers.items()})
         self._io = None
@@ -51,13 +52,16 @@ class NoisyModel:
 
     def stats(self) -> dict:
         """The BN statistics currently folded in: {bn: (mean, var)}."""
-        slots = self.refolder.layers.values() if self.refolder else ()
-        return {slot.rec.bn: (slot.mean, slot.var) for slot in slots if slot.rec.bn}
+        if self.refolder is None:
+            return {rec.bn: (rec.mean, rec.var) for rec in self.bundle.layers if rec.bn}
+        return {slot.rec.bn: (slot.mean, slot.var) for slot in self.refolder.layers.values() if slot.rec.bn}
 
     def set_stats(self, stats: dict) -> None:
         """Refold new BN statistics {bn: (mean, var)} and rebuild what serves the next frames."""
-        if self.refolder is None:
+        if not self.bundle.has_sidecar:
             raise ValueError(f"{self.bundle.path}: new statistics need the model's sidecar (.cbn.npz)")
+        if self.refolder is None:
+            self.refolder = Refolder(self.bundle)
         for name in self.refolder.refold(stats):
             slot = self.refolder.layers[name]
             if self.folded is not None and slot.rec.bn:
@@ -70,14 +74,15 @@ class NoisyModel:
                                                    num_threads=self.num_threads)]
             return
         if self.folded is not None and self.per_frame:
-            # One state at a time, each replacing its predecessor as soon as it is built: a refold holds
-            # one interpreter more, not a second pool (frames served meanwhile may still meet old states).
+            # One state at a time, each dropped before its successor is built, so a refold holds no
+            # interpreter more than the pool (frames served meanwhile meet a neighbouring state, old or new).
             for j in range(self.pool):
-                state = self._noisy_interpreter(_POOL_FRAME0 + j)
                 if j < len(self._interpreters):
-                    self._interpreters[j] = state
+                    if self.pool > 1:
+                        self._interpreters[j] = None
+                    self._interpreters[j] = self._noisy_interpreter(_POOL_FRAME0 + j)
                 else:
-                    self._interpreters.append(state)
+                    self._interpreters.append(self._noisy_interpreter(_POOL_FRAME0 + j))
             return
         if self.folded is not None:
             self.folded.write(0, self._views)
@@ -92,8 +97,9 @@ class NoisyModel:
         if not self.per_frame:
             return self._interpreters[0]
         if self.pool:
-            pick = np.random.default_rng([self.seed, frame]).integers(self.pool)
-            return self._interpreters[pick]
+            pick = int(np.random.default_rng([self.seed, frame]).integers(self.pool))
+            states = self._interpreters
+            return states[pick] if states[pick] is not None else states[(pick + 1) % len(states)]
         return self._noisy_interpreter(frame)
 
     def run(self, x: np.ndarray, frame: int = 0) -> list[np.ndarray]:

@@ -52,14 +52,16 @@ class AgreementSampler:
     frame too; the served prediction's agreement with the clean one is recorded before (uncalibrated)
     and after (served) calibration."""
 
-    def __init__(self, bundle, chip, processor, *, every: int, num_threads=None, pool: int = 0, seed: int = 0,
+    def __init__(self, bundle, chip, processor, *, every: int, num_threads=None, seed: int = 0,
                  clean_variant=None):
         self.proc, self.task, self.every = processor, processor.task, every
         # The clean calibration variant, when the stream already runs one, gives the clean model's outputs
         # (bit for bit; its extra last output is dropped) without a third copy of the model.
         self.clean = clean_variant or NoisyModel(bundle, None, num_threads=num_threads)
         self._drop_last = clean_variant is not None
-        self.uncalibrated = NoisyModel(bundle, chip, num_threads=num_threads, pool=pool, seed=seed)
+        # Exact temporal noise, built for each sampled frame and dropped after it: a pool would keep
+        # --noise-pool interpreters alive (Lite0: ~175 MB) for a pass that runs on one frame in `every`.
+        self.uncalibrated = NoisyModel(bundle, chip, num_threads=num_threads, pool=0, seed=seed)
         # (frame, before, after) of the latest samples: bounded, the service runs for weeks.
         self.samples: collections.deque = collections.deque(maxlen=MAX_SAMPLES)
 

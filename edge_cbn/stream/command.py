@@ -9,6 +9,7 @@ import threading
 import click
 
 from ..options import model_option, noise_flags, noise_options, num_threads_option, verbose_option
+from ..runtime.memory import return_freed_memory
 from ..runtime.stream_calibrator import MODES
 from .engine import Engine
 from .loop import StreamLoop, stop_on_signals
@@ -95,6 +96,7 @@ def main(**params):
     edge-cbn stream --camera 0 --serve 8080 --state /var/lib/edge-cbn/state.npz
     Ctrl-C or SIGTERM stop cleanly (state saved); 'q' in the window too.
     """
+    return_freed_memory()  # the stream runs for weeks and re-fuses often: keep its peak near what it holds
     has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     opts = StreamOptions.from_params(
         params, num_threads=params["num_threads"] or os.cpu_count(), headless=params["headless"] or not has_display,

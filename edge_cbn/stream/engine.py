@@ -93,7 +93,7 @@ class Engine:
         self._serving_updates = LatestJobWorker(self._update_serving, name="edge-cbn-refold", background=not exact)
         self.agreement = AgreementSampler(
             bundle, self.chip, self.proc, every=opts.agreement_every, num_threads=opts.num_threads,
-            pool=opts.noise_pool, seed=opts.seed, clean_variant=self.calibration and self.calibration.clean
+            seed=opts.seed, clean_variant=self.calibration and self.calibration.clean
         ) if opts.noise_on and opts.agreement_every else None
         # Time spent in process(): all of it, the part calibration added over serving, a served frame.
         self._elapsed_ms = self._calibration_ms = self._serve_ms = 0.0
