@@ -38,7 +38,6 @@ class NoisyModel:
         # A clean model runs the bundle's own bytes until it gets new statistics: a writable copy (and an
         # interpreter copy of it) only when something is refolded.
         self.refolder = Refolder(bundle) if chip is not None else None
-        self._views = {name: slot.w for name, slot in self.refolder.layers.items()} if chip is not None else {}
         self.folded = None if chip is None else chip.folded(
             {name: slot.scale() if slot.rec.bn else None for name, slot in self.refolder.layers.items()})
         self._io = None
@@ -84,13 +83,12 @@ class NoisyModel:
                 else:
                     self._interpreters.append(self._noisy_interpreter(_POOL_FRAME0 + j))
             return
-        if self.folded is not None:
-            self.folded.write(0, self._views)
-        self._interpreters = [self.refolder.interpreter(self.num_threads)]
+        self._interpreters = [self.refolder.interpreter(self.num_threads) if self.folded is None
+                              else self._noisy_interpreter(0)]
 
     def _noisy_interpreter(self, frame: int):
-        self.folded.write(frame, self._views)
-        return make_interpreter(model_content=self.refolder.model_bytes(), num_threads=self.num_threads)
+        """An interpreter of the chip's kernels for inference `frame`, written straight into its bytes."""
+        return self.refolder.interpreter(self.num_threads, lambda name, out: self.folded.write(frame, {name: out}))
 
     def interpreter(self, frame: int):
         """The interpreter that simulates inference number `frame`."""

@@ -1,16 +1,20 @@
 """Refold BatchNorm statistics (and optionally perturbed kernels) into an exported `.tflite` on the
 device, without TensorFlow and without reconverting ("re-fuse" in the CLI and docs).
 
-`Refolder` keeps a writable copy of the flatbuffer and float32 numpy views onto every folded kernel and
-bias buffer (located once through the `tflite` schema package).  Re-fusing is then the folding
-arithmetic of `edge_cbn.runtime.fold` written straight into those views: no parsing, no allocation of kernel-sized
-temporaries.  A fresh LiteRT interpreter is built from the bytes with `interpreter()`.
+`Refolder` locates every folded kernel and bias buffer once (through the `tflite` schema package) and
+keeps each layer's current unfolded kernel and statistics.  `model_bytes()` then assembles a new model in
+one pass: the bundle's bytes between those buffers, and in them the folding arithmetic of
+`edge_cbn.runtime.fold`, written straight into the bytes object that the interpreter gets.  There is no
+writable staging copy of the model: each model built holds one copy of its bytes, the interpreter's.
 
     r = Refolder(load_bundle("m.tflite"))
-    r.refold({"bn1": (mean, var)})        # only layers whose statistics changed are rewritten
+    r.refold({"bn1": (mean, var)})        # returns the layers whose statistics changed
     it = r.interpreter(num_threads=4)
 """
 from __future__ import annotations
+
+import io
+from typing import Callable, Optional
 
 import numpy as np
 import tflite
@@ -19,35 +23,52 @@ from . import fold
 from .bundle import buffer_span
 from .interpreter import make_interpreter
 
+# write_kernel(layer name, out): fill `out` (float32, TFLite layout) with the layer's folded kernel.
+KernelWriter = Callable[[str, np.ndarray], None]
+
 
 class _Slot:
-    """Mutable state of one layer: views into the flatbuffer plus the current unfolded tensors."""
+    """One layer: where its buffers lie in the model, and its current unfolded kernel and statistics."""
 
-    def __init__(self, rec, w, b, kernel):
-        self.rec, self.kind, self.w, self.b, self._source_kernel = rec, rec.kind, w, b, kernel
+    def __init__(self, rec, shape, w_span, b_span, kernel):
+        self.rec, self.kind, self.shape, self._source_kernel = rec, rec.kind, shape, kernel
+        self.w_span, self.b_span = w_span, b_span
         self.reset()
-        self.dirty = False  # the model as loaded already holds the bundle's folded tensors
 
     def reset(self):
         rec = self.rec
         self.kernel = self._source_kernel  # shared and read-only: replaced, never written in place
         self.mean, self.var = rec.mean, rec.var
-        self.dirty = True
 
-    def scale(self) -> np.ndarray:
-        return fold.bn_scale(self.rec.gamma, self.var, self.rec.eps)
+    def scale(self) -> Optional[np.ndarray]:
+        """Per-output-channel BN scale, None without BN."""
+        return fold.bn_scale(self.rec.gamma, self.var, self.rec.eps) if self.rec.bn else None
 
-    def write(self):
+    def fold_kernel(self, out: np.ndarray) -> np.ndarray:
+        if self.rec.bn:
+            return fold.fold_kernel(self.kind, self.kernel, self.scale(), out=out)
+        np.copyto(out, self.kernel)
+        return out
+
+    def bias(self) -> Optional[np.ndarray]:
+        """The folded bias (float32); None to keep the model's own (no bias buffer, or no BN and no bias
+        in the sidecar)."""
         rec = self.rec
+        if self.b_span is None:
+            return None
         if rec.bn:
-            s = self.scale()
-            fold.fold_kernel(self.kind, self.kernel, s, out=self.w)
-            fold.fold_bias(s, rec.beta, self.mean, rec.bias, out=self.b)
-        else:
-            np.copyto(self.w, self.kernel)
-            if self.b is not None and rec.bias is not None:
-                self.b[...] = rec.bias
-        self.dirty = False
+            return fold.fold_bias(self.scale(), rec.beta, self.mean, rec.bias)
+        return None if rec.bias is None else np.asarray(rec.bias, np.float32)
+
+    @property
+    def w(self) -> np.ndarray:
+        """The folded kernel, as `model_bytes()` writes it (TFLite layout)."""
+        return self.fold_kernel(np.empty(self.shape, np.float32))
+
+    @property
+    def b(self) -> Optional[np.ndarray]:
+        """The folded bias as `model_bytes()` writes it (None: the model's own is kept)."""
+        return self.bias()
 
 
 class Refolder:
@@ -56,70 +77,94 @@ class Refolder:
             raise ValueError(f"{bundle.path}: no re-fuse sidecar (.cbn.npz) — export the model with "
                              "`tools/convert.py` to get one")
         self.bundle = bundle
-        self._buf = bytearray(bundle.model_bytes)
-        model = tflite.Model.GetRootAs(self._buf, 0)
+        data = bundle.model_bytes
+        model = tflite.Model.GetRootAs(data, 0)
         used: dict[int, str] = {}
         self.layers: dict[str, _Slot] = {}
         self._by_bn: dict[str, _Slot] = {}
         for rec in bundle.layers:
             shape = fold.to_tflite(rec.kind, rec.kernel).shape
-            w = self._view(model, rec.w_buffer, shape, rec.name, used)
+            w_span = self._span(model, rec.w_buffer, shape, rec.name, used)
             if rec.bn and rec.b_buffer is None:
                 raise ValueError(f"layer {rec.name!r} has BN {rec.bn!r} but no bias buffer in the sidecar")
-            b = None if rec.b_buffer is None else self._view(
+            b_span = None if rec.b_buffer is None else self._span(
                 model, rec.b_buffer, (fold.out_channels(rec.kind, shape),), rec.name, used)
-            slot = self.layers[rec.name] = _Slot(rec, w, b, bundle.tflite_kernel(rec))
+            slot = self.layers[rec.name] = _Slot(rec, shape, w_span, b_span, bundle.tflite_kernel(rec))
             if rec.bn:
                 self._by_bn[rec.bn] = slot
+        # (start, end, slot, is_kernel) of every buffer written, in file order
+        self._regions = sorted(((span[0], span[0] + span[1], slot, is_kernel) for slot in self.layers.values()
+                                for span, is_kernel in ((slot.w_span, True), (slot.b_span, False)) if span),
+                               key=lambda region: region[0])
+        self._scratch = np.empty(max(int(np.prod(s.shape)) for s in self.layers.values()), np.float32)
 
-    def _view(self, model, index, shape, name, used):
+    def _span(self, model, index, shape, name, used) -> tuple[int, int]:
         if index in used:
             raise ValueError(f"buffer {index} is shared by layers {used[index]!r} and {name!r}; re-fusing one "
                              "would change the other (the sidecar does not match this .tflite?)")
         used[index] = name
-        start, size = buffer_span(self._buf, index, model)
+        start, size = buffer_span(self.bundle.model_bytes, index, model)
         if size != 4 * int(np.prod(shape)):
             raise ValueError(f"layer {name!r}: buffer {index} has {size} bytes, expected float32 {shape} "
                              "(the sidecar does not belong to this .tflite)")
-        return np.frombuffer(self._buf, np.float32, int(np.prod(shape)), start).reshape(shape)
+        return start, size
 
     def layer(self, name: str) -> _Slot:
-        """The state of a layer, by layer or BN name: `.w`/`.b` (folded, live views into the model),
-        `.kernel` (unfolded, TFLite layout), `.mean`/`.var`, `.scale()`, `.rec` (the sidecar record)."""
+        """The state of a layer, by layer or BN name: `.w`/`.b` (folded, as written), `.kernel`
+        (unfolded, TFLite layout), `.mean`/`.var`, `.scale()`, `.rec` (the sidecar record)."""
         slot = self.layers.get(name) or self._by_bn.get(name)
         if slot is None:
             raise KeyError(f"no layer or BN named {name!r} in the sidecar")
         return slot
 
     def refold(self, stats: dict | None = None, kernels: dict | None = None) -> list[str]:
-        """Fold new BN statistics `{bn_name: (mean, var)}` and/or new unfolded kernels
-        `{layer_name: kernel in Keras layout}` (e.g. noisy weights) into the model.  Layers whose stats
-        and kernel are unchanged are not rewritten.  Arrays are used, not copied.  Returns the names of
-        the rewritten layers."""
+        """Take new BN statistics `{bn_name: (mean, var)}` and/or new unfolded kernels
+        `{layer_name: kernel in Keras layout}` (e.g. noisy weights) for the next models built.  Arrays are
+        used, not copied.  Returns the names of the layers that changed."""
+        changed = set()
         for bn, (mean, var) in (stats or {}).items():
             slot = self._by_bn.get(bn)
             if slot is None:
                 raise KeyError(f"no BN named {bn!r} in the sidecar")
             if not (np.array_equal(slot.mean, mean) and np.array_equal(slot.var, var)):
-                slot.mean, slot.var, slot.dirty = mean, var, True
+                slot.mean, slot.var = mean, var
+                changed.add(slot.rec.name)
         for name, kernel in (kernels or {}).items():
             slot = self.layer(name)
-            slot.kernel, slot.dirty = fold.to_tflite(slot.kind, np.asarray(kernel, np.float32)), True
-        done = [name for name, slot in self.layers.items() if slot.dirty]
-        for name in done:
-            self.layers[name].write()
-        return done
+            slot.kernel = fold.to_tflite(slot.kind, np.asarray(kernel, np.float32))
+            changed.add(slot.rec.name)
+        return [name for name in self.layers if name in changed]
 
     def reset(self) -> None:
-        """Rewrite every layer from the bundle's own kernels and statistics."""
+        """Back to the bundle's own kernels and statistics."""
         for slot in self.layers.values():
             slot.reset()
-            slot.write()
 
-    def model_bytes(self) -> bytes:
-        """A snapshot of the current model (interpreters may keep pointers into the bytes they get)."""
-        return bytes(self._buf)
+    def model_bytes(self, write_kernel: KernelWriter | None = None) -> bytes:
+        """The current model, assembled in one pass into the bytes returned (interpreters may keep
+        pointers into them).  `write_kernel` replaces the folding of the kernels (noise)."""
+        data = memoryview(self.bundle.model_bytes)
+        out = io.BytesIO()
+        out.seek(len(data) - 1)  # one allocation of the final size; getvalue() then hands it over uncopied
+        out.write(b"\0")
+        out.seek(0)
+        pos = 0
+        for start, end, slot, is_kernel in self._regions:
+            out.write(data[pos:start])
+            if is_kernel:
+                scratch = self._scratch[:end - start >> 2].reshape(slot.shape)
+                if write_kernel is None:
+                    slot.fold_kernel(scratch)
+                else:
+                    write_kernel(slot.rec.name, scratch)
+                out.write(scratch)
+            else:
+                bias = slot.bias()
+                out.write(data[start:end] if bias is None else bias)
+            pos = end
+        out.write(data[pos:])
+        return out.getvalue()
 
-    def interpreter(self, num_threads: int | None = None):
+    def interpreter(self, num_threads: int | None = None, write_kernel: KernelWriter | None = None):
         """A fresh, allocated LiteRT interpreter for the current model."""
-        return make_interpreter(model_content=self.model_bytes(), num_threads=num_threads)
+        return make_interpreter(model_content=self.model_bytes(write_kernel), num_threads=num_threads)
