@@ -144,3 +144,25 @@ def test_processor_and_noisy_model_end_to_end(tiny_bundle):
     np.testing.assert_array_equal(served.run(x)[0], logits)
     served.set_stats(new_stats(bundle, seed=4))
     assert not np.allclose(served.run(x)[0], logits)
+
+
+@pytest.mark.parametrize("pool", [0, 1, 3])
+def test_refuse_with_non_finite_outputs_is_rolled_back(tiny_bundle, pool):
+    """A re-fuse whose model gives NaN on the probe frame never serves: the previous statistics stay."""
+    from tiny import new_stats
+
+    from edge_cbn.runtime.noise import make_noise
+    from edge_cbn.runtime.noisy_model import NoisyModel, noise_targets
+
+    _, bundle = tiny_bundle
+    chip = make_noise("relative", 0.05, 1).instantiate(noise_targets(bundle))
+    x = np.random.default_rng(1).integers(0, 256, (1, 16, 16, 3), np.uint8)
+    served = NoisyModel(bundle, chip, num_threads=1, pool=pool)
+    good = new_stats(bundle, seed=5)
+    assert served.set_stats(good, probe=x)
+    before = served.run(x, frame=3)[0]
+    bad = {bn: (mean, np.full_like(var, np.nan)) for bn, (mean, var) in good.items()}
+    assert served.set_stats(bad, probe=x) is False
+    assert all(np.array_equal(served.stats()[bn][1], good[bn][1]) for bn in good)
+    np.testing.assert_array_equal(served.run(x, frame=3)[0], before)
+    assert np.isfinite(before).all()

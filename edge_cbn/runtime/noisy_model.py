@@ -55,36 +55,62 @@ class NoisyModel:
             return {rec.bn: (rec.mean, rec.var) for rec in self.bundle.layers if rec.bn}
         return {slot.rec.bn: (slot.mean, slot.var) for slot in self.refolder.layers.values() if slot.rec.bn}
 
-    def set_stats(self, stats: dict) -> None:
-        """Refold new BN statistics {bn: (mean, var)} and rebuild what serves the next frames."""
+    def set_stats(self, stats: dict, probe: np.ndarray | None = None) -> bool:
+        """Refold new BN statistics {bn: (mean, var)} and rebuild what serves the next frames.  With
+        `probe` (a model input), the new model must first give finite outputs on it; if it does not, the
+        previous statistics are put back and False is returned (nothing non-finite is ever served)."""
         if not self.bundle.has_sidecar:
             raise ValueError(f"{self.bundle.path}: new statistics need the model's sidecar (.cbn.npz)")
         if self.refolder is None:
             self.refolder = Refolder(self.bundle)
+        previous = self.stats()
+        self._refold(stats)
+        first = self._first_interpreter()
+        if probe is not None and not all(np.isfinite(o).all() for o in self._run(first, probe)):
+            del first
+            self._refold(previous)
+            self._build()
+            return False
+        self._build(first)
+        return True
+
+    def _refold(self, stats: dict) -> None:
         for name in self.refolder.refold(stats):
             slot = self.refolder.layers[name]
             if self.folded is not None and slot.rec.bn:
                 self.folded.rescale(name, slot.scale())
-        self._build()
 
-    def _build(self) -> None:
+    def _first_interpreter(self):
+        """The first interpreter of the current statistics (pool state 0, dropped first so a refold holds
+        no interpreter more than the pool)."""
+        if self.folded is not None and self.per_frame:
+            if self.pool > 1 and self._interpreters:
+                self._interpreters[0] = None
+            return self._noisy_interpreter(_POOL_FRAME0)
+        return self.refolder.interpreter(self.num_threads) if self.folded is None else self._noisy_interpreter(0)
+
+    def _build(self, first=None) -> None:
+        """Build what serves: `first` (from `_first_interpreter`) is used as is when given."""
         if self.refolder is None:
             self._interpreters = [make_interpreter(model_content=self.bundle.model_bytes,
                                                    num_threads=self.num_threads)]
             return
-        if self.folded is not None and self.per_frame:
-            # One state at a time, each dropped before its successor is built, so a refold holds no
-            # interpreter more than the pool (frames served meanwhile meet a neighbouring state, old or new).
-            for j in range(self.pool):
-                if j < len(self._interpreters):
-                    if self.pool > 1:
-                        self._interpreters[j] = None
-                    self._interpreters[j] = self._noisy_interpreter(_POOL_FRAME0 + j)
-                else:
-                    self._interpreters.append(self._noisy_interpreter(_POOL_FRAME0 + j))
+        if not (self.folded is not None and self.per_frame):
+            self._interpreters = [first or self._first_interpreter()]
             return
-        self._interpreters = [self.refolder.interpreter(self.num_threads) if self.folded is None
-                              else self._noisy_interpreter(0)]
+        # One state at a time, each dropped before its successor is built, so a refold holds no
+        # interpreter more than the pool (frames served meanwhile meet a neighbouring state, old or new).
+        for j in range(self.pool):
+            if j == 0:
+                state = first or self._first_interpreter()
+            else:
+                if self.pool > 1 and j < len(self._interpreters):
+                    self._interpreters[j] = None
+                state = self._noisy_interpreter(_POOL_FRAME0 + j)
+            if j < len(self._interpreters):
+                self._interpreters[j] = state
+            else:
+                self._interpreters.append(state)
 
     def _noisy_interpreter(self, frame: int):
         """An interpreter of the chip's kernels for inference `frame`, written straight into its bytes."""
@@ -102,7 +128,9 @@ class NoisyModel:
 
     def run(self, x: np.ndarray, frame: int = 0) -> list[np.ndarray]:
         """Outputs of inference `frame` on input `x`, in the exported (Keras) output order."""
-        it = self.interpreter(frame)
+        return self._run(self.interpreter(frame), x)
+
+    def _run(self, it, x: np.ndarray) -> list[np.ndarray]:
         if self._io is None:  # every interpreter of one model has the same tensor indices
             self._io = io_indices(it)
         return run_interpreter(it, *self._io, x)

@@ -84,6 +84,7 @@ class Engine:
         self.frame0, self.refuses, self.calibration_frames = (
             int(counters.get(k, 0)) for k in ("frames", "refuses", "calibration_frames"))
         self.calibrated = self.refuses > 0  # calibrated statistics are in force
+        self.rollbacks = 0  # re-fuses the probe refused
         self.serving = self._serving_model(resumed)
         if resumed and self.calibration:
             self.calibration.resume(resumed.stats)
@@ -165,7 +166,8 @@ class Engine:
         if warmed or self.refuses % SERVE_REFUSE_EVERY == 0:
             cal_state = self.cal.state_dict() if self.persistence and self.persistence.saver else None
             # The end of the warm-up is always saved, whatever --save-interval says.
-            self._serving_updates.submit((stats, self._counters(i + 1), cal_state, warmed))
+            # The frame the statistics came from is the probe the new serving model must pass.
+            self._serving_updates.submit((stats, self._counters(i + 1), cal_state, warmed, x))
         return outputs, True
 
     def _account(self, latency: float, calibrating: bool, i: int) -> float:
@@ -178,10 +180,14 @@ class Engine:
 
     # ------------------------------------------------------------------------------- refold and save
     def _update_serving(self, job) -> None:
-        """Refold `stats` into the serving model (background thread when safe), then maybe save."""
-        stats, counters, cal_state, force = job
-        if stats is not None:
-            self.serving.set_stats(stats)
+        """Refold `stats` into the serving model (background thread when safe) if it gives finite outputs
+        on the probe frame, else keep the previous statistics (logged, not saved); then maybe save."""
+        stats, counters, cal_state, force, probe = job
+        if stats is not None and not self.serving.set_stats(stats, probe=probe):
+            self.rollbacks += 1
+            warn(f"re-fuse at frame {counters['frames']}: non-finite outputs on the probe frame; "
+                 f"the serving model keeps its previous statistics ({self.rollbacks} rolled back)")
+            return
         if self.persistence is not None and self.persistence.due(force):
             self.persistence.save(stats or self.calibration.noisy.stats(), cal_state, counters)
 
@@ -194,7 +200,7 @@ class Engine:
         """Save now (at exit): waits for pending refolds, then for the write."""
         self._serving_updates.wait()
         if self.persistence is not None and self.persistence.saver is not None:
-            self._update_serving((None, self._counters(frames_done), self.cal.state_dict(), True))
+            self._update_serving((None, self._counters(frames_done), self.cal.state_dict(), True, None))
             self.persistence.flush()
 
     def agreement_summary(self, frames_total: int) -> dict:

@@ -111,7 +111,7 @@ class StreamLoop:
         return {"frames": frames, "fps": round(frames / elapsed, 2) if elapsed > 0 and frames else 0.0,
                 "seconds": round(elapsed, 2),
                 "latency_ms": round(latency_sum / frames, 2) if frames else None,
-                "refuses": e.refuses, "calibrated": e.calibrated,
+                "refuses": e.refuses, "calibrated": e.calibrated, "rollbacks": e.rollbacks,
                 **e.agreement_summary(frames),
                 "calibration": e.calibration_text(),
                 "calibration_progress": round(e.cal.progress, 4) if e.cal else None,
