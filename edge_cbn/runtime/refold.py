@@ -30,15 +30,27 @@ KernelWriter = Callable[[str, np.ndarray], None]
 class _Slot:
     """One layer: where its buffers lie in the model, and its current unfolded kernel and statistics."""
 
-    def __init__(self, rec, shape, w_span, b_span, kernel):
-        self.rec, self.kind, self.shape, self._source_kernel = rec, rec.kind, shape, kernel
+    def __init__(self, rec, shape, w_span, b_span, source_kernel: Callable[[], np.ndarray]):
+        self.rec, self.kind, self.shape, self._source_kernel = rec, rec.kind, shape, source_kernel
         self.w_span, self.b_span = w_span, b_span
         self.reset()
 
     def reset(self):
         rec = self.rec
-        self.kernel = self._source_kernel  # shared and read-only: replaced, never written in place
+        self._kernel = None  # the bundle's, fetched when first folded: a noisy model never folds it
         self.mean, self.var = rec.mean, rec.var
+
+    @property
+    def kernel(self) -> np.ndarray:
+        """The unfolded kernel (TFLite layout); the bundle's is shared and read-only: replaced, never
+        written in place."""
+        if self._kernel is None:
+            self._kernel = self._source_kernel()
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: np.ndarray) -> None:
+        self._kernel = value
 
     def scale(self) -> Optional[np.ndarray]:
         """Per-output-channel BN scale, None without BN."""
@@ -89,7 +101,8 @@ class Refolder:
                 raise ValueError(f"layer {rec.name!r} has BN {rec.bn!r} but no bias buffer in the sidecar")
             b_span = None if rec.b_buffer is None else self._span(
                 model, rec.b_buffer, (fold.out_channels(rec.kind, shape),), rec.name, used)
-            slot = self.layers[rec.name] = _Slot(rec, shape, w_span, b_span, bundle.tflite_kernel(rec))
+            slot = self.layers[rec.name] = _Slot(rec, shape, w_span, b_span,
+                                                 lambda rec=rec: bundle.tflite_kernel(rec))
             if rec.bn:
                 self._by_bn[rec.bn] = slot
         # (start, end, slot, is_kernel) of every buffer written, in file order
