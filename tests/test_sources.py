@@ -2,6 +2,8 @@
 import itertools
 import logging
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -9,37 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_cbn.runtime.errors import BadInput
 from edge_cbn.stream import sample
 from edge_cbn.stream.sources import CameraSource, ImageDirSource, Prefetched, SourceError, VideoSource, open_source
-
-W, H = 64, 48
-
-
-def numbered_frame(i):
-    """A flat gray frame whose level encodes ``i`` robustly through JPEG/MPEG-4."""
-    return np.full((H, W, 3), 8 * i + 4, np.uint8)
-
-
-def number_of(frame):
-    return int(round((float(frame.mean()) - 4) / 8))
-
-
-def write_video(path, n, fourcc="MJPG"):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, (W, H))
-    assert writer.isOpened()
-    for i in range(n):
-        writer.write(numbered_frame(i))
-    writer.release()
-    return path
-
-
-def corrupt_mjpeg_frame(path, k):
-    """Overwrite frame ``k``'s JPEG data (between two JPEG start markers) with garbage of the same length."""
-    data = bytearray(path.read_bytes())
-    starts = [i for i in range(len(data) - 2) if data[i:i + 3] == b"\xff\xd8\xff"]
-    begin, end = starts[k], starts[k + 1] - 16  # keep the next AVI chunk header intact
-    data[begin:end] = np.random.default_rng(0).integers(0, 256, end - begin, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
+from media import H, W, corrupt_mjpeg_frames, forge_avi_frame_count, number_of, numbered_frame, write_video
 
 
 def warnings_in(caplog, text):
@@ -48,7 +23,7 @@ def warnings_in(caplog, text):
 
 def test_video_with_corrupt_frame_warns_and_goes_on(tmp_path, caplog):
     path = write_video(tmp_path / "clip.avi", 12)
-    corrupt_mjpeg_frame(path, 5)
+    corrupt_mjpeg_frames(path, [5])
     numbers, indices = [], []
     with VideoSource(path) as src:
         assert src.fps == pytest.approx(10)
@@ -59,7 +34,7 @@ def test_video_with_corrupt_frame_warns_and_goes_on(tmp_path, caplog):
     assert numbers == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
     assert indices == numbers  # the index counts the skipped frame: it matches the file's numbering
     assert len(warnings_in(caplog, "undecodable")) == 1
-    assert "before frame 6" in warnings_in(caplog, "undecodable")[0]
+    assert "1 undecodable frame(s), 5-5; going on from frame 6" in warnings_in(caplog, "undecodable")[0]
 
 
 def test_mp4_with_damaged_bytes_streams_to_the_end(tmp_path):
@@ -71,6 +46,62 @@ def test_mp4_with_damaged_bytes_streams_to_the_end(tmp_path):
     with VideoSource(path) as src:
         frames = list(src)
     assert len(frames) >= 25 and number_of(frames[-1]) == 29
+
+
+def test_corrupt_stretch_of_any_length_is_skipped_with_one_warning(tmp_path, caplog):
+    """140 undecodable frames in a row (the old limit took 26 as the end): all 60 good frames come back,
+    in order, with the file's own numbering."""
+    path = corrupt_mjpeg_frames(write_video(tmp_path / "clip.avi", 200), range(20, 160))
+    with VideoSource(path) as src:
+        got = [(number_of(f), src.index) for f in src]
+    assert [i for _, i in got] == [*range(20), *range(160, 200)]
+    assert [n for n, _ in got] == [i % 32 for _, i in got]
+    assert src.skipped == 140 and src.expected_frames == 200
+    assert warnings_in(caplog, "undecodable") == [
+        f"{path}: skipped 140 undecodable frame(s), 20-159; going on from frame 160"]
+    assert not warnings_in(caplog, "declares")  # the end was the true end
+
+
+def test_end_of_file_is_told_from_a_stretch_by_the_declared_count(tmp_path, caplog):
+    damaged_end = corrupt_mjpeg_frames(write_video(tmp_path / "end.avi", 60), range(30, 60))
+    with VideoSource(damaged_end) as src:
+        assert len(list(src)) == 30 and src.read() is None
+    assert warnings_in(caplog, "declares") == [f"{damaged_end}: no decodable frame after frame 29 of the 60 "
+                                               "the file declares (truncated?)"]
+    full = write_video(tmp_path / "full.avi", 60).read_bytes()
+    truncated = tmp_path / "truncated.avi"
+    truncated.write_bytes(full[:len(full) * 2 // 3])  # a copy cut short: the header still says 60
+    with VideoSource(truncated) as src:
+        frames = [number_of(f) for f in src]
+    assert 30 <= len(frames) < 60 and frames == [i % 32 for i in range(len(frames))]
+
+
+def test_forged_frame_count_cannot_make_the_end_endless(tmp_path):
+    path = forge_avi_frame_count(write_video(tmp_path / "clip.avi", 30), 10 ** 9)
+    with VideoSource(path) as src:
+        assert src.expected_frames == path.stat().st_size // 4  # believed up to a frame per 4 bytes
+        assert len(list(src)) == 30
+
+
+def test_looping_over_damage_warns_once_and_counts_every_pass(tmp_path, caplog):
+    path = corrupt_mjpeg_frames(write_video(tmp_path / "clip.avi", 40), range(10, 40))
+    with VideoSource(path, loop=True) as src:
+        got = [src.index for _ in itertools.islice(src, 35)]
+    assert got == [*range(10)] * 3 + [*range(5)] and src.passes == 3
+    assert src.skipped == 0  # a stretch running to the end is not a skip: nothing decodable followed it
+    assert len(warnings_in(caplog, "declares")) == 1
+    path = corrupt_mjpeg_frames(write_video(tmp_path / "mid.avi", 20), range(5, 10))
+    caplog.clear()
+    with VideoSource(path, loop=True) as src:
+        assert len(list(itertools.islice(src, 45))) == 45 and src.passes == 2
+    assert src.skipped == 15 and len(warnings_in(caplog, "undecodable")) == 1
+
+
+def test_video_without_a_decodable_frame_is_refused_at_open(tmp_path):
+    path = corrupt_mjpeg_frames(write_video(tmp_path / "clip.avi", 10), range(10))
+    with pytest.raises(SourceError, match="no decodable video frame") as error:
+        VideoSource(path)
+    assert str(error.value).startswith(f"{path}: ")
 
 
 def test_video_loops_and_restarts_index(tmp_path):
@@ -122,11 +153,12 @@ def test_image_dir_skips_unreadable_file_once(tmp_path, caplog):
     assert len(warnings_in(caplog, "b_broken.png")) == 1  # not warned again on the next passes
 
 
-def test_image_dir_with_nothing_readable_ends_even_when_looping(tmp_path, caplog):
+def test_image_dir_with_nothing_readable_is_refused_at_open(tmp_path):
     (tmp_path / "x.png").write_bytes(b"garbage")
-    with ImageDirSource(tmp_path, loop=True) as src:
-        assert list(src) == []
-    assert warnings_in(caplog, "no readable image")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(SourceError, match="no readable image") as error:
+        ImageDirSource(tmp_path, loop=True)
+    assert isinstance(error.value, BadInput) and str(error.value).startswith(f"{tmp_path}: ")
 
 
 @pytest.mark.parametrize("make, name", [
@@ -151,7 +183,7 @@ def test_unopenable_inputs(tmp_path, monkeypatch):
         ImageDirSource(tmp_path / "empty")
     FakeCapture.script(None)
     monkeypatch.setattr(cv2, "VideoCapture", FakeCapture)
-    with pytest.raises(SourceError, match=r"camera 7 \(/dev/video7"):
+    with pytest.raises(SourceError, match=r"^camera 7: cannot open /dev/video7"):
         open_source(camera="7")
     with pytest.raises(ValueError, match="camera and video"):
         open_source(camera=0, video="x.mp4")
@@ -296,7 +328,7 @@ def test_sample_clip_reads_back_every_frame():
 
 def test_prefetched_reads_ahead_in_order_and_raises_the_sources_errors(tmp_path, caplog):
     path = write_video(tmp_path / "clip.avi", 12)
-    corrupt_mjpeg_frame(path, 5)
+    corrupt_mjpeg_frames(path, [5])
     with Prefetched(VideoSource(path)) as src:
         assert (src.name, src.fps, src.live) == (str(path), pytest.approx(10), False)
         assert [number_of(f) for f in src] == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
@@ -322,6 +354,35 @@ def test_prefetched_close_stops_the_reader_and_closes_the_source(fake_camera):
     src.close()
     assert not src._thread.is_alive() and src.source.closed and src.read() is None
     assert fake_camera.instances[-1].released
+
+
+class StuckCapture(FakeCapture):
+    """Delivers its frames, then a read that does not return until ``unstick`` is set (a hung driver)."""
+
+    unstick = threading.Event()
+
+    def read(self):
+        if self.left:
+            return super().read()
+        StuckCapture.unstick.wait(10)
+        return False, None
+
+
+def test_camera_read_that_never_returns_is_reported_and_a_close_ends_the_wait(monkeypatch, caplog):
+    monkeypatch.setattr(cv2, "VideoCapture", StuckCapture)
+    FakeCapture.script(1)
+    src = Prefetched(CameraSource(0, sleep=lambda s: None), stall_warning_s=0.3)
+    assert src.read() is not None
+    closer = threading.Timer(0.8, src.close)  # as SIGTERM's handler does for a live source
+    closer.start()
+    start = time.monotonic()
+    assert src.read() is None
+    waited = time.monotonic() - start
+    StuckCapture.unstick.set()
+    closer.join()
+    assert 0.8 <= waited < 1.2 and src.source.closed
+    assert warnings_in(caplog, "no frame for") == ["camera 0: no frame for 0.3 s; still waiting (SIGTERM or "
+                                                   "Ctrl-C stops)"]
 
 
 def test_sample_clip_credits_every_photo():

@@ -11,12 +11,22 @@ The producer (the streaming loop) calls :meth:`PreviewServer.publish` with each 
 The page shows these status keys when present: ``model``, ``task``, ``source``, ``fps``, ``frames``,
 ``noise``, ``calibration`` (text), ``calibration_progress`` (0..1), ``result``; the whole dict is shown
 as JSON too. Device side: stdlib, numpy and OpenCV only. Serve on loopback unless you mean to expose it.
+
+Limits, so clients cannot hold the board's threads or memory: at most ``max_clients`` connections are
+served at once (each holds a thread; one more is answered ``503 Service Unavailable`` at once, from the
+accepting thread, without waiting for its request); the request line and headers must arrive within
+``head_deadline_s`` in total (a client sending one byte every few seconds is dropped then) and within
+``HEAD_LIMIT`` bytes; a client that stops reading is dropped once a send has waited ``send_timeout_s``;
+the listen backlog (``BACKLOG``) lets 50 clients connect at once.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +41,14 @@ __all__ = ["PreviewServer"]
 
 BOUNDARY = "edgecbnframe"
 PAGE = Path(__file__).with_name("static") / "index.html"
+MAX_CLIENTS = 64  # connections served at once: 50 viewers fit; each holds a thread
+BACKLOG = 128  # connections the kernel queues before the server accepts them
+HEAD_DEADLINE_S = 5.0  # for the whole request line and headers, not per byte
+HEAD_LIMIT = 65536  # bytes of request line and headers (cookies for 127.0.0.1 are shared by every port)
+SEND_TIMEOUT_S = 10.0  # a client that reads nothing for this long is dropped
+_BUSY_TEXT = b"too many preview clients, retry\r\n"
+BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+        b"Retry-After: 5\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT))
 
 
 def _jsonable(value):
@@ -42,9 +60,33 @@ def _jsonable(value):
     return str(value)
 
 
+def _read_head(sock, deadline: float) -> bytes:
+    """The request line and headers (and whatever came with them), read against one deadline for all of
+    it; b"" when the client is too slow, sends too much or goes away (the handler then just closes)."""
+    head = b""
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or len(head) > HEAD_LIMIT:
+            return b""
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(4096)
+        except OSError:  # the deadline passed (TimeoutError) or the connection broke
+            return b""
+        if not chunk:
+            return b""
+        head += chunk
+    return head
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edge-cbn-preview"
-    timeout = 10  # seconds: a client that stops reading lets its thread go instead of blocking it for ever
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the head is read by _read_head instead: a per-recv timeout is no deadline
+        self.rfile = io.BytesIO(_read_head(self.connection, time.monotonic() + self.server.head_deadline_s))
+        self.connection.settimeout(self.server.send_timeout_s)
 
     def log_message(self, fmt, *args) -> None:  # quiet: requests go to debug logging, not stderr
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -94,11 +136,64 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
 
+class _Server(ThreadingHTTPServer):
+    """One thread per connection, up to ``max_clients``; beyond them a 503, and no thread."""
+
+    request_queue_size = BACKLOG
+
+    def __init__(self, address, preview: "PreviewServer", max_clients: int, head_deadline_s: float,
+                 send_timeout_s: float):
+        self.preview, self.max_clients = preview, max_clients
+        self.head_deadline_s, self.send_timeout_s = head_deadline_s, send_timeout_s
+        self.clients = self.refused = 0
+        self._count = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address) -> None:
+        with self._count:
+            full = self.clients >= self.max_clients
+            self.clients += not full
+            self.refused += full
+        if full:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._leave()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        with self._count:
+            self.clients -= 1
+
+    def _refuse(self, sock) -> None:
+        """503 from the accepting thread, which nothing here can block."""
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.recv(HEAD_LIMIT)  # what came already: closing on unread bytes resets the connection
+        with contextlib.suppress(OSError):
+            sock.send(BUSY)
+        self.shutdown_request(sock)
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("preview: error serving %s", client_address, exc_info=True)  # not a traceback on stderr
+
+
 class PreviewServer:
     """HTTP preview on ``host:port`` (``port=0``: a free port; see ``.port`` and ``.url``), served by a
-    daemon thread from construction until :meth:`close`. Also a context manager."""
+    daemon thread from construction until :meth:`close`. Also a context manager.  ``clients`` is the
+    number of connections served now, ``refused`` the number answered 503 so far."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8000, quality: int = 80):
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, quality: int = 80, *,
+                 max_clients: int = MAX_CLIENTS, head_deadline_s: float = HEAD_DEADLINE_S,
+                 send_timeout_s: float = SEND_TIMEOUT_S):
         self.quality = int(quality)
         self.page = PAGE.read_bytes()
         self._cond = threading.Condition()
@@ -106,8 +201,7 @@ class PreviewServer:
         self._jpeg: Optional[bytes] = None
         self._status: dict = {}
         self.closed = False
-        self._httpd = ThreadingHTTPServer((host, port), _Handler)
-        self._httpd.preview = self
+        self._httpd = _Server((host, port), self, max_clients, head_deadline_s, send_timeout_s)
         self.host, self.port = self._httpd.server_address[:2]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"preview:{self.port}", daemon=True)
@@ -117,6 +211,14 @@ class PreviewServer:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
+
+    @property
+    def clients(self) -> int:
+        return self._httpd.clients
+
+    @property
+    def refused(self) -> int:
+        return self._httpd.refused
 
     @property
     def published(self) -> int:

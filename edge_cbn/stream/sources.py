@@ -1,20 +1,29 @@
 """Frame sources: camera, video file, image folder, or the bundled sample clip.
 
 Every source yields BGR ``uint8`` frames (``H x W x 3``), is an iterable and a context manager, has
-``close()``, ``read()`` (the next frame, or ``None`` at the end), a ``name`` and an ``fps`` hint (``None``
-when unknown). Problems at open raise one :class:`SourceError` naming the path or device; problems while
-streaming are logged as warnings on the ``edge_cbn.stream.sources`` logger and the stream goes on:
+``close()``, ``read()`` (the next frame, or ``None`` at the end), a ``name``, an ``fps`` hint (``None``
+when unknown) and ``skipped`` (frames or files it could not decode).  A source that cannot be used at all
+is refused at open with one :class:`SourceError` (a :class:`~edge_cbn.runtime.errors.BadInput`: "path:
+reason"); a file source must deliver its first frame at open, so a video or folder with nothing readable
+is refused there too.  Problems while streaming are warnings on the ``edge_cbn.stream.sources`` logger and
+the stream goes on:
 
-* a video frame that cannot be decoded is skipped (the next readable frame follows);
-* an image file that cannot be read is skipped (and not tried again when looping);
+* a stretch of undecodable video frames, of any length, is skipped with one warning and counted; the end
+  of the file is where the frames the container declares run out (see :class:`VideoSource`);
+* an image file that cannot be read is skipped with one warning and counted (not tried again when looping);
 * a camera whose read fails is reopened with exponential backoff (0.5 s doubling up to 8 s by default)
-  until it comes back or the source is closed.
+  until it comes back or the source is closed; a camera read that does not return is reported by
+  :class:`Prefetched` (``stall_warning_s``).
+
+FFmpeg's own log (hundreds of "error while decoding MB" lines for one damaged stretch) is kept off the
+terminal unless ``--debug`` (``EDGE_CBN_DEBUG``): the warnings above say what was skipped.
 
 Device side: numpy and OpenCV only. ``picamera2`` is imported lazily, only when asked for.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -24,6 +33,8 @@ from typing import Callable, Iterator, Optional, Union
 
 import cv2
 import numpy as np
+
+from ..runtime.errors import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +46,62 @@ __all__ = [
     "ImageDirSource",
     "Prefetched",
     "open_source",
+    "debug_enabled",
 ]
 
+# A declared frame count is believed only up to one frame per this many bytes of the file (the smallest
+# framing a video frame has: an MP4 size entry, an Annex-B start code), so a forged header cannot make the
+# end of a file look like an endless corrupt stretch (failed reads at the end cost about 1 us each).
+MIN_FRAME_BYTES = 4
 
-class SourceError(Exception):
+
+class SourceError(BadInput):
     """A frame source could not be opened (missing file, folder or device, unreadable video)."""
 
 
+def debug_enabled() -> bool:
+    """``--debug`` (the CLI sets ``EDGE_CBN_DEBUG=1`` for it): the decoders' own logs are shown."""
+    return os.environ.get("EDGE_CBN_DEBUG", "") not in ("", "0")
+
+
+def _quiet_ffmpeg() -> None:
+    """FFmpeg's log level to quiet (-8, AV_LOG_QUIET) unless --debug or the user chose one.  OpenCV reads
+    ``OPENCV_FFMPEG_LOGLEVEL`` once, when its FFmpeg backend first starts, so this runs before the first
+    capture opens (the stream opens its source before anything else that uses FFmpeg)."""
+    if not debug_enabled():
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+
 class FrameSource:
-    """Base class: subclasses implement :meth:`read` and :meth:`_release`."""
+    """Base class: subclasses implement :meth:`_next` (the next frame or None) and :meth:`_release`.
+
+    A file source calls :meth:`_take_first` at open: its first frame is read then (and handed out by the
+    first ``read``), so a source with no readable frame is refused at start, not found empty mid-stream.
+    """
 
     name = "source"
     fps: Optional[float] = None
     live = False  # a device whose read may block (reconnecting); close() from another thread ends it
+    skipped = 0  # frames (or files) that could not be decoded and were skipped
+    _first: Optional[np.ndarray] = None
 
-    def read(self) -> Optional[np.ndarray]:
+    def _next(self) -> Optional[np.ndarray]:
         raise NotImplementedError
 
     def _release(self) -> None:
         pass
+
+    def _take_first(self, nothing: str) -> None:
+        self._first = self._next()
+        if self._first is None:
+            self.close()
+            raise SourceError(self.name, nothing)
+
+    def read(self) -> Optional[np.ndarray]:
+        if self.closed:
+            return None
+        frame, self._first = self._first, None
+        return frame if frame is not None else self._next()
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
@@ -94,13 +142,25 @@ def _fps_of(cap) -> Optional[float]:
     return float(fps) if fps and 0 < fps < 1000 else None
 
 
+def _declared_frames(cap, file_bytes: int) -> int:
+    """The frame count the container declares, believed up to one frame per MIN_FRAME_BYTES; 0 if none."""
+    count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+    if not (math.isfinite(count) and count > 0):
+        return 0
+    return int(min(count, file_bytes // MIN_FRAME_BYTES))
+
+
 class VideoSource(FrameSource):
     """Frames of a video file (anything OpenCV/FFmpeg reads).
 
     ``index`` is the position in the file of the last frame returned (undecodable frames count, so it
     matches the file's own numbering, e.g. the bundled sample's ``sample.json``); it restarts at 0 on
-    each loop. ``max_bad_frames`` consecutive failed reads are taken as the end of the file.
-    ``realtime=True`` paces the frames to the file's fps, like a camera would deliver them.
+    each loop.  A failed read is a corrupt frame while the file still declares frames after it
+    (``expected_frames``, the container's count); past them, ``max_bad_frames`` failed reads in a row are
+    the end of the file (the floor also covers files that declare no count, or too few).  Each corrupt
+    stretch is one warning (on the first pass) and adds its length to ``skipped``; frames a file declares
+    but does not deliver at its end (a truncated copy) are one warning.  ``realtime=True`` paces the
+    frames to the file's fps, like a camera would deliver them.
     """
 
     def __init__(self, path: Union[str, os.PathLike], loop: bool = False, *, realtime: bool = False,
@@ -112,45 +172,68 @@ class VideoSource(FrameSource):
         self.realtime = realtime
         self.max_bad_frames = max_bad_frames
         self._sleep, self._clock = sleep, clock
+        if not self.path.exists():
+            raise SourceError(self.path, "video file not found")
         if not self.path.is_file():
-            raise SourceError(f"video file not found: {self.path}")
+            raise SourceError(self.path, "not a regular file")
+        self.skipped, self.passes, self._finished = 0, 0, False
         self._cap = self._open()
         self.fps = _fps_of(self._cap)
-        self.index = -1
         self._next_due = None
+        self._take_first("no decodable video frame")
 
     def _open(self):
         # One decoder thread: decoding runs beside inference (Prefetched), where FFmpeg's own threads
         # would take cores from the interpreter's and cost more CPU per frame (sample clip: 0.26 ms
         # single-threaded against 0.45 ms of CPU on two threads).
+        _quiet_ffmpeg()
         cap = cv2.VideoCapture(str(self.path), cv2.CAP_ANY, [cv2.CAP_PROP_N_THREADS, 1])
         if not cap.isOpened():
-            raise SourceError(f"cannot open video file {self.path} (not a video OpenCV can decode?)")
+            cap.release()
+            raise SourceError(self.path, "cannot open as a video (empty, cut short or not a video format?)")
+        self.expected_frames = _declared_frames(cap, self.path.stat().st_size)
+        self.index = -1
         return cap
 
-    def _read_one(self) -> Optional[np.ndarray]:
+    def _read_pass(self) -> Optional[np.ndarray]:
         """The next decodable frame of the current pass, or None at the end of the file."""
         bad = 0
-        while bad <= self.max_bad_frames:
+        while True:
             ok, frame = self._cap.read()
             if ok and frame is not None:
-                if bad:
-                    log.warning("%s: skipped %d undecodable frame(s) before frame %d",
-                                self.name, bad, self.index + bad + 1)
-                self.index += bad + 1
-                return _as_bgr(frame)
+                break
             bad += 1
-        return None
+            if bad > self.max_bad_frames and self.index + bad >= self.expected_frames:
+                self._report_end()
+                return None
+        if bad:
+            self.skipped += bad
+            self._warn("%s: skipped %d undecodable frame(s), %d-%d; going on from frame %d",
+                       self.name, bad, self.index + 1, self.index + bad, self.index + bad + 1)
+        self.index += bad + 1
+        return _as_bgr(frame)
 
-    def read(self) -> Optional[np.ndarray]:
-        if self.closed:
-            return None
-        frame = self._read_one()
+    def _report_end(self) -> None:
+        if self.index + 1 < self.expected_frames:
+            self._warn("%s: no decodable frame after frame %d of the %d the file declares (truncated?)",
+                       self.name, self.index, self.expected_frames)
+
+    def _warn(self, *args) -> None:
+        """A warning on the first pass; looping over the same damage again is only debug."""
+        log.log(logging.WARNING if self.passes == 0 else logging.DEBUG, *args)
+
+    def _next(self) -> Optional[np.ndarray]:
+        frame = None if self._finished else self._read_pass()
         if frame is None and self.loop and self.index >= 0:
             self._cap.release()
             self._cap = self._open()
-            self.index = -1
-            frame = self._read_one()
+            self.passes += 1
+            frame = self._read_pass()
+        self._finished = frame is None  # reading on past the end would only report the end again
+        return frame
+
+    def read(self) -> Optional[np.ndarray]:
+        frame = super().read()
         if frame is not None and self.realtime and self.fps:
             self._pace()
         return frame
@@ -169,8 +252,10 @@ class VideoSource(FrameSource):
 class ImageDirSource(FrameSource):
     """The image files of a folder in sorted name order (hidden files ignored).
 
-    Files OpenCV cannot read are skipped with a warning (once). With ``loop`` the folder is shown again
-    and again; ``index`` is the position of the last returned file in ``files``.
+    Files OpenCV cannot read (corrupt, empty, not an image, or larger than OpenCV's pixel limit) are
+    skipped with one warning each and counted in ``skipped``, and not tried again when looping.  With
+    ``loop`` the folder is shown again and again; ``index`` is the position of the last returned file in
+    ``files``.
     """
 
     def __init__(self, directory: Union[str, os.PathLike], loop: bool = False, *,
@@ -180,30 +265,38 @@ class ImageDirSource(FrameSource):
         self.loop = loop
         self.fps = fps
         if not self.directory.is_dir():
-            raise SourceError(f"image folder not found: {self.directory}")
+            raise SourceError(self.directory, "image folder not found")
         self.files = sorted(p for p in self.directory.iterdir() if p.is_file() and not p.name.startswith("."))
         if not self.files:
-            raise SourceError(f"image folder is empty: {self.directory}")
+            raise SourceError(self.directory, "image folder is empty")
         self.index = -1
-        self._shown_in_pass = 0
+        self.skipped = 0
+        self._take_first("no readable image in the folder")
 
-    def read(self) -> Optional[np.ndarray]:
-        while not self.closed:
+    def _next(self) -> Optional[np.ndarray]:
+        while self.files:
             if self.index + 1 >= len(self.files):
-                if not (self.loop and self._shown_in_pass):
-                    if not self._shown_in_pass:
-                        log.warning("%s: no readable image left", self.name)
+                if not self.loop:
                     return None
-                self.index, self._shown_in_pass = -1, 0
+                self.index = -1
             self.index += 1
             path = self.files[self.index]
-            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            frame = _imread(path)
             if frame is not None:
-                self._shown_in_pass += 1
                 return frame
             log.warning("%s: skipping unreadable image file %s", self.name, path.name)
+            self.skipped += 1
             del self.files[self.index]
             self.index -= 1
+        return None
+
+
+def _imread(path: Path) -> Optional[np.ndarray]:
+    """``path`` as a BGR image, or None; OpenCV raises (instead of returning None) for a header whose
+    size is over its pixel limit."""
+    try:
+        return cv2.imread(str(path), cv2.IMREAD_COLOR)
+    except cv2.error:
         return None
 
 
@@ -256,14 +349,14 @@ class CameraSource(FrameSource):
         self.name = f"camera {self.index}" + (" (picamera2)" if self.use_picamera2 else "")
         self.reconnects = 0
         if isinstance(self.index, str) and not os.path.exists(self.index):
-            raise SourceError(f"camera device not found: {self.index}")
+            raise SourceError(self.index, "camera device not found")
         try:
             self._cap = self._open()
         except Exception as exc:  # picamera2 raises its own errors, OpenCV may raise cv2.error
-            raise SourceError(f"cannot open {self.name}: {exc}") from exc
+            raise SourceError(self.name, f"cannot open: {exc}") from exc
         if self._cap is None:
             device = self.index if isinstance(self.index, str) else f"/dev/video{self.index}"
-            raise SourceError(f"cannot open {self.name} ({device} missing or busy?)")
+            raise SourceError(self.name, f"cannot open {device} (missing or busy?)")
         self.fps = _fps_of(self._cap)
 
     def _open(self):
@@ -286,8 +379,8 @@ class CameraSource(FrameSource):
             return None
         return _as_bgr(frame) if ok and frame is not None else None
 
-    def read(self) -> Optional[np.ndarray]:
-        frame = None if self.closed or self._cap is None else self._grab()
+    def _next(self) -> Optional[np.ndarray]:
+        frame = None if self._cap is None else self._grab()
         delay, attempt = self.backoff[0], 0
         while frame is None and not self.closed:
             attempt += 1
@@ -320,14 +413,17 @@ class Prefetched(FrameSource):
     """Another source read one frame ahead in a background thread, so decoding (or waiting for the
     camera) overlaps the caller's work on the current frame; OpenCV releases the GIL while it decodes.
 
-    Same interface as the wrapped source (``name``, ``fps``, ``read``, ``close``); an exception raised
-    by its ``read`` is raised again by this ``read``.
+    Same interface as the wrapped source (``name``, ``fps``, ``read``, ``close``, ``skipped``); an
+    exception raised by its ``read`` is raised again by this ``read``.  A live source that gives no frame
+    for ``stall_warning_s`` (a camera read that does not return, or a long reconnect) is one warning per
+    wait; the wait goes on until a frame comes or the source is closed (SIGTERM, Ctrl-C).
     """
 
     _END = object()
 
-    def __init__(self, source: FrameSource, depth: int = 1):
+    def __init__(self, source: FrameSource, depth: int = 1, *, stall_warning_s: float = 30.0):
         self.source, self.name, self.fps, self.live = source, source.name, source.fps, source.live
+        self.stall_warning_s = stall_warning_s
         self._queue: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
         self._done = False
@@ -352,11 +448,17 @@ class Prefetched(FrameSource):
             except queue.Full:
                 continue
 
+    @property
+    def skipped(self) -> int:
+        return self.source.skipped
+
     def read(self) -> Optional[np.ndarray]:
+        waiting_since, warned = time.monotonic(), False
         while not (self._done or self.closed):
             try:
                 item = self._queue.get(timeout=0.1)
             except queue.Empty:
+                warned = warned or self._warn_stall(time.monotonic() - waiting_since)
                 continue
             if item is self._END:
                 self._done = True
@@ -366,6 +468,13 @@ class Prefetched(FrameSource):
             else:
                 return item
         return None
+
+    def _warn_stall(self, waited: float) -> bool:
+        """Warn (and say so) once a live source has given nothing for ``stall_warning_s``."""
+        if not self.live or waited < self.stall_warning_s:
+            return False
+        log.warning("%s: no frame for %.1f s; still waiting (SIGTERM or Ctrl-C stops)", self.name, waited)
+        return True
 
     def _release(self) -> None:
         self._stop.set()
