@@ -84,3 +84,7 @@ def main():
     An input edge-cbn cannot use is one line on stderr and exit status 1 (a usage error: status 2);
     --debug anywhere on the line (or EDGE_CBN_DEBUG=1) shows the traceback instead.
     """
+
+
+if __name__ == "__main__":  # python -m edge_cbn.cli: the same as the edge-cbn script
+    main()

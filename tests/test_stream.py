@@ -203,7 +203,7 @@ def test_sigterm_stops_cleanly_and_kill_during_save_resumes(tiny, tmp_path):
 def test_missing_video_is_one_clear_error(tiny, tmp_path):
     r = CliRunner().invoke(main, ["--model", tiny, "--video", str(tmp_path / "nope.mp4")])
     assert r.exit_code != 0
-    assert r.output.strip().splitlines() == [f"Error: video file not found: {tmp_path / 'nope.mp4'}"]
+    assert r.output.strip().splitlines() == [f"Error: {tmp_path / 'nope.mp4'}: video file not found"]
     r = CliRunner().invoke(main, ["--model", tiny, "--camera", "57"])
     assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1 and "camera 57" in r.output
     r = CliRunner().invoke(main, ["--model", str(tmp_path / "nope.tflite")])

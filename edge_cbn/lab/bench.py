@@ -125,6 +125,25 @@ def bench_stream(model, num_threads, frames, noise, eta, rounds, memory_frames):
     StreamBench(model, num_threads, frames, noise, eta, rounds).run(memory_frames)
 
 
+@bench.command("soak", context_settings={"ignore_unknown_options": True})
+@click.option("--frames", type=click.IntRange(1), default=100000, show_default=True, help="Frames of the stream.")
+@click.option("--every", type=click.IntRange(1), default=1000, show_default=True, help="Frames between RSS samples.")
+@click.option("--warmup", type=click.IntRange(0), default=None, metavar="N",
+              help="Frames before the growth is measured (default: a fifth of --frames).")
+@click.argument("stream_args", nargs=-1, type=click.UNPROCESSED)
+def bench_soak(frames, every, warmup, stream_args):
+    """Resident memory of a long `edge-cbn stream` (headless, the sample clip looped unless STREAM_ARGS
+    say otherwise), sampled every --every frames, and its growth after the warm-up.  STREAM_ARGS go to
+    the stream after `--`, default `--noise relative --eta 0.05` (docs/RELIABILITY.md):
+
+    \b
+    edge-cbn bench soak --frames 100000 -- --noise relative --eta 0.05"""
+    from .bench_soak import print_soak, soak
+
+    args = list(stream_args) or ["--noise", "relative", "--eta", "0.05"]
+    print_soak(soak(args, frames, every, frames // 5 if warmup is None else warmup))
+
+
 @bench.command("refuse")
 @click.option("--models", "names", default="efficientnet_lite0,resnet50", show_default=True,
               help="Comma-separated model names (random weights).")

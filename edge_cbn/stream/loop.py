@@ -116,6 +116,7 @@ class StreamLoop:
                 "calibration": e.calibration_text(),
                 "calibration_progress": round(e.cal.progress, 4) if e.cal else None,
                 "model": self.model_name, "task": e.task, "source": self.source.name,
+                "skipped_frames": getattr(self.source, "skipped", 0),
                 "noise": opts.noise, "eta": opts.eta if opts.noise_on else None, "seed": opts.seed,
                 "noise_options": opts.noise_options, "noise_pool": opts.noise_pool,
                 "mode": opts.mode if e.cal else None, "state": opts.state, "resumed": e.resumed}
