@@ -90,8 +90,11 @@ class Engine:
             self.calibration.resume(resumed.stats)
         # The serving model is refolded beside the stream when that is safe (it picks ready-made
         # interpreters per frame: pooled, static or clean); `NoisyModel.set_stats` builds before it swaps.
+        # --calibrate-every makes a run reproducible: refolds then happen in line, so which statistics serve
+        # which frame does not depend on thread timing (the same command gives the same figures anywhere).
         exact = self.serving.per_frame and not self.serving.pool
-        self._serving_updates = LatestJobWorker(self._update_serving, name="edge-cbn-refold", background=not exact)
+        self._serving_updates = LatestJobWorker(self._update_serving, name="edge-cbn-refold",
+                                                background=not exact and not opts.calibrate_every)
         self.agreement = AgreementSampler(
             bundle, self.chip, self.proc, every=opts.agreement_every, num_threads=opts.num_threads,
             seed=opts.seed, clean_variant=self.calibration and self.calibration.clean
