@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..options import noise_flags, noise_options, verbose_option
+from ..runtime.errors import BadInput
 from .build import MissingWeights, build_model, export_model
-from .weights.torch_pickle import UnsafeCheckpoint
 
 
 @click.command("convert")
@@ -50,7 +50,7 @@ def main(model_name, weights, out, input_size, num_classes, random_weights, cali
         raise click.BadParameter(str(e.args[0]), param_hint="--model") from None
     except MissingWeights as e:
         raise click.UsageError(str(e)) from None
-    except (ValueError, OSError, UnsafeCheckpoint) as e:  # WeightMismatch, unreadable file: one clear line
+    except (BadInput, ValueError, OSError) as e:  # a weight file that cannot be used or does not fit: one line
         raise click.ClickException(str(e)) from None
     if calib_dir:
         calibrate(spec, model, calib_dir, quiet=quiet, noise=noise, eta=eta, seed=seed, batch_size=batch_size,

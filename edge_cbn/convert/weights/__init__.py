@@ -1,9 +1,12 @@
-"""Load published weight files into the Keras ports: torchvision / lukemelas `.pth`, Darknet `.weights`."""
+"""Load published weight files into the Keras ports: torchvision / lukemelas `.pth`, Darknet `.weights`.
+Every file that cannot be used, or does not fit the model, raises `BadInput` naming the file and the
+reason (`MismatchedWeightFile`, also a `WeightMismatch`, when it does not fit)."""
 from __future__ import annotations
 
 import importlib
 
 from .assign import WeightMismatch, assign_state_dict
+from .checks import MismatchedWeightFile
 
 
 def default_weights(spec) -> str | None:
@@ -18,15 +21,20 @@ def default_weights(spec) -> str | None:
 
 
 def load_weights(model, spec, path) -> None:
-    """Fill `model` (built from `spec`) from the weight file at `path`; raises WeightMismatch or
-    UnsafeCheckpoint with a message naming the tensor or global at fault."""
+    """Fill `model` (built from `spec`) from the weight file at `path`; raises BadInput naming the file
+    and the tensor or global at fault."""
     if spec.weights_format == "darknet":
         from .darknet import assign_darknet
         assign_darknet(model, path)
         return
     from . import torch_pickle
     from ..models import ignored_prefixes
-    assign_state_dict(model, torch_pickle.load(path), ignore_prefixes=ignored_prefixes(spec.name))
+    # The model's float32 parameter bytes widen the reader's memory budget beyond the file's own size.
+    state = torch_pickle.load(path, expected_bytes=4 * model.count_params())
+    try:
+        assign_state_dict(model, state, ignore_prefixes=ignored_prefixes(spec.name))
+    except WeightMismatch as e:
+        raise MismatchedWeightFile(path, str(e)) from None
 
 
-__all__ = ["WeightMismatch", "load_weights", "default_weights"]
+__all__ = ["WeightMismatch", "MismatchedWeightFile", "load_weights", "default_weights"]
