@@ -166,3 +166,51 @@ def test_refuse_with_non_finite_outputs_is_rolled_back(tiny_bundle, pool):
     assert all(np.array_equal(served.stats()[bn][1], good[bn][1]) for bn in good)
     np.testing.assert_array_equal(served.run(x, frame=3)[0], before)
     assert np.isfinite(before).all()
+
+
+def _moments_vector(rng, channels: int) -> np.ndarray:
+    """A plausible calibration-variant moments output: per-channel means of y, then means of y² (>= mean²)."""
+    m = rng.normal(0, 0.5, channels)
+    return np.concatenate([m, m * m + rng.uniform(0.5, 1.0, channels)]).astype(np.float32)
+
+
+def test_calibrator_drops_non_finite_moments_and_never_hands_them_out(tiny_bundle):
+    from edge_cbn.runtime.stream_calibrator import StreamCalibrator
+    from edge_cbn.runtime.validation import Invalid
+
+    _, bundle = tiny_bundle
+    cal = StreamCalibrator(bundle, mode="shift", refuse_every=1, stages=1)
+    channels = [len(bundle.layer(bn).mean) for bn in cal.bns]
+    rng = np.random.default_rng(0)
+    noisy = _moments_vector(rng, sum(channels))
+    noisy[0] = np.nan  # the first BN's first channel: that layer is left out of this frame, the others are not
+    stats = cal.observe(noisy, cal.statistics(), _moments_vector(rng, sum(channels)), cal.statistics())
+    first, rest = cal.bns[0], cal.bns[1:]
+    assert cal.dropped_frames == 1 and cal.noisy[first].count == cal.clean[first].count == 0
+    assert all(cal.noisy[bn].count == cal.clean[bn].count == 1 for bn in rest)
+    assert all(np.isfinite(m).all() and np.isfinite(v).all() and (v >= 0).all() for m, v in stats.values())
+    np.testing.assert_array_equal(stats[first][1], bundle.layer(first).var)  # no moments yet: the source's
+
+    all_inf = np.full(2 * sum(channels), np.inf, np.float32)  # nothing usable: not even counted as a frame
+    assert cal.observe(all_inf, cal.statistics(), _moments_vector(rng, sum(channels)), cal.statistics()) is None
+    assert cal.dropped_frames == 2 and cal.noisy[rest[0]].count == 1
+
+    cal.estimate = lambda bn: (np.full(len(cal.source[bn][0]), np.nan, np.float32), cal.source[bn][1])
+    before = cal.statistics()
+    cal.observe(_moments_vector(rng, sum(channels)), before, _moments_vector(rng, sum(channels)), before)
+    assert cal.rejected_estimates == len(cal.bns)  # every estimate refused: the previous statistics stay
+    assert all(np.array_equal(cal.statistics()[bn][0], before[bn][0]) for bn in cal.bns)
+
+    state = cal.state_dict()
+    again = StreamCalibrator(bundle, mode="shift", refuse_every=1, stages=1)
+    again.load_state_dict(state)
+    assert (again.dropped_frames, again.rejected_estimates) == (2, len(cal.bns))
+    for key, bad in ((f"applied/{first}/var", -np.ones(channels[0])), (f"noisy/{rest[0]}/mean", np.full(3, 0.5)),
+                     (f"clean/{rest[0]}/c", np.full(channels[1], np.nan))):
+        fresh = StreamCalibrator(bundle, mode="shift", refuse_every=1, stages=1)
+        with pytest.raises(Invalid):
+            fresh.load_state_dict({**state, key: bad})
+        assert fresh.stage == 0 and fresh.noisy[rest[0]].count == 0  # all or nothing: left as it was
+    older = {k: v for k, v in state.items() if k not in ("dropped_frames", "rejected_estimates")}
+    again.load_state_dict(older)  # a state saved before the counters existed
+    assert again.dropped_frames == 0

@@ -1,7 +1,12 @@
-"""An exported model on the device: `X.tflite` (BN-folded float32) + `X.cbn.npz` (re-fuse sidecar).
+"""An exported model on the device: `X.tflite` (BN-folded float32) + `X.cbn.npz` (re-fuse sidecar), and
+`X.calib.tflite` (the calibration variant) when the sidecar names one.
 
-Device side: numpy + the `tflite` flatbuffer schema package only.  The sidecar format is specified in
-docs/DESIGN.md; `write_sidecar` and `load_bundle` are its only writer and reader.
+Device side: numpy, the `tflite` flatbuffer schema package and LiteRT only.  The sidecar format is
+specified in docs/DESIGN.md; `write_sidecar` and `load_bundle` are its only writer and reader.
+
+Loading validates everything once, at load (`edge_cbn.runtime.validation`, `flatbuffer.check_model`): the
+flatbuffer, the sidecar's meta against the model's tensors, every array's dtype, shape, buffer and
+values.  An unusable file is a `BadInput` naming it; what loaded can be served and re-fused.
 """
 from __future__ import annotations
 
@@ -13,9 +18,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import tflite
 
 from . import fold
+from .errors import BadInput
+# buffer_span, input_shape and input_dtype are imported from here by export and refold.
+from .flatbuffer import ModelFacts, buffer_span, check_identifier, check_model, input_dtype, input_shape  # noqa: F401
+from .validation import (Invalid, check_calibration_entry, check_layer_arrays, check_layer_buffers,
+                         check_layer_entries, check_meta, kernel_shape, open_npz, read_members, refusing,
+                         sidecar_specs)
 
 FORMAT = 1
 SIDECAR_SUFFIX = ".cbn.npz"
@@ -55,6 +65,8 @@ class Bundle:
     # TFLite-layout copies of the unfolded kernels, made once and shared (read-only) by every Refolder of
     # this bundle and of its calibration variant: one copy of the weights instead of one per model.
     _tflite_kernels: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # Why the calibration variant the sidecar names cannot be used (its file is missing), "" when it can.
+    calibration_problem: str = ""
 
     def tflite_kernel(self, rec: "LayerRecord") -> np.ndarray:
         """`rec`'s unfolded kernel in TFLite layout, float32, read-only, shared."""
@@ -81,18 +93,27 @@ class Bundle:
 
     @property
     def can_calibrate(self) -> bool:
-        return "calibration" in self.meta and self.path is not None
+        """The sidecar names a calibration variant and its file is there (`calibration_problem` says
+        why not otherwise)."""
+        return "calibration" in self.meta and self.path is not None and not self.calibration_problem
 
     def calibration_variant(self) -> "Bundle":
         """The calibration variant (same layers and arrays, its own file and buffer indices); its last
-        output is the moments vector described in `edge_cbn.convert.export.moments_model`."""
+        output is the moments vector described in `edge_cbn.convert.export.moments_model`.  Its file is
+        checked like the model's, and its buffers and moments output against the sidecar."""
         if not self.can_calibrate:
-            raise FileNotFoundError(f"{self.path}: no calibration variant (re-export with tools/convert.py)")
+            raise BadInput(self.path, self.calibration_problem or "no calibration variant (re-export it with "
+                                                                  "tools/convert.py)")
         cal = self.meta["calibration"]
         path = self.path.with_name(cal["file"])
+        model_bytes, facts = read_model(path)
         layers = [dataclasses.replace(rec, w_buffer=cal["buffers"][rec.name][0],
                                       b_buffer=cal["buffers"][rec.name][1]) for rec in self.layers]
-        return Bundle(path, path.read_bytes(), self.meta, layers, self._tflite_kernels)
+        with refusing(path, f"not the calibration variant of {self.path.name}"):
+            check_layer_buffers([(r.name, r.kind, r.kernel.shape, r.w_buffer, r.b_buffer) for r in layers], facts,
+                                f"it is not the calibration variant of {self.path.name}")
+            _check_moments_output(facts, layers, input_shape(self.model_bytes))
+        return Bundle(path, model_bytes, self.meta, layers, self._tflite_kernels)
 
     def layer(self, name: str) -> LayerRecord:
         for rec in self.layers:
@@ -113,47 +134,6 @@ def sidecar_path(tflite_path) -> Path:
     p = Path(tflite_path)
     stem = p.name[: -len(".tflite")] if p.name.endswith(".tflite") else p.name
     return p.with_name(stem + SIDECAR_SUFFIX)
-
-
-def buffer_span(model_bytes, index: int, model=None) -> tuple[int, int]:
-    """(byte offset, byte length) of buffer `index`'s data in the file; (0, 0) for an empty buffer.
-    Handles both inline data (the usual case) and the `offset`/`size` fields of files over 2 GB."""
-    model = model or tflite.Model.GetRootAs(model_bytes, 0)
-    if not 0 <= index < model.BuffersLength():
-        raise ValueError(f"buffer {index} does not exist (the model has {model.BuffersLength()})")
-    buf = model.Buffers(index)
-    if buf.Offset() > 1:  # data stored after the flatbuffer, offset relative to the file start
-        start, size = buf.Offset(), buf.Size()
-    else:
-        field = buf._tab.Offset(4)
-        if field == 0:
-            return 0, 0
-        start, size = buf._tab.Vector(field), buf._tab.VectorLen(field)
-    if start + size > len(model_bytes):
-        raise ValueError(f"buffer {index} lies outside the model data ({start}+{size} > {len(model_bytes)} "
-                         "bytes): truncated or external-data .tflite, which re-fuse does not support")
-    return start, size
-
-
-def _input_tensor(model_bytes):
-    sg = tflite.Model.GetRootAs(model_bytes, 0).Subgraphs(0)
-    return sg.Tensors(int(sg.Inputs(0)))
-
-
-def input_shape(model_bytes) -> tuple:
-    """Shape of the model's (first) input tensor, e.g. (1, 224, 224, 3)."""
-    return tuple(int(d) for d in _input_tensor(model_bytes).ShapeAsNumpy())
-
-
-def input_dtype(model_bytes) -> np.dtype:
-    """numpy dtype of the model's (first) input: uint8 for models that take RGB pixels as they are
-    (edge-cbn's own exports normalise inside the graph), float32 for pre-normalised input."""
-    types = {tflite.TensorType.FLOAT32: np.float32, tflite.TensorType.UINT8: np.uint8,
-             tflite.TensorType.INT8: np.int8}
-    code = _input_tensor(model_bytes).Type()
-    if code not in types:
-        raise ValueError(f"unsupported model input type {code} (expected float32, uint8 or int8)")
-    return np.dtype(types[code])
 
 
 def write_sidecar(path, meta: dict, layers: list[LayerRecord]) -> Path:
@@ -197,45 +177,76 @@ def atomic_write(path, write) -> Path:
     return path
 
 
-def read_sidecar(path) -> tuple[dict, list[LayerRecord]]:
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(z["meta"].item())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: sidecar format {meta.get('format')!r}, this edge-cbn reads {FORMAT}")
+def read_model(path) -> tuple[bytes, ModelFacts]:
+    """The bytes of the `.tflite` at `path` and its `flatbuffer.ModelFacts`; `BadInput` naming it when it
+    cannot be used.  The identifier is read first, so a large file of something else is not read whole."""
+    with refusing(path, "not a valid TFLite model"):
+        with open(path, "rb") as f:
+            check_identifier(f.read(8))
+            f.seek(0)
+            model_bytes = f.read()
+        return model_bytes, check_model(model_bytes)
 
-        def get(key):
-            return z[key] if key in z.files else None
 
-        layers = []
-        for entry in meta["layers"]:
-            rec = LayerRecord(**entry, kernel=get(f"{entry['name']}/kernel"), bias=get(f"{entry['name']}/bias"))
-            if rec.bn:
-                for field in _BN_FIELDS:
-                    setattr(rec, field, get(f"{rec.bn}/{field}"))
-                if rec.mean is None or rec.var is None:
-                    raise ValueError(f"{path}: BN {rec.bn!r} has no mean/var arrays")
-            if rec.kernel is None:
-                raise ValueError(f"{path}: layer {rec.name!r} has no kernel array")
-            layers.append(rec)
-    return meta, layers
+def _check_moments_output(facts: ModelFacts, layers: list[LayerRecord], model_input: tuple) -> None:
+    """A calibration variant takes the model's input and ends in the (1, 2 * sum of BN channels) moments."""
+    channels = sum(len(rec.mean) for rec in layers if rec.bn)
+    if facts.input_shape != model_input:
+        raise Invalid(f"its input {facts.input_shape} is not the model's {model_input}")
+    if facts.output_shapes[-1] != (1, 2 * channels):
+        raise Invalid(f"its last output {facts.output_shapes[-1]} is not the moments of the sidecar's BNs "
+                      f"(1, {2 * channels})")
+
+
+def read_sidecar(path, facts: ModelFacts) -> tuple[dict, list[LayerRecord]]:
+    """The sidecar at `path` against its model's facts: meta, layer records, their buffers in the model
+    (sizes from the array headers, before any data is read), then the arrays (float32, finite, var >= 0)."""
+    with refusing(path, "not a readable sidecar (.cbn.npz)"), open_npz(path) as members:
+        meta = json.loads(members.text("meta"))
+        check_meta(meta, facts, FORMAT)
+        entries = check_layer_entries(meta.get("layers"))
+        if "calibration" in meta:
+            check_calibration_entry(meta["calibration"], entries)
+        shapes = {e["name"]: kernel_shape(members, e) for e in entries}
+        check_layer_buffers([(e["name"], e["kind"], shapes[e["name"]], e["w_buffer"], e["b_buffer"])
+                             for e in entries], facts)
+        arrays = read_members(members, sidecar_specs(entries, shapes))
+        return meta, [_record(e, arrays) for e in entries]
+
+
+def _record(entry: dict, arrays: dict) -> LayerRecord:
+    own = {k: arrays.get(f"{entry['name']}/{k}") for k in ("kernel", "bias")}
+    bn = {k: arrays.get(f"{entry['bn']}/{k}") for k in _BN_FIELDS} if entry["bn"] else {}
+    check_layer_arrays(entry["name"], entry["bn"], {**own, **bn})
+    return LayerRecord(**entry, **own, **bn)
+
+
+def _calibration_problem(path: Path, meta: dict) -> str:
+    """Why the calibration variant the meta names cannot be used: its file is not beside the model."""
+    if "calibration" not in meta:
+        return ""
+    variant = path.with_name(meta["calibration"]["file"])
+    if variant.is_file():
+        return ""
+    return f"{variant.name} is missing beside {path.name} (a partial copy? copy {variant.name} too)"
 
 
 def load_bundle(tflite_path, *, require_sidecar: bool = False) -> Bundle:
-    """Read `X.tflite` and its sidecar `X.cbn.npz`.  Without the sidecar the model still runs (as a
-    classifier with [-1, 1] input scaling, with a warning) but cannot be re-fused; `require_sidecar`
-    makes that an error."""
+    """Read and validate `X.tflite` and its sidecar `X.cbn.npz` (`BadInput` naming the file that cannot be
+    used).  Without the sidecar the model still runs (as a classifier with [-1, 1] input scaling, with a
+    warning) but cannot be re-fused; `require_sidecar` makes that a FileNotFoundError."""
     path = Path(tflite_path)
-    model_bytes = path.read_bytes()
+    model_bytes, facts = read_model(path)
     side = sidecar_path(path)
     if side.exists():
-        meta, layers = read_sidecar(side)
-        return Bundle(path, model_bytes, meta, layers)
+        meta, layers = read_sidecar(side, facts)
+        return Bundle(path, model_bytes, meta, layers, calibration_problem=_calibration_problem(path, meta))
     msg = (f"{side} not found: the sidecar is written by `tools/convert.py` (edge_cbn.convert.export) next to the "
            ".tflite and is needed to re-fuse BatchNorm statistics")
     if require_sidecar:
         raise FileNotFoundError(msg)
     warnings.warn(msg + "; running as a classifier with input (rgb - 127.5) / 127.5", stacklevel=2)
-    _, h, w, _ = input_shape(model_bytes)
+    h, w = facts.input_hw
     meta = {"format": FORMAT, "model": path.stem, "task": "classification", "input_size": [h, w],
             "preprocess": dict(DEFAULT_PREPROCESS), "labels": [], "head": None, "layers": []}
     return Bundle(path, model_bytes, meta, [])

@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from .validation import ArraySpec, Invalid, all_finite
+
 
 class _State:
     """state_dict()/load_state_dict() over the attributes named in `_FIELDS` (plain numpy arrays)."""
@@ -43,6 +45,7 @@ class Moments(_State):
     variance alone is low by Var(frame mean) * k, i.e. O(1/frames)).
     """
     _FIELDS = ("count", "n", "mean", "c", "w", "k")
+    _PER_CHANNEL = ("mean", "c", "w")  # scalars 0.0 until the first frame, then one value per channel
 
     def __init__(self, window: Optional[float] = None):
         if window is not None and window < 1:
@@ -72,6 +75,24 @@ class Moments(_State):
         if self.window is not None:  # forget just enough that this frame's share is weight/window
             self._n = min(self._n, max(self.window - weight, 0.0))
         self._combine(float(weight), mean, within, within, 1.0, float(weight))
+
+    @classmethod
+    def state_specs(cls, channels: int) -> dict:
+        """{field: ArraySpec} of `state_dict()` for an accumulator of `channels` channels."""
+        return {k: ArraySpec("f", ((), (channels,)) if k in cls._PER_CHANNEL else ((),), (8,)) for k in cls._FIELDS}
+
+    @classmethod
+    def check_state(cls, state: dict, channels: int, where: str = "moments") -> None:
+        """A saved accumulator can be resumed: the fields of `state_specs`, finite, count and n >= 0,
+        0 <= k <= 1, and the per-channel fields all scalars (no frame yet) or all per channel."""
+        values = {k: np.asarray(state[k]) for k in cls._FIELDS}
+        if not all_finite(*values.values()):
+            raise Invalid(f"{where}: not finite (NaN or Inf)")
+        if values["count"] < 0 or values["n"] < 0 or not 0 <= values["k"] <= 1:
+            raise Invalid(f"{where}: count {float(values['count'])}, n {float(values['n'])} or k "
+                          f"{float(values['k'])} out of range")
+        if len({values[k].shape for k in cls._PER_CHANNEL}) != 1 or (values["count"] > 0) != (values["mean"].ndim == 1):
+            raise Invalid(f"{where}: mean, c and w are inconsistent with each other or with count")
 
     def merge(self, other: "Moments") -> None:
         """Pool `other` into self, weighting each by its effective count (equal to having accumulated

@@ -12,10 +12,15 @@ Three files, each written atomically (`bundle.atomic_write`: temporary file besi
    counters, the sha1 of (2)), `cal/...` (`StreamCalibrator.state_dict()`), `stats/<bn>/mean|var`.
 
 A kill at any moment leaves each file either old or new.  On start the state file decides: if the
-calibrated model on disk is the one it names (sha1) and its sidecar holds the same statistics, the stream
-serves it; otherwise (killed between the writes) the saved statistics are re-fused into the source model,
-which gives the same bytes.  A state file that cannot be read, or that belongs to another model, noise
-setting or calibration mode, is reported and ignored: the stream starts fresh and replaces it.
+calibrated model on disk is the one it names (sha1) and its sidecar, loaded and validated like any bundle,
+holds the source's layers and the same statistics, the stream serves it; otherwise (killed between the
+writes) the saved statistics are re-fused into the source model, which gives the same bytes.
+
+Loading checks every array (`StateStore.load`: names, dtypes, shapes = the model's BN channels, finite,
+var >= 0, and with a calibrator its accumulators, `StreamCalibrator.check_state_dict`).  A state saved
+for another model, noise setting or calibration mode (`OtherSetup`) is reported and ignored: the stream
+starts fresh and replaces it.  A state that fails validation (`BadInput`) is set aside
+(`StateStore.set_aside`: renamed to `FILE.bad-<time>`), so it is neither resumed nor saved over.
 
 `EDGE_CBN_TEST_SLOW_SAVE=SECONDS` (tests only) pauses half-way through writing each file, so a test can
 kill the process in the middle of a save.
@@ -26,12 +31,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import atomic_write, load_bundle, sidecar_path, write_sidecar
+from .bundle import Bundle, atomic_write, load_bundle, sidecar_path, write_sidecar
+from .errors import BadInput
+from .validation import (ArraySpec, Invalid, check_bn_stats, check_count, one_line, open_npz, read_members,
+                         refusing)
 from .worker import LatestJobWorker
 
 FORMAT = 1
@@ -58,6 +67,10 @@ def fingerprint(bundle, *, noise: str, eta: float, seed: int, mode: str, stages:
             "mode": mode, "stages": int(stages)}
 
 
+class OtherSetup(BadInput):
+    """A readable state saved for another model, noise setting or calibration mode: not used, not set aside."""
+
+
 @dataclasses.dataclass
 class Snapshot:
     """Everything one save writes; taken on the streaming thread, written on the saver's."""
@@ -75,6 +88,7 @@ class Resumed:
     counters: dict
     model_path: Path | None  # the calibrated model, when it is the one the state names
     note: str = ""           # why model_path is None, if it is
+    model_bundle: Bundle | None = None  # the calibrated bundle at model_path, loaded and validated (serve it as is)
 
 
 def _slow(write):
@@ -149,41 +163,63 @@ class StateStore:
         atomic_write(self.path, _slow(lambda f: np.savez(f, **arrays)))
 
     # ----------------------------------------------------------------------------------------- load
-    def load(self, ignore=()) -> Resumed:
-        """The saved state; raises ValueError (with a one-line reason) when it cannot be used.  `ignore`:
-        fingerprint keys that need not match."""
-        try:
-            with np.load(self.path, allow_pickle=False) as z:
-                meta = json.loads(z["meta"].item())
-                arrays = {k: z[k] for k in z.files if k != "meta"}
-        except Exception as e:  # truncated, not an npz, pickled content, bad JSON...
-            raise ValueError(f"cannot read it ({type(e).__name__}: {e})") from None
+    def load(self, ignore=(), calibrator=None) -> Resumed:
+        """The saved state, every array checked; with `calibrator` (a `StreamCalibrator`) its part is
+        checked too and loaded into it, all or nothing.  `ignore`: fingerprint keys that need not match.
+        Raises `OtherSetup` for a state of another setup, `BadInput` naming the file when it fails."""
+        with refusing(self.path, "not a readable state (.npz)"), open_npz(self.path) as members:
+            meta = json.loads(members.text("meta"))
+            counters = self._check_meta(meta, ignore)
+            unexpected = sorted(n for n in members.names if n != "meta" and not n.startswith(("stats/", "cal/")))
+            if unexpected:
+                raise Invalid(f"unexpected array {unexpected[0]!r}")
+            stats = self._read_stats(members)
+            cal = self._read_calibrator(members, calibrator)
+            model_bundle, note = self._check_model(meta, stats)
+            if calibrator is not None:
+                calibrator.load_state_dict(cal)
+        return Resumed(stats, cal, counters, None if model_bundle is None else self.model_path, note,
+                       model_bundle)
+
+    def _check_meta(self, meta, ignore) -> dict:
+        """The state's format and fingerprint (`OtherSetup` when it was saved for another setup); returns
+        its counters, each an integer >= 0."""
+        if not isinstance(meta, dict):
+            raise Invalid("its meta is not a JSON object")
         if meta.get("format") != FORMAT:
-            raise ValueError(f"state format {meta.get('format')!r}, this edge-cbn reads {FORMAT}")
-        diff = [f"{k} {meta.get(k)!r} (now {v!r})" for k, v in self.fingerprint.items()
+            raise Invalid(f"state format {one_line(repr(meta.get('format')), 60)}, this edge-cbn reads {FORMAT}")
+        diff = [f"{k} {one_line(repr(meta.get(k)), 60)} (now {v!r})" for k, v in self.fingerprint.items()
                 if k not in ignore and meta.get(k) != v]
         if diff:
-            raise ValueError("it was saved for another setup: " + ", ".join(diff))
-        calibrator = {k[4:]: v for k, v in arrays.items() if k.startswith("cal/")}
-        stats = {}
-        for rec in self.bundle.layers:
-            if rec.bn:
-                try:
-                    mean, var = arrays[f"stats/{rec.bn}/mean"], arrays[f"stats/{rec.bn}/var"]
-                except KeyError:
-                    raise ValueError(f"statistics of BN {rec.bn!r} missing") from None
-                if mean.shape != np.shape(rec.mean) or var.shape != np.shape(rec.var):
-                    raise ValueError(f"statistics of BN {rec.bn!r} have the wrong shape")
-                if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var >= 0)):
-                    raise ValueError(f"statistics of BN {rec.bn!r} are not finite")
-                stats[rec.bn] = (mean, var)
-        counters = {k: meta[k] for k in ("frames", "refuses", "calibration_frames") if k in meta}
-        model_path, note = self._check_model(meta, stats)
-        return Resumed(stats, calibrator, counters, model_path, note)
+            raise OtherSetup(self.path, "it was saved for another setup: " + ", ".join(diff))
+        return {k: check_count(k, meta[k]) for k in ("frames", "refuses", "calibration_frames") if k in meta}
+
+    def _read_stats(self, members) -> dict:
+        """{bn: (mean, var)}: float32, one value per channel of the model's BN, finite, var >= 0."""
+        bns = {rec.bn: len(rec.mean) for rec in self.bundle.layers if rec.bn}
+        specs = {f"{bn}/{k}": ArraySpec("f", ((c,),), (4,)) for bn, c in bns.items() for k in ("mean", "var")}
+        arrays = read_members(members, specs, "stats/")
+        for bn, channels in bns.items():
+            check_bn_stats(bn, arrays[f"{bn}/mean"], arrays[f"{bn}/var"], channels)
+        return {bn: (arrays[f"{bn}/mean"], arrays[f"{bn}/var"]) for bn in bns}
+
+    def _read_calibrator(self, members, calibrator) -> dict:
+        """The calibrator's arrays (`cal/...`), against `calibrator.state_specs()`.  A stream that does not
+        calibrate has no calibrator to check them against: they must still be small (one value per
+        channel at most), numbers or text, and finite."""
+        if calibrator is not None:
+            return read_members(members, calibrator.state_specs(), "cal/")
+        shapes = ((),) + tuple({(len(rec.mean),) for rec in self.bundle.layers if rec.bn})
+        arrays = {n[4:]: members.array(n, ArraySpec("fiuU", shapes)) for n in sorted(members.names)
+                  if n.startswith("cal/")}
+        for name, value in arrays.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise Invalid(f"array 'cal/{name}' holds non-finite values (NaN or Inf)")
+        return arrays
 
     def _check_model(self, meta, stats):
-        """(calibrated model path, "") when the model and sidecar on disk match the state, else
-        (None, why)."""
+        """(calibrated bundle, "") when the model and sidecar on disk match the state, else (None, why).
+        The calibrated bundle is loaded and validated like any other."""
         try:
             data = self.model_path.read_bytes()
         except OSError:
@@ -192,13 +228,56 @@ class StateStore:
             return None, f"{self.model_path.name} is not the one the state names (killed while saving?)"
         try:
             bundle = load_bundle(self.model_path, require_sidecar=True)
-        except Exception as e:
-            return None, f"{self.sidecar_path.name} unreadable ({type(e).__name__})"
-        for rec in bundle.layers:
-            if rec.bn and not (np.array_equal(rec.mean, stats[rec.bn][0]) and
-                               np.array_equal(rec.var, stats[rec.bn][1])):
-                return None, f"{self.sidecar_path.name} does not match the state"
-        return self.model_path, ""
+        except (BadInput, FileNotFoundError) as e:
+            return None, f"{self.sidecar_path.name} unusable ({e.reason if isinstance(e, BadInput) else 'missing'})"
+        if not _same_layers(bundle, self.bundle) or any(
+                rec.bn and not (np.array_equal(rec.mean, stats[rec.bn][0]) and
+                                np.array_equal(rec.var, stats[rec.bn][1])) for rec in bundle.layers):
+            return None, f"{self.sidecar_path.name} does not match the state"
+        return bundle, ""
+
+    # ---------------------------------------------------------------------------------- bad states
+    def set_aside(self) -> Path | None:
+        """Rename the state file to `FILE.bad-<UTC time>`: kept for a look, never resumed nor saved over.
+        None when it cannot be renamed (a read-only directory; the next save replaces it then)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.bad-{stamp}")
+        for n in range(1, 100):
+            if not target.exists():
+                break
+            target = self.path.with_name(f"{self.path.name}.bad-{stamp}-{n}")
+        try:
+            os.rename(self.path, target)
+        except OSError:
+            return None
+        return target
+
+    def check_writable(self) -> None:
+        """`BadInput` (one line, at start) when the state cannot be saved where it points: its directory
+        cannot be made or written, or one of its files is a directory."""
+        for target in (self.path, self.model_path, self.sidecar_path):
+            if target.is_dir():
+                raise BadInput(target, "is a directory; the calibration state is saved to a file of this name")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:  # mkdir of a path through a file says "File exists": name the file instead
+            why = f"{e.filename} is not a directory" if isinstance(e, FileExistsError) else e.strerror or str(e)
+            raise BadInput(self.path, f"cannot save the calibration state there: {why}") from None
+
+
+def _same_layers(a, b) -> bool:
+    """The calibrated bundle `a` holds the source `b`'s layers: names, kinds, buffers, kernels, biases."""
+    return len(a.layers) == len(b.layers) and all(
+        (x.name, x.kind, x.bn, x.eps, x.w_buffer, x.b_buffer) == (y.name, y.kind, y.bn, y.eps, y.w_buffer, y.b_buffer)
+        and np.array_equal(x.kernel, y.kernel) and _equal_or_none(x.bias, y.bias)
+        and _equal_or_none(x.gamma, y.gamma) and _equal_or_none(x.beta, y.beta) for x, y in zip(a.layers, b.layers))
+
+
+def _equal_or_none(x, y) -> bool:
+    return (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
 
 
 class Saver(LatestJobWorker):

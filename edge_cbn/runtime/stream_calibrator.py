@@ -21,6 +21,11 @@ accumulates for `refuse_every` frames with groups < g already refolded, then it 
 the refreshed estimates of the earlier groups.  After warm-up all layers are refolded every `track_every`
 calibration frames, which tracks drift in small steps.  Why this schedule (the alternatives measured):
 docs/RESULTS.md.
+
+Nothing non-finite enters the statistics: a BN layer's moments of a frame that hold NaN or Inf are left
+out (`dropped_frames` counts the frames that had any), an estimate that is not finite is not handed out
+(the layer keeps its previous statistics; `rejected_estimates` counts them), and a saved state is checked
+array by array before it is resumed (`load_state_dict`).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import numpy as np
 
 from .fold import bn_scale
 from .moments import Moments
+from .validation import ArraySpec, Invalid, all_finite, check_arrays, check_bn_stats, check_count, stats_problem
 
 MODES = ("shift", "absolute", "prior")
 
@@ -65,6 +71,8 @@ class StreamCalibrator:
         self.applied = dict(self.source)  # what the last re-fuse folded in
         self.noisy = {bn: Moments(window) for bn in self.bns}
         self.clean = {bn: Moments(window) for bn in self.bns} if mode == "shift" else None
+        self.dropped_frames = 0      # calibration frames with non-finite moments (those layers left out)
+        self.rejected_estimates = 0  # layer estimates that were not finite (previous statistics kept)
 
     @property
     def needs_clean(self) -> bool:
@@ -95,12 +103,16 @@ class StreamCalibrator:
 
     def bn_input_moments(self, vector: np.ndarray, stats: dict) -> dict:
         """{bn: (E[z], E[z^2])} of each BN's input from the variant's moments output `vector`, given the
-        statistics {bn: (mean, var)} folded into the model that produced it."""
+        statistics {bn: (mean, var)} folded into the model that produced it.  Non-finite values pass
+        through quietly (no numpy warning on the device's stderr): `observe` leaves them out."""
         v = np.asarray(vector, np.float64).reshape(-1)
         if v.size != 2 * self._total:
             raise ValueError(f"moments output has {v.size} values, expected {2 * self._total}")
-        means = np.split(v[: self._total], self._splits)
-        squares = np.split(v[self._total:], self._splits)
+        with np.errstate(all="ignore"):
+            return self._to_bn_inputs(np.split(v[: self._total], self._splits),
+                                      np.split(v[self._total:], self._splits), stats)
+
+    def _to_bn_inputs(self, means, squares, stats) -> dict:
         out = {}
         for bn, m_y, sq_y in zip(self.bns, means, squares):
             rec = self._recs[bn]
@@ -119,16 +131,10 @@ class StreamCalibrator:
         """One calibration frame: the noisy model's moments output (and, in `shift` mode, the clean
         model's on the same frame) with the statistics each had folded in.  Returns the statistics to
         re-fuse when a re-fuse is due, else None."""
-        active = self._active()
-        noisy = self.bn_input_moments(noisy_vector, noisy_stats)
-        for bn in active:
-            self.noisy[bn].update(*noisy[bn])
-        if self.clean is not None:
-            if clean_vector is None:
-                raise ValueError("shift mode needs the clean model's moments on the same frame")
-            clean = self.bn_input_moments(clean_vector, clean_stats)
-            for bn in active:
-                self.clean[bn].update(*clean[bn])
+        if self.clean is not None and clean_vector is None:
+            raise ValueError("shift mode needs the clean model's moments on the same frame")
+        if not self._accumulate(noisy_vector, noisy_stats, clean_vector, clean_stats):
+            return None  # nothing usable on this frame: it does not count towards a re-fuse
         self._since_refuse += 1
         if self._since_refuse < (self.track_every if self.warm else self.refuse_every):
             return None
@@ -136,8 +142,33 @@ class StreamCalibrator:
         if not self.warm:
             self.stage += 1
         for bn in self._done():
-            self.applied[bn] = self.estimate(bn)
+            self._apply(bn, *self.estimate(bn))
         return self.statistics()
+
+    def _accumulate(self, noisy_vector, noisy_stats, clean_vector, clean_stats) -> bool:
+        """Add one frame's moments for the active BN layers, leaving out a layer whose moments (noisy or,
+        in shift mode, clean: they pair up) are not finite.  False when every layer was left out."""
+        active = self._active()
+        noisy = self.bn_input_moments(noisy_vector, noisy_stats)
+        clean = self.bn_input_moments(clean_vector, clean_stats) if self.clean is not None else None
+        kept = 0
+        for bn in active:
+            if not all_finite(*noisy[bn], *(clean[bn] if clean else ())):
+                continue
+            self.noisy[bn].update(*noisy[bn])
+            if clean is not None:
+                self.clean[bn].update(*clean[bn])
+            kept += 1
+        if kept < len(active):
+            self.dropped_frames += 1
+        return kept > 0
+
+    def _apply(self, bn: str, mean, var) -> None:
+        """Hand out a new estimate only when it can be folded (finite, var >= 0, one value per channel)."""
+        if stats_problem(mean, var, len(self.source[bn][0])) is None:
+            self.applied[bn] = (mean, var)
+        else:
+            self.rejected_estimates += 1
 
     def statistics(self) -> dict:
         """The calibrated statistics {bn: (mean, var)} as of the last re-fuse (float32; the source
@@ -170,29 +201,67 @@ class StreamCalibrator:
     def state_dict(self) -> dict:
         """Plain numpy arrays: what `--state` saves."""
         state = {"mode": np.array(self.mode), "stage": np.array(self.stage),
-                 "since_refuse": np.array(self._since_refuse)}
+                 "since_refuse": np.array(self._since_refuse), "dropped_frames": np.array(self.dropped_frames),
+                 "rejected_estimates": np.array(self.rejected_estimates)}
         for bn, (m, v) in self.applied.items():
             state[f"applied/{bn}/mean"], state[f"applied/{bn}/var"] = m, v
-        for prefix, accs in (("noisy", self.noisy), ("clean", self.clean or {})):
+        for prefix, accs in self._accumulators():
             for bn, acc in accs.items():
                 for k, v in acc.state_dict().items():
                     state[f"{prefix}/{bn}/{k}"] = v
         return state
 
+    def _accumulators(self):
+        return (("noisy", self.noisy), ("clean", self.clean)) if self.clean is not None else (("noisy", self.noisy),)
+
+    def state_specs(self) -> dict:
+        """{key: validation.ArraySpec} of `state_dict()`: what a saved state must hold, array by array (the
+        two counters are optional: states saved before they existed load with 0)."""
+        integer = ArraySpec("iu", ((),))
+        specs = {"mode": ArraySpec("U", ((),)), "stage": integer, "since_refuse": integer,
+                 "dropped_frames": ArraySpec("iu", ((),), optional=True),
+                 "rejected_estimates": ArraySpec("iu", ((),), optional=True)}
+        for bn in self.bns:
+            channels = (len(self.source[bn][0]),)
+            specs[f"applied/{bn}/mean"] = specs[f"applied/{bn}/var"] = ArraySpec("f", (channels,))
+            for prefix, _ in self._accumulators():
+                specs.update({f"{prefix}/{bn}/{k}": spec for k, spec in Moments.state_specs(channels[0]).items()})
+        return specs
+
+    def check_state_dict(self, state: dict) -> None:
+        """`Invalid` unless `state` is a `state_dict()` of this calibrator's BN layers and mode: every array
+        present with its dtype and shape, the statistics foldable, the accumulators finite and consistent
+        (in shift mode, a layer's noisy and clean moments count the same frames)."""
+        if "mode" in state and str(state["mode"]) != self.mode:
+            raise Invalid(f"saved calibration state is for mode {state['mode']}, not {self.mode}")
+        check_arrays(state, self.state_specs())
+        if check_count("stage", state["stage"]) > self.stages:
+            raise Invalid(f"saved stage {int(state['stage'])} beyond the {self.stages} warm-up stages")
+        for key in ("since_refuse", "dropped_frames", "rejected_estimates"):
+            check_count(key, state.get(key, np.array(0)))
+        for bn in self.bns:
+            check_bn_stats(bn, state[f"applied/{bn}/mean"], state[f"applied/{bn}/var"])
+            for prefix, _ in self._accumulators():
+                Moments.check_state({k: state[f"{prefix}/{bn}/{k}"] for k in Moments._FIELDS},
+                                    len(self.source[bn][0]), f"{prefix} moments of BN {bn!r}")
+            if self.clean is not None and state[f"noisy/{bn}/count"] != state[f"clean/{bn}/count"]:
+                raise Invalid(f"BN {bn!r}: noisy and clean moments count different frames")
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict()`; all or nothing (a bad state leaves the calibrator as it was)."""
-        if str(state["mode"]) != self.mode:
-            raise ValueError(f"saved calibration state is for mode {state['mode']}, not {self.mode}")
-        stage, since_refuse = int(state["stage"]), int(state["since_refuse"])
+        """Restore a `state_dict()` after `check_state_dict`; all or nothing (a bad state raises `Invalid`
+        and leaves the calibrator as it was)."""
+        self.check_state_dict(state)
         applied = {bn: (np.asarray(state[f"applied/{bn}/mean"], np.float32),
                         np.asarray(state[f"applied/{bn}/var"], np.float32)) for bn in self.bns}
         loaded = {}
-        for prefix, accs in (("noisy", self.noisy), ("clean", self.clean or {})):
+        for prefix, accs in self._accumulators():
             loaded[prefix] = {}
             for bn in accs:
                 acc = loaded[prefix][bn] = Moments(self.window)
                 acc.load_state_dict({k: state[f"{prefix}/{bn}/{k}"] for k in acc._FIELDS})
-        self.stage, self._since_refuse, self.applied = stage, since_refuse, applied
+        self.stage, self._since_refuse, self.applied = int(state["stage"]), int(state["since_refuse"]), applied
+        self.dropped_frames = int(state.get("dropped_frames", 0))
+        self.rejected_estimates = int(state.get("rejected_estimates", 0))
         self.noisy = loaded["noisy"]
         if self.clean is not None:
             self.clean = loaded["clean"]

@@ -1,11 +1,14 @@
 """`edge-cbn stream --state FILE`: resume the calibration on start, save it while calibrating and at
-exit (the files and their atomic writes: `edge_cbn.runtime.state`)."""
+exit (the files, their atomic writes and their checks: `edge_cbn.runtime.state`).  A state that fails its
+checks never stops the stream: it is set aside with one warning and the stream starts fresh."""
 from __future__ import annotations
 
 import time
 
+from ..runtime.errors import BadInput
 from ..runtime.refold import Refolder
-from ..runtime.state import Resumed, Saver, Snapshot, StateStore, fingerprint
+from ..runtime.state import OtherSetup, Resumed, Saver, Snapshot, StateStore, fingerprint
+from ..runtime.validation import one_line
 from .options import StreamOptions, warn
 
 
@@ -22,6 +25,7 @@ class Persistence:
         self.store.remove_stale_temporaries()
         self.saver = self._saved_model = None
         if calibrating:
+            self.store.check_writable()  # a --state that cannot be saved is one line at start, not a warning per save
             self.saver = Saver(self.store, on_error=lambda e: warn(f"cannot save the state to {opts.state}: {e}"))
             self._saved_model = Refolder(bundle)  # clean weights + calibrated statistics: the model saved
         self._last_save = time.monotonic()
@@ -37,20 +41,22 @@ class Persistence:
         return cls(bundle, opts, calibrating=calibrating)
 
     def resume(self, calibrator=None) -> Resumed | None:
-        """The saved state, its calibrator part loaded into `calibrator`; None (with a warning, never an
-        exception: whatever is wrong with the file) when there is none or it cannot be used."""
+        """The saved state, its calibrator part loaded into `calibrator`; None (with one warning, never an
+        exception: whatever is wrong with the file) when there is none or it cannot be used.  A state
+        that fails its checks is set aside, so it is never resumed nor saved over."""
         if not self.store.path.exists():
             return None
         try:
             # Without calibration the saved statistics are served frozen: mode and stages do not matter.
-            resumed = self.store.load(ignore=() if self.calibrating else ("mode", "stages"))
-            if calibrator is not None:
-                calibrator.load_state_dict(resumed.calibrator)
-        except Exception as e:
-            msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            warn(f"state {self.name} not used ({msg}); starting fresh")
-            return None
-        return resumed
+            return self.store.load(ignore=() if self.calibrating else ("mode", "stages"), calibrator=calibrator)
+        except OtherSetup as e:
+            warn(f"state {self.name} not used ({e.reason}); starting fresh")
+        except Exception as e:  # noqa: BLE001 - BadInput, or whatever a check missed: the stream goes on
+            reason = e.reason if isinstance(e, BadInput) else f"{type(e).__name__}: {e}"
+            moved = self.store.set_aside()
+            kept = f"set aside as {moved.name}" if moved else "it could not be set aside and will be replaced"
+            warn(f"state {self.name} not used ({one_line(reason)}): {kept}; starting fresh")
+        return None
 
     def due(self, force: bool = False) -> bool:
         """A save is due: forced, or --save-interval seconds since the last one."""

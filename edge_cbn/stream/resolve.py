@@ -54,16 +54,14 @@ def resolve_model(model: str | None, *, echo=print) -> Path:
 
 
 def load_model(model: str | None, echo=None):
-    """`--model NAME|FILE.tflite` -> (bundle, display name); problems as one StreamError line.  Messages
+    """`--model NAME|FILE.tflite` -> (bundle, display name); a missing model as one StreamError line, an
+    unusable one as the `BadInput` of `load_bundle` (one line naming the file, from the CLI).  Messages
     (a first use's conversion) go to stderr."""
     try:
         path = resolve_model(model, echo=echo or (lambda *a, **k: click.echo(*a, **k)))
     except ModelNotFound as e:
         raise StreamError(str(e)) from None
-    try:
-        bundle = load_bundle(path)
-    except Exception as e:
-        raise StreamError(f"cannot load {path}: {e}") from None
+    bundle = load_bundle(path)
     return bundle, bundle.meta.get("model") or Path(path).stem
 
 
