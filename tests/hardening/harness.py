@@ -4,8 +4,9 @@ memory the case adds, and say how it ended.  The fuzz corpus's one way of judgin
     result = run_case(torch_pickle.load, path)
     assert result.kind == "refused", result     # BadInput, one line naming the file
 
-A forked child starts with the parent's pages and its peak RSS counts them, so the case's own cost is the
-child's peak minus the parent's RSS at the fork.
+A forked child starts with the parent's pages (some of them mapped only when touched), so the child
+resets its own peak (`/proc/self/clear_refs`) and reports its peak minus its RSS at that moment; a child
+that dies before reporting is judged by its rusage peak against the parent's RSS at the fork.
 """
 from __future__ import annotations
 
@@ -33,16 +34,19 @@ class CaseResult:
                 and self.added_rss_mb <= RSS_LIMIT_MB and (path is None or str(path) in self.message))
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
 
 
 def _child(fn, args, w: int) -> None:
     from edge_cbn.runtime.errors import BadInput
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # peak RSS := current RSS
+    except OSError:
+        pass
+    base = _status_mb("VmRSS")
     try:
         fn(*args)
         out = ("loaded", "")
@@ -50,14 +54,14 @@ def _child(fn, args, w: int) -> None:
         out = ("refused", str(e))
     except BaseException as e:  # noqa: BLE001 - anything else is what the corpus looks for
         out = ("error", f"{type(e).__name__}: {e}")
-    os.write(w, pickle.dumps(out))
+    os.write(w, pickle.dumps((*out, _status_mb("VmHWM") - base)))
     os._exit(0)
 
 
 def run_case(fn, *args, time_limit: float = TIME_LIMIT_S, rss_limit_mb: float = RSS_LIMIT_MB) -> CaseResult:
     """`fn(*args)` in a forked child: how it ended, how long it took and the RSS it added.  The child is
     killed at `time_limit` and capped at `rss_limit_mb` over the parent (address-space limit)."""
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
     r, w = os.pipe()
     t0 = time.monotonic()
     pid = os.fork()
@@ -98,5 +102,5 @@ def run_case(fn, *args, time_limit: float = TIME_LIMIT_S, rss_limit_mb: float = 
     seconds, added = time.monotonic() - t0, rusage.ru_maxrss / 1024 - base
     if not chunks:
         return CaseResult("killed", f"status {status}", seconds, added)
-    kind, message = pickle.loads(b"".join(chunks))
+    kind, message, added = pickle.loads(b"".join(chunks))
     return CaseResult(kind, message, seconds, added)

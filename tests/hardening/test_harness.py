@@ -35,3 +35,11 @@ def test_harness_tells_outcomes_apart():
     assert r.kind == "timeout" and r.seconds < 3
     r = run_case(_hog, rss_limit_mb=256)
     assert r.kind == "error" and "MemoryError" in r.message
+
+
+def test_added_memory_is_the_case_s_own():
+    keep = np.ones(300_000_000 // 8)  # a big parent: its pages must not count, nor make the figure negative
+    r = run_case(lambda: np.ones(200_000_000 // 8).sum())
+    assert r.kind == "loaded" and 150 < r.added_rss_mb < 260, r
+    assert -5 < run_case(lambda: None).added_rss_mb < 20
+    del keep
