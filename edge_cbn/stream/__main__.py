@@ -1,3 +1,6 @@
-from .command import main
+"""python -m edge_cbn.stream: the same as `edge-cbn stream` (one-line errors included)."""
+import sys
 
-main()
+from ..cli import main
+
+main(["stream", *sys.argv[1:]])

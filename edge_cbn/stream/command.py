@@ -70,7 +70,7 @@ D = StreamOptions  # the defaults
 @click.option("--calibrate-every", type=click.IntRange(1), default=None, metavar="K",
               help="Instead of the budget: calibrate on every K-th frame, every 4K-th once 192 calibration frames "
                    "are in, and re-fuse in line: the run is reproducible (the same figures on any machine).")
-@click.option("--state", type=click.Path(dir_okay=False),
+@click.option("--state", type=click.Path(),
               help="Save the calibration state to FILE (.npz) and the last good calibrated model beside it "
                    "(FILE-stem.calibrated.tflite + .cbn.npz), atomically; resume from them on start.")
 @click.option("--save-interval", type=click.FloatRange(0), default=D.save_interval, show_default=True,

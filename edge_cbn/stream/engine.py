@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 
-from ..runtime.bundle import load_bundle
 from ..runtime.device_calibration import DeviceCalibration
 from ..runtime.noise import make_noise
 from ..runtime.noisy_model import NoisyModel, noise_targets
@@ -54,8 +53,9 @@ def wants_calibration(bundle, opts: StreamOptions) -> bool:
     """--calibrate (default: with noise), when the bundle can: a warning, or an error if asked for."""
     calibrate = opts.noise_on if opts.calibrate is None else opts.calibrate
     if calibrate and not bundle.can_calibrate:
-        msg = (f"{bundle.path.name} has no calibration variant ({bundle.path.stem}.calib.tflite + sidecar): "
-               "re-export it with tools/convert.py")
+        msg = bundle.calibration_problem or (
+            f"{bundle.path.name} has no calibration variant ({bundle.path.stem}.calib.tflite + sidecar): "
+            "re-export it with tools/convert.py")
         if opts.calibrate:
             raise StreamError(msg)
         warn(msg + "; streaming without calibration")
@@ -109,7 +109,7 @@ class Engine:
         kwargs = dict(num_threads=opts.num_threads, pool=opts.noise_pool, seed=opts.seed)
         if resumed and resumed.model_path is not None:
             self.echo(f"resumed from {resumed.model_path} ({self.refuses} re-fuses, {self.frame0} frames)")
-            return NoisyModel(load_bundle(resumed.model_path, require_sidecar=True), self.chip, **kwargs)
+            return NoisyModel(resumed.model_bundle, self.chip, **kwargs)
         serving = NoisyModel(self.bundle, self.chip, **kwargs)
         if resumed:
             serving.set_stats(resumed.stats)

@@ -115,6 +115,8 @@ class StreamLoop:
                 **e.agreement_summary(frames),
                 "calibration": e.calibration_text(),
                 "calibration_progress": round(e.cal.progress, 4) if e.cal else None,
+                "dropped_frames": e.cal.dropped_frames if e.cal else None,
+                "rejected_estimates": e.cal.rejected_estimates if e.cal else None,
                 "model": self.model_name, "task": e.task, "source": self.source.name,
                 "skipped_frames": getattr(self.source, "skipped", 0),
                 "noise": opts.noise, "eta": opts.eta if opts.noise_on else None, "seed": opts.seed,
