@@ -79,6 +79,7 @@ def main():
     edge-cbn models            the model zoo
     edge-cbn convert           build + load weights + fold + export .tflite (workstation)
     edge-cbn evaluate          recovery under noise on natural photos (workstation)
+    edge-cbn evaluate TASK     top-1 / mAP@0.5 / mIoU on ImageNet, COCO or VOC data (the paper's tables)
     edge-cbn bench …           benchmarks (models, refuse, stream)
 
     An input edge-cbn cannot use is one line on stderr and exit status 1 (a usage error: status 2);

@@ -14,6 +14,7 @@ import time
 import click
 import numpy as np
 
+from ..cli import LazyGroup
 from ..options import NoiseSweep, noise_option_flag, noise_options, num_threads_option, verbose_option
 from ..runtime.bundle import load_bundle
 from ..runtime.device_calibration import DeviceCalibration
@@ -132,7 +133,35 @@ def sweep(bundle, settings, seeds, cal_x, agreement, cols, **setting_options) ->
     return rows
 
 
-@click.command("evaluate")
+def calibrator_flags():
+    """The streaming calibrator's flags (`--mode`, `--window`, `--refuse-every`, `--stages`, `--shrink`,
+    `--power`), defaults from `StreamCalibrator`; shared by `evaluate` and `evaluate TASK`."""
+    decorators = [
+        click.option("--mode", type=click.Choice(MODES), default=CAL_DEFAULTS["mode"], show_default=True),
+        click.option("--window", type=click.FloatRange(1), default=CAL_DEFAULTS["window"], show_default=True,
+                     help="Moments window (frames)."),
+        click.option("--refuse-every", type=click.IntRange(1), default=CAL_DEFAULTS["refuse_every"],
+                     show_default=True, help="Frames per warm-up stage / between re-fuses."),
+        click.option("--stages", type=click.IntRange(1), default=CAL_DEFAULTS["stages"], show_default=True,
+                     help="Warm-up stages (capped at the number of BN layers: one layer per stage)."),
+        click.option("--shrink", type=click.FloatRange(0), default=CAL_DEFAULTS["shrink"], show_default=True,
+                     help="Shift mode: pseudo-frames of the source statistics mixed into the moments."),
+        click.option("--power", type=float, default=CAL_DEFAULTS["power"], show_default=True,
+                     help="Shift mode: a = (noisy var / clean var)^power (0.5: moment matching, 1: Wiener)."),
+    ]
+
+    def wrap(f):
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+    return wrap
+
+
+@click.group("evaluate", cls=LazyGroup, invoke_without_command=True, lazy={
+    "classification": "edge_cbn.lab.labelled:classification",
+    "detection": "edge_cbn.lab.labelled:detection",
+    "segmentation": "edge_cbn.lab.labelled:segmentation",
+})
 @click.option("--model", default=None, help="Registered name or exported .tflite (default: efficientnet_lite0).")
 @click.option("--noise", "settings", type=NoiseSweep(), multiple=True, show_default=True,
               default=("relative:0.02,0.05,0.1", "paper:0.1,0.3", "additive-max:0.02,0.05"),
@@ -140,17 +169,7 @@ def sweep(bundle, settings, seeds, cal_x, agreement, cols, **setting_options) ->
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated chip seeds.")
 @noise_option_flag("Override an option of every --noise preset, repeatable, e.g. t_granularity=weight "
                    "(docs/NOISE.md).")
-@click.option("--mode", type=click.Choice(MODES), default=CAL_DEFAULTS["mode"], show_default=True)
-@click.option("--window", type=click.FloatRange(1), default=CAL_DEFAULTS["window"], show_default=True,
-              help="Moments window (frames).")
-@click.option("--refuse-every", type=click.IntRange(1), default=CAL_DEFAULTS["refuse_every"], show_default=True,
-              help="Frames per warm-up stage / between re-fuses.")
-@click.option("--stages", type=click.IntRange(1), default=CAL_DEFAULTS["stages"], show_default=True,
-              help="Warm-up stages (capped at the number of BN layers: one layer per stage).")
-@click.option("--shrink", type=click.FloatRange(0), default=CAL_DEFAULTS["shrink"], show_default=True,
-              help="Shift mode: pseudo-frames of the source statistics mixed into the moments.")
-@click.option("--power", type=float, default=CAL_DEFAULTS["power"], show_default=True,
-              help="Shift mode: a = (noisy var / clean var)^power (0.5: moment matching, 1: Wiener).")
+@calibrator_flags()
 @click.option("--pool", type=click.IntRange(0), default=8, show_default=True,
               help="Temporal noise states of the evaluated noisy models (0: a fresh draw and interpreter every "
                    "inference); calibration always draws afresh per frame, as the stream does.")
@@ -179,12 +198,17 @@ def sweep(bundle, settings, seeds, cal_x, agreement, cols, **setting_options) ->
 @num_threads_option()
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 @verbose_option()
-def main(model, settings, seeds, noise_option, mode, window, refuse_every, stages, shrink, power, pool, cal_frames,
+@click.pass_context
+def main(ctx, model, settings, seeds, noise_option, mode, window, refuse_every, stages, shrink, power, pool, cal_frames,
          eval_crops, checkpoints, split, photo_set, crop_scale, static_calibration, offline, batch_size, num_threads,
          json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's (on all evaluation crops and on
     the confident ones, clean top-1 probability >= 0.5), uncalibrated and after streaming batch-size-1
-    calibration on LiteRT, for each noise setting; ends with one JSON line."""
+    calibration on LiteRT, for each noise setting; ends with one JSON line.  The proxy for when no labelled
+    data is at hand; with a dataset, `edge-cbn evaluate classification|detection|segmentation` measures
+    the paper's metrics (top-1, mAP@0.5, mIoU) on the same device path."""
+    if ctx.invoked_subcommand is not None:  # the group's own options belong to this mode only
+        return
     from ..stream.resolve import resolve_model
 
     bundle = load_bundle(resolve_model(model, echo=click.echo))

@@ -1,0 +1,138 @@
+"""The paper's metrics, accumulated one prediction at a time, all in percent: top-1 / top-5 (Table 1),
+COCO mAP@0.5 / mAR@0.5 through pycocotools (Table 2; the AP interpolation is pycocotools', never ours),
+mIoU / pixel accuracy from one confusion matrix summed over the images (Table 3).
+
+Each scorer takes `add(sample, prediction)` with a prediction as `runtime.processing.Processor.postprocess`
+returns it, and `result()` -> {metric: percent}."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+
+from ..runtime.errors import BadInput
+from .datasets import VOC_IGNORE, read_mask
+
+METRICS = {"classification": ("top1", "top5"), "detection": ("map50", "mar50"), "segmentation": ("miou", "pixacc")}
+TITLES = {"top1": "top-1", "top5": "top-5", "map50": "mAP@0.5", "mar50": "mAR@0.5", "miou": "mIoU", "pixacc": "PixAcc"}
+
+
+class TopK:
+    """Top-1 and top-5 accuracy; a prediction is the classes best first ((class, label, prob) tuples)."""
+
+    def __init__(self):
+        self.n = self.top1 = self.top5 = 0
+
+    def add(self, sample, prediction) -> None:
+        ranked = [p[0] for p in prediction]
+        self.n += 1
+        self.top1 += bool(ranked[:1] == [sample.truth])
+        self.top5 += sample.truth in ranked[:5]
+
+    def result(self) -> dict:
+        return {"top1": 100.0 * self.top1 / max(self.n, 1), "top5": 100.0 * self.top5 / max(self.n, 1)}
+
+
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n: int, ignore: int = VOC_IGNORE) -> np.ndarray:
+    """(n, n) counts, rows the true class, columns the predicted one; pixels labelled `ignore` left out."""
+    pred, truth = np.asarray(pred).ravel(), np.asarray(truth).ravel()
+    keep = truth != ignore
+    pred, truth = pred[keep].astype(np.int64), truth[keep].astype(np.int64)
+    if truth.size and truth.max() >= n:
+        raise ValueError(f"true class {int(truth.max())} but only {n} classes (label {ignore} is the ignored one)")
+    if pred.size and pred.max() >= n:
+        raise ValueError(f"predicted class {int(pred.max())} but only {n} classes")
+    return np.bincount(truth * n + pred, minlength=n * n).reshape(n, n)
+
+
+def miou_pixacc(conf: np.ndarray) -> dict:
+    """mIoU: per class TP / (TP + FP + FN), averaged over the classes that occur (in the truth or the
+    prediction; a class that never does has no IoU), as the VOC devkit; pixel accuracy: TP / all."""
+    conf = np.asarray(conf, np.float64)
+    tp = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = tp[union > 0] / union[union > 0]
+    total = conf.sum()
+    return {"miou": 100.0 * float(iou.mean()) if iou.size else 0.0,
+            "pixacc": 100.0 * float(tp.sum() / total) if total else 0.0}
+
+
+class Segmentation:
+    """mIoU and pixel accuracy over a confusion matrix summed across images (not a mean of per-image
+    scores); a prediction is a class mask at the image's size, the truth the sample's mask PNG."""
+
+    def __init__(self, num_classes: int):
+        self.conf = np.zeros((num_classes, num_classes), np.int64)
+
+    def add(self, sample, prediction) -> None:
+        truth = read_mask(sample.truth)
+        if truth.shape != prediction.shape:
+            raise BadInput(sample.truth, f"mask is {truth.shape} but its image is {prediction.shape}")
+        try:
+            self.conf += confusion_matrix(prediction, truth, len(self.conf))
+        except ValueError as e:
+            raise BadInput(sample.truth, str(e)) from None
+
+    def result(self) -> dict:
+        return miou_pixacc(self.conf)
+
+
+def category_ids(labels: list[str], coco, stated: list[int] | None = None) -> list[int | None]:
+    """The COCO category id of each model class: `stated` (one id per class, in class order) or the
+    annotation file's category of the same name (case and spaces ignored); None for a class that has none."""
+    if stated is not None:
+        if len(stated) != len(labels):
+            raise ValueError(f"{len(stated)} category ids for {len(labels)} model classes")
+        unknown = sorted(set(stated) - set(coco.getCatIds()))
+        if unknown:
+            raise ValueError(f"category ids {unknown} are not in the annotation file")
+        return list(stated)
+    key = lambda s: " ".join(str(s).lower().split())  # noqa: E731
+    by_name = {key(c["name"]): c["id"] for c in coco.loadCats(coco.getCatIds())}
+    ids = [by_name.get(key(label)) for label in labels]
+    if not any(i is not None for i in ids):
+        raise ValueError("no model class has the name of a COCO category of the annotation file: state the "
+                         "mapping with --category-ids")
+    return ids
+
+
+class CocoDetection:
+    """mAP@0.5 and mAR@0.5 (COCO's, area all, 100 detections per image) by pycocotools' COCOeval; a
+    prediction is [(class, label, score, (x1, y1, x2, y2) in image pixels)]."""
+
+    def __init__(self, coco, categories: list[int | None]):
+        self.coco, self.categories = coco, categories
+        self.detections, self.image_ids = [], []
+
+    def add(self, sample, prediction) -> None:
+        self.image_ids.append(sample.truth)
+        for cls, _, score, (x1, y1, x2, y2) in prediction:
+            cat = self.categories[cls] if cls < len(self.categories) else None
+            if cat is not None:  # a class the annotations do not have cannot be right or wrong
+                self.detections.append({"image_id": sample.truth, "category_id": cat, "score": float(score),
+                                        "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]})
+
+    def result(self) -> dict:
+        return coco_map_mar50(self.coco, self.detections, self.image_ids)
+
+
+def coco_map_mar50(coco, detections: list[dict], image_ids: list[int]) -> dict:
+    """COCOeval (bbox) on `image_ids`: AP at IoU 0.5 (its stats[1]) and recall at IoU 0.5 with 100
+    detections per image over all areas, averaged over the categories that have ground truth."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections:  # loadRes refuses an empty list; nothing detected is 0 / 0
+        return {"map50": 0.0, "mar50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its progress and tables
+        ev = COCOeval(coco, coco.loadRes(detections), "bbox")
+        ev.params.imgIds = sorted(set(image_ids))
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    t = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
+    area, dets = ev.params.areaRngLbl.index("all"), ev.params.maxDets.index(100)
+    recall = ev.eval["recall"][t, :, area, dets]
+    recall = recall[recall > -1]  # -1: a category without ground truth in these images
+    return {"map50": 100.0 * max(float(ev.stats[1]), 0.0),
+            "mar50": 100.0 * float(recall.mean()) if recall.size else 0.0}

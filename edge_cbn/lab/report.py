@@ -1,0 +1,95 @@
+"""What `edge-cbn evaluate TASK` writes: per (preset, eta, method) the mean and std over chip seeds, as
+a markdown table shaped like the paper's (a row per method, a column per eta and metric), a CSV and a PNG
+of each metric against eta (matplotlib, from the `eval` extra; without it the PNG is skipped with one
+warning)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .metrics import TITLES
+
+
+def aggregate(records: list[dict], metrics: tuple, methods: list[str]) -> list[dict]:
+    """Rows {preset, eta, method, seeds, <metric>_mean, <metric>_std} in sweep order (presets and etas as
+    first seen, methods in `methods` order); std over seeds with ddof 1 (0 for a single seed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["preset"], r["eta"], r["method"]), []).append(r)
+    order = {m: i for i, m in enumerate(methods)}
+    rows = []
+    for (preset, eta, method), recs in sorted(groups.items(), key=lambda kv: (
+            _first(records, "preset", kv[0][0]), kv[0][1], order.get(kv[0][2], len(order)))):
+        row = {"preset": preset, "eta": eta, "method": method, "seeds": [r["seed"] for r in recs]}
+        for m in metrics:
+            values = np.array([r["metrics"][m] for r in recs], np.float64)
+            row[f"{m}_mean"] = float(values.mean())
+            row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def _first(records, key, value) -> int:
+    return next(i for i, r in enumerate(records) if r[key] == value)
+
+
+def cell(row: dict, metric: str) -> str:
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    return f"{mean:.2f} ± {std:.2f}" if len(row["seeds"]) > 1 else f"{mean:.2f}"
+
+
+def markdown_table(rows: list[dict], metrics: tuple, method_titles: dict[str, str]) -> str:
+    """A row per (preset, method), a column per (eta, metric): the paper's Tables 1-3 (original vs
+    calibrated per eta); cells `mean ± std` over the seeds."""
+    etas = sorted({r["eta"] for r in rows})
+    header = ["noise", "method"] + [f"η0 = {eta:g} {TITLES[m]}" for eta in etas for m in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    keys = list(dict.fromkeys((r["preset"], r["method"]) for r in rows))
+    by_key = {(r["preset"], r["method"], r["eta"]): r for r in rows}
+    for preset, method in keys:
+        cells = [cell(by_key[preset, method, eta], m) if (preset, method, eta) in by_key else "–"
+                 for eta in etas for m in metrics]
+        lines.append("| " + " | ".join([preset, method_titles.get(method, method)] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], metrics: tuple, path) -> Path:
+    fields = ["preset", "eta", "method", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: r[k] for k in fields if k != "seeds"}, "seeds": " ".join(map(str, r["seeds"]))})
+    return Path(path)
+
+
+def plot(rows: list[dict], metrics: tuple, method_titles: dict[str, str], title: str, path) -> Path | None:
+    """One panel per metric, the metric against eta, a line per (preset, method) with the seeds' std as
+    error bars; None (and one warning) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        click.echo("warning: matplotlib is not installed, no PNG (pip install 'edge-cbn[eval]')", err=True)
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    keys = list(dict.fromkeys((r["preset"], r["method"]) for r in rows))
+    for ax, m in zip(axes[0], metrics):
+        for preset, method in keys:
+            line = sorted((r for r in rows if (r["preset"], r["method"]) == (preset, method)), key=lambda r: r["eta"])
+            label = method_titles.get(method, method) + (f" ({preset})" if len({k[0] for k in keys}) > 1 else "")
+            ax.errorbar([r["eta"] for r in line], [r[f"{m}_mean"] for r in line],
+                        yerr=[r[f"{m}_std"] for r in line], marker="o", capsize=3, label=label)
+        ax.set(xlabel="noise level η0", ylabel=f"{TITLES[m]} (%)", title=TITLES[m], ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
