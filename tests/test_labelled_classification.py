@@ -96,3 +96,18 @@ def test_refuses_calibration_on_evaluation_images_and_a_wrong_task(tiny, tmp_pat
     res, _ = run_cli("detection", path, tmp_path, "--annotations", str(path), "--images", str(root),
                      "--calib-dir", str(root / "cal"))
     assert res.exit_code == 1 and "not a COCO annotation file" in res.output
+
+
+def test_folder_plus_labels_csv(tiny, tmp_path, monkeypatch):
+    """--labels: the truth from the CSV (an index or a wnid per file), not from folder names."""
+    _, path, root = tiny
+    files = sorted((root / "val").rglob("*.JPEG"))[:3]
+    (tmp_path / "labels.csv").write_text(f"file,class\n{files[0].relative_to(root)},2\n"
+                                         f"{files[1].relative_to(root)},n01491361\n{files[2].relative_to(root)},1\n")
+    truths = []
+    monkeypatch.setattr(labelled, "predict",
+                        lambda setup, run, sample, frame: truths.append(sample.truth) or [(2, "", 1.0)])
+    res, out = run_cli("classification", path, tmp_path, "--data", str(root), "--labels", str(tmp_path / "labels.csv"),
+                       "--calib-dir", str(root / "cal"), "--noise", "none:0", "--seeds", "0", "--center-crop", "1")
+    assert res.exit_code == 0, res.output
+    assert truths[:3] == [2, 3, 1] and cells(out, "top1")[0.0, "original"] == (100 / 3, 0.0)

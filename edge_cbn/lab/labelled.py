@@ -24,6 +24,7 @@ from typing import Callable
 import click
 import numpy as np
 
+from ..options import NoiseSweep, model_option, noise_option_flag, noise_options, num_threads_option, verbose_option
 from ..runtime.bundle import load_bundle, sidecar_path
 from ..runtime.device_calibration import DeviceCalibration
 from ..runtime.errors import BadInput
@@ -31,7 +32,7 @@ from ..runtime.noise import make_noise
 from ..runtime.noisy_model import NoisyModel, noise_targets
 from ..runtime.processing import Processor, normalise
 from . import datasets, metrics, report
-from .evaluate import EVAL_FRAME0
+from .evaluate import EVAL_FRAME0, calibrator_flags
 
 METHODS = ("original", "calibrated", "offline_ema", "offline_cumulative")
 OFFLINE_BATCH = {"classification": 256, "detection": 8, "segmentation": 1}  # the paper's, per task
@@ -308,11 +309,8 @@ def scorer_factory(bundle, dataset: datasets.Dataset, category_ids=None) -> Call
 
 def sweep_flags(task: str):
     """The flags every task shares: model, noise sweep, seeds, calibration (streaming and offline), output."""
-    from ..options import NoiseSweep, noise_option_flag, num_threads_option, verbose_option
-    from .evaluate import calibrator_flags
-
     decorators = [
-        click.option("--model", default=None, help="Registered name or exported .tflite (default: efficientnet_lite0)."),
+        model_option(),
         click.option("--noise", "settings", type=NoiseSweep(), multiple=True, default=(PAPER_ETAS[task],),
                      show_default=True, help="PRESET:ETA[,ETA…], repeatable; `paper` is eq. 2 with temporal 20 %, "
                                              "spatial 10 % (docs/NOISE.md)."),
@@ -341,7 +339,8 @@ def sweep_flags(task: str):
                      help="--offline: the registered model's weight file (default: the one a package ships)."),
         click.option("--out", "out_dir", default="edge-cbn-evaluate", show_default=True,
                      help="Folder for the table (.md), the CSV, the PNG and the cache."),
-        click.option("--cache", type=click.Path(dir_okay=False), help="JSON-lines result cache [default: OUT/cache.jsonl]."),
+        click.option("--cache", type=click.Path(dir_okay=False),
+                     help="JSON-lines result cache [default: OUT/cache.jsonl]."),
         num_threads_option(),
         verbose_option(),
     ]
@@ -374,18 +373,17 @@ def make_setup(bundle, dataset, calib_files, kw, *, center_crop=1.0, processor_o
     dataset.samples = datasets.subset(dataset.samples, kw["limit"])
     processor_options = processor_options or {}
     cal_options = {k: kw[k] for k in ("mode", "window", "refuse_every", "stages", "shrink", "power")}
-    return Setup(bundle, Processor(bundle, **processor_options), dataset,
-                 scorer_factory(bundle, dataset, category_ids), datasets.calibration_frames(calib_files, kw["cal_frames"]),
-                 cal_options, center_crop, kw["pool"], kw["num_threads"],
-                 offline_model(bundle, kw["weights"]) if kw["offline"] else None,
-                 datasets.calibration_frames(calib_files, kw["offline_frames"] or kw["cal_frames"]),
-                 kw["batch_size"], kw["momentum"], dict(processor_options))
+    return Setup(bundle, Processor(bundle, **processor_options), dataset, scorer_factory(bundle, dataset, category_ids),
+                 datasets.calibration_frames(calib_files, kw["cal_frames"]), cal_options=cal_options,
+                 center_crop=center_crop, pool=kw["pool"], num_threads=kw["num_threads"],
+                 keras_model=offline_model(bundle, kw["weights"]) if kw["offline"] else None,
+                 offline_calibration=datasets.calibration_frames(calib_files, kw["offline_frames"] or kw["cal_frames"]),
+                 offline_batch=kw["batch_size"], momentum=kw["momentum"], options=dict(processor_options))
 
 
 def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     """One `evaluate TASK` run: model, dataset (`dataset_of()`), calibration images (`calib_of()`), the sweep,
     the report; prints the table and ends with one JSON line, which it returns as a dict."""
-    from ..options import noise_options
     from ..stream.resolve import resolve_model
 
     seeds = _seeds(kw["seeds"])
