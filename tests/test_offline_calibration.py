@@ -138,3 +138,16 @@ def test_prefetched_keeps_order_and_raises_the_producers_error():
         for item in prefetched(failing()):
             got.append(item)
     assert got == [1]
+
+
+def test_layer_names_starting_with_an_underscore():
+    """EfficientNet-Lite's layers are named `_conv_stem`, `_bn0`, …: TensorFlow refuses such names as root
+    name scopes, so the in-graph reduction must run inside a scope of its own."""
+    from edge_cbn.convert.tf_import import keras
+
+    x = inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, use_bias=False, name="_conv_stem")(x)
+    x = keras.layers.BatchNormalization(name="_bn0")(x)
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D(name="_pool")(x))
+    stats = calibrate_bn(model, [np.random.default_rng(0).random((4, 8, 8, 3), np.float32)], estimator="cumulative")
+    assert set(stats) == {"_bn0"} and np.isfinite(stats["_bn0"][1]).all()

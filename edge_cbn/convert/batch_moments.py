@@ -83,7 +83,10 @@ class BatchMoments:
                     return op(*args, **kwargs)
                 return call
 
-            model._run_through_graph(x, operation_fn=operation_fn)  # keras 3's own graph walk (Functional.call)
+            # keras 3's own graph walk (Functional.call); inside a name scope because TensorFlow refuses
+            # layer names that start with "_" (EfficientNet-Lite's `_conv_stem`) as root scope names.
+            with tf.name_scope("batch_moments"):
+                model._run_through_graph(x, operation_fn=operation_fn)
             return found
 
         # One graph per mode; reduce_retracing keeps the last, smaller batch from adding more graphs.
