@@ -214,3 +214,15 @@ def test_calibrator_drops_non_finite_moments_and_never_hands_them_out(tiny_bundl
     older = {k: v for k, v in state.items() if k not in ("dropped_frames", "rejected_estimates")}
     again.load_state_dict(older)  # a state saved before the counters existed
     assert again.dropped_frames == 0
+
+
+def test_nms_looks_at_the_best_candidates_only():
+    from edge_cbn.runtime.detection import nms
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1000, (5000, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + 4], axis=1)  # small, mostly disjoint boxes: little is suppressed
+    scores = rng.random(5000)
+    keep = nms(boxes, scores, np.zeros(5000, int), max_candidates=200)
+    assert len(keep) <= 200 and set(keep) <= set(np.argsort(-scores)[:200])
+    assert list(keep[:3]) == list(np.argsort(-scores)[:3])

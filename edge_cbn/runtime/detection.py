@@ -57,11 +57,17 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
-def nms(boxes, scores, class_ids, iou_threshold: float = 0.45) -> np.ndarray:
-    """Greedy class-wise non-maximum suppression: indices of the kept boxes, best score first.  A box is
-    dropped when its IoU with a better-scoring kept box of the same class exceeds `iou_threshold`."""
+# Candidates NMS looks at, best first: the greedy loop is quadratic, and a noisy detector at a low
+# threshold (mAP evaluation) can emit thousands of boxes; YOLO's own NMS caps them the same way.
+MAX_NMS_CANDIDATES = 1000
+
+
+def nms(boxes, scores, class_ids, iou_threshold: float = 0.45, max_candidates: int = MAX_NMS_CANDIDATES) -> np.ndarray:
+    """Greedy class-wise non-maximum suppression over the `max_candidates` best boxes: indices of the kept
+    boxes, best score first.  A box is dropped when its IoU with a better-scoring kept box of the same
+    class exceeds `iou_threshold`."""
     boxes, scores, class_ids = np.asarray(boxes, np.float32), np.asarray(scores), np.asarray(class_ids)
-    order = np.argsort(-scores, kind="stable")
+    order = np.argsort(-scores, kind="stable")[:max_candidates]
     keep = []
     while order.size:
         best, rest = order[0], order[1:]
