@@ -43,17 +43,16 @@ def soak(stream_args: list[str], frames: int, every: int, warmup: int) -> dict:
                "--log", str(log), *stream_args]
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         samples, done, seen, next_at = {}, 0, 0, every
-        with click.progressbar(length=frames, label="soak", file=sys.stderr) as bar:
-            while child.poll() is None:
-                time.sleep(0.05)
-                if not log.exists():
-                    continue
-                new, seen = frames_logged(log, seen)
-                done += new
-                bar.update(new)
-                while done >= next_at and (rss := rss_mb(child.pid)) is not None:
-                    samples[next_at] = rss
-                    next_at += every
+        while child.poll() is None:
+            time.sleep(0.05)
+            if not log.exists():
+                continue
+            new, seen = frames_logged(log, seen)
+            done += new
+            while done >= next_at and (rss := rss_mb(child.pid)) is not None:
+                samples[next_at] = rss
+                click.echo(f"soak: {next_at}/{frames} frames, {rss} MB", err=True)  # progress, and a record
+                next_at += every
         if child.returncode != 0:
             raise click.ClickException(f"the stream failed: {child.stderr.read().strip()}")
     after = [r for f, r in sorted(samples.items()) if f >= warmup]
