@@ -41,20 +41,39 @@ def soak(stream_args: list[str], frames: int, every: int, warmup: int) -> dict:
         log = Path(tmp) / "soak.jsonl"
         cmd = [sys.executable, "-m", "edge_cbn.cli", "stream", "--frames", str(frames), "--headless", "--quiet",
                "--log", str(log), *stream_args]
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        samples, done, seen, next_at = {}, 0, 0, every
-        while child.poll() is None:
-            time.sleep(0.05)
-            if not log.exists():
-                continue
-            new, seen = frames_logged(log, seen)
-            done += new
-            while done >= next_at and (rss := rss_mb(child.pid)) is not None:
-                samples[next_at] = rss
-                click.echo(f"soak: {next_at}/{frames} frames, {rss} MB", err=True)  # progress, and a record
-                next_at += every
+        err = Path(tmp) / "stderr.txt"  # a file, not a pipe: a long run's warnings must never block it
+        with open(err, "w") as err_file:
+            child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file)
+            try:
+                samples = _sample(child, log, frames, every)
+            finally:
+                if child.poll() is None:  # interrupted: the stream goes with its bench
+                    child.terminate()
+                    child.wait()
         if child.returncode != 0:
-            raise click.ClickException(f"the stream failed: {child.stderr.read().strip()}")
+            raise click.ClickException(f"the stream failed: {err.read_text().strip()[-2000:]}")
+    return _growth(samples, frames, every, warmup, stream_args)
+
+
+def _sample(child, log: Path, frames: int, every: int) -> dict:
+    """{frame: RSS MB} of the running stream `child`, each time its log passes a multiple of `every`."""
+    samples, done, seen, next_at = {}, 0, 0, every
+    while child.poll() is None:
+        time.sleep(0.05)
+        if not log.exists():
+            continue
+        new, seen = frames_logged(log, seen)
+        done += new
+        while done >= next_at and (rss := rss_mb(child.pid)) is not None:
+            samples[next_at] = rss
+            click.echo(f"soak: {next_at}/{frames} frames, {rss} MB", err=True)  # progress, and a record
+            next_at += every
+    return samples
+
+
+def _growth(samples: dict, frames: int, every: int, warmup: int, stream_args: list) -> dict:
+    """The soak's figures: the growth compares the median of the last quarter of the samples from `warmup`
+    frames on against the median of their first quarter."""
     after = [r for f, r in sorted(samples.items()) if f >= warmup]
     if len(after) < 4:
         raise click.ClickException(f"fewer than four RSS samples after the warm-up ({len(samples)} in all): "
