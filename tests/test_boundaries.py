@@ -1,6 +1,6 @@
 """The architecture's one rule: the device side (`edge_cbn.runtime`, `edge_cbn.stream`) never loads
-TensorFlow, Keras or the converter, and the runtime loads nothing of the stream app or the lab either.
-Each module is imported in a fresh interpreter, so one module cannot hide another's imports."""
+TensorFlow, Keras, the converter or the cluster side (Ray), and the runtime loads nothing of the stream app
+or the lab either.  Each module is imported in a fresh interpreter, so one module cannot hide another's imports."""
 import json
 import os
 import pkgutil
@@ -13,7 +13,7 @@ import pytest
 import edge_cbn.runtime
 import edge_cbn.stream
 
-WORKSTATION = ("tensorflow", "keras", "edge_cbn.convert")
+WORKSTATION = ("tensorflow", "keras", "edge_cbn.convert", "ray", "edge_cbn.cluster")
 RULES = {"edge_cbn.runtime": WORKSTATION + ("edge_cbn.stream", "edge_cbn.lab"),
          "edge_cbn.stream": WORKSTATION + ("edge_cbn.lab",)}
 

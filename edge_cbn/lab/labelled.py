@@ -35,6 +35,7 @@ from . import datasets, metrics, report
 from .evaluate import EVAL_FRAME0, calibrator_flags
 
 METHODS = ("original", "calibrated", "offline_ema", "offline_cumulative")
+CAL_OPTIONS = ("mode", "window", "refuse_every", "stages", "shrink", "power")  # the streaming calibrator's flags
 OFFLINE_BATCH = {"classification": 256, "detection": 8, "segmentation": 1}  # the paper's, per task
 PAPER_ETAS = {"classification": "paper:0,0.02,0.04,0.06,0.08,0.1", "detection": "paper:0,0.05,0.1",
               "segmentation": "paper:0,0.05,0.1"}
@@ -88,10 +89,16 @@ def score(setup: Setup, run, progress=lambda n: None) -> dict:
     """The task's metrics of `run` over the evaluation samples; sample i is inference EVAL_FRAME0 + i, so
     every method meets the same temporal noise."""
     scorer = setup.new_scorer()
-    for i, sample in enumerate(setup.dataset.samples):
+    score_into(scorer, setup, run, setup.dataset.samples, 0, progress)
+    return scorer.result()
+
+
+def score_into(scorer, setup: Setup, run, samples, start: int, progress=lambda n: None) -> None:
+    """Add `run`'s predictions on `samples` to `scorer`, the first being evaluation sample `start` (inference
+    EVAL_FRAME0 + start): a shard of the evaluation set meets the noise the whole set meets there."""
+    for i, sample in enumerate(samples, start):
         scorer.add(sample, predict(setup, run, sample, EVAL_FRAME0 + i))
         progress(1)
-    return scorer.result()
 
 
 def keras_runner(model, preprocess: dict) -> Callable:
@@ -151,18 +158,35 @@ def offline_statistics(setup: Setup, preset, eta, seed, noise_options, estimator
                        batch_size=setup.offline_batch, momentum=setup.momentum, noise_options=noise_options)
 
 
+def chip_of(setup: Setup, preset, eta, seed, noise_options):
+    """The chip of one seed at one noise setting, over the bundle's layers."""
+    return make_noise(preset, eta, seed, **noise_options).instantiate(noise_targets(setup.bundle))
+
+
+def chip_model(setup: Setup, preset, eta, seed, noise_options) -> tuple:
+    """(chip, `NoisyModel` of the bundle under it)."""
+    chip = chip_of(setup, preset, eta, seed, noise_options)
+    return chip, NoisyModel(setup.bundle, chip, num_threads=setup.num_threads, pool=setup.pool, seed=seed)
+
+
+def method_statistics(setup: Setup, method, chip, preset, eta, seed, noise_options, progress) -> dict | None:
+    """The BN statistics `method` evaluates with under `chip` (None for `original`: the bundle's own)."""
+    if method == "calibrated":
+        return streaming_statistics(setup, chip, seed, progress)
+    if method.startswith("offline_"):
+        return offline_statistics(setup, preset, eta, seed, noise_options, method.split("_", 1)[1], progress)
+    return None
+
+
 def evaluate_setting(setup: Setup, preset, eta, seed, noise_options, methods, progress):
     """Yield (method, metrics, seconds) for each of `methods` (in `METHODS` order) under one chip: `original` is
     scored before any statistics are refolded; each calibration then replaces all of them."""
-    chip = make_noise(preset, eta, seed, **noise_options).instantiate(noise_targets(setup.bundle))
-    noisy = NoisyModel(setup.bundle, chip, num_threads=setup.num_threads, pool=setup.pool, seed=seed)
+    chip, noisy = chip_model(setup, preset, eta, seed, noise_options)
     for method in (m for m in METHODS if m in methods):
         t = time.perf_counter()
-        if method == "calibrated":
-            noisy.set_stats(streaming_statistics(setup, chip, seed, progress))
-        elif method.startswith("offline_"):
-            noisy.set_stats(offline_statistics(setup, preset, eta, seed, noise_options,
-                                               method.split("_", 1)[1], progress))
+        stats = method_statistics(setup, method, chip, preset, eta, seed, noise_options, progress)
+        if stats is not None:
+            noisy.set_stats(stats)
         result = score(setup, noisy.run, progress)
         yield method, result, round(time.perf_counter() - t, 2)
 
@@ -235,9 +259,8 @@ def cache_key(common: dict, setup: Setup, preset, eta, noise_options, seed, meth
 
 # ---------------------------------------------------------------------------------------- the sweep
 
-def sweep(setup: Setup, settings, seeds, noise_options: dict, cache: ResultCache) -> list[dict]:
-    """Every (preset, eta, seed, method) of the sweep, from the cache or computed (and cached as each
-    finishes), under one progress bar on stderr; the records in sweep order."""
+def sweep_plan(setup: Setup, settings, seeds, noise_options: dict, cache: ResultCache) -> list[tuple]:
+    """(preset, eta, seed, {method: cache key}, [methods not in the cache]) per chip of the sweep, in order."""
     common = fingerprints(setup)
     plan = []
     for preset, etas in settings:
@@ -246,18 +269,33 @@ def sweep(setup: Setup, settings, seeds, noise_options: dict, cache: ResultCache
                 keys = {m: cache_key(common, setup, preset, eta, noise_options[preset], seed, m)
                         for m in setup.methods}
                 plan.append((preset, eta, seed, keys, [m for m in setup.methods if cache.get(keys[m]) is None]))
+    return plan
+
+
+def planned_records(setup: Setup, plan, cache: ResultCache) -> list[dict]:
+    """The cached records of a finished plan, in sweep order."""
+    return [cache.get(keys[m]) for *_, keys, _ in plan for m in setup.methods]
+
+
+def sweep(setup: Setup, settings, seeds, noise_options: dict, cache: ResultCache) -> list[dict]:
+    """Every (preset, eta, seed, method) of the sweep, from the cache or computed (and cached as each
+    finishes), under one progress bar on stderr; the records in sweep order."""
+    plan = sweep_plan(setup, settings, seeds, noise_options, cache)
     total = sum(work(setup, m) for *_, missing in plan for m in missing)
-    records = []
     with click.progressbar(length=total, label=f"evaluating ({total} image passes to go)", file=sys.stderr,
                            hidden=total == 0) as bar:
         for preset, eta, seed, keys, missing in plan:
             if missing:
                 for method, result, seconds in evaluate_setting(setup, preset, eta, seed, noise_options[preset],
                                                                 missing, bar.update):
-                    cache.put({"key": keys[method], "preset": preset, "eta": eta, "seed": seed, "method": method,
-                               "metrics": result, "seconds": seconds})
-            records += [cache.get(keys[m]) for m in setup.methods]
-    return records
+                    cache.put(result_record(keys[method], preset, eta, seed, method, result, seconds))
+    return planned_records(setup, plan, cache)
+
+
+def result_record(key, preset, eta, seed, method, metrics: dict, seconds: float) -> dict:
+    """The cache's record of one (setting, seed, method)."""
+    return {"key": key, "preset": preset, "eta": eta, "seed": seed, "method": method, "metrics": metrics,
+            "seconds": seconds}
 
 
 def method_titles(setup: Setup) -> dict:
@@ -341,6 +379,14 @@ def sweep_flags(task: str):
                      help="Folder for the table (.md), the CSV, the PNG and the cache."),
         click.option("--cache", type=click.Path(dir_okay=False),
                      help="JSON-lines result cache [default: OUT/cache.jsonl]."),
+        click.option("--workers", type=click.IntRange(1), default=None,
+                     help="Run the sweep in N local worker processes (LiteRT 1 thread each unless --num-threads); "
+                          "the same results as one process (docs/DESIGN.md, 'Sweeps on several processes')."),
+        click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+                     help="Run the sweep on a Ray cluster (pip install 'edge-cbn[cluster]'); the data at the same "
+                          "paths on every node."),
+        click.option("--shard-size", type=click.IntRange(1), default=None,
+                     help="--workers/--ray: evaluation images per unit of work [default: 100]."),
         num_threads_option(),
         verbose_option(),
     ]
@@ -372,7 +418,7 @@ def make_setup(bundle, dataset, calib_files, kw, *, center_crop=1.0, processor_o
     datasets.check_disjoint(calib_files, dataset)
     dataset.samples = datasets.subset(dataset.samples, kw["limit"])
     processor_options = processor_options or {}
-    cal_options = {k: kw[k] for k in ("mode", "window", "refuse_every", "stages", "shrink", "power")}
+    cal_options = {k: kw[k] for k in CAL_OPTIONS}
     return Setup(bundle, Processor(bundle, **processor_options), dataset, scorer_factory(bundle, dataset, category_ids),
                  datasets.calibration_frames(calib_files, kw["cal_frames"]), cal_options=cal_options,
                  center_crop=center_crop, pool=kw["pool"], num_threads=kw["num_threads"],
@@ -391,7 +437,15 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     bundle = load_bundle(resolve_model(kw["model"], echo=lambda *a, **k: click.echo(*a, err=True)))
     setup = make_setup(bundle, dataset_of(), calib_of(), kw, **setup_options)
     cache = ResultCache(kw["cache"] or Path(kw["out_dir"]) / "cache.jsonl")
-    records = sweep(setup, kw["settings"], seeds, options, cache)
+    if kw["workers"] or kw["ray_address"]:
+        from ..cluster import make_pool
+        from . import parallel_sweep
+
+        records = parallel_sweep.sweep(setup, kw["settings"], seeds, options, cache,
+                                       make_pool(kw["workers"], kw["ray_address"]),
+                                       shard_size=kw["shard_size"] or parallel_sweep.SHARD_SIZE)
+    else:
+        records = sweep(setup, kw["settings"], seeds, options, cache)
     title = (f"{dataset_title(setup)}; noise {', '.join(p for p, _ in kw['settings'])} "
              f"{' '.join(kw['noise_option']) or '(preset defaults)'}; chip seeds {kw['seeds']}")
     rows, files, table = write_report(setup, records, kw["out_dir"], title)

@@ -3,7 +3,10 @@ COCO mAP@0.5 / mAR@0.5 through pycocotools (Table 2; the AP interpolation is pyc
 mIoU / pixel accuracy from one confusion matrix summed over the images (Table 3).
 
 Each scorer takes `add(sample, prediction)` with a prediction as `runtime.processing.Processor.postprocess`
-returns it, and `result()` -> {metric: percent}."""
+returns it, and `result()` -> {metric: percent}.  A sweep sharded over workers (`lab/parallel_sweep.py`)
+merges them exactly: `state()` is a shard's partial result as JSON (counts, a confusion matrix, the
+detections), and `merge(state)` adds another shard's, in evaluation order, so the merged scorer holds what
+one scorer over all the samples would."""
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +35,12 @@ class TopK:
 
     def result(self) -> dict:
         return {"top1": 100.0 * self.top1 / max(self.n, 1), "top5": 100.0 * self.top5 / max(self.n, 1)}
+
+    def state(self) -> dict:
+        return {"n": self.n, "top1": self.top1, "top5": self.top5}
+
+    def merge(self, state: dict) -> None:
+        self.n, self.top1, self.top5 = self.n + state["n"], self.top1 + state["top1"], self.top5 + state["top5"]
 
 
 def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n: int, ignore: int = VOC_IGNORE) -> np.ndarray:
@@ -77,6 +86,12 @@ class Segmentation:
     def result(self) -> dict:
         return miou_pixacc(self.conf)
 
+    def state(self) -> dict:
+        return {"conf": self.conf.tolist()}
+
+    def merge(self, state: dict) -> None:
+        self.conf += np.asarray(state["conf"], np.int64)
+
 
 def category_ids(labels: list[str], coco, stated: list[int] | None = None) -> list[int | None]:
     """The COCO category id of each model class: `stated` (one id per class, in class order) or the
@@ -115,6 +130,19 @@ class CocoDetection:
 
     def result(self) -> dict:
         return coco_map_mar50(self.coco, self.detections, self.image_ids)
+
+    def state(self) -> dict:
+        return {"detections": self.detections, "image_ids": self.image_ids}
+
+    def merge(self, state: dict) -> None:
+        """Another shard's detections after these: concatenated, then evaluated once by `result`."""
+        self.detections += state["detections"]
+        self.image_ids += state["image_ids"]
+
+    def __getstate__(self) -> dict:
+        """A worker's copy collects detections only: the annotations stay with the driver, which merges
+        the shards and runs COCOeval once."""
+        return {**self.__dict__, "coco": None}
 
 
 def coco_map_mar50(coco, detections: list[dict], image_ids: list[int]) -> dict:

@@ -10,3 +10,6 @@ class BadInput(ValueError):
     def __init__(self, path, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self):  # from a worker process to the driver as it was raised
+        return type(self), (self.path, self.reason)

@@ -1,0 +1,25 @@
+"""Units of work on several local processes or on a Ray cluster (the `[cluster]` extra), for the
+workstation side (`edge-cbn evaluate TASK --workers N | --ray ADDRESS`, `tools/convert.py --calibrate …
+--workers N | --ray ADDRESS`).  The device side never imports it, nor Ray.
+
+- `shared`: a value sent once per worker process (model bytes, weights), not once per unit;
+- `local`: `LocalPool`, N spawned processes, a unit whose worker dies is run again;
+- `ray_pool`: `RayPool`, Ray tasks with Ray's own retries of a dead worker;
+- `shard_cache`: finished units on disk, keyed by everything that determines them.
+
+A pool runs `fn(shared, unit)` (a module-level function, pickled by reference) for each unit and hands
+each result to `on_done(unit, result)` in the driver, which may return follow-up units (a calibration's
+evaluation shards).  Nothing a worker receives is a TensorFlow object: bytes, numpy arrays, JSON text."""
+from __future__ import annotations
+
+
+def make_pool(workers: int | None = None, ray_address: str | None = None, *, retries: int = 3):
+    """`RayPool(ray_address)` when an address is given (`auto`: the cluster this machine belongs to), else
+    `LocalPool(workers)`."""
+    if ray_address:
+        from .ray_pool import RayPool
+
+        return RayPool(ray_address, retries=retries)
+    from .local import LocalPool
+
+    return LocalPool(workers or 1, retries=retries)

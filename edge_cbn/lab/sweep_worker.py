@@ -1,0 +1,138 @@
+"""The worker side of a sharded `edge-cbn evaluate TASK` sweep (`parallel_sweep`): what a worker receives
+once (`SweepPayload`: the bundle's files as bytes, the harness's settings, an empty scorer) and the units it
+runs with the harness's own functions (`labelled`), exactly as one process runs them.
+
+- `Statistics`: a method's BN statistics under one chip: the streaming calibration at batch size 1 on
+  LiteRT (`calibrated`, the calibration frames in order, as a board runs them) or Algorithm 1 in Keras
+  (`offline_*`, from the model's architecture JSON and weight arrays);
+- `Shard`: consecutive evaluation samples scored under one chip with one method's statistics; sample i of
+  the evaluation set is inference EVAL_FRAME0 + i wherever it runs, so a shard meets the temporal noise
+  the whole set meets there.  It returns the scorer's partial state, merged by the driver."""
+from __future__ import annotations
+
+import atexit
+import copy
+import dataclasses
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..cluster import shared
+from ..runtime.bundle import load_bundle
+from ..runtime.processing import Processor
+from . import datasets, labelled
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPayload:
+    """What every worker of one sweep receives once."""
+    key: str  # identifies the payload (model sha1 and settings): what a worker's built objects are kept by
+    files: dict  # {file name: bytes}: X.tflite, X.cbn.npz and X.calib.tflite
+    model_file: str
+    task: str
+    processor_options: dict
+    center_crop: float
+    pool: int
+    num_threads: int
+    calibration: tuple  # streaming calibration frames, in order (paths)
+    cal_options: dict
+    scorer: object  # an empty scorer of the task (a detection one without the annotations)
+    keras: tuple | None = None  # (architecture JSON, weight arrays) when the sweep has offline methods
+    offline_calibration: tuple = ()
+    offline_batch: int = 1
+    momentum: float = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    preset: str
+    eta: float
+    seed: int
+    noise_options: dict
+
+    def astuple(self) -> tuple:
+        return self.preset, self.eta, self.seed, tuple(sorted(self.noise_options.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+    setting: Setting
+    method: str
+    key: str  # the shard cache key of these statistics
+    result: str  # the key of the result they are for
+
+    def __str__(self):
+        return f"{self.method} statistics, {self.setting.preset} eta {self.setting.eta:g} seed {self.setting.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    setting: Setting
+    method: str
+    start: int  # index of the first sample in the evaluation set
+    samples: tuple  # ((path, truth), ...)
+    key: str
+    result: str
+    stats: dict | None = None  # the method's statistics (None: the bundle's own)
+    stats_key: str | None = None
+
+    def __str__(self):
+        return (f"{self.method} shard at image {self.start}, {self.setting.preset} eta {self.setting.eta:g} "
+                f"seed {self.setting.seed}")
+
+
+def run_unit(payload: SweepPayload, unit) -> dict:
+    """Run one unit in this worker: {"stats": {bn: (mean, var)}} or {"state": the scorer's partial state},
+    with the unit's "seconds"."""
+    t = time.perf_counter()
+    setup = shared.memo("setup", payload.key, lambda: setup_of(payload))
+    s = unit.setting
+    if isinstance(unit, Statistics):
+        if unit.method.startswith("offline_"):
+            setup.keras_model = shared.memo("keras", payload.key, lambda: keras_model(payload.keras))
+        chip = labelled.chip_of(setup, s.preset, s.eta, s.seed, s.noise_options)
+        stats = labelled.method_statistics(setup, unit.method, chip, s.preset, s.eta, s.seed, s.noise_options,
+                                           lambda n: None)
+        return {"stats": stats, "seconds": time.perf_counter() - t}
+    noisy = shared.memo("model", (payload.key, s.astuple(), unit.stats_key), lambda: noisy_model(setup, unit))
+    scorer = setup.new_scorer()
+    samples = [datasets.Sample(Path(path), truth) for path, truth in unit.samples]
+    labelled.score_into(scorer, setup, noisy.run, samples, unit.start)
+    return {"state": scorer.state(), "seconds": time.perf_counter() - t}
+
+
+def noisy_model(setup, shard: Shard):
+    """The evaluated model of a shard: the bundle under the shard's chip, with its method's statistics."""
+    s = shard.setting
+    _, noisy = labelled.chip_model(setup, s.preset, s.eta, s.seed, s.noise_options)
+    if shard.stats is not None:
+        noisy.set_stats(shard.stats)
+    return noisy
+
+
+def setup_of(payload: SweepPayload) -> labelled.Setup:
+    """The harness's `Setup` in a worker: the bundle written back to files (the sidecar names its
+    calibration variant by file name) and loaded as a board loads it."""
+    folder = Path(tempfile.mkdtemp(prefix="edge-cbn-worker-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for name, data in payload.files.items():
+        (folder / name).write_bytes(data)
+    bundle = load_bundle(folder / payload.model_file)
+    template = payload.scorer
+    return labelled.Setup(
+        bundle, Processor(bundle, **payload.processor_options), datasets.Dataset(payload.task, "shard", []),
+        lambda: copy.deepcopy(template), [Path(p) for p in payload.calibration], cal_options=dict(payload.cal_options),
+        center_crop=payload.center_crop, pool=payload.pool, num_threads=payload.num_threads,
+        offline_calibration=[Path(p) for p in payload.offline_calibration], offline_batch=payload.offline_batch,
+        momentum=payload.momentum, options=dict(payload.processor_options))
+
+
+def keras_model(spec: tuple):
+    """The Keras model from its architecture JSON and weight arrays (no TensorFlow object crosses)."""
+    from ..convert.tf_import import keras
+
+    architecture, weights = spec
+    model = keras.models.model_from_json(architecture)
+    model.set_weights(weights)
+    return model
