@@ -68,6 +68,7 @@ def one_line_error(e: Exception) -> int:
     "stream": "edge_cbn.stream.command:main",
     "bench": "edge_cbn.lab.bench:bench",
     "evaluate": "edge_cbn.lab.evaluate:main",
+    "divergence": "edge_cbn.lab.divergence:main",
     "models": "edge_cbn.convert.command:models",
 })
 @click.version_option(package_name="edge-cbn")
@@ -80,6 +81,7 @@ def main():
     edge-cbn convert           build + load weights + fold + export .tflite (workstation)
     edge-cbn evaluate          recovery under noise on natural photos (workstation)
     edge-cbn evaluate TASK     top-1 / mAP@0.5 / mIoU on ImageNet, COCO or VOC data (the paper's tables)
+    edge-cbn divergence        per-BN-layer KL/JS of noisy vs clean activations, calibrated or not (Fig. 1)
     edge-cbn bench …           benchmarks (models, refuse, stream)
 
     An input edge-cbn cannot use is one line on stderr and exit status 1 (a usage error: status 2);
