@@ -332,10 +332,11 @@ def _save(path: Path, arrays: dict, meta: dict | None = None) -> Path:
     return path
 
 
-def _sidecar_case(name, change_arrays=None, change_meta=None) -> Case:
-    """A sidecar case: `change_arrays(arrays, meta)` edits arrays in place, `change_meta(meta)` the meta."""
+def _npz_case(kind: str, file_name: str, name, change_arrays=None, change_meta=None) -> Case:
+    """A case of an .npz file (`kind` "sidecar" or "state", the genuine one at `root / file_name`):
+    `change_arrays(arrays, meta)` edits arrays in place, `change_meta(meta)` the meta."""
     def make(root, g):
-        path = root / "tiny.cbn.npz"
+        path = root / file_name
         arrays = _arrays(path)
         meta = _meta(arrays)
         if change_arrays:
@@ -343,7 +344,11 @@ def _sidecar_case(name, change_arrays=None, change_meta=None) -> Case:
         if change_meta:
             change_meta(meta)
         return _save(path, arrays, meta if change_meta else None)
-    return Case(name, "sidecar", make)
+    return Case(name, kind, make)
+
+
+def _sidecar_case(name, change_arrays=None, change_meta=None) -> Case:
+    return _npz_case("sidecar", "tiny.cbn.npz", name, change_arrays, change_meta)
 
 
 def _bn(meta, i=0) -> str:
@@ -540,16 +545,7 @@ def _swap_variant_buffers(root: Path) -> Path:
 
 # ------------------------------------------------------------------------------------ state cases
 def _state_case(name, change_arrays=None, change_meta=None) -> Case:
-    def make(root, g):
-        path = root / "st.npz"
-        arrays = _arrays(path)
-        meta = _meta(arrays)
-        if change_arrays:
-            change_arrays(arrays, meta)
-        if change_meta:
-            change_meta(meta)
-        return _save(path, arrays, meta if change_meta else None)
-    return Case(name, "state", make)
+    return _npz_case("state", "st.npz", name, change_arrays, change_meta)
 
 
 def _state_bn(arrays, i=0) -> str:

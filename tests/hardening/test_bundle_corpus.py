@@ -15,7 +15,7 @@ import pytest
 from edge_cbn.runtime.bundle import load_bundle
 from edge_cbn.runtime.errors import BadInput
 
-from .bundle_corpus import CALIBRATION_CASES, CANARY_ENV, MODEL_CASES, SIDECAR_CASES, genuine_files, load_case
+from .bundle_corpus import CALIBRATION_CASES, MODEL_CASES, SIDECAR_CASES, load_case
 from .harness import run_case
 
 pytestmark = pytest.mark.hardening
@@ -31,20 +31,6 @@ REASONS = {
     "calibration-file-traversal": "file name", "format-2": "format 2",
     "a-directory": "cannot read it", "truncated-half": "not a", "schema-version-2": "schema version",
 }
-
-
-@pytest.fixture(scope="session")
-def genuine(tmp_path_factory):
-    pytest.importorskip("keras")
-    return genuine_files(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def canary(tmp_path, monkeypatch):
-    """The file a payload would create if anything in a corpus file were unpickled."""
-    path = tmp_path / "canary"
-    monkeypatch.setenv(CANARY_ENV, str(path))
-    return path
 
 
 def test_the_genuine_bundle_loads(genuine, tmp_path):

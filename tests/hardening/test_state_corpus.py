@@ -18,24 +18,11 @@ from edge_cbn.runtime.stream_calibrator import StreamCalibrator
 from edge_cbn.stream.options import StreamOptions
 from edge_cbn.stream.persistence import Persistence
 
-from .bundle_corpus import CANARY_ENV, STATE_CASES, STATE_SETUP, genuine_files, load_case, load_state
+from .bundle_corpus import STATE_CASES, STATE_SETUP, load_case, load_state
 from .harness import run_case
 
 pytestmark = pytest.mark.hardening
 NAN_MOMENTS = next(c for c in STATE_CASES if c.name == "noisy-moments-nan")
-
-
-@pytest.fixture(scope="session")
-def genuine(tmp_path_factory):
-    pytest.importorskip("keras")
-    return genuine_files(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def canary(tmp_path, monkeypatch):
-    path = tmp_path / "canary"
-    monkeypatch.setenv(CANARY_ENV, str(path))
-    return path
 
 
 def _copy(genuine, root):
