@@ -33,10 +33,16 @@ from .build import MissingWeights, build_model, export_model
               help="ema: Algorithm 1 from the source statistics; cumulative: equal-weight average of all "
                    "batches (torch update_bn / AIMET). With few images EMA 0.999 barely moves.")
 @click.option("--max-images", type=click.IntRange(1), help="Use at most this many calibration images.")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="--calibrate in N local worker processes (whole batches each, merged in batch order: the "
+                   "statistics of one process).")
+@click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+              help="--calibrate on a Ray cluster (pip install 'edge-cbn[cluster]'); the images at the same paths "
+                   "on every node.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @verbose_option()
 def main(model_name, weights, out, input_size, num_classes, random_weights, calib_dir, noise, eta, seed,
-         noise_option, batch_size, micro_batch, momentum, estimator, max_images, quiet):
+         noise_option, batch_size, micro_batch, momentum, estimator, max_images, workers, ray_address, quiet):
     """Build MODEL, load its weights, optionally calibrate BN statistics offline under simulated noise,
     fold every BatchNorm and export a float32 TFLite model plus the sidecar and calibration variant
     that on-device re-fusing needs."""
@@ -55,14 +61,15 @@ def main(model_name, weights, out, input_size, num_classes, random_weights, cali
     if calib_dir:
         calibrate(spec, model, calib_dir, quiet=quiet, noise=noise, eta=eta, seed=seed, batch_size=batch_size,
                   micro_batch=micro_batch, momentum=momentum, estimator=estimator, max_images=max_images,
-                  noise_options=options)
+                  noise_options=options, workers=workers, ray_address=ray_address)
     path = export_model(spec, model, out, quiet=quiet)
     if not quiet:
         click.echo(f"wrote {path} and {path.with_suffix('.cbn.npz').name}", err=True)
 
 
-def calibrate(spec, model, calib_dir, *, quiet, max_images, **settings) -> None:
-    """Algorithm 1 on the folder's images with a progress bar; problems as one line."""
+def calibrate(spec, model, calib_dir, *, quiet, max_images, workers=None, ray_address=None, **settings) -> None:
+    """Algorithm 1 on the folder's images with a progress bar, in this process or on workers
+    (`parallel_calibration`); problems as one line."""
     from .offline_calibration import calibrate_on_images, image_files
 
     try:
@@ -73,7 +80,14 @@ def calibrate(spec, model, calib_dir, *, quiet, max_images, **settings) -> None:
              f"seed {settings['seed']}, batch {settings['batch_size']})")
     with click.progressbar(length=len(files), label=label, hidden=quiet) as bar:
         try:
-            calibrate_on_images(spec, model, files, progress=bar.update, **settings)
+            if workers or ray_address:
+                from ..cluster import make_pool
+                from .parallel_calibration import calibrate_in_parallel
+
+                calibrate_in_parallel(model, files, make_pool(workers, ray_address), preprocess=spec.preprocess,
+                                      progress=bar.update, **settings)
+            else:
+                calibrate_on_images(spec, model, files, progress=bar.update, **settings)
         except OSError as e:
             raise click.ClickException(str(e)) from None
 

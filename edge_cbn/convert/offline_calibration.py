@@ -48,11 +48,19 @@ def calibrate_bn(model, batches: Iterable[np.ndarray], *, chip=None, estimator: 
     larger batches in pieces of this many images (exact, one pass per BN layer: see `batch_moments`).
     Returns {bn_name: (mean, var)}."""
     bns = bn_layers(model)
-    moments = BatchMoments(model, bns)
-    clean = {n: k for n, (_, k) in keras_noise_targets(model).items()}
     trackers = {bn.name: BatchStatsTracker(bn.moving_mean.numpy(), bn.moving_variance.numpy(),
                                            estimator=estimator, momentum=momentum) for bn in bns}
-    noisy_batches = ((batch, None if chip is None else chip.perturb(i)) for i, batch in enumerate(batches))
+    accumulate_bn(model, BatchMoments(model, bns), batches, trackers, chip=chip, progress=progress,
+                  micro_batch=micro_batch)
+    return set_bn_statistics(model, trackers)
+
+
+def accumulate_bn(model, moments: BatchMoments, batches: Iterable[np.ndarray], trackers: dict, *, chip=None,
+                  batch0: int = 0, progress=None, micro_batch: int | None = None) -> None:
+    """Each batch's BN input statistics into `trackers` ({bn name: `EMA`}), the first batch being batch
+    number `batch0` of the calibration (its noise draw), under `chip`; the model's kernels are clean after."""
+    clean = {n: k for n, (_, k) in keras_noise_targets(model).items()}
+    noisy_batches = ((batch, None if chip is None else chip.perturb(batch0 + i)) for i, batch in enumerate(batches))
     try:
         for batch, kernels in prefetched(noisy_batches):  # the next batch decodes and draws its noise meanwhile
             if kernels is not None:
@@ -61,15 +69,19 @@ def calibrate_bn(model, batches: Iterable[np.ndarray], *, chip=None, estimator: 
                 stats = moments.exact_in_micro_batches(batch, micro_batch)
             else:
                 stats = moments(batch)
-            for bn, m in zip(bns, stats):
+            for bn, m in zip(moments.bns, stats):
                 trackers[bn.name].update(m.mean, m.var)
             if progress:
                 progress(len(batch))
             del batch, kernels  # so that the prefetcher may make the next ones in their place
     finally:
         set_kernels(model, clean)
+
+
+def set_bn_statistics(model, trackers: dict) -> dict:
+    """The trackers' statistics into the model's BN layers; {bn name: (mean, var)}."""
     stats = {}
-    for bn in bns:
+    for bn in bn_layers(model):
         mean, var = trackers[bn.name].mean, trackers[bn.name].var
         bn.moving_mean.assign(mean.astype(np.float32))
         bn.moving_variance.assign(var.astype(np.float32))

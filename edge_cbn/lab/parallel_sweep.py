@@ -138,7 +138,9 @@ def payload_of(setup) -> SweepPayload:
         files[variant] = (bundle.path.parent / variant).read_bytes()
     keras = None
     if setup.keras_model is not None:
-        keras = (setup.keras_model.to_json(), setup.keras_model.get_weights())
+        from ..convert.model_transfer import model_spec
+
+        keras = model_spec(setup.keras_model)
     key = hashlib.sha1(labelled.model_sha1(bundle).encode())
     key.update(repr((setup.options, setup.center_crop, setup.pool, setup.num_threads, setup.calibration,
                      setup.cal_options, setup.offline_calibration, setup.offline_batch, setup.momentum)).encode())

@@ -4,7 +4,7 @@ runs with the harness's own functions (`labelled`), exactly as one process runs 
 
 - `Statistics`: a method's BN statistics under one chip: the streaming calibration at batch size 1 on
   LiteRT (`calibrated`, the calibration frames in order, as a board runs them) or Algorithm 1 in Keras
-  (`offline_*`, from the model's architecture JSON and weight arrays);
+  (`offline_*`, from the model's architecture JSON and weight arrays, `convert.model_transfer`);
 - `Shard`: consecutive evaluation samples scored under one chip with one method's statistics; sample i of
   the evaluation set is inference EVAL_FRAME0 + i wherever it runs, so a shard meets the temporal noise
   the whole set meets there.  It returns the scorer's partial state, merged by the driver."""
@@ -90,7 +90,9 @@ def run_unit(payload: SweepPayload, unit) -> dict:
     s = unit.setting
     if isinstance(unit, Statistics):
         if unit.method.startswith("offline_"):
-            setup.keras_model = shared.memo("keras", payload.key, lambda: keras_model(payload.keras))
+            from ..convert.model_transfer import model_from_spec
+
+            setup.keras_model = shared.memo("keras", payload.key, lambda: model_from_spec(payload.keras))
         chip = labelled.chip_of(setup, s.preset, s.eta, s.seed, s.noise_options)
         stats = labelled.method_statistics(setup, unit.method, chip, s.preset, s.eta, s.seed, s.noise_options,
                                            lambda n: None)
@@ -126,13 +128,3 @@ def setup_of(payload: SweepPayload) -> labelled.Setup:
         center_crop=payload.center_crop, pool=payload.pool, num_threads=payload.num_threads,
         offline_calibration=[Path(p) for p in payload.offline_calibration], offline_batch=payload.offline_batch,
         momentum=payload.momentum, options=dict(payload.processor_options))
-
-
-def keras_model(spec: tuple):
-    """The Keras model from its architecture JSON and weight arrays (no TensorFlow object crosses)."""
-    from ..convert.tf_import import keras
-
-    architecture, weights = spec
-    model = keras.models.model_from_json(architecture)
-    model.set_weights(weights)
-    return model

@@ -146,6 +146,19 @@ class EMA(_State):
         self._norm = keep * self._norm + add
         self._count += 1
 
+    def merge(self, later: "EMA") -> None:
+        """Fold in `later`, a tracker started empty (no `init`) on the batches that came after this one's:
+        the state one tracker has after all of them, in that order.  The EMA weighs a batch by m^(batches
+        after it), so this one's sums are scaled by m^(later's count) and order matters; the cumulative
+        average (m = 1 here) just adds them."""
+        if later.momentum != self.momentum:
+            raise ValueError(f"cannot merge momentum {later.momentum} into {self.momentum}")
+        keep = 1.0 if self.momentum is None else self.momentum ** later._count
+        self._mean_sum = keep * self._mean_sum + later._mean_sum
+        self._var_sum = keep * self._var_sum + later._var_sum
+        self._norm = keep * self._norm + later._norm
+        self._count += later._count
+
     @property
     def count(self) -> float:
         """Batches seen."""
