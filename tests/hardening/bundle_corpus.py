@@ -253,9 +253,10 @@ def _zero(span):
     return mutate
 
 
-def _replace_with(content: Callable[[Genuine], bytes]):
+def _replace_with(content: Callable[[Genuine], bytes], file_name: str = "tiny.tflite"):
+    """A case whose file `file_name` is `content` (of the genuine files) as a whole."""
     def make(root, g):
-        path = root / "tiny.tflite"
+        path = root / file_name
         path.write_bytes(content(g))
         return path
     return make
@@ -560,11 +561,7 @@ def _state_set(key_fn, value_fn):
 
 
 def _whole_state(content: Callable[[Genuine], bytes]):
-    def make(root, g):
-        path = root / "st.npz"
-        path.write_bytes(content(g))
-        return path
-    return make
+    return _replace_with(content, "st.npz")
 
 
 STATE_CASES = [
