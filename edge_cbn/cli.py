@@ -54,11 +54,11 @@ class LazyGroup(click.Group):
 def one_line_error(e: Exception) -> int:
     """Print `e` as one line on stderr; the exit status for it (1)."""
     if isinstance(e, BadInput):
-        click.echo(f"edge-cbn: error: {e}", err=True)
+        click.echo(f"Error: {e}", err=True)  # the form of click's own errors
     else:
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""
-        click.echo(f"edge-cbn: internal error: {type(e).__name__}: {e}{at} (--debug shows the traceback)",
+        click.echo(f"Error: internal error: {type(e).__name__}: {e}{at} (--debug shows the traceback)",
                    err=True)
     return 1
 
