@@ -87,10 +87,10 @@ def test_convert_cli_on_ray_writes_the_one_process_statistics(ray_cluster, files
     from edge_cbn.runtime.bundle import load_bundle
 
     keras.utils.set_random_seed(0)
-    spec, model = build_model("mobilenet_v2", input_size=32, allow_random=True)
+    spec, model = build_model("resnet18", input_size=32, allow_random=True)
     here = calibrate_on_images(spec, model, files, noise="relative", eta=0.1, batch_size=4)
     keras.utils.set_random_seed(0)
-    res = CliRunner().invoke(convert, ["--model", "mobilenet_v2", "--random-weights", "--input-size", "32", "--quiet",
+    res = CliRunner().invoke(convert, ["--model", "resnet18", "--random-weights", "--input-size", "32", "--quiet",
                                        "--calibrate", str(files[0].parent), "--noise", "relative", "--eta", "0.1",
                                        "--batch-size", "4", "--ray", ray_cluster, "-o", str(tmp_path / "m.tflite")],
                              catch_exceptions=False)

@@ -25,26 +25,28 @@ BOXES = [[(3, [4, 4, 20, 20])], [(3, [20, 10, 16, 16]), (5, [0, 0, 8, 8])], [(5,
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    """{task: (model path, dataset flags)}: tiny models and datasets of 5-12 images, odd shard splits."""
+    """{task: (model path, dataset flags, Keras model)}: tiny models and datasets of 5-9 images, odd shard
+    splits."""
     root = tmp_path_factory.mktemp("sharded")
     rng = np.random.default_rng(0)
     out = {}
-    _, path = exported("classification", root)
+    model, path = exported("classification", root)
     imagenet_folder(root / "val", [0, 1, 3], 3, rng)
     images(root / "cal", 4, rng)
-    out["classification"] = (path, ("--data", str(root / "val"), "--calib-dir", str(root / "cal")))
-    _, path = exported("detection", root)
+    out["classification"] = (path, ("--data", str(root / "val"), "--calib-dir", str(root / "cal")), model)
+    model, path = exported("detection", root)
     ann, img_dir = coco_dataset(root / "coco", BOXES, [(3, "cat"), (5, "dog")], rng)
     images(root / "dcal", 3, rng, size=(36, 44))
-    out["detection"] = (path, ("--annotations", str(ann), "--images", str(img_dir), "--calib-dir", str(root / "dcal")))
-    _, path = exported("segmentation", root)
+    out["detection"] = (path, ("--annotations", str(ann), "--images", str(img_dir), "--calib-dir", str(root / "dcal")),
+                        model)
+    model, path = exported("segmentation", root)
     voc = voc_dataset(root / "VOC2012", {f"v{i}": rng.integers(0, 3, (8, 15)) for i in range(5)}, ["t1", "t2"], rng)
-    out["segmentation"] = (path, ("--voc-root", str(voc)))
+    out["segmentation"] = (path, ("--voc-root", str(voc)), model)
     return out
 
 
 def metrics_of(task, tasks, out, *extra):
-    path, flags = tasks[task]
+    path, flags, _ = tasks[task]
     res, line = run_cli(task, path, out, *flags, *NOISE, *extra)
     assert res.exit_code == 0, res.output
     return [(r["preset"], r["eta"], r["seed"], r["method"], r["metrics"]) for r in line["records"]]
@@ -64,8 +66,8 @@ def test_the_fixture_set_is_not_trivial(one_process):
         assert by[0.5, 0, "original"] != by[0.5, 0, "calibrated"]
 
 
-@pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("workers, task", [("1", "detection"), ("2", "classification"), ("2", "detection"),
+                                           ("2", "segmentation")])
 def test_local_workers_give_exactly_the_one_process_records(task, workers, tasks, one_process, tmp_path):
     assert metrics_of(task, tasks, tmp_path, "--workers", workers) == one_process[task]
 
@@ -82,7 +84,7 @@ def sharded(tasks, pool, out, unit=run_unit):
     from edge_cbn.runtime.bundle import load_bundle
     from edge_cbn.runtime.stream_calibrator import DEFAULTS
 
-    path, flags = tasks["detection"]
+    path, flags, _ = tasks["detection"]
     flag = dict(zip(flags[::2], flags[1::2]))
     kw = {"limit": None, "cal_frames": 6, "pool": 2, "num_threads": 1, "offline": False, "offline_frames": None,
           "batch_size": 1, "momentum": 0.999, **{k: DEFAULTS[k] for k in labelled.CAL_OPTIONS}}
@@ -130,3 +132,14 @@ def test_finished_shards_resume_an_interrupted_sweep(tasks, one_process, tmp_pat
     shard_files[0].unlink()
     records, sweep = sharded(tasks, LocalPool(1), tmp_path)
     assert records == one_process["detection"] and sweep.units_done == 1
+
+
+def test_offline_methods_on_ray_equal_one_process(ray_cluster, tasks, tmp_path, monkeypatch):
+    """--offline: Algorithm 1 runs in a worker from the model's architecture JSON and weight arrays (here the
+    tiny unregistered model), with the same statistics as in this process."""
+    model = tasks["classification"][2]
+    monkeypatch.setattr(labelled, "offline_model", lambda bundle, weights: model)
+    offline = ("--offline", "--batch-size", "2")
+    here = metrics_of("classification", tasks, tmp_path / "one", *offline)
+    assert {method for *_, method, _ in here} == set(labelled.METHODS)
+    assert metrics_of("classification", tasks, tmp_path / "ray", *offline, "--ray", ray_cluster) == here
