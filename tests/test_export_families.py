@@ -5,6 +5,7 @@ import pytest
 pytest.importorskip("tensorflow")
 
 from edge_cbn.convert import models as zoo  # noqa: E402
+from edge_cbn.convert.models import yolov3  # noqa: E402
 from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
 from edge_cbn.runtime.noisy_model import NoisyModel  # noqa: E402
 from edge_cbn.convert.export import export  # noqa: E402
@@ -20,8 +21,9 @@ def test_tflite_equals_keras(tmp_path, name, side):
     spec = zoo.get_spec(name)
     model = zoo.build(name, input_size=side, num_classes=spec.num_classes if spec.task != "classification" else 10)
     assign_state_dict(model, random_state_dict(model, seed=2))
+    head = yolov3.HEAD if spec.task == "detection" else None  # a detector's bundle must say how to decode it
     path = export(model, tmp_path / f"{name}.tflite", name=name, task=spec.task, preprocess=spec.preprocess,
-                  labels=[], calibration=False)
+                  labels=[], calibration=False, head=head)
     bundle = load_bundle(path)
     assert len(bundle.layers) == sum(1 for l in model.layers if type(l).__name__ in
                                      ("Conv2D", "DepthwiseConv2D", "Dense"))
