@@ -21,7 +21,8 @@ def test_bench_sweep_reports_every_figure(ray_cluster, tmp_path):
     path = export(tiny_model(num_classes=10), tmp_path / "m.tflite", name="tiny", task="classification",
                   preprocess=PRE, labels=[f"c{i}" for i in range(10)])  # the synthetic folder's 10 classes
     res = CliRunner().invoke(bench, ["sweep", "--model", str(path), "--images", "12", "--seeds", "0,1",
-                                     "--cal-frames", "4", "--shard-size", "4", "--ray", ray_cluster, "--project", ""])
+                                     "--cal-frames", "4", "--shard-size", "4", "--rounds", "1", "--ray", ray_cluster,
+                                     "--project", ""])
     assert res.exit_code == 0, res.output
     fig = json.loads(res.output.strip().splitlines()[-1])
     assert set(fig["wall_s"]) == {"workers_1", "workers_2", "ray"} and all(s > 0 for s in fig["wall_s"].values())
@@ -43,7 +44,10 @@ def test_per_image_costs_from_the_records():
 def test_projection_arithmetic():
     table = {"images": 1000, "etas": 2, "methods": 3, "models": ["a"]}
     costs = {"a": {"eval_s_per_image": 0.01, "calibration_s_per_frame": 0.1, "offline_s_per_image": 0.2}}
-    p = project(table, costs, efficiency=0.5)
+    p = project(table, costs)
     seconds = (3 * 1000 * 0.01 + CAL_FRAMES * 0.3) * 2 * p["seeds"]
     assert p["cpu_hours"] == round(seconds / 3600, 1)
-    assert p["wall_hours_on_nodes_x_cpus"]["4x2"] == round(seconds / 3600 / (4 * 2 * 0.5), 2)
+    assert p["wall_hours_on_nodes_x_cpus"]["4x2"] == round(seconds / 3600 / 8, 2)
+    # on 16 nodes of 16 CPUs the longest unit, one offline calibration of CAL_FRAMES images, is the floor
+    assert p["wall_hours_on_nodes_x_cpus"]["16x16"] == round(CAL_FRAMES * 0.2 / 3600, 2) == round(
+        p["longest_unit_hours"], 2)

@@ -41,7 +41,8 @@ class LocalRayCluster:
 
         self.temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths live under it
         port = self.address.rsplit(":", 1)[1]
-        self.procs.append(self._start("--head", "--port", port, "--include-dashboard", "false", "--temp-dir", self.temp))
+        self.procs.append(self._start("--head", "--port", port, "--include-dashboard", "false",
+                                      "--temp-dir", self.temp))
         deadline = time.monotonic() + self.timeout
         self._connect(ray, deadline)
         for _ in range(self.nodes - 1):

@@ -206,14 +206,16 @@ def bench_calibrate(names, images, batch_size, large_batch, num_threads, noise, 
 @click.option("--images", type=click.IntRange(10), default=400, show_default=True,
               help="Evaluation images of the synthetic ImageNet-style folder (JPEG crops of the bundled photos).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Chip seeds of the sweep.")
-@click.option("--noise", default="paper:0.05", show_default=True, help="PRESET:ETA[,ETA…] of the sweep.")
+@click.option("--noise", default="paper:0.05,0.1", show_default=True, help="PRESET:ETA[,ETA…] of the sweep.")
 @click.option("--cal-frames", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--shard-size", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--rounds", type=click.IntRange(1), default=2, show_default=True,
+              help="Runs of each configuration, in alternating order; the best of each is compared.")
 @click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
               help="Time an existing Ray cluster instead of starting a local two-node one.")
 @click.option("--project", default="table1,table2", show_default=True,
               help="The paper's sweeps to project from per-image costs of their models ('' to skip).")
-def bench_sweep(model, images, seeds, noise, cal_frames, shard_size, ray_address, project):
+def bench_sweep(model, images, seeds, noise, cal_frames, shard_size, rounds, ray_address, project):
     """The same `evaluate classification` sweep with 1 and 2 local workers (LiteRT at 1 thread each) and on a
     two-node local Ray cluster (1 CPU a node), side by side, each a fresh process: wall times, speedups,
     per-image costs; then per-image costs of the paper's models and the projected CPU-hours and wall time
@@ -226,6 +228,6 @@ def bench_sweep(model, images, seeds, noise, cal_frames, shard_size, ray_address
         raise click.BadParameter(f"{unknown}: expected some of {sorted(TABLES)}", param_hint="--project")
     echo = lambda msg: click.echo(msg, err=True)  # noqa: E731
     figures = run_bench(model or "efficientnet_lite0", images=images, seeds=seeds, noise=noise, cal_frames=cal_frames,
-                        shard_size=shard_size, ray_address=ray_address, project=tables, echo=echo)
+                        shard_size=shard_size, rounds=rounds, ray_address=ray_address, project=tables, echo=echo)
     print_summary(figures, click.echo)
     emit(figures)

@@ -1,6 +1,6 @@
 """Per-image costs of the paper's models on the device path, one CPU (LiteRT at one thread, TensorFlow at
 one thread), and what they make of the paper's full sweeps (`bench_sweep.TABLES`): CPU-hours, and wall
-time on N nodes at the parallel efficiency `edge-cbn bench sweep` measured.
+time on N nodes with every CPU busy (divide by the parallel efficiency `edge-cbn bench sweep` measures).
 
 Costs per model, random weights (time does not depend on the values), the harness's own functions:
 - evaluation: one image through `labelled.score` under a `paper` chip with the default pool of 8 states
@@ -75,21 +75,27 @@ def model_costs(name: str, folder: Path, val: list, cal: list) -> dict:
     timer = BatchTimer()
     labelled.offline_statistics(setup, "paper", 0.1, 0, {}, "cumulative", timer.tick)
     offline = timer.figures()["images_per_s"]
-    return {"task": setup.dataset.task, "eval_s_per_image": round(eval_s, 4), "calibration_s_per_frame": round(cal_s, 4),
-            "offline_s_per_image": round(1 / offline, 4) if offline else None}
+    return {"task": setup.dataset.task, "eval_s_per_image": round(eval_s, 4),
+            "calibration_s_per_frame": round(cal_s, 4), "offline_s_per_image": round(1 / offline, 4) if offline else None}
 
 
-def project(table: dict, costs: dict, efficiency: float) -> dict:
+def project(table: dict, costs: dict, shard_size: int = 100) -> dict:
     """CPU-hours of a paper sweep (every model x noise level x chip seed: each method scores every image,
-    plus a streaming and an offline calibration of CAL_FRAMES), and its wall hours on N nodes of 2 and of
-    16 CPUs at `efficiency` (speedup per CPU, measured)."""
-    seconds = {}
+    plus a streaming and an offline calibration of CAL_FRAMES each), and its wall hours on N nodes of 2 and
+    of 16 CPUs when every CPU is busy: the CPU-hours shared out, but never less than the longest unit (a
+    calibration stream is one unit; a shard is `shard_size` images)."""
+    seconds, longest = {}, 0.0
     for name in table["models"]:
         c = costs[name]
-        per_chip = (table["methods"] * table["images"] * c["eval_s_per_image"]
-                    + CAL_FRAMES * (c["calibration_s_per_frame"] + (c["offline_s_per_image"] or 0)))
+        offline = c["offline_s_per_image"] or 0
+        per_chip = table["methods"] * table["images"] * c["eval_s_per_image"] + CAL_FRAMES * (
+            c["calibration_s_per_frame"] + offline)
         seconds[name] = per_chip * table["etas"] * SEEDS
+        longest = max(longest, CAL_FRAMES * max(c["calibration_s_per_frame"], offline),
+                      shard_size * c["eval_s_per_image"])
     cpu_hours = sum(seconds.values()) / 3600
-    wall = {f"{n}x{cpus}": round(cpu_hours / (n * cpus * efficiency), 2) for cpus in (2, 16) for n in NODES}
-    return {"cpu_hours": round(cpu_hours, 1), "cpu_hours_per_model": {k: round(v / 3600, 1) for k, v in seconds.items()},
-            "wall_hours_on_nodes_x_cpus": wall, "seeds": SEEDS, **{k: table[k] for k in ("images", "etas", "methods")}}
+    wall = {f"{n}x{cpus}": round(max(cpu_hours / (n * cpus), longest / 3600), 2) for cpus in (2, 16) for n in NODES}
+    return {"cpu_hours": round(cpu_hours, 1),
+            "cpu_hours_per_model": {k: round(v / 3600, 1) for k, v in seconds.items()},
+            "wall_hours_on_nodes_x_cpus": wall, "longest_unit_hours": round(longest / 3600, 3), "seeds": SEEDS,
+            **{k: table[k] for k in ("images", "etas", "methods")}}
