@@ -10,6 +10,8 @@ The Python API (docs/API.md), imported on first use so that `import edge_cbn` st
     Refolder(bundle)                         new statistics into the .tflite bytes (`.refold`, `.model_bytes`)
     export(keras_model, path, ...)           fold BN and export a bundle (workstation: TensorFlow)
     calibrate_bn(keras_model, batches, ...)  the paper's offline Algorithm 1 (workstation: TensorFlow)
+    make_pool(workers, ray_address)          local worker processes or a Ray cluster (workstation)
+    calibrate_in_parallel(model, files, pool, ...)  Algorithm 1's batches on a pool (workstation)
     Engine, StreamLoop, StreamOptions        the `edge-cbn stream` app
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ _API = {
     "Engine": "edge_cbn.stream.engine", "StreamLoop": "edge_cbn.stream.loop", "StreamOptions": "edge_cbn.stream.options",
     "export": "edge_cbn.convert.export", "build_model": "edge_cbn.convert.build",
     "calibrate_bn": "edge_cbn.convert.offline_calibration",
+    "make_pool": "edge_cbn.cluster", "calibrate_in_parallel": "edge_cbn.convert.parallel_calibration",
 }
 __all__ = sorted(_API)
 
