@@ -10,10 +10,8 @@ runs with the harness's own functions (`labelled`), exactly as one process runs 
   the whole set meets there.  It returns the scorer's partial state, merged by the driver."""
 from __future__ import annotations
 
-import atexit
 import copy
 import dataclasses
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -86,7 +84,7 @@ def run_unit(payload: SweepPayload, unit) -> dict:
     """Run one unit in this worker: {"stats": {bn: (mean, var)}} or {"state": the scorer's partial state},
     with the unit's "seconds"."""
     t = time.perf_counter()
-    setup = shared.memo("setup", payload.key, lambda: setup_of(payload))
+    setup, _ = shared.memo("setup", payload.key, lambda: setup_of(payload))
     s = unit.setting
     if isinstance(unit, Statistics):
         if unit.method.startswith("offline_"):
@@ -113,11 +111,12 @@ def noisy_model(setup, shard: Shard):
     return noisy
 
 
-def setup_of(payload: SweepPayload) -> labelled.Setup:
-    """The harness's `Setup` in a worker: the bundle written back to files (the sidecar names its
-    calibration variant by file name) and loaded as a board loads it."""
-    folder = Path(tempfile.mkdtemp(prefix="edge-cbn-worker-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+def setup_of(payload: SweepPayload) -> tuple:
+    """(the harness's `Setup` in a worker, its folder): the bundle written back to files (the sidecar names
+    its calibration variant by file name, read at each calibration) and loaded as a board loads it; the
+    folder goes when the worker drops the setup (another sweep) or exits."""
+    files = tempfile.TemporaryDirectory(prefix="edge-cbn-worker-")
+    folder = Path(files.name)
     for name, data in payload.files.items():
         (folder / name).write_bytes(data)
     bundle = load_bundle(folder / payload.model_file)
@@ -127,4 +126,4 @@ def setup_of(payload: SweepPayload) -> labelled.Setup:
         lambda: copy.deepcopy(template), [Path(p) for p in payload.calibration], cal_options=dict(payload.cal_options),
         center_crop=payload.center_crop, pool=payload.pool, num_threads=payload.num_threads,
         offline_calibration=[Path(p) for p in payload.offline_calibration], offline_batch=payload.offline_batch,
-        momentum=payload.momentum, options=dict(payload.processor_options))
+        momentum=payload.momentum, options=dict(payload.processor_options)), files
