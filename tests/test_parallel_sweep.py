@@ -77,6 +77,17 @@ def test_a_ray_cluster_gives_exactly_the_one_process_records(ray_cluster, tasks,
         assert metrics_of(task, tasks, tmp_path / task, "--ray", ray_cluster) == one_process[task], task
 
 
+def test_offline_methods_on_ray_equal_one_process(ray_cluster, tasks, tmp_path, monkeypatch):
+    """--offline: Algorithm 1 runs in a worker from the model's architecture JSON and weight arrays (here the
+    tiny unregistered model), with the same statistics as in this process."""
+    model = tasks["classification"][2]
+    monkeypatch.setattr(labelled, "offline_model", lambda bundle, weights: model)
+    offline = ("--offline", "--batch-size", "2")
+    here = metrics_of("classification", tasks, tmp_path / "one", *offline)
+    assert {method for *_, method, _ in here} == set(labelled.METHODS)
+    assert metrics_of("classification", tasks, tmp_path / "ray", *offline, "--ray", ray_cluster) == here
+
+
 def sharded(tasks, pool, out, unit=run_unit):
     """The detection sweep through the Python API (as `--workers` runs it, with `unit` in the workers):
     (records as `metrics_of` gives them, the sweep)."""
@@ -132,14 +143,3 @@ def test_finished_shards_resume_an_interrupted_sweep(tasks, one_process, tmp_pat
     shard_files[0].unlink()
     records, sweep = sharded(tasks, LocalPool(1), tmp_path)
     assert records == one_process["detection"] and sweep.units_done == 1
-
-
-def test_offline_methods_on_ray_equal_one_process(ray_cluster, tasks, tmp_path, monkeypatch):
-    """--offline: Algorithm 1 runs in a worker from the model's architecture JSON and weight arrays (here the
-    tiny unregistered model), with the same statistics as in this process."""
-    model = tasks["classification"][2]
-    monkeypatch.setattr(labelled, "offline_model", lambda bundle, weights: model)
-    offline = ("--offline", "--batch-size", "2")
-    here = metrics_of("classification", tasks, tmp_path / "one", *offline)
-    assert {method for *_, method, _ in here} == set(labelled.METHODS)
-    assert metrics_of("classification", tasks, tmp_path / "ray", *offline, "--ray", ray_cluster) == here
