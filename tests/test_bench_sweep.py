@@ -25,7 +25,9 @@ def test_bench_sweep_reports_every_figure(ray_cluster, tmp_path):
                                      "--project", ""])
     assert res.exit_code == 0, res.output
     fig = json.loads(res.output.strip().splitlines()[-1])
-    assert set(fig["wall_s"]) == {"workers_1", "workers_2", "ray"} and all(s > 0 for s in fig["wall_s"].values())
+    for times in (fig["wall_s"], fig["sweep_s"]):
+        assert set(times) == {"workers_1", "workers_2", "ray"} and all(s > 0 for s in times.values())
+    assert all(fig["sweep_s"][k] < fig["wall_s"][k] for k in fig["wall_s"])
     assert fig["same_metrics"] is True
     assert fig["speedup_2_workers"] > 0 and fig["ray_vs_2_workers"] > 0
     costs = fig["costs"][str(path)]

@@ -437,6 +437,7 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     bundle = load_bundle(resolve_model(kw["model"], echo=lambda *a, **k: click.echo(*a, err=True)))
     setup = make_setup(bundle, dataset_of(), calib_of(), kw, **setup_options)
     cache = ResultCache(kw["cache"] or Path(kw["out_dir"]) / "cache.jsonl")
+    started = time.perf_counter()
     if kw["workers"] or kw["ray_address"]:
         from ..cluster import make_pool
         from . import parallel_sweep
@@ -446,6 +447,7 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
                                        shard_size=kw["shard_size"] or parallel_sweep.SHARD_SIZE)
     else:
         records = sweep(setup, kw["settings"], seeds, options, cache)
+    sweep_s = round(time.perf_counter() - started, 2)
     title = (f"{dataset_title(setup)}; noise {', '.join(p for p, _ in kw['settings'])} "
              f"{' '.join(kw['noise_option']) or '(preset defaults)'}; chip seeds {kw['seeds']}")
     rows, files, table = write_report(setup, records, kw["out_dir"], title)
@@ -456,7 +458,8 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
               "noise": [f"{p}:{','.join(f'{e:g}' for e in etas)}" for p, etas in kw["settings"]],
               "noise_options": list(kw["noise_option"]), "seeds": seeds, **setup.cal_options,
               **({"offline_batch_size": setup.offline_batch, "momentum": setup.momentum} if kw["offline"] else {}),
-              "rows": rows, "records": [{k: v for k, v in r.items() if k != "key"} for r in records], "files": files}
+              "rows": rows, "records": [{k: v for k, v in r.items() if k != "key"} for r in records], "files": files,
+              "sweep_s": sweep_s}
     click.echo(json.dumps(result))
     return result
 

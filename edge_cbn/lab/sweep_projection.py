@@ -1,5 +1,5 @@
-"""Per-image costs of the paper's models on the device path, one CPU (LiteRT at one thread, TensorFlow at
-one thread), and what they make of the paper's full sweeps (`bench_sweep.TABLES`): CPU-hours, and wall
+"""Per-image costs of the paper's models on the device path in CPU seconds (process time, so that another
+load on a shared machine does not count; LiteRT at one thread, TensorFlow at one thread), and what they make of the paper's full sweeps (`bench_sweep.TABLES`): CPU-hours, and wall
 time on N nodes with every CPU busy (divide by the parallel efficiency `edge-cbn bench sweep` measures).
 
 Costs per model, random weights (time does not depend on the values), the harness's own functions:
@@ -64,15 +64,15 @@ def model_costs(name: str, folder: Path, val: list, cal: list) -> dict:
 
     setup = model_setup(name, folder, val, cal)
     chip, noisy = labelled.chip_model(setup, "paper", 0.1, 0, {})
-    t = time.perf_counter()
+    t = time.process_time()
     labelled.score(setup, noisy.run)
-    eval_s = (time.perf_counter() - t) / len(val)
-    t = time.perf_counter()
+    eval_s = (time.process_time() - t) / len(val)
+    t = time.process_time()
     labelled.streaming_statistics(setup, chip, 0, lambda n: None)
-    cal_s = (time.perf_counter() - t) / len(cal)
+    cal_s = (time.process_time() - t) / len(cal)
     setup.offline_calibration = list(cal) * (-(-3 * setup.offline_batch // len(cal)))  # three batches
     setup.offline_calibration = setup.offline_calibration[:3 * setup.offline_batch]
-    timer = BatchTimer()
+    timer = BatchTimer(clock=time.process_time)
     labelled.offline_statistics(setup, "paper", 0.1, 0, {}, "cumulative", timer.tick)
     offline = timer.figures()["images_per_s"]
     return {"task": setup.dataset.task, "eval_s_per_image": round(eval_s, 4),
