@@ -203,7 +203,7 @@ def bench_calibrate(names, images, batch_size, large_batch, num_threads, noise, 
 
 @bench.command("sweep")
 @model_option("Registered name or exported .tflite of the timed sweep (default: efficientnet_lite0).")
-@click.option("--images", type=click.IntRange(10), default=400, show_default=True,
+@click.option("--images", type=click.IntRange(10), default=800, show_default=True,
               help="Evaluation images of the synthetic ImageNet-style folder (JPEG crops of the bundled photos).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Chip seeds of the sweep.")
 @click.option("--noise", default="paper:0.05,0.1", show_default=True, help="PRESET:ETA[,ETA…] of the sweep.")
