@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -84,7 +86,7 @@ def run_unit(payload: SweepPayload, unit) -> dict:
     """Run one unit in this worker: {"stats": {bn: (mean, var)}} or {"state": the scorer's partial state},
     with the unit's "seconds"."""
     t = time.perf_counter()
-    setup, _ = shared.memo("setup", payload.key, lambda: setup_of(payload))
+    setup = shared.memo("setup", payload.key, lambda: setup_of(payload))
     s = unit.setting
     if isinstance(unit, Statistics):
         if unit.method.startswith("offline_"):
@@ -111,14 +113,10 @@ def noisy_model(setup, shard: Shard):
     return noisy
 
 
-def setup_of(payload: SweepPayload) -> tuple:
-    """(the harness's `Setup` in a worker, its folder): the bundle written back to files (the sidecar names
-    its calibration variant by file name, read at each calibration) and loaded as a board loads it; the
-    folder goes when the worker drops the setup (another sweep) or exits."""
-    files = tempfile.TemporaryDirectory(prefix="edge-cbn-worker-")
-    folder = Path(files.name)
-    for name, data in payload.files.items():
-        (folder / name).write_bytes(data)
+def setup_of(payload: SweepPayload) -> labelled.Setup:
+    """The harness's `Setup` in a worker: the bundle written back to files (the sidecar names its
+    calibration variant by file name, read at each calibration) and loaded as a board loads it."""
+    folder = model_folder(payload.files)
     bundle = load_bundle(folder / payload.model_file)
     template = payload.scorer
     return labelled.Setup(
@@ -126,4 +124,24 @@ def setup_of(payload: SweepPayload) -> tuple:
         lambda: copy.deepcopy(template), [Path(p) for p in payload.calibration], cal_options=dict(payload.cal_options),
         center_crop=payload.center_crop, pool=payload.pool, num_threads=payload.num_threads,
         offline_calibration=[Path(p) for p in payload.offline_calibration], offline_batch=payload.offline_batch,
-        momentum=payload.momentum, options=dict(payload.processor_options)), files
+        momentum=payload.momentum, options=dict(payload.processor_options))
+
+
+def model_folder(files: dict) -> Path:
+    """A folder holding `files` ({name: bytes}), one per content on this machine, shared by its workers
+    and reused by later sweeps of the same model: a worker can be ended at any moment (Ray ends a job's
+    workers with it) and leaves nothing behind that the next one would not reuse.  Files are written
+    under a temporary name and renamed, so a reader never sees half of one."""
+    digest = hashlib.sha1()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0")
+        digest.update(files[name])
+    folder = Path(tempfile.gettempdir()) / "edge-cbn-models" / digest.hexdigest()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != len(data):
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+    return folder
