@@ -1,6 +1,7 @@
 """Per-image costs of the paper's models on the device path in CPU seconds (process time, so that another
-load on a shared machine does not count; LiteRT at one thread, TensorFlow at one thread), and what they make of the paper's full sweeps (`bench_sweep.TABLES`): CPU-hours, and wall
-time on N nodes with every CPU busy (divide by the parallel efficiency `edge-cbn bench sweep` measures).
+load on a shared machine does not count; LiteRT at one thread, TensorFlow at one thread), and what they
+make of the paper's full sweeps (`bench_sweep.TABLES`): CPU-hours, and wall time on N nodes with every CPU
+busy (divide by the parallel efficiency `edge-cbn bench sweep` measures).
 
 Costs per model, random weights (time does not depend on the values), the harness's own functions:
 - evaluation: one image through `labelled.score` under a `paper` chip with the default pool of 8 states
@@ -76,7 +77,8 @@ def model_costs(name: str, folder: Path, val: list, cal: list) -> dict:
     labelled.offline_statistics(setup, "paper", 0.1, 0, {}, "cumulative", timer.tick)
     offline = timer.figures()["images_per_s"]
     return {"task": setup.dataset.task, "eval_s_per_image": round(eval_s, 4),
-            "calibration_s_per_frame": round(cal_s, 4), "offline_s_per_image": round(1 / offline, 4) if offline else None}
+            "calibration_s_per_frame": round(cal_s, 4),
+            "offline_s_per_image": round(1 / offline, 4) if offline else None}
 
 
 def project(table: dict, costs: dict, shard_size: int = 100) -> dict:
