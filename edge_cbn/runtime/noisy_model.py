@@ -81,12 +81,9 @@ class NoisyModel:
                 self.folded.rescale(name, slot.scale())
 
     def _first_interpreter(self):
-        """The first interpreter of the current statistics (pool state 0, dropped first so a refold holds
-        no interpreter more than the pool)."""
+        """The first interpreter of the current statistics (pool state 0 when pooled)."""
         if self.folded is not None and self.per_frame:
-            if self.pool > 1 and self._interpreters:
-                self._interpreters[0] = None
-            return self._noisy_interpreter(_POOL_FRAME0)
+            return self._pool_state(0)
         return self.refolder.interpreter(self.num_threads) if self.folded is None else self._noisy_interpreter(0)
 
     def _build(self, first=None) -> None:
@@ -98,19 +95,19 @@ class NoisyModel:
         if not (self.folded is not None and self.per_frame):
             self._interpreters = [first or self._first_interpreter()]
             return
-        # One state at a time, each dropped before its successor is built, so a refold holds no
-        # interpreter more than the pool (frames served meanwhile meet a neighbouring state, old or new).
         for j in range(self.pool):
-            if j == 0:
-                state = first or self._first_interpreter()
-            else:
-                if self.pool > 1 and j < len(self._interpreters):
-                    self._interpreters[j] = None
-                state = self._noisy_interpreter(_POOL_FRAME0 + j)
+            state = first if j == 0 and first is not None else self._pool_state(j)
             if j < len(self._interpreters):
                 self._interpreters[j] = state
             else:
                 self._interpreters.append(state)
+
+    def _pool_state(self, j: int):
+        """Pool state `j` built anew.  The old one is dropped first, so a refold holds no interpreter more
+        than the pool (frames served meanwhile meet a neighbouring state, old or new)."""
+        if self.pool > 1 and j < len(self._interpreters):
+            self._interpreters[j] = None
+        return self._noisy_interpreter(_POOL_FRAME0 + j)
 
     def _noisy_interpreter(self, frame: int):
         """An interpreter of the chip's kernels for inference `frame`, written straight into its bytes."""
