@@ -39,6 +39,26 @@ def test_evaluate_reports_agreement_per_setting(model_path):
     for key in ("uncalibrated", "calibrated@6", "calibrated@12"):
         assert 0 <= rows["relative", 0][key] <= 100
     assert "relative" in res.output and "calibrated@12" in res.output
+    means = {m["preset"]: m for m in out["means"]}
+    rel = means["relative"]
+    assert rel["seeds"] == [0, 1]
+    assert rel["uncalibrated"] == pytest.approx((rows["relative", 0]["uncalibrated"]
+                                                 + rows["relative", 1]["uncalibrated"]) / 2)
+    if rel["uncalibrated"] <= 99:
+        assert rel["calibrated@12_recovered"] == pytest.approx(
+            100 * (rel["calibrated@12"] - rel["uncalibrated"]) / (100 - rel["uncalibrated"]))
+    assert means["none"]["calibrated@12_recovered"] is None  # nothing lost, no share
+
+
+def test_seed_means_recovered_share():
+    from edge_cbn.lab.evaluate import seed_means
+
+    rows = [{"preset": "paper", "eta": 0.25, "seed": s, "uncalibrated": u, "uncalibrated_confident": 40.0,
+             "calibrated@8": c, "calibrated@8_confident": 100.0} for s, u, c in ((0, 10.0, 80.0), (1, 30.0, 90.0))]
+    [m] = seed_means(rows, ["uncalibrated", "calibrated@8"])
+    assert (m["uncalibrated"], m["calibrated@8"]) == (20.0, 85.0)
+    assert m["calibrated@8_recovered"] == pytest.approx(100 * 65 / 80)
+    assert m["calibrated@8_confident_recovered"] == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize("args,hint", [(["--crop-scale", "0.9,0.2"], "--crop-scale"),

@@ -168,6 +168,21 @@ def test_report_table_csv_and_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_recovered_share_of_the_loss():
+    rows = report.aggregate(RECORDS, ("top1", "top5"), ["original", "calibrated"])
+    [r] = report.recovery(rows, "top1")  # clean 71, original 11, calibrated 69 (means over seeds 0 and 2)
+    assert (r["eta"], r["method"], r["loss"]) == (0.1, "calibrated", 60.0)
+    assert r["recovered_pct"] == pytest.approx(100 * 58 / 60)
+    table = report.recovery_table([r], {"calibrated": "streaming"})
+    assert "| paper | loss (points) | 60.0 |" in table and "| paper | streaming | 97 % |" in table
+    tiny = [{**x, "metrics": {"top1": 70.5 if x["method"] == "original" and x["eta"] else 71}} for x in RECORDS]
+    [r] = report.recovery(report.aggregate(tiny, ("top1",), ["original", "calibrated"]), "top1")
+    assert r["recovered_pct"] is None  # half a point lost: no share is stated
+    no_clean = [x for x in RECORDS if x["eta"] > 0]
+    assert report.recovery(report.aggregate(no_clean, ("top1",), ["original", "calibrated"]), "top1") == []
+    assert report.recovery_table([], {}) == ""
+
+
 def test_report_without_matplotlib_warns_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     rows = report.aggregate(RECORDS, ("top1", "top5"), ["original", "calibrated"])

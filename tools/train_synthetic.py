@@ -232,51 +232,24 @@ def train(name: str, *, steps: int, batch_size: int, pool: int, seed: int, lr: f
 
 
 # ---------------------------------------------------------------- sanity check on the device path
-def detection_check(bundle, data: Path) -> dict:
-    """mAP@0.5 (and @[.5:.95], AR@100) of the bundle's detections on `data`'s COCO val split, through
-    pycocotools."""
-    import cv2
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+def device_check(bundle, data: Path) -> dict:
+    """The clean metric of the bundle on `data`'s val split, through the readers, device pre- and
+    postprocessing and scorers of `edge-cbn evaluate` (its η 0 column, with its default thresholds)."""
+    from edge_cbn.lab import datasets
+    from edge_cbn.lab.labelled import scorer_factory
     from edge_cbn.runtime.noisy_model import NoisyModel
     from edge_cbn.runtime.processing import Processor
 
-    gt = COCO(str(data / "coco" / "annotations" / "instances_val.json"))
-    proc, model, results = Processor(bundle, conf_threshold=0.01), NoisyModel(bundle), []
-    for i, image in enumerate(gt.dataset["images"]):
-        x, ctx = proc.preprocess(cv2.imread(str(data / "coco" / "val" / image["file_name"])))
-        for class_id, _, score, (x1, y1, x2, y2) in proc.postprocess(model.run(x, i), ctx):
-            results.append({"image_id": image["id"], "category_id": class_id + 1, "score": score,
-                            "bbox": [x1, y1, x2 - x1, y2 - y1]})
-    if not results:
-        return {"mAP@0.5": 0.0}
-    ev = COCOeval(gt, gt.loadRes(results), "bbox")
-    ev.evaluate(), ev.accumulate(), ev.summarize()
-    return {"mAP@0.5": 100 * ev.stats[1], "mAP@[.5:.95]": 100 * ev.stats[0], "AR@100": 100 * ev.stats[8]}
-
-
-def segmentation_check(bundle, data: Path) -> dict:
-    """mIoU and pixel accuracy of the bundle's masks on `data`'s VOC val split, from the summed confusion
-    matrix, void (255) pixels ignored."""
-    import cv2
-    from PIL import Image
-    from edge_cbn.runtime.noisy_model import NoisyModel
-    from edge_cbn.runtime.processing import Processor
-
-    voc, n = data / "VOC2012", len(bundle.meta["labels"])
-    proc, model = Processor(bundle), NoisyModel(bundle)
-    confusion = np.zeros((n, n), np.int64)
-    for i, name in enumerate((voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split()):
-        x, ctx = proc.preprocess(cv2.imread(str(voc / "JPEGImages" / f"{name}.jpg")))
-        pred = proc.postprocess(model.run(x, i), ctx).astype(np.int64)
-        labels = np.asarray(Image.open(voc / "SegmentationClass" / f"{name}.png"), np.int64)
-        valid = labels != 255
-        confusion += np.bincount(n * labels[valid] + pred[valid], minlength=n * n).reshape(n, n)
-    tp = np.diag(confusion)
-    with np.errstate(invalid="ignore"):
-        iou = tp / (confusion.sum(0) + confusion.sum(1) - tp)
-    return {"mIoU": 100 * float(np.nanmean(iou)), "pixel_accuracy": 100 * tp.sum() / confusion.sum(),
-            "IoU": {label: round(100 * float(v), 1) for label, v in zip(bundle.meta["labels"], iou)}}
+    if bundle.meta["task"] == "detection":
+        dataset = datasets.coco_detection(data / "coco" / "annotations" / "instances_val.json", data / "coco" / "val")
+        proc = Processor(bundle, conf_threshold=0.005, iou_threshold=0.45)
+    else:
+        dataset, proc = datasets.voc_segmentation(data / "VOC2012", "val"), Processor(bundle)
+    scorer, model = scorer_factory(bundle, dataset)(), NoisyModel(bundle)
+    for i, sample in enumerate(dataset.samples):
+        x, ctx = proc.preprocess(datasets.read_bgr(sample.path))
+        scorer.add(sample, proc.postprocess(model.run(x, i), ctx))
+    return scorer.result()
 
 
 def check(name: str, data: Path, weights=None) -> dict:
@@ -288,7 +261,7 @@ def check(name: str, data: Path, weights=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec, model = build_model(name, weights)
         bundle = load_bundle(export_model(spec, model, Path(tmp) / f"{name}.tflite"))
-        return (detection_check if spec.task == "detection" else segmentation_check)(bundle, Path(data))
+        return device_check(bundle, Path(data))
 
 
 # ---------------------------------------------------------------- command line

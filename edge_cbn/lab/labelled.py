@@ -305,9 +305,9 @@ def method_titles(setup: Setup) -> dict:
             "offline_cumulative": f"Algorithm 1: cumulative, batch {setup.offline_batch}, Keras"}
 
 
-def write_report(setup: Setup, records: list[dict], out_dir, title: str) -> tuple[list[dict], dict, str]:
-    """(aggregated rows, {kind: path}, markdown) for the sweep's records: `<task>-<model>.md`, `.csv` and
-    `.png` in `out_dir`."""
+def write_report(setup: Setup, records: list[dict], out_dir, title: str) -> tuple[list, list, dict, str]:
+    """(aggregated rows, recovered shares, {kind: path}, markdown) for the sweep's records:
+    `<task>-<model>.md`, `.csv` and `.png` in `out_dir`."""
     task, model = setup.dataset.task, setup.bundle.meta.get("model", "model")
     names = metrics.METRICS[task]
     rows = report.aggregate(records, names, list(METHODS))
@@ -315,13 +315,16 @@ def write_report(setup: Setup, records: list[dict], out_dir, title: str) -> tupl
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{task}-{model}"
+    recovered = report.recovery(rows, names[0])
     table = f"{title}\n\n" + report.markdown_table(rows, names, titles)
+    if recovered:
+        table += "\n" + report.recovery_table(recovered, titles)
     Path(f"{stem}.md").write_text(table)
     files = {"markdown": f"{stem}.md", "csv": str(report.write_csv(rows, names, f"{stem}.csv"))}
     png = report.plot(rows, names, titles, title, f"{stem}.png")
     if png is not None:
         files["png"] = str(png)
-    return rows, files, table
+    return rows, recovered, files, table
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -450,7 +453,7 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     sweep_s = round(time.perf_counter() - started, 2)
     title = (f"{dataset_title(setup)}; noise {', '.join(p for p, _ in kw['settings'])} "
              f"{' '.join(kw['noise_option']) or '(preset defaults)'}; chip seeds {kw['seeds']}")
-    rows, files, table = write_report(setup, records, kw["out_dir"], title)
+    rows, recovered, files, table = write_report(setup, records, kw["out_dir"], title)
     click.echo(table)
     result = {"evaluate": setup.dataset.task, "model": bundle.meta.get("model"), "model_sha1": model_sha1(bundle),
               "dataset": setup.dataset.name, "images": len(setup.dataset.samples),
@@ -458,7 +461,7 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
               "noise": [f"{p}:{','.join(f'{e:g}' for e in etas)}" for p, etas in kw["settings"]],
               "noise_options": list(kw["noise_option"]), "seeds": seeds, **setup.cal_options,
               **({"offline_batch_size": setup.offline_batch, "momentum": setup.momentum} if kw["offline"] else {}),
-              "rows": rows, "records": [{k: v for k, v in r.items() if k != "key"} for r in records], "files": files,
+              "rows": rows, "recovery": recovered, "records": [{k: v for k, v in r.items() if k != "key"} for r in records], "files": files,
               "sweep_s": sweep_s}
     click.echo(json.dumps(result))
     return result

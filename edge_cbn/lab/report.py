@@ -12,6 +12,8 @@ import numpy as np
 
 from .metrics import TITLES
 
+MIN_LOSS = 1.0  # points; below it a recovered share is noise over noise
+
 
 def aggregate(records: list[dict], metrics: tuple, methods: list[str]) -> list[dict]:
     """Rows {preset, eta, method, seeds, <metric>_mean, <metric>_std} in sweep order (presets and etas as
@@ -53,6 +55,45 @@ def markdown_table(rows: list[dict], metrics: tuple, method_titles: dict[str, st
         cells = [cell(by_key[preset, method, eta], m) if (preset, method, eta) in by_key else "–"
                  for eta in etas for m in metrics]
         lines.append("| " + " | ".join([preset, method_titles.get(method, method)] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def recovery(rows: list[dict], metric: str) -> list[dict]:
+    """Per (preset, calibration method, eta > 0): the points of `metric` the uncalibrated model loses
+    against the clean one (the preset's `original` at eta 0) and the share of them the method wins back,
+    (method - original) / loss, from the means over seeds; a preset swept without eta 0 has none."""
+    by_key = {(r["preset"], r["method"], r["eta"]): r[f"{metric}_mean"] for r in rows}
+    out = []
+    for r in rows:
+        clean = by_key.get((r["preset"], "original", 0.0))
+        original = by_key.get((r["preset"], "original", r["eta"]))
+        if r["method"] == "original" or r["eta"] == 0 or clean is None or original is None:
+            continue
+        loss = clean - original
+        share = 100.0 * (r[f"{metric}_mean"] - original) / loss if loss >= MIN_LOSS else None
+        out.append({"preset": r["preset"], "eta": r["eta"], "method": r["method"], "metric": metric,
+                    "loss": loss, "recovered_pct": share})
+    return out
+
+
+def recovery_table(recovered: list[dict], method_titles: dict[str, str]) -> str:
+    """The uncalibrated loss and each method's recovered share per eta, as markdown ('' when empty)."""
+    if not recovered:
+        return ""
+    etas = sorted({r["eta"] for r in recovered})
+    metric = TITLES[recovered[0]["metric"]]
+    lines = [f"Loss of the uncalibrated model (points of {metric} against η0 = 0) and the share of it each "
+             "method recovers, from the means over seeds:", "",
+             "| noise | loss, or the share a method recovers | " + " | ".join(f"η0 = {eta:g}" for eta in etas) + " |", "|" + "---|" * (len(etas) + 2)]
+    by_key = {(r["preset"], r["method"], r["eta"]): r for r in recovered}
+    for preset in dict.fromkeys(r["preset"] for r in recovered):
+        first = next(r["method"] for r in recovered if r["preset"] == preset)
+        lines.append(f"| {preset} | loss (points) | " + " | ".join(
+            f"{by_key[preset, first, eta]['loss']:.1f}" if (preset, first, eta) in by_key else "–" for eta in etas) + " |")
+        for method in dict.fromkeys(r["method"] for r in recovered if r["preset"] == preset):
+            cells = [by_key.get((preset, method, eta), {}).get("recovered_pct") for eta in etas]
+            lines.append(f"| {preset} | {method_titles.get(method, method)} | " + " | ".join(
+                "–" if c is None else f"{c:.0f} %" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
