@@ -305,18 +305,22 @@ def plot(rows: list[dict], title: str, path) -> Path | None:
         click.echo("warning: matplotlib is not installed, no PNG (pip install 'edge-cbn[eval]')", err=True)
         return None
     x = np.arange(1, len(rows) + 1)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.22 * len(rows) + 3), 7.5))
+    from matplotlib.ticker import MaxNLocator
+
+    width = max(8.0, 0.22 * len(rows) + 3)
+    fig, axes = plt.subplots(2, 1, figsize=(width, 7.5))
     for ax, (key, name) in zip(axes, (("kl", "(a) KL(clean‖noisy)"), ("js", "(b) JS divergence"))):
         uncal, cal = [np.array([r[f"{key}_{s}"] for r in rows]) for s in ("uncal", "cal")]
         ax.bar(x - 0.2, uncal, 0.4, color="tab:green", label="uncalibrated")
         ax.bar(x + 0.2, cal, 0.4, color="tab:blue", label="calibrated")
         ax.set(xlabel="BatchNorm layer (input)", ylabel=name, xlim=(0.3, len(rows) + 0.7))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are counted, not measured
         twin = ax.twinx()
         twin.plot(x, [ratio(u, c) for u, c in zip(uncal, cal)], color="tab:red", marker=".", label="ratio")
         twin.set_ylabel("ratio uncalibrated / calibrated", color="tab:red")
         handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper left")
-    fig.suptitle(textwrap.fill(title, 150), fontsize=9)
+    fig.suptitle(textwrap.fill(title, int(13 * width)), fontsize=9)  # about 13 characters an inch at 9 pt
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
