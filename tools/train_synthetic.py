@@ -236,13 +236,13 @@ def device_check(bundle, data: Path) -> dict:
     """The clean metric of the bundle on `data`'s val split, through the readers, device pre- and
     postprocessing and scorers of `edge-cbn evaluate` (its η 0 column, with its default thresholds)."""
     from edge_cbn.lab import datasets
-    from edge_cbn.lab.labelled import scorer_factory
+    from edge_cbn.lab.labelled import DETECTION_THRESHOLDS, scorer_factory
     from edge_cbn.runtime.noisy_model import NoisyModel
     from edge_cbn.runtime.processing import Processor
 
     if bundle.meta["task"] == "detection":
         dataset = datasets.coco_detection(data / "coco" / "annotations" / "instances_val.json", data / "coco" / "val")
-        proc = Processor(bundle, conf_threshold=0.005, iou_threshold=0.45)
+        proc = Processor(bundle, **DETECTION_THRESHOLDS)
     else:
         dataset, proc = datasets.voc_segmentation(data / "VOC2012", "val"), Processor(bundle)
     scorer, model = scorer_factory(bundle, dataset)(), NoisyModel(bundle)

@@ -23,6 +23,7 @@ from ..runtime.noisy_model import NoisyModel, noise_targets
 from ..runtime.processing import model_input, normalise
 from ..runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES
 from .photos import PHOTO_SETS
+from .report import recovered_share
 
 EVAL_FRAME0 = 1 << 32  # temporal-noise frame indices of evaluation inferences (disjoint from calibration)
 
@@ -136,16 +137,14 @@ def sweep(bundle, settings, seeds, cal_x, agreement, cols, **setting_options) ->
 def seed_means(rows: list[dict], cols: list[str]) -> list[dict]:
     """Per (preset, eta): the mean over seeds of every column (all crops and confident), and for each
     calibration column the share of the lost agreement it wins back, (column - uncalibrated) /
-    (100 - uncalibrated) in %, from those means (None when less than a point was lost)."""
+    (100 - uncalibrated) in %, from those means (`report.recovered_share`)."""
     out = []
     for key in dict.fromkeys((r["preset"], r["eta"]) for r in rows):
         group = [r for r in rows if (r["preset"], r["eta"]) == key]
         mean = {k: float(np.mean([r[k] for r in group])) for c in cols for k in (c, c + "_confident")}
         for c in cols[1:]:
-            for suffix in ("", "_confident"):
-                lost = 100.0 - mean["uncalibrated" + suffix]
-                mean[f"{c}{suffix}_recovered"] = (100.0 * (mean[c + suffix] - mean["uncalibrated" + suffix]) / lost
-                                                  if lost >= 1.0 else None)
+            for suffix in ("", "_confident"):  # the clean model agrees with itself on every crop: 100
+                mean[f"{c}{suffix}_recovered"] = recovered_share(100.0, mean["uncalibrated" + suffix], mean[c + suffix])
         out.append({"preset": key[0], "eta": key[1], "seeds": [r["seed"] for r in group], **mean})
     return out
 

@@ -39,6 +39,7 @@ CAL_OPTIONS = ("mode", "window", "refuse_every", "stages", "shrink", "power")  #
 OFFLINE_BATCH = {"classification": 256, "detection": 8, "segmentation": 1}  # the paper's, per task
 PAPER_ETAS = {"classification": "paper:0,0.02,0.04,0.06,0.08,0.1", "detection": "paper:0,0.05,0.1",
               "segmentation": "paper:0,0.05,0.1"}
+DETECTION_THRESHOLDS = {"conf_threshold": 0.005, "iou_threshold": 0.45}  # low confidence, as for any mAP
 
 
 @dataclasses.dataclass
@@ -504,9 +505,10 @@ def classification(data, labels_csv, center_crop, **kw):
 @click.option("--category-ids", default=None,
               help="Comma-separated COCO category ids, one per model class in class order [default: matched by "
                    "name with the annotation file's categories].")
-@click.option("--conf-threshold", type=click.FloatRange(0, 1), default=0.005, show_default=True,
-              help="Detections kept before NMS (low, as for any mAP).")
-@click.option("--iou-threshold", type=click.FloatRange(0, 1), default=0.45, show_default=True, help="NMS IoU.")
+@click.option("--conf-threshold", type=click.FloatRange(0, 1), default=DETECTION_THRESHOLDS["conf_threshold"],
+              show_default=True, help="Detections kept before NMS (low, as for any mAP).")
+@click.option("--iou-threshold", type=click.FloatRange(0, 1), default=DETECTION_THRESHOLDS["iou_threshold"],
+              show_default=True, help="NMS IoU.")
 @sweep_flags("detection")
 def detection(annotations, images, category_ids, conf_threshold, iou_threshold, **kw):
     """COCO mAP@0.5 and mAR@0.5 (%, pycocotools) per noise level: original, streaming-calibrated on LiteRT

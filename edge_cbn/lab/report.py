@@ -58,6 +58,13 @@ def markdown_table(rows: list[dict], metrics: tuple, method_titles: dict[str, st
     return "\n".join(lines) + "\n"
 
 
+def recovered_share(clean: float, uncalibrated: float, calibrated: float) -> float | None:
+    """The share (%) of the uncalibrated model's loss against the clean one that calibration wins back,
+    (calibrated - uncalibrated) / (clean - uncalibrated); None when less than MIN_LOSS points were lost."""
+    loss = clean - uncalibrated
+    return 100.0 * (calibrated - uncalibrated) / loss if loss >= MIN_LOSS else None
+
+
 def recovery(rows: list[dict], metric: str) -> list[dict]:
     """Per (preset, calibration method, eta > 0): the points of `metric` the uncalibrated model loses
     against the clean one (the preset's `original` at eta 0) and the share of them the method wins back,
@@ -69,10 +76,9 @@ def recovery(rows: list[dict], metric: str) -> list[dict]:
         original = by_key.get((r["preset"], "original", r["eta"]))
         if r["method"] == "original" or r["eta"] == 0 or clean is None or original is None:
             continue
-        loss = clean - original
-        share = 100.0 * (r[f"{metric}_mean"] - original) / loss if loss >= MIN_LOSS else None
         out.append({"preset": r["preset"], "eta": r["eta"], "method": r["method"], "metric": metric,
-                    "loss": loss, "recovered_pct": share})
+                    "loss": clean - original,
+                    "recovered_pct": recovered_share(clean, original, r[f"{metric}_mean"])})
     return out
 
 

@@ -42,7 +42,7 @@ def model_setup(name: str, folder: Path, val: list, cal: list):
 
     spec, model = build_model(name, allow_random=True)
     bundle = load_bundle(export_model(spec, model, folder / f"{name}.tflite"))
-    options = {"conf_threshold": 0.005, "iou_threshold": 0.45} if spec.task == "detection" else {}
+    options = labelled.DETECTION_THRESHOLDS if spec.task == "detection" else {}
     dataset = datasets.Dataset(spec.task, "synthetic", [datasets.Sample(Path(p), 0) for p in val])
     setup = labelled.Setup(bundle, Processor(bundle, **options), dataset, NullScorer, list(cal),
                            cal_options={k: CAL_DEFAULTS[k] for k in labelled.CAL_OPTIONS},
