@@ -3,7 +3,6 @@ run on this machine and ends with one JSON line of them; docs/BENCHMARKS.md reco
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
@@ -11,6 +10,7 @@ import click
 import numpy as np
 
 from ..options import model_option, noise_flags, num_threads_option, verbose_option
+from ..runtime.interpreter import available_cpus
 
 
 def time_per_call(fn, *, warmup=2, min_calls=5, min_seconds=1.0) -> float:
@@ -105,7 +105,7 @@ def bench_models(names, num_threads, input_size):
 
 @bench.command("stream")
 @model_option()
-@num_threads_option(default=os.cpu_count())
+@num_threads_option(default=available_cpus())
 @click.option("--frames", type=click.IntRange(4), default=300, show_default=True, help="Frames per stream "
               "measurement.")
 @noise_flags(default="relative", seed=False, noise_option=False, noise_help="Noise preset of the noisy runs.")
@@ -147,7 +147,7 @@ def bench_soak(frames, every, warmup, stream_args):
 @bench.command("refuse")
 @click.option("--models", "names", default="efficientnet_lite0,resnet50", show_default=True,
               help="Comma-separated model names (random weights).")
-@num_threads_option(default=os.cpu_count())
+@num_threads_option(default=available_cpus())
 def bench_refuse(names, num_threads):
     """New BN statistics into a model, per model: on-device re-fuse (Refolder.refold into the flatbuffer's
     buffers, no TensorFlow) against reconversion (statistics set in Keras, fold_model + TFLiteConverter).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import sys
 
 import numpy as np
@@ -34,6 +35,15 @@ def interpreter_class():
                 Interpreter = tf.lite.Interpreter
         _INTERPRETER_CLS = Interpreter
     return _INTERPRETER_CLS
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity: `taskset`, a container's cpuset): the default
+    number of LiteRT threads."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def make_interpreter(model_content: bytes | None = None, model_path=None, num_threads: int | None = None):

@@ -31,8 +31,11 @@ class NoisyModel:
     """`bundle` under noise chip `chip` (None: clean) with BN statistics that `set_stats` refolds.  A
     bundle without its sidecar runs clean only, with the statistics it was exported with."""
 
-    def __init__(self, bundle, chip=None, *, num_threads: int | None = None, pool: int = 0, seed: int = 0):
+    def __init__(self, bundle, chip=None, *, num_threads: int | None = None, pool: int = 0, seed: int = 0,
+                 build: bool = True):
+        """`build=False`: a builder twin that serves nothing until told (`prepare`, `build_state`)."""
         self.bundle, self.num_threads, self.pool, self.seed = bundle, num_threads, pool, seed
+        self.chip = chip
         if chip is not None and not bundle.has_sidecar:
             raise ValueError(f"{bundle.path}: noise needs the model's sidecar (.cbn.npz)")
         # A clean model runs the bundle's own bytes until it gets new statistics: a writable copy (and an
@@ -42,7 +45,8 @@ class NoisyModel:
             {name: slot.scale() if slot.rec.bn else None for name, slot in self.refolder.layers.items()})
         self._io = None
         self._interpreters: list = []
-        self._build()
+        if build:
+            self._build()
 
     @property
     def per_frame(self) -> bool:
@@ -65,14 +69,54 @@ class NoisyModel:
             self.refolder = Refolder(self.bundle)
         previous = self.stats()
         self._refold(stats)
+        if self.states == 0 and probe is None:
+            return True  # exact per-frame noise: every frame builds its own interpreter from the refolder
         first = self._first_interpreter()
-        if probe is not None and not all(np.isfinite(o).all() for o in self._run(first, probe)):
+        if probe is not None and not self.probe_ok(first, probe):
             del first
             self._refold(previous)
             self._build()
             return False
         self._build(first)
         return True
+
+    @property
+    def states(self) -> int:
+        """How many ready-built interpreters serve: the pool, 1 (static noise, clean), 0 (exact noise)."""
+        return self.pool if self.per_frame else 1
+
+    def twin(self) -> "NoisyModel":
+        """A builder of this model's states for other statistics (`prepare`, then `build_state`), with a
+        refolder of its own, so it works beside this model while this one serves."""
+        return NoisyModel(self.bundle, self.chip, num_threads=self.num_threads, pool=self.pool, seed=self.seed,
+                          build=False)
+
+    def prepare(self, stats: dict) -> None:
+        """Refold `stats` without building anything (`build_state` builds)."""
+        if self.refolder is None:
+            self.refolder = Refolder(self.bundle)
+        self._refold(stats)
+
+    def build_state(self, j: int):
+        """State `j` (0 <= j < max(states, 1)) of the current statistics, built anew and not kept: the
+        pool's j-th temporal draw, the one interpreter, or (exact noise) a probe model."""
+        if self.folded is not None and self.per_frame:
+            return self._noisy_interpreter(_POOL_FRAME0 + j)
+        return self._first_interpreter()
+
+    def probe_ok(self, interpreter, probe: np.ndarray) -> bool:
+        """True when `interpreter` gives finite outputs on model input `probe`."""
+        return all(np.isfinite(o).all() for o in self._run(interpreter, probe))
+
+    def install(self, j: int, interpreter, stats: dict | None = None) -> None:
+        """Serve `interpreter` (from a twin's `build_state(j)`) as state `j`; `stats`, when given, are
+        refolded here too (what `stats()` reports, and what exact noise builds from)."""
+        if stats is not None:
+            self.prepare(stats)
+        if interpreter is not None and self.states:
+            while len(self._interpreters) <= j:
+                self._interpreters.append(None)
+            self._interpreters[j] = interpreter
 
     def _refold(self, stats: dict) -> None:
         for name in self.refolder.refold(stats):

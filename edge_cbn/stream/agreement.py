@@ -3,6 +3,7 @@ measure of what calibration recovers (`--agreement-every`)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import numpy as np
 
@@ -53,12 +54,13 @@ class AgreementSampler:
     and after (served) calibration."""
 
     def __init__(self, bundle, chip, processor, *, every: int, num_threads=None, seed: int = 0,
-                 clean_variant=None):
+                 clean_variant=None, clean_lock=None):
         self.proc, self.task, self.every = processor, processor.task, every
         # The clean calibration variant, when the stream already runs one, gives the clean model's outputs
         # (bit for bit; its extra last output is dropped) without a third copy of the model.
         self.clean = clean_variant or NoisyModel(bundle, None, num_threads=num_threads)
         self._drop_last = clean_variant is not None
+        self._clean_lock = clean_lock or contextlib.nullcontext()  # the calibration worker runs it too
         # Exact temporal noise, built for each sampled frame and dropped after it: a pool would keep
         # --noise-pool interpreters alive (Lite0: ~175 MB) for a pass that runs on one frame in `every`.
         self.uncalibrated = NoisyModel(bundle, chip, num_threads=num_threads, pool=0, seed=seed)
@@ -70,7 +72,8 @@ class AgreementSampler:
 
     def sample(self, x, ctx, frame: int, i: int, served) -> dict:
         """Stream frame `i` (noise frame index `frame`), model input `x`, served prediction `served`."""
-        clean_outputs = self.clean.run(x, frame)
+        with self._clean_lock:
+            clean_outputs = self.clean.run(x, frame)
         clean = self.proc.postprocess(clean_outputs[:-1] if self._drop_last else clean_outputs, ctx)
         uncal = self.proc.postprocess(self.uncalibrated.run(x, frame), ctx)
         task = self.task

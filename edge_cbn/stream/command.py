@@ -9,20 +9,23 @@ import threading
 import click
 
 from ..options import model_option, noise_flags, noise_options, num_threads_option, verbose_option
+from ..runtime.interpreter import available_cpus
 from ..runtime.memory import return_freed_memory
 from ..runtime.stream_calibrator import MODES
 from .engine import Engine
 from .loop import StreamLoop, stop_on_signals
-from .options import StreamOptions
+from .options import StreamOptions, warn
 from .resolve import load_model, open_frames
 
 POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seeded pick each frame): no "
              "per-frame cost, but frames see only K variants, rebuilt at each re-fuse (a re-fuse costs K "
              "interpreter builds). 0 = exact: every frame draws its own noise and builds its interpreter "
              "(faithful but slow: the build costs more than the invoke).")
-BUDGET_HELP = ("Share of the frame time calibration may add (a quarter of it once 192 calibration frames are in): "
-               "calibration frames run the calibration variant with exact per-frame noise (and the clean variant "
-               "in shift mode), so they cost a few invokes; the stream keeps about 1 - F of its noisy frame rate.")
+CALIBRATE_EVERY_HELP = (
+    "Calibrate on every N-th frame (every 4N-th once 192 calibration frames are in and the warm-up is over). "
+    "Calibration runs beside serving, on another core, and its statistics serve a fixed number of frames "
+    "later, so the result is a function of the frames: the same on any machine and under any load (a busy "
+    "machine only runs at a lower frame rate).")
 AGREEMENT_HELP = ("With noise: every N-th frame (frames N-1, 2N-1, ...) also run the clean model and the uncalibrated "
                   "noisy model (only on those sampled frames) and report the served prediction's agreement with the "
                   "clean one, before and after calibration. 0: off (saves the memory of those two models).")
@@ -65,11 +68,11 @@ D = StreamOptions  # the defaults
                    "of BN layers: one layer per stage).")
 @click.option("--track-every", type=click.IntRange(1), default=D.track_every, show_default=True,
               help="After the warm-up: re-fuse every N calibration frames (tracks drift).")
-@click.option("--calibration-budget", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              default=D.calibration_budget, show_default=True, metavar="F", help=BUDGET_HELP)
-@click.option("--calibrate-every", type=click.IntRange(1), default=None, metavar="K",
-              help="Instead of the budget: calibrate on every K-th frame, every 4K-th once 192 calibration frames "
-                   "are in, and re-fuse in line: the run is reproducible (the same figures on any machine).")
+@click.option("--calibrate-every", type=click.IntRange(1), default=D.calibrate_every, show_default=True, metavar="N",
+              help=CALIBRATE_EVERY_HELP)
+@click.option("--calibration-budget", hidden=True, expose_value=False, callback=lambda ctx, param, value: value and warn(
+    "--calibration-budget is gone: calibration is paced by frame index (--calibrate-every), so the result no "
+    "longer depends on the machine; the flag is ignored"))
 @click.option("--state", type=click.Path(),
               help="Save the calibration state to FILE (.npz) and the last good calibrated model beside it "
                    "(FILE-stem.calibrated.tflite + .cbn.npz), atomically; resume from them on start.")
@@ -99,7 +102,7 @@ def main(**params):
     return_freed_memory()  # the stream runs for weeks and re-fuses often: keep its peak near what it holds
     has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     opts = StreamOptions.from_params(
-        params, num_threads=params["num_threads"] or os.cpu_count(), headless=params["headless"] or not has_display,
+        params, num_threads=params["num_threads"] or available_cpus(), headless=params["headless"] or not has_display,
         noise_options=noise_options(params["noise"], params["noise_option"]))
     quiet = opts.quiet
     echo = (lambda *a, **k: None) if quiet else (lambda msg, **k: click.echo(msg, err=True))

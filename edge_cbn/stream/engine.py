@@ -1,6 +1,8 @@
 """The model side of one stream frame: `Engine.process(frame, i)` preprocesses it, runs the noisy
-serving model (or, on a calibration frame, the calibration step), refolds the serving model when new
-statistics are due, and samples agreement with the clean model.  Device side: never TensorFlow."""
+serving model, hands calibration frames to the calibration worker (`pipeline`), swaps in what the
+calibration produced when its frame comes, and samples agreement with the clean model.  Which frames
+calibrate and when new statistics serve are decided by frame index: the same command gives the same
+predictions and summary on any machine.  Device side: never TensorFlow."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,27 +14,28 @@ from ..runtime.device_calibration import DeviceCalibration
 from ..runtime.noise import make_noise
 from ..runtime.noisy_model import NoisyModel, noise_targets
 from ..runtime.processing import Processor
-from ..runtime.worker import LatestJobWorker
 from . import overlay
 from .agreement import AgreementSampler, agreement_summary
 from .options import StreamError, StreamOptions, warn
 from .persistence import Persistence
+from .pipeline import CalibrationPipeline, CalibrationResult
 
-# Refolds of the calibration variant between updates of the serving model (a pool of interpreters to
-# rebuild); calibration frames already serve with the newest statistics.
+# Re-fuses of the calibration variant between updates of the serving model (a pool of interpreters to
+# rebuild), during the warm-up and after it; the end of the warm-up always updates it.
 SERVE_REFUSE_EVERY = 16
-# Once CONVERGED_FRAMES calibration frames are in (the estimate has mostly converged by then,
-# docs/RESULTS.md), calibration takes TRACKING_SLOWDOWN times less: the statistics only drift.
-CONVERGED_FRAMES = 192
-TRACKING_SLOWDOWN = 4
+SERVE_REFUSE_EVERY_TRACKING = 4
+# Once the warm-up is over, calibration takes TRACKING_SLOWDOWN times less (the statistics only drift), so
+# the stream gets its frame rate back (docs/DESIGN.md, "Calibrated in seconds").
+TRACKING_SLOWDOWN = 16
+CALIBRATION_THREADS = 1
 
 
 @dataclasses.dataclass
 class FrameResult:
     prediction: object
     latency_ms: float
-    calibrating: bool  # the calibration step ran on this frame
-    refolded: bool     # and it produced new statistics
+    calibrating: bool  # this frame was handed to the calibration
+    refolded: bool     # a calibration result that brought new statistics was taken in at this frame
     sample: dict | None = None  # agreement sample of this frame
 
 
@@ -63,18 +66,38 @@ def wants_calibration(bundle, opts: StreamOptions) -> bool:
     return calibrate
 
 
-class Engine:
-    """Serving model (under noise), calibration step, state persistence and agreement sampling of a
-    stream.  `process(frame_bgr, i)` handles stream frame `i`."""
+@dataclasses.dataclass
+class CalibrationStatus:
+    """What the stream knows of its calibration at the frame it serves: the results of calibration frames
+    up to the pipeline's lag back (so the same at the same frame on every machine)."""
+    progress: float = 0.0
+    warm: bool = False
+    text: str = "warm-up"
+    dropped_frames: int = 0
+    rejected_estimates: int = 0
+    calibrated_frame: int | None = None      # the frame from which the warm-up's statistics serve
+    calibrated_seconds: float | None = None  # seconds into the stream when that frame came
 
-    def __init__(self, bundle, opts: StreamOptions, *, echo=None):
+    def take(self, result: CalibrationResult) -> None:
+        self.progress, self.text = result.progress, result.text
+        self.warm = self.warm or result.warmed
+        self.dropped_frames, self.rejected_estimates = result.dropped_frames, result.rejected_estimates
+
+
+class Engine:
+    """Serving model (under noise), calibration pipeline, state persistence and agreement sampling of a
+    stream.  `process(frame_bgr, i)` handles stream frame `i`; `background=False` runs the calibration in
+    the serving thread (the same results, frame for frame)."""
+
+    def __init__(self, bundle, opts: StreamOptions, *, echo=None, background: bool = True):
         self.bundle, self.opts = bundle, opts
         self.echo = echo or (lambda msg: None)
         self.proc = Processor(bundle, max_results=opts.max_results, conf_threshold=opts.score_threshold)
         self.task = self.proc.task
         self.noise_text = overlay.noise_text(opts.noise if opts.noise_on else None, opts.eta, opts.seed)
         self.chip = make_chip(bundle, opts)
-        self.calibration = DeviceCalibration(bundle, self.chip, num_threads=opts.num_threads, seed=opts.seed,
+        # Calibration runs on a core of its own, one thread; while it warms up, serving keeps the others.
+        self.calibration = DeviceCalibration(bundle, self.chip, num_threads=CALIBRATION_THREADS, seed=opts.seed,
                                              **opts.calibrator_options()) if wants_calibration(bundle, opts) else None
         self.cal = self.calibration and self.calibration.calibrator
         self.persistence = Persistence.open(bundle, opts, calibrating=self.cal is not None)
@@ -83,30 +106,42 @@ class Engine:
         self.resumed = resumed is not None
         self.frame0, self.refuses, self.calibration_frames = (
             int(counters.get(k, 0)) for k in ("frames", "refuses", "calibration_frames"))
+        # The worker's own counts (what a save records), apart from the stream's view of them.
+        self._worker_refuses, self._worker_frames = self.refuses, self.calibration_frames
+        self._probed_stats = None  # the worker's newest statistics that passed the probe
         self.calibrated = self.refuses > 0  # calibrated statistics are in force
         self.rollbacks = 0  # re-fuses the probe refused
-        self.serving = self._serving_model(resumed)
+        self.serving = self._serving_model(resumed, self._serving_threads(resumed))
         if resumed and self.calibration:
             self.calibration.resume(resumed.stats)
-        # The serving model is refolded beside the stream when that is safe (it picks ready-made
-        # interpreters per frame: pooled, static or clean); `NoisyModel.set_stats` builds before it swaps.
-        # --calibrate-every makes a run reproducible: refolds then happen in line, so which statistics serve
-        # which frame does not depend on thread timing (the same command gives the same figures anywhere).
-        exact = self.serving.per_frame and not self.serving.pool
-        self._serving_updates = LatestJobWorker(self._update_serving, name="edge-cbn-refold",
-                                                background=not exact and not opts.calibrate_every)
+        self.status = CalibrationStatus()
+        if self.cal is not None:
+            self.status.progress, self.status.warm = self.cal.progress, self.cal.warm
+            self.status.text = self._calibrator_text()
+            if self.cal.warm:  # resumed calibrated
+                self.status.calibrated_frame, self.status.calibrated_seconds = 0, 0.0
+        self.pipeline = CalibrationPipeline(self._calibrate, self.serving, background=background,
+                                            num_threads=opts.num_threads) if self.calibration else None
+        self._next_calibration = 0
         self.agreement = AgreementSampler(
             bundle, self.chip, self.proc, every=opts.agreement_every, num_threads=opts.num_threads,
-            seed=opts.seed, clean_variant=self.calibration and self.calibration.clean
+            seed=opts.seed, clean_variant=self.calibration and self.calibration.clean,
+            clean_lock=self.calibration and self.calibration.clean_lock
         ) if opts.noise_on and opts.agreement_every else None
-        # Time spent in process(): all of it, the part calibration added over serving, a served frame.
-        self._elapsed_ms = self._calibration_ms = self._serve_ms = 0.0
+        self._t0 = None
 
-    def _serving_model(self, resumed) -> NoisyModel:
+    def _serving_threads(self, resumed) -> int | None:
+        """Serving's LiteRT threads: all of --num-threads, but one fewer while the calibration warms up on
+        a core of its own (the warm-up's end rebuilds serving with all of them)."""
+        n = self.opts.num_threads
+        warming = self.cal is not None and not self.cal.warm
+        return max(1, n - CALIBRATION_THREADS) if warming and n else n
+
+    def _serving_model(self, resumed, num_threads: int | None) -> NoisyModel:
         """The calibrated model on disk when resuming from it, else the source model (with the saved
         statistics refolded when resuming without the model)."""
         opts = self.opts
-        kwargs = dict(num_threads=opts.num_threads, pool=opts.noise_pool, seed=opts.seed)
+        kwargs = dict(num_threads=num_threads, pool=opts.noise_pool, seed=opts.seed)
         if resumed and resumed.model_path is not None:
             self.echo(f"resumed from {resumed.model_path} ({self.refuses} re-fuses, {self.frame0} frames)")
             return NoisyModel(resumed.model_bundle, self.chip, **kwargs)
@@ -119,97 +154,113 @@ class Engine:
     def calibration_text(self) -> str:
         if self.cal is None:
             return "calibrated (frozen)" if self.calibrated else "off"
-        if not self.cal.warm:
-            done = round(self.cal.progress * self.cal.warmup_frames)
-            return f"warm-up {done}/{self.cal.warmup_frames} (stage {self.cal.stage + 1}/{self.cal.stages})"
-        return f"calibrated, tracking ({self.refuses} re-fuses)"
+        if not self.status.warm:
+            return self.status.text
+        return f"calibrated at frame {self.status.calibrated_frame}, tracking ({self.refuses} re-fuses)"
+
+    def _calibrator_text(self) -> str:
+        """The calibrator's warm-up, as of its last frame (worker thread)."""
+        cal = self.cal
+        if cal.warm:
+            return "calibrated, tracking"
+        done = round(cal.progress * cal.warmup_frames)
+        return f"warm-up {done}/{cal.warmup_frames} (stage {cal.stage + 1}/{cal.stages})"
 
     # ------------------------------------------------------------------------------------------ frame
     @property
     def converged(self) -> bool:
-        return self.cal is not None and self.cal.warm and self.calibration_frames >= CONVERGED_FRAMES
+        """The warm-up is over (as the stream sees it): calibration only tracks from here on."""
+        return self.cal is not None and self.status.warm
 
     def _calibration_due(self, i: int) -> bool:
-        """Calibrate this frame?  With --calibrate-every, on a fixed cadence; otherwise whenever the time
-        calibration has added stays within --calibration-budget of all frame time, so the stream keeps
-        about (1 - budget) of its noisy frame rate on any board and model.  Both slow down by
-        TRACKING_SLOWDOWN once the estimate has converged."""
+        """Calibrate frame `i`?  Every --calibrate-every frames, TRACKING_SLOWDOWN times less once warm:
+        a function of the frame index alone."""
+        if self.calibration is None or i < self._next_calibration:
+            return False
         slowdown = TRACKING_SLOWDOWN if self.converged else 1
-        if self.opts.calibrate_every:
-            return i % (self.opts.calibrate_every * slowdown) == 0
-        return self._calibration_ms <= self.opts.calibration_budget / slowdown * self._elapsed_ms
+        self._next_calibration = i + self.opts.calibrate_every * slowdown
+        self.calibration_frames += 1
+        return True
 
     def process(self, frame_bgr: np.ndarray, i: int) -> FrameResult:
         """Stream frame `i` (0-based in this run); every model of the frame uses the same noise frame
         index."""
         t = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = t
         x, ctx = self.proc.preprocess(frame_bgr)
         fi = self.frame0 + i
-        calibrating = self.calibration is not None and self._calibration_due(i)
+        refolded = self._take_results(i, t) if self.pipeline is not None else False
+        outputs = self.serving.run(x, fi)
+        calibrating = self._calibration_due(i)
         if calibrating:
-            outputs, refolded = self._calibrate(x, fi, i)
-        else:
-            outputs, refolded = self.serving.run(x, fi), False
+            self.pipeline.submit(i, fi, x)
         pred = self.proc.postprocess(outputs, ctx)
-        latency = self._account((time.perf_counter() - t) * 1e3, calibrating, i)
+        latency = (time.perf_counter() - t) * 1e3
         sample = None
         if self.agreement is not None and self.agreement.due(i):
             sample = self.agreement.sample(x, ctx, fi, i, pred)
         return FrameResult(pred, latency, calibrating, refolded, sample)
 
-    def _calibrate(self, x, fi: int, i: int) -> tuple[list, bool]:
-        was_warm = self.cal.warm
-        outputs, stats = self.calibration.step(x, fi)
-        self.calibration_frames += 1
+    def _take_results(self, i: int, now: float) -> bool:
+        """The calibration results due at frame `i`; True when one brought new statistics."""
+        refolded = False
+        for result in self.pipeline.sync(i):
+            self.status.take(result)
+            if result.refused:
+                refolded = self.calibrated = True
+                self.refuses += 1
+            if result.warmed:
+                self.status.calibrated_frame = i
+                self.status.calibrated_seconds = round(now - self._t0, 3)
+            self.rollbacks += result.rolled_back
+        return refolded
+
+    # ---------------------------------------------------------------------- calibration (worker thread)
+    def _calibrate(self, i: int, fi: int, x: np.ndarray, start_update) -> CalibrationResult:
+        """Calibration frame `i`: the step, and new serving statistics (checked on this frame) when due."""
+        cal = self.cal
+        was_warm = cal.warm
+        _, stats = self.calibration.step(x, fi)
+        self._worker_frames += 1
+        self._worker_refuses += stats is not None
+        warmed = cal.warm and not was_warm
+        result = CalibrationResult(i, stats is not None, cal.progress, warmed, self._calibrator_text(),
+                                   cal.dropped_frames, cal.rejected_estimates)
         if stats is None:
-            return outputs, False
-        self.refuses += 1
-        self.calibrated = True
-        warmed = self.cal.warm and not was_warm
-        if warmed or self.refuses % SERVE_REFUSE_EVERY == 0:
-            cal_state = self.cal.state_dict() if self.persistence and self.persistence.saver else None
-            # The end of the warm-up is always saved, whatever --save-interval says.
-            # The frame the statistics came from is the probe the new serving model must pass.
-            self._serving_updates.submit((stats, self._counters(i + 1), cal_state, warmed, x))
-        return outputs, True
-
-    def _account(self, latency: float, calibrating: bool, i: int) -> float:
-        self._elapsed_ms += latency
-        if calibrating:
-            self._calibration_ms += max(latency - self._serve_ms, 0.0)
-        else:  # running mean of a served frame's cost
-            self._serve_ms += (latency - self._serve_ms) / (min(i, 50) + 1)
-        return latency
-
-    # ------------------------------------------------------------------------------- refold and save
-    def _update_serving(self, job) -> None:
-        """Refold `stats` into the serving model (background thread when safe) if it gives finite outputs
-        on the probe frame, else keep the previous statistics (logged, not saved); then maybe save."""
-        stats, counters, cal_state, force, probe = job
-        if stats is not None and not self.serving.set_stats(stats, probe=probe):
-            self.rollbacks += 1
-            warn(f"re-fuse at frame {counters['frames']}: non-finite outputs on the probe frame; "
-                 f"the serving model keeps its previous statistics ({self.rollbacks} rolled back)")
-            return
-        if self.persistence is not None and self.persistence.due(force):
-            self.persistence.save(stats or self.calibration.noisy.stats(), cal_state, counters)
+            return result
+        if warmed or self._worker_refuses % (SERVE_REFUSE_EVERY if not cal.warm else SERVE_REFUSE_EVERY_TRACKING) == 0:
+            result.update = start_update(stats, i, x)
+            if result.update is None:
+                result.rolled_back = True
+                warn(f"re-fuse at frame {self.frame0 + i}: non-finite outputs on the probe frame; the serving "
+                     "model keeps its previous statistics")
+            else:
+                self._probed_stats = stats
+        # Saved: the newest statistics that passed the probe (the model a restart serves), with the calibrator.
+        if self._probed_stats is not None and self.persistence is not None and self.persistence.due(warmed):
+            self.persistence.save(self._probed_stats, cal.state_dict(), self._counters(i + 1))
+        return result
 
     def _counters(self, frames_done: int) -> dict:
-        return {"frames": self.frame0 + frames_done, "refuses": self.refuses,
-                "calibration_frames": self.calibration_frames,
+        return {"frames": self.frame0 + frames_done, "refuses": self._worker_refuses,
+                "calibration_frames": self._worker_frames,
                 "progress": self.cal.progress if self.cal else None}
 
+    # ------------------------------------------------------------------------------------- save, close
     def save(self, frames_done: int) -> None:
-        """Save now (at exit): waits for pending refolds, then for the write."""
-        self._serving_updates.wait()
+        """Save now (at exit): waits for the calibration worker, then for the write."""
+        if self.pipeline is not None:
+            self.pipeline.drain()
         if self.persistence is not None and self.persistence.saver is not None:
-            self._update_serving((None, self._counters(frames_done), self.cal.state_dict(), True, None))
+            self.persistence.save(self.calibration.noisy.stats(), self.cal.state_dict(), self._counters(frames_done))
             self.persistence.flush()
 
     def agreement_summary(self, frames_total: int) -> dict:
         return agreement_summary(self.task, self.agreement, frames_total)
 
     def close(self) -> None:
-        self._serving_updates.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
         if self.persistence is not None:
             self.persistence.close()

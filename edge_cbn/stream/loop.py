@@ -63,8 +63,8 @@ class StreamLoop:
         draw_prediction(frame, e.task, result.prediction, e.proc.labels)
         progress, label = None, ""
         if e.cal is not None:
-            progress = e.cal.progress
-            label = f"calibrating {progress:.0%}" if not e.cal.warm else f"calibrated ({e.refuses} re-fuses)"
+            progress = e.status.progress
+            label = f"calibrating {progress:.0%}" if not e.status.warm else f"calibrated ({e.refuses} re-fuses)"
         overlay.draw_hud(frame, self.fps.fps, e.noise_text, progress, label)
 
     def log_line(self, frame_index: int, result) -> dict:
@@ -72,7 +72,7 @@ class StreamLoop:
         line = {"frame": frame_index, "latency_ms": round(result.latency_ms, 3), "calibrating": result.calibrating,
                 "refuses": e.refuses, **log_fields(e.task, result.prediction)}
         if e.cal is not None:
-            line["progress"] = round(e.cal.progress, 4)
+            line["progress"] = round(e.status.progress, 4)
         if result.sample is not None:
             line["agreement"] = result.sample
         return line
@@ -88,10 +88,17 @@ class StreamLoop:
         return {"model": self.model_name, "task": e.task, "source": self.source.name,
                 "fps": round(self.fps.fps, 2), "frames": frames, "noise": e.noise_text,
                 "calibration": e.calibration_text(),
-                "calibration_progress": round(e.cal.progress, 4) if e.cal else (1.0 if e.calibrated else None),
+                "calibration_progress": round(e.status.progress, 4) if e.cal else (1.0 if e.calibrated else None),
+                **self.calibrated_at(),
                 "noise_pool": self.opts.noise_pool if self.opts.noise_on else None,
                 "refuses": e.refuses, "latency_ms": round(result.latency_ms, 2) if result else None,
                 "result": describe(e.task, result.prediction) if result else None}
+
+    def calibrated_at(self) -> dict:
+        """The frame (of this run) and the second of the stream at which the warm-up's statistics began to
+        serve; None while warming up (and both 0 when resumed warm)."""
+        s = self.engine.status
+        return {"calibrated_at_frame": s.calibrated_frame, "calibrated_at_seconds": s.calibrated_seconds}
 
     def finish(self, frames, elapsed, latency_sum, outputs) -> dict:
         """Save the state, close the engine and the outputs, and write the summary to the log."""
@@ -114,9 +121,9 @@ class StreamLoop:
                 "refuses": e.refuses, "calibrated": e.calibrated, "rollbacks": e.rollbacks,
                 **e.agreement_summary(frames),
                 "calibration": e.calibration_text(),
-                "calibration_progress": round(e.cal.progress, 4) if e.cal else None,
-                "dropped_frames": e.cal.dropped_frames if e.cal else None,
-                "rejected_estimates": e.cal.rejected_estimates if e.cal else None,
+                "calibration_progress": round(e.status.progress, 4) if e.cal else None, **self.calibrated_at(),
+                "dropped_frames": e.status.dropped_frames if e.cal else None,
+                "rejected_estimates": e.status.rejected_estimates if e.cal else None,
                 "model": self.model_name, "task": e.task, "source": self.source.name,
                 "skipped_frames": getattr(self.source, "skipped", 0),
                 "noise": opts.noise, "eta": opts.eta if opts.noise_on else None, "seed": opts.seed,

@@ -26,8 +26,7 @@ class StreamOptions:
     refuse_every: int = CALIBRATION_DEFAULTS["refuse_every"]
     stages: int = CALIBRATION_DEFAULTS["stages"]
     track_every: int = CALIBRATION_DEFAULTS["track_every"]
-    calibration_budget: float = 0.2
-    calibrate_every: int | None = None  # a fixed cadence instead of the time budget
+    calibrate_every: int = 6  # calibration frames by index: every N-th (docs/DESIGN.md, "Calibrated in seconds")
     agreement_every: int = 10
     state: str | None = None
     save_interval: float = 30.0

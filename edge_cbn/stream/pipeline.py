@@ -1,0 +1,184 @@
+"""Calibration beside serving, with every decision taken by frame index, so a stream's predictions and
+summary are the same on any machine and under any load; the clock only sets the frame rate.
+
+The serving thread hands each calibration frame to a worker thread, which runs the calibration step on
+its own interpreters (LiteRT's `invoke` releases the GIL: it runs on another core).  What the worker
+finds takes effect `lag` frames later:
+
+- the result of calibration frame c (progress, a re-fuse, the end of the warm-up) is seen by the stream
+  at frame c + lag;
+- when it brings new serving statistics, the serving model's states are built by the worker, one at a
+  time (memory: one state more than the serving model holds), and state j is swapped in at frame
+  c + (j + 1) * lag.
+
+At frame i the serving thread waits for whatever is due by then (`sync`): a slow or busy machine waits
+(a lower frame rate), a fast one never does.  `background=False` runs every task in place, with the same
+results.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+
+import numpy as np
+
+LAG = 8
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    """What calibration frame `frame` (this run's stream index) produced."""
+    frame: int
+    refused: bool           # new calibrated statistics (the calibration variant re-fused)
+    progress: float         # warm-up progress after this frame
+    warmed: bool            # the warm-up ended on this frame
+    text: str               # the calibrator's state, as the preview and progress lines show it
+    dropped_frames: int
+    rejected_estimates: int
+    rolled_back: bool = False  # new serving statistics failed the probe: the serving model keeps its own
+    update: "ServingUpdate | None" = None
+
+
+@dataclasses.dataclass
+class ServingUpdate:
+    """New statistics for the serving model and its states as the worker builds them."""
+    stats: dict
+    first_frame: int  # state 0 serves from this frame on, state j from first_frame + j * lag
+    built: dict = dataclasses.field(default_factory=dict)  # state index -> interpreter, not yet installed
+
+
+class CalibrationPipeline:
+    """`calibrate(i, x)` (worker) returns a `CalibrationResult` and may start a `ServingUpdate`; the
+    serving thread calls `submit(i, fi, x)` on calibration frames and `sync(i)` before serving frame i."""
+
+    def __init__(self, calibrate, serving, *, lag: int = LAG, background: bool = True, num_threads=None):
+        """`calibrate(i, fi, x, start_update)` runs on the worker; serving states it builds get
+        `num_threads` LiteRT threads."""
+        self._calibrate, self.serving, self.lag = calibrate, serving, lag
+        self._twin = serving.twin()
+        self._twin.num_threads = num_threads
+        self._cond = threading.Condition()
+        self._tasks: collections.deque = collections.deque()
+        self._results: dict[int, CalibrationResult] = {}
+        self._submitted: collections.deque = collections.deque()  # calibration frames not yet synced
+        self._update: ServingUpdate | None = None  # the one being installed
+        self._next_state = 0
+        self._error: BaseException | None = None
+        self._closed = self._busy = False
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="edge-cbn-calibration", daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------------------------ serving thread
+    def submit(self, i: int, fi: int, x: np.ndarray) -> None:
+        """Calibration frame `i` (noise frame index `fi`), model input `x` (copied)."""
+        self._submitted.append(i)
+        self._put(("calibrate", i, fi, np.array(x, copy=True)))
+
+    def sync(self, i: int) -> list[CalibrationResult]:
+        """Before serving frame `i`: the results of calibration frames <= i - lag, in order, and the
+        serving states due at frame i swapped in (waiting for the worker when it is behind)."""
+        results = []
+        while self._submitted and self._submitted[0] <= i - self.lag:
+            result = self._wait_for(lambda: self._results.pop(self._submitted[0], None))
+            self._submitted.popleft()
+            results.append(result)
+            if result.update is not None:  # a newer update supersedes one still being installed
+                self._update, self._next_state = result.update, 0
+        update = self._update
+        if update is not None and i >= update.first_frame + self._next_state * self.lag:
+            j = self._next_state
+            interpreter = self._wait_for(lambda: update.built.pop(j, None)) if self.serving.states else None
+            self.serving.install(j, interpreter, update.stats if j == 0 else None)
+            self._next_state += 1
+            if self._next_state < self.serving.states:  # exact noise (no states): one swap of statistics
+                self._put(("build", update, self._next_state))
+            else:
+                self._update = None
+        return results
+
+    def drain(self) -> None:
+        """Until every task handed over has run (re-raises a worker error)."""
+        self._wait_for(lambda: not self._tasks and not self._busy or None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # ------------------------------------------------------------------------------- worker thread
+    def _put(self, task) -> None:
+        if self._thread is None:
+            self._run(task)
+            self._raise()
+            return
+        with self._cond:
+            # A serving state is built before pending calibration frames: the stream may be waiting for it.
+            self._tasks.appendleft(task) if task[0] == "build" else self._tasks.append(task)
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._tasks or self._closed)
+                if not self._tasks:
+                    return
+                task, self._busy = self._tasks.popleft(), True
+            self._run(task)
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _run(self, task) -> None:
+        try:
+            if task[0] == "build":
+                _, update, j = task
+                self._twin.prepare(update.stats)
+                self._store(update.built, j, self._twin.build_state(j))
+            else:
+                _, i, fi, x = task
+                result = self._calibrate(i, fi, x, self._start_update)
+                self._store(self._results, i, result)
+        except BaseException as e:  # noqa: BLE001 - handed to the serving thread, which raises it
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+
+    def _start_update(self, stats: dict, i: int, probe: np.ndarray) -> ServingUpdate | None:
+        """New serving statistics from calibration frame `i`: state 0 built and checked on `probe` (None
+        when its outputs are not finite: the serving model keeps its statistics)."""
+        self._twin.prepare(stats)
+        first = self._twin.build_state(0)
+        if not self._twin.probe_ok(first, probe):
+            return None
+        update = ServingUpdate(stats, i + self.lag)
+        if self.serving.states:
+            update.built[0] = first
+        return update
+
+    def _store(self, where: dict, key, value) -> None:
+        with self._cond:
+            where[key] = value
+            self._cond.notify_all()
+
+    def _wait_for(self, take):
+        """`take()` under the lock until it gives something (not None); re-raises a worker error."""
+        with self._cond:
+            while True:
+                self._raise()
+                value = take()
+                if value is not None:
+                    return value
+                if self._thread is None:
+                    raise RuntimeError("calibration pipeline: waiting in place for a task never handed over")
+                self._cond.wait()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
