@@ -19,11 +19,12 @@ def test_bench_stream_reports_every_figure(tmp_path):
                                      "--num-threads", "1", "--memory-frames", "30"])
     assert res.exit_code == 0, res.output
     fig = json.loads(res.output.strip().splitlines()[-1])
-    for key in ("raw_fps", "stream_fps", "noisy_stream_fps", "calibrating_fps", "noise_ms_per_frame"):
+    for key in ("raw_fps", "stream_fps", "noisy_stream_fps", "calibrating_fps", "tracking_fps", "calibrating_ratio",
+                "tracking_ratio", "noise_ms_per_frame"):
         assert fig[key] > 0, key
     assert fig["rounds"] == 3 and len(fig["stream_ratios"]) == 3
     assert fig["stream_ratio"] == pytest.approx(sorted(fig["stream_ratios"])[1], abs=1e-3)
-    assert fig["calibrating_refuses"] >= 1 and fig["calibrating_frames"] > 0
+    assert fig["calibrating_frames"] > 0 and fig["tracking_frames"] == 4 * 20
     rss = fig["peak_rss_mb"]  # each configuration in its own process: the noisier, the larger
     assert len(rss) == 4 and all(mb > 30 for mb in rss.values())
     clean, defaults = rss["clean (no --noise)"], rss["calibrating, agreement every 10 (defaults)"]
@@ -46,3 +47,25 @@ def test_bench_calibrate_reports_speed_memory_and_the_statistics_check(tmp_path)
     assert row["check"]["max_rel_diff"] <= 1e-5
     assert "torchvision" in row["torch"]["error"] and row["ratio"] is None
     assert "skipped" in res.output
+
+
+def test_bench_converge_reads_the_curve_off_the_log():
+    """Agreement over the clip loop ending at each frame, the converged level over the last third, and the
+    first frame (and its second) at which each share of the recovery is reached: on a made-up log whose
+    served agreement steps from 40 % to 80 % at frame 400."""
+    from edge_cbn.lab.bench_converge import convergence, without_timing
+
+    lines = []
+    for i in range(1200):
+        line = {"frame": i, "t": i / 100, "latency_ms": 1.0}
+        if i % 2 == 0:
+            line["agreement"] = {"before": 40.0, "after": 80.0 if i >= 400 else 40.0}
+        lines.append(line)
+    row = convergence(lines)
+    assert row["uncalibrated"] == 40.0 and row["converged"] == 80.0
+    # the 140-frame window ending at n holds (n - 400) / 140 of the recovered samples
+    assert row["to_share"]["50%"] == {"frame": 470, "seconds": 4.69}
+    assert row["to_share"]["90%"]["frame"] == 530
+    assert row["at"] == {300: 40.0, 1000: 80.0}
+    summary = {"fps": 3.0, "agreement_after": 80.0}
+    assert without_timing(lines, summary) == without_timing([dict(x, t=0) for x in lines], {**summary, "fps": 9})

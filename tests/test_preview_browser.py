@@ -50,7 +50,8 @@ def live_server():
             server.update_status({"model": "demo", "task": "classification", "fps": 12.5, "frames": n,
                                   "noise": "noise relative eta=0.05 seed 0",
                                   "calibration": f"calibrating {n % 64}/64",
-                                  "calibration_progress": (n % 64) / 64})
+                                  "calibration_progress": (n % 64) / 64, "calibrated_at_frame": 208,
+                                  "calibrated_at_seconds": 2.9})
             time.sleep(0.05)
 
     producer = threading.Thread(target=produce, daemon=True)
@@ -99,5 +100,6 @@ def test_page_shows_live_stream_and_status(live_server, browser, tmp_path):
     assert text("connection") == "live"
     assert text("noise") == "noise relative eta=0.05 seed 0"
     assert text("calibration").startswith("calibrating ")
+    assert text("calibrated-at") == "frame 208 (2.9 s)"
     assert '"model": "demo"' in text("status-json")
     browser.save_screenshot(str(tmp_path / "preview.png"))

@@ -303,7 +303,7 @@ def stream_log(tiny, log, n, *, background=True, slow_worker=None):
     with open_frames() as source:
         StreamLoop(engine, source, opts, model_name="tiny").run()
     frames, summary = read_log(log)
-    timing = {"fps", "seconds", "latency_ms", "calibrated_at_seconds"}
+    timing = {"t", "fps", "seconds", "latency_ms", "calibrated_at_seconds"}
     return ([{k: v for k, v in f.items() if k not in timing} for f in frames],
             {k: v for k, v in summary.items() if k not in timing})
 
@@ -317,9 +317,10 @@ def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path):
     rng = random.Random(0)
     slowed = stream_log(tiny, tmp_path / "c.jsonl", 300, slow_worker=lambda: rng.choice([0, 0, 0.01, 0.05]))
     frames, summary = inline
-    # 2 warm-up re-fuses, 3 more before the stream sees the warm-up's end (lag 8), then one every 32 frames:
-    # serving updated at the warm-up's end and after re-fuses 4, 8 and 12, state by state
-    assert summary["refuses"] == 14 and summary["calibrated_at_frame"] == 14
+    # 2 warm-up re-fuses (frames 2, 6), 4 more until twice the warm-up's 4 calibration frames are in (frames
+    # 8-14), then one every 32 frames (16-272): serving updated state by state at the warm-up's end and after
+    # re-fuses 4, 8 and 12
+    assert summary["refuses"] == 15 and summary["calibrated_at_frame"] == 14
     assert [f["calibrating"] for f in frames[:6]] == [True, False] * 3  # calibrate_every 2, by index
     assert sum("agreement" in f for f in frames) == 60
     assert threaded == inline and slowed == inline

@@ -125,6 +125,29 @@ def bench_stream(model, num_threads, frames, noise, eta, rounds, memory_frames):
     StreamBench(model, num_threads, frames, noise, eta, rounds).run(memory_frames)
 
 
+@bench.command("converge")
+@model_option()
+@click.option("--frames", type=click.IntRange(600), default=3000, show_default=True, help="Frames per stream.")
+@click.option("--agreement-every", type=click.IntRange(1), default=2, show_default=True, metavar="N",
+              help="Agreement sampled on every N-th frame (the curve's resolution; 1 is the finest and slowest).")
+@click.option("--noise", "presets", default="relative:0.05,paper:0.3,additive-max:0.02", show_default=True,
+              metavar="PRESET:ETA,…", help="Noise settings, one stream each (the README table's by default).")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Run each stream again pinned to one core beside a CPU-bound process, and compare.")
+def bench_converge(model, frames, agreement_every, presets, check):
+    """Time to calibrated on the bundled clip, per noise setting: frames and seconds to 50 %, 67 % and 90 % of
+    the converged recovery, the agreement at frames 300 / 1000 / 3000, the frame at which the warm-up
+    ended, fps, and whether the same command gives the same predictions and summary when it runs on one
+    busy core."""
+    from .bench_converge import run
+
+    try:
+        settings = [(p, float(e)) for p, _, e in (item.partition(":") for item in presets.split(","))]
+    except ValueError:
+        raise click.BadParameter(f"{presets!r}: expected PRESET:ETA[,PRESET:ETA…]", param_hint="--noise") from None
+    run(frames, agreement_every, settings, model, check)
+
+
 @bench.command("soak", context_settings={"ignore_unknown_options": True})
 @click.option("--frames", type=click.IntRange(1), default=100000, show_default=True, help="Frames of the stream.")
 @click.option("--every", type=click.IntRange(1), default=1000, show_default=True, help="Frames between RSS samples.")

@@ -29,7 +29,8 @@ MEMORY_CONFIGS = [
 ROWS = [("raw LiteRT invoke (fps)", "raw_fps"), ("invoke without XNNPACK (ms)", "no_xnnpack_invoke_ms"),
         ("clean stream (fps)", "stream_fps"), ("clean stream / raw invoke", "stream_ratio"),
         ("noisy stream, pool {pool} (fps)", "noisy_stream_fps"), ("noisy stream, exact (fps)", "noisy_exact_stream_fps"),
-        ("calibrating, to convergence (fps)", "calibrating_fps"), ("calibrating, tracking after it (fps)", "tracking_fps"),
+        ("calibrating, warm-up (fps)", "calibrating_fps"), ("warm-up / noisy stream", "calibrating_ratio"),
+        ("calibrating, tracking after it (fps)", "tracking_fps"), ("tracking / noisy stream", "tracking_ratio"),
         ("exact noise: write + build (ms/frame)", "noise_ms_per_frame"), ("re-fuse, pool {pool} (ms)", "refuse_ms"),
         ("re-fuse, clean (ms)", "refuse_clean_ms")]
 
@@ -48,8 +49,8 @@ class StreamBench:
                     "no_xnnpack_invoke_ms": _no_xnnpack_invoke_ms(self.bundle.model_bytes, self.x, num_threads)}
 
     def stream_fps(self, n_frames=None, engine=None, **changes):
-        """(fps, summary, engine) of one stream over the sample clip; `n_frames` None: until the
-        calibration has converged, however many frames it takes."""
+        """(fps, summary, engine) of one stream over the sample clip; `n_frames` None: until the stream sees
+        the end of the warm-up, however many frames it takes."""
         opts = dataclasses.replace(self.base, **changes)
         engine = engine or Engine(self.bundle, opts)
         opts.frames = n_frames
@@ -114,18 +115,42 @@ class StreamBench:
                         stream_ratios=[round(float(r), 3) for r in ratios])
 
     def noisy_and_calibrating(self) -> None:
+        """The noisy stream, then calibrating over the warm-up and tracking after it, each ratio paired with
+        a noisy stream measured just before it (this shared machine's speed drifts within a run)."""
         noisy = dict(noise=self.preset, eta=self.eta, calibrate=False)
-        self.fig["noisy_stream_fps"] = self.stream_fps(self.frames, **noisy)[0]
         self.fig["noisy_exact_stream_fps"] = self.stream_fps(max(10, self.frames // 4), **noisy, noise_pool=0)[0]
-        self.fig["calibrating_fps"] = self.fig["tracking_fps"] = None
-        if self.bundle.can_calibrate:
-            calibrating = dict(noise=self.preset, eta=self.eta, calibrate=True)
-            fps, summary, engine = self.stream_fps(None, **calibrating)
-            self.fig.update(calibrating_fps=fps, calibrating_frames=summary["frames"],
-                            calibrating_refuses=summary["refuses"])
-            # The same engine once converged: calibration 4x rarer, a re-fuse every --track-every of its frames.
-            fps, summary, _ = self.stream_fps(2 * self.frames, engine, **calibrating)
-            self.fig.update(tracking_fps=fps, tracking_refuses=summary["refuses"] - self.fig["calibrating_refuses"])
+        self.fig.update(noisy_stream_fps=self.stream_fps(self.frames, **noisy)[0], calibrating_fps=None,
+                        tracking_fps=None, calibrating_ratio=None, tracking_ratio=None)
+        if not self.bundle.can_calibrate:
+            return
+        noisy_long = self.stream_fps(4 * self.frames, **noisy)[0]
+        (warm_frames, warm_fps), (tracking_frames, tracking_fps) = self.calibrating_fps(4 * self.frames)
+        self.fig.update(calibrating_fps=warm_fps, calibrating_frames=warm_frames, tracking_fps=tracking_fps,
+                        tracking_frames=tracking_frames, noisy_stream_fps_long=noisy_long,
+                        calibrating_ratio=round(warm_fps / self.fig["noisy_stream_fps"], 3),
+                        tracking_ratio=round(tracking_fps / noisy_long, 3))
+
+    def calibrating_fps(self, tracking_frames: int) -> tuple[tuple[int, float], tuple[int, float]]:
+        """One calibrating stream: (frames, fps) until it sees the warm-up's end, then over `tracking_frames`
+        more (calibration TRACKING_SLOWDOWN times rarer).  One run: the frame index decides the schedule."""
+        opts = dataclasses.replace(self.base, noise=self.preset, eta=self.eta, calibrate=True, frames=None)
+        engine = Engine(self.bundle, opts)
+        calls = itertools.count()
+        marks = {}  # "start": time; "warm", "end": (frames done, time)
+
+        def until():
+            done, now = next(calls), time.perf_counter()  # frames processed before this call
+            marks.setdefault("start", now)
+            if "warm" not in marks and engine.converged:
+                marks["warm"] = (done, now)
+            if "warm" in marks and done - marks["warm"][0] >= tracking_frames:
+                marks["end"] = (done, now)
+            return "end" in marks
+
+        with open_frames() as source:
+            StreamLoop(engine, source, opts, model_name=self.name, until=until).run()
+        (warm, t1), (end, t2) = marks["warm"], marks["end"]
+        return (warm, round(warm / (t1 - marks["start"]), 2)), (end - warm, round((end - warm) / (t2 - t1), 2))
 
     def noise_and_refold_costs(self) -> None:
         chip = make_noise(self.preset, self.eta, 0).instantiate(noise_targets(self.bundle))

@@ -4,6 +4,9 @@ natural photos, like a camera would see.
 Regenerate it (needs the ``data`` extra: scikit-image and scikit-learn, which ship the photos) with::
 
     python -m edge_cbn.lab.sample_clip [--out edge_cbn/stream/static/sample.mp4]
+
+``--held-out SEED`` writes another clip of the same photos, in a seeded order with seeded moves: frames the
+bundled clip never shows, for checking what was tuned on it (``edge-cbn bench converge --video``).
 """
 from __future__ import annotations
 
@@ -85,10 +88,19 @@ def _render(photo_bgr: np.ndarray, box, size) -> np.ndarray:
     return cv2.warpAffine(photo_bgr, m, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
 
 
+def held_out_moves(seed: int) -> list:
+    """`PHOTOS` in a seeded order, each with a seeded move (centre 0.3-0.7, zoom 0.55-1.0 at both ends)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(PHOTOS))
+    return [(*PHOTOS[i][:3], *(tuple(np.round(rng.uniform([0.3, 0.3, 0.55], [0.7, 0.7, 1.0]), 3)) for _ in "se"))
+            for i in order]
+
+
 def make_sample(out: Path, fps: int = FPS, size=SIZE, seconds_per_photo: float = SECONDS_PER_PHOTO,
-                photos: Optional[Dict[str, np.ndarray]] = None) -> dict:
+                photos: Optional[Dict[str, np.ndarray]] = None, held_out_seed: Optional[int] = None) -> dict:
     """Write the clip to ``out`` (mp4v) and its description to ``out.with_suffix('.json')``; checks that
-    OpenCV reads every frame back. Returns the description."""
+    OpenCV reads every frame back. Returns the description.  `held_out_seed`: the photos in a seeded order
+    with seeded moves (`held_out_moves`)."""
     import cv2
 
     out = Path(out)
@@ -100,7 +112,7 @@ def make_sample(out: Path, fps: int = FPS, size=SIZE, seconds_per_photo: float =
     if not writer.isOpened():
         raise RuntimeError(f"cannot write {out} with the mp4v codec")
     entries = []
-    for name, loader, subject, start, end in PHOTOS:
+    for name, loader, subject, start, end in PHOTOS if held_out_seed is None else held_out_moves(held_out_seed):
         credit = CREDITS[name]
         rgb = photos[name]
         h, w = rgb.shape[:2]
@@ -119,7 +131,8 @@ def make_sample(out: Path, fps: int = FPS, size=SIZE, seconds_per_photo: float =
     writer.release()
     info = {"video": out.name, "fps": fps, "size": list(size), "frames": per_photo * len(PHOTOS),
             "codec": "mp4v", "crop_format": "x0, y0, x1, y1 in photo pixels, one per frame",
-            "generator": "python -m edge_cbn.lab.sample_clip", "photos": entries}
+            "generator": "python -m edge_cbn.lab.sample_clip" + (
+                f" --held-out {held_out_seed}" if held_out_seed is not None else ""), "photos": entries}
     _check_readback(out, info["frames"])
     text = json.dumps(info, indent=1)
     # Lists of numbers on one line each.
@@ -146,8 +159,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="clip to write (default: %(default)s)")
     parser.add_argument("--fps", type=int, default=FPS)
     parser.add_argument("--seconds-per-photo", type=float, default=SECONDS_PER_PHOTO)
+    parser.add_argument("--held-out", type=int, metavar="SEED", help="a held-out clip: seeded order and moves")
     args = parser.parse_args(argv)
-    info = make_sample(args.out, fps=args.fps, seconds_per_photo=args.seconds_per_photo)
+    info = make_sample(args.out, fps=args.fps, seconds_per_photo=args.seconds_per_photo,
+                       held_out_seed=args.held_out)
     size_kb = args.out.stat().st_size / 1024
     seconds = info["frames"] / info["fps"]
     print(f"wrote {args.out} ({info['frames']} frames, {seconds:.1f} s, {size_kb:.0f} KiB) "

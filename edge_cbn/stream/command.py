@@ -22,10 +22,10 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
              "interpreter builds). 0 = exact: every frame draws its own noise and builds its interpreter "
              "(faithful but slow: the build costs more than the invoke).")
 CALIBRATE_EVERY_HELP = (
-    "Calibrate on every N-th frame (every 4N-th once 192 calibration frames are in and the warm-up is over). "
-    "Calibration runs beside serving, on another core, and its statistics serve a fixed number of frames "
-    "later, so the result is a function of the frames: the same on any machine and under any load (a busy "
-    "machine only runs at a lower frame rate).")
+    "Calibrate on every N-th frame until twice the warm-up's calibration frames are in, then on every 16N-th. "
+    "Calibration runs beside serving, on a core of its own, and what it finds serves 8 frames later (waiting "
+    "for it if need be), so the result is a function of the frames: the same on any machine and under any load; "
+    "a slower or busier machine only runs at a lower frame rate.")
 AGREEMENT_HELP = ("With noise: every N-th frame (frames N-1, 2N-1, ...) also run the clean model and the uncalibrated "
                   "noisy model (only on those sampled frames) and report the served prediction's agreement with the "
                   "clean one, before and after calibration. 0: off (saves the memory of those two models).")
@@ -64,8 +64,8 @@ D = StreamOptions  # the defaults
 @click.option("--refuse-every", type=click.IntRange(1), default=D.refuse_every, show_default=True,
               help="Warm-up: calibration frames per stage (a re-fuse ends each stage).")
 @click.option("--stages", type=click.IntRange(1), default=D.stages, show_default=True,
-              help="Warm-up stages: BN layers calibrated depth first, group by group (capped at the number "
-                   "of BN layers: one layer per stage).")
+              help="Warm-up stages: BN layers calibrated depth first, group by group, one calibration frame per "
+                   "layer up to this many (capped at the number of BN layers: one layer per stage).")
 @click.option("--track-every", type=click.IntRange(1), default=D.track_every, show_default=True,
               help="After the warm-up: re-fuse every N calibration frames (tracks drift).")
 @click.option("--calibrate-every", type=click.IntRange(1), default=D.calibrate_every, show_default=True, metavar="N",

@@ -22,10 +22,12 @@ from .pipeline import CalibrationPipeline, CalibrationResult
 
 # Re-fuses of the calibration variant between updates of the serving model (a pool of interpreters to
 # rebuild), during the warm-up and after it; the end of the warm-up always updates it.
-SERVE_REFUSE_EVERY = 16
+SERVE_REFUSE_EVERY = 8
 SERVE_REFUSE_EVERY_TRACKING = 4
-# Once the warm-up is over, calibration takes TRACKING_SLOWDOWN times less (the statistics only drift), so
-# the stream gets its frame rate back (docs/DESIGN.md, "Calibrated in seconds").
+# Calibration keeps its warm-up cadence until CONVERGED_WARMUPS times the warm-up's calibration frames are in
+# (the deepest layers have had one frame each at the warm-up's end), then takes TRACKING_SLOWDOWN times less:
+# the statistics only drift, and the stream gets its frame rate back (docs/DESIGN.md, "Calibrated in seconds").
+CONVERGED_WARMUPS = 2
 TRACKING_SLOWDOWN = 16
 CALIBRATION_THREADS = 1
 
@@ -169,11 +171,13 @@ class Engine:
     # ------------------------------------------------------------------------------------------ frame
     @property
     def converged(self) -> bool:
-        """The warm-up is over (as the stream sees it): calibration only tracks from here on."""
-        return self.cal is not None and self.status.warm
+        """Warm, with CONVERGED_WARMUPS warm-ups' worth of calibration frames in (as the stream sees it):
+        calibration only tracks from here on."""
+        return (self.cal is not None and self.status.warm
+                and self.calibration_frames >= CONVERGED_WARMUPS * self.cal.warmup_frames)
 
     def _calibration_due(self, i: int) -> bool:
-        """Calibrate frame `i`?  Every --calibrate-every frames, TRACKING_SLOWDOWN times less once warm:
+        """Calibrate frame `i`?  Every --calibrate-every frames, TRACKING_SLOWDOWN times less once converged:
         a function of the frame index alone."""
         if self.calibration is None or i < self._next_calibration:
             return False

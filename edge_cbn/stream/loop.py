@@ -26,6 +26,7 @@ class StreamLoop:
         self.stop = stop or threading.Event()
         self.echo = echo or (lambda msg: click.echo(msg, err=True))
         self.fps = overlay.FpsCounter(10)
+        self._start = time.perf_counter()  # of the first frame: the log's "t"
 
     def run(self) -> dict:
         outputs, frames, latency_sum = None, 0, 0.0
@@ -33,7 +34,7 @@ class StreamLoop:
         try:
             outputs = Outputs(self.opts, self.source.fps, self.echo)
             next_progress = time.monotonic() + self.opts.progress_every
-            start = time.perf_counter()
+            start = self._start = time.perf_counter()
             while self._more(frames):
                 frame = self.source.read()
                 if frame is None:
@@ -69,7 +70,8 @@ class StreamLoop:
 
     def log_line(self, frame_index: int, result) -> dict:
         e = self.engine
-        line = {"frame": frame_index, "latency_ms": round(result.latency_ms, 3), "calibrating": result.calibrating,
+        line = {"frame": frame_index, "t": round(time.perf_counter() - self._start, 3),
+                "latency_ms": round(result.latency_ms, 3), "calibrating": result.calibrating,
                 "refuses": e.refuses, **log_fields(e.task, result.prediction)}
         if e.cal is not None:
             line["progress"] = round(e.status.progress, 4)
