@@ -125,7 +125,7 @@ def bench_stream(model, num_threads, frames, noise, eta, rounds, memory_frames):
     StreamBench(model, num_threads, frames, noise, eta, rounds).run(memory_frames)
 
 
-@bench.command("converge")
+@bench.command("converge", context_settings={"ignore_unknown_options": True})
 @model_option()
 @click.option("--frames", type=click.IntRange(600), default=3000, show_default=True, help="Frames per stream.")
 @click.option("--agreement-every", type=click.IntRange(1), default=2, show_default=True, metavar="N",
@@ -134,18 +134,23 @@ def bench_stream(model, num_threads, frames, noise, eta, rounds, memory_frames):
               metavar="PRESET:ETA,…", help="Noise settings, one stream each (the README table's by default).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run each stream again pinned to one core beside a CPU-bound process, and compare.")
-def bench_converge(model, frames, agreement_every, presets, check):
+@click.argument("stream_args", nargs=-1, type=click.UNPROCESSED)
+def bench_converge(model, frames, agreement_every, presets, check, stream_args):
     """Time to calibrated on the bundled clip, per noise setting: frames and seconds to 50 %, 67 % and 90 % of
-    the converged recovery, the agreement at frames 300 / 1000 / 3000, the frame at which the warm-up
+    the converged recovery, the agreement at frames 300 / 600 / 1000 / 3000, the frame at which the warm-up
     ended, fps, and whether the same command gives the same predictions and summary when it runs on one
-    busy core."""
+    busy core.  STREAM_ARGS after `--` go to every stream (another schedule, `--video` held-out frames):
+
+    \b
+    edge-cbn bench converge
+    edge-cbn bench converge --frames 1000 --no-check -- --calibrate-every 8 --stages 16"""
     from .bench_converge import run
 
     try:
         settings = [(p, float(e)) for p, _, e in (item.partition(":") for item in presets.split(","))]
     except ValueError:
         raise click.BadParameter(f"{presets!r}: expected PRESET:ETA[,PRESET:ETA…]", param_hint="--noise") from None
-    run(frames, agreement_every, settings, model, check)
+    run(frames, agreement_every, settings, model, check, list(stream_args))
 
 
 @bench.command("soak", context_settings={"ignore_unknown_options": True})

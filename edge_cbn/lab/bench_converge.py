@@ -25,7 +25,7 @@ from .bench import emit
 CLIP_FRAMES = 140
 PRESETS = (("relative", 0.05), ("paper", 0.3), ("additive-max", 0.02))
 SHARES = (0.5, 0.67, 0.9)
-CHECKPOINTS = (300, 1000, 3000)
+CHECKPOINTS = (300, 600, 1000, 3000)
 TIMING = ("t", "latency_ms", "fps", "seconds", "calibrated_at_seconds")
 
 
@@ -73,16 +73,22 @@ def convergence(lines: list[dict]) -> dict:
         n = int(ends[reached[0]]) if len(reached) and converged > before else None
         row["to_share"][f"{share:.0%}"] = {"frame": n, "seconds": seconds.get(n - 1) if n else None}
     row["at"] = {n: round(float(means[ends == n][0]), 2) for n in CHECKPOINTS if n in ends}
+    after = [line["agreement"]["after"] for line in lines if "agreement" in line and 300 <= line["frame"] < 600]
+    if after:  # the check on held-out frames: the share of the loss (100 - uncalibrated) back
+        mean = float(np.mean(after))
+        row["frames_300_600"] = {"agreement": round(mean, 2),
+                                 "share_of_loss": round((mean - before) / (100 - before), 3) if before < 100 else None,
+                                 "share_of_recovery": round((mean - before) / (converged - before), 3)
+                                 if converged > before else None}
     return row
 
 
-def converge_bench(frames: int, every: int, presets, model: str | None, check: bool) -> list[dict]:
+def converge_bench(frames: int, every: int, presets, model: str | None, check: bool, extra=()) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset, eta in presets:
-            args = ["--noise", preset, "--eta", f"{eta:g}", "--frames", str(frames), "--agreement-every", str(every)]
-            if model:
-                args += ["--model", model]
+            args = ["--noise", preset, "--eta", f"{eta:g}", "--frames", str(frames), "--agreement-every", str(every),
+                    *(["--model", model] if model else []), *extra]
             lines, summary = run_stream(args, Path(tmp) / "a.jsonl")
             row = {"noise": f"{preset} {eta:g}", **convergence(lines), "fps": summary["fps"],
                    "calibrated_at_frame": summary["calibrated_at_frame"],
@@ -104,13 +110,16 @@ def print_row(row: dict) -> None:
     if "identical_on_one_busy_core" in row:
         same = (f"  one busy core: {'identical' if row['identical_on_one_busy_core'] else 'DIFFERENT'} "
                 f"({row['fps_on_one_busy_core']} fps)")
+    window = row.get("frames_300_600")
+    window = (f"  frames 300-600: {window['agreement']} % ({window['share_of_loss']:.0%} of the loss, "
+              f"{window['share_of_recovery']:.0%} of the recovery)") if window and window["share_of_recovery"] else ""
     click.echo(f"{row['noise']:<18} uncalibrated {row['uncalibrated']} %  converged {row['converged']} %  "
                f"calibrated at frame {row['calibrated_at_frame']} ({row['calibrated_at_seconds']} s)  "
-               f"{row['fps']} fps{same}\n{'':<18} to {shares}\n{'':<18} agreement {at}  "
+               f"{row['fps']} fps{same}\n{'':<18} to {shares}\n{'':<18} agreement {at}{window}  "
                f"summary {row['summary_before']} -> {row['summary_after']} %")
 
 
-def run(frames: int, every: int, presets, model: str | None, check: bool) -> None:
-    rows = converge_bench(frames, every, presets, model, check)
+def run(frames: int, every: int, presets, model: str | None, check: bool, extra=()) -> None:
+    rows = converge_bench(frames, every, presets, model, check, extra)
     emit({"bench": "converge", "frames": frames, "agreement_every": every, "model": model or "default",
-          "rows": rows})
+          "stream_args": list(extra), "rows": rows})

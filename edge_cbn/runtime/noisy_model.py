@@ -108,6 +108,11 @@ class NoisyModel:
         """True when `interpreter` gives finite outputs on model input `probe`."""
         return all(np.isfinite(o).all() for o in self._run(interpreter, probe))
 
+    def drop(self, j: int) -> None:
+        """Stop serving state `j` (its frames go to the next state) when another state is left to serve."""
+        if self.states > 1 and j < len(self._interpreters):
+            self._interpreters[j] = None
+
     def install(self, j: int, interpreter, stats: dict | None = None) -> None:
         """Serve `interpreter` (from a twin's `build_state(j)`) as state `j`; `stats`, when given, are
         refolded here too (what `stats()` reports, and what exact noise builds from)."""

@@ -22,7 +22,7 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
              "interpreter builds). 0 = exact: every frame draws its own noise and builds its interpreter "
              "(faithful but slow: the build costs more than the invoke).")
 CALIBRATE_EVERY_HELP = (
-    "Calibrate on every N-th frame until twice the warm-up's calibration frames are in, then on every 16N-th. "
+    "Calibrate on every N-th frame until twice the warm-up's calibration frames are in, then on every 32N-th. "
     "Calibration runs beside serving, on a core of its own, and what it finds serves 8 frames later (waiting "
     "for it if need be), so the result is a function of the frames: the same on any machine and under any load; "
     "a slower or busier machine only runs at a lower frame rate.")

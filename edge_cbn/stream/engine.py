@@ -28,7 +28,7 @@ SERVE_REFUSE_EVERY_TRACKING = 4
 # (the deepest layers have had one frame each at the warm-up's end), then takes TRACKING_SLOWDOWN times less:
 # the statistics only drift, and the stream gets its frame rate back (docs/DESIGN.md, "Calibrated in seconds").
 CONVERGED_WARMUPS = 2
-TRACKING_SLOWDOWN = 16
+TRACKING_SLOWDOWN = 32
 CALIBRATION_THREADS = 1
 
 

@@ -7,9 +7,10 @@ finds takes effect `lag` frames later:
 
 - the result of calibration frame c (progress, a re-fuse, the end of the warm-up) is seen by the stream
   at frame c + lag;
-- when it brings new serving statistics, the serving model's states are built by the worker, one at a
-  time (memory: one state more than the serving model holds), and state j is swapped in at frame
-  c + (j + 1) * lag.
+- when it brings new serving statistics (checked on the frame first), the serving model's states are
+  rebuilt one at a time: at frame c + (j + 1) * lag state j is dropped (its frames go to a neighbouring
+  state) and the worker builds its successor, which serves from frame c + (j + 2) * lag.  The pool is
+  never held twice, nor one state more than the serving model has (memory).
 
 At frame i the serving thread waits for whatever is due by then (`sync`): a slow or busy machine waits
 (a lower frame rate), a fast one never does.  `background=False` runs every task in place, with the same
@@ -44,7 +45,7 @@ class CalibrationResult:
 class ServingUpdate:
     """New statistics for the serving model and its states as the worker builds them."""
     stats: dict
-    first_frame: int  # state 0 serves from this frame on, state j from first_frame + j * lag
+    first_frame: int  # state j is dropped and rebuilt at first_frame + j * lag, serves from one lag later
     built: dict = dataclasses.field(default_factory=dict)  # state index -> interpreter, not yet installed
 
 
@@ -63,6 +64,7 @@ class CalibrationPipeline:
         self._results: dict[int, CalibrationResult] = {}
         self._submitted: collections.deque = collections.deque()  # calibration frames not yet synced
         self._update: ServingUpdate | None = None  # the one being installed
+        self._queued: ServingUpdate | None = None  # the newest one waiting for it
         self._next_state = 0
         self._error: BaseException | None = None
         self._closed = self._busy = False
@@ -85,19 +87,32 @@ class CalibrationPipeline:
             result = self._wait_for(lambda: self._results.pop(self._submitted[0], None))
             self._submitted.popleft()
             results.append(result)
-            if result.update is not None:  # a newer update supersedes one still being installed
-                self._update, self._next_state = result.update, 0
+            if result.update is not None:  # waits for one being installed; a newer one replaces it
+                self._queued = result.update
         update = self._update
-        if update is not None and i >= update.first_frame + self._next_state * self.lag:
+        if update is not None and i >= update.first_frame + (self._next_state + 1) * self.lag:
             j = self._next_state
-            interpreter = self._wait_for(lambda: update.built.pop(j, None)) if self.serving.states else None
-            self.serving.install(j, interpreter, update.stats if j == 0 else None)
+            self.serving.install(j, self._wait_for(lambda: update.built.pop(j, None)), update.stats if j == 0 else None)
             self._next_state += 1
-            if self._next_state < self.serving.states:  # exact noise (no states): one swap of statistics
-                self._put(("build", update, self._next_state))
+            if self._next_state < self.serving.states:
+                self._rebuild(update, self._next_state)
             else:
                 self._update = None
+        if self._update is None and self._queued is not None:
+            self._update, self._queued, self._next_state = self._queued, None, 0
+            self._update.first_frame = i
+            self._rebuild(self._update, 0)
         return results
+
+    def _rebuild(self, update: ServingUpdate, j: int) -> None:
+        """Drop serving state `j` (when others can serve its frames) and have the worker build its successor;
+        exact noise (no states) takes the statistics at once."""
+        if not self.serving.states:
+            self.serving.install(0, None, update.stats)
+            self._update = None
+            return
+        self.serving.drop(j)
+        self._put(("build", update, j))
 
     def drain(self) -> None:
         """Until every task handed over has run (re-raises a worker error)."""
@@ -150,16 +165,13 @@ class CalibrationPipeline:
                 self._cond.notify_all()
 
     def _start_update(self, stats: dict, i: int, probe: np.ndarray) -> ServingUpdate | None:
-        """New serving statistics from calibration frame `i`: state 0 built and checked on `probe` (None
-        when its outputs are not finite: the serving model keeps its statistics)."""
+        """New serving statistics from calibration frame `i`, or None when state 0 built with them gives
+        non-finite outputs on `probe` (the serving model keeps its statistics).  The probe's model is not
+        kept: states are built when their turn comes (memory)."""
         self._twin.prepare(stats)
-        first = self._twin.build_state(0)
-        if not self._twin.probe_ok(first, probe):
+        if not self._twin.probe_ok(self._twin.build_state(0), probe):
             return None
-        update = ServingUpdate(stats, i + self.lag)
-        if self.serving.states:
-            update.built[0] = first
-        return update
+        return ServingUpdate(stats, i + self.lag)
 
     def _store(self, where: dict, key, value) -> None:
         with self._cond:
