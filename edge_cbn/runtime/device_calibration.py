@@ -8,8 +8,6 @@ the next calibration frame already runs with them.
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from .noisy_model import NoisyModel
@@ -25,18 +23,13 @@ class DeviceCalibration:
         variant = bundle.calibration_variant()
         self.noisy = NoisyModel(variant, chip, num_threads=num_threads, seed=seed)
         self.clean = NoisyModel(variant, None, num_threads=num_threads) if self.calibrator.needs_clean else None
-        # The stream's agreement sampler runs the clean variant too, from the serving thread.
-        self.clean_lock = threading.Lock()
 
     def step(self, x: np.ndarray, frame: int) -> tuple[list[np.ndarray], dict | None]:
         """Calibrate on input `x` (the model input of inference number `frame`).  Returns the model's
         outputs for this frame (without the moments) and the statistics to refold elsewhere when the
         calibrator produced new ones, else None."""
         out = self.noisy.run(x, frame)
-        clean_out = None
-        if self.clean is not None:
-            with self.clean_lock:
-                clean_out = self.clean.run(x, frame)
+        clean_out = self.clean.run(x, frame) if self.clean is not None else None
         stats = self.calibrator.observe(out[-1], self.noisy.stats(),
                                         None if clean_out is None else clean_out[-1],
                                         None if clean_out is None else self.clean.stats())

@@ -54,13 +54,13 @@ class AgreementSampler:
     and after (served) calibration."""
 
     def __init__(self, bundle, chip, processor, *, every: int, num_threads=None, seed: int = 0,
-                 clean_variant=None, clean_lock=None):
+                 clean_variant=None, lock=None):
         self.proc, self.task, self.every = processor, processor.task, every
         # The clean calibration variant, when the stream already runs one, gives the clean model's outputs
         # (bit for bit; its extra last output is dropped) without a third copy of the model.
         self.clean = clean_variant or NoisyModel(bundle, None, num_threads=num_threads)
         self._drop_last = clean_variant is not None
-        self._clean_lock = clean_lock or contextlib.nullcontext()  # the calibration worker runs it too
+        self._lock = lock or contextlib.nullcontext()  # held for the sample (the calibration worker's too)
         # Exact temporal noise, built for each sampled frame and dropped after it: a pool would keep
         # --noise-pool interpreters alive (Lite0: ~175 MB) for a pass that runs on one frame in `every`.
         self.uncalibrated = NoisyModel(bundle, chip, num_threads=num_threads, pool=0, seed=seed)
@@ -72,10 +72,11 @@ class AgreementSampler:
 
     def sample(self, x, ctx, frame: int, i: int, served) -> dict:
         """Stream frame `i` (noise frame index `frame`), model input `x`, served prediction `served`."""
-        with self._clean_lock:
+        with self._lock:
             clean_outputs = self.clean.run(x, frame)
+            uncalibrated_outputs = self.uncalibrated.run(x, frame)
         clean = self.proc.postprocess(clean_outputs[:-1] if self._drop_last else clean_outputs, ctx)
-        uncal = self.proc.postprocess(self.uncalibrated.run(x, frame), ctx)
+        uncal = self.proc.postprocess(uncalibrated_outputs, ctx)
         task = self.task
         sample = {"frame": i, "clean": short_prediction(task, clean), "uncalibrated": short_prediction(task, uncal),
                   "served": short_prediction(task, served), "before": round(agreement(task, clean, uncal), 3),

@@ -6,6 +6,7 @@ predictions and summary on any machine.  Device side: never TensorFlow."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -122,13 +123,17 @@ class Engine:
             self.status.text = self._calibrator_text()
             if self.cal.warm:  # resumed calibrated
                 self.status.calibrated_frame, self.status.calibrated_seconds = 0, 0.0
+        # The calibration worker's tasks and an agreement sample each build a transient model: one at a
+        # time keeps the peak memory one model lower (and they share the clean variant).
+        self.model_lock = threading.Lock()
         self.pipeline = CalibrationPipeline(self._calibrate, self.serving, background=background,
-                                            num_threads=opts.num_threads) if self.calibration else None
+                                            num_threads=opts.num_threads, lock=self.model_lock) \
+            if self.calibration else None
         self._next_calibration = 0
         self.agreement = AgreementSampler(
             bundle, self.chip, self.proc, every=opts.agreement_every, num_threads=opts.num_threads,
             seed=opts.seed, clean_variant=self.calibration and self.calibration.clean,
-            clean_lock=self.calibration and self.calibration.clean_lock
+            lock=self.model_lock
         ) if opts.noise_on and opts.agreement_every else None
         self._t0 = None
 

@@ -19,6 +19,7 @@ results.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import threading
 
@@ -53,10 +54,12 @@ class CalibrationPipeline:
     """`calibrate(i, x)` (worker) returns a `CalibrationResult` and may start a `ServingUpdate`; the
     serving thread calls `submit(i, fi, x)` on calibration frames and `sync(i)` before serving frame i."""
 
-    def __init__(self, calibrate, serving, *, lag: int = LAG, background: bool = True, num_threads=None):
+    def __init__(self, calibrate, serving, *, lag: int = LAG, background: bool = True, num_threads=None,
+                 lock=None):
         """`calibrate(i, fi, x, start_update)` runs on the worker; serving states it builds get
-        `num_threads` LiteRT threads."""
+        `num_threads` LiteRT threads; `lock` is held for each task."""
         self._calibrate, self.serving, self.lag = calibrate, serving, lag
+        self._lock = lock or contextlib.nullcontext()
         self._twin = serving.twin()
         self._twin.num_threads = num_threads
         self._cond = threading.Condition()
@@ -151,18 +154,21 @@ class CalibrationPipeline:
 
     def _run(self, task) -> None:
         try:
-            if task[0] == "build":
-                _, update, j = task
-                self._twin.prepare(update.stats)
-                self._store(update.built, j, self._twin.build_state(j))
-            else:
-                _, i, fi, x = task
-                result = self._calibrate(i, fi, x, self._start_update)
-                self._store(self._results, i, result)
+            with self._lock:
+                self._run_task(task)
         except BaseException as e:  # noqa: BLE001 - handed to the serving thread, which raises it
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
+
+    def _run_task(self, task) -> None:
+        if task[0] == "build":
+            _, update, j = task
+            self._twin.prepare(update.stats)
+            self._store(update.built, j, self._twin.build_state(j))
+        else:
+            _, i, fi, x = task
+            self._store(self._results, i, self._calibrate(i, fi, x, self._start_update))
 
     def _start_update(self, stats: dict, i: int, probe: np.ndarray) -> ServingUpdate | None:
         """New serving statistics from calibration frame `i`, or None when state 0 built with them gives
