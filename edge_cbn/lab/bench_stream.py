@@ -115,20 +115,27 @@ class StreamBench:
                         stream_ratios=[round(float(r), 3) for r in ratios])
 
     def noisy_and_calibrating(self) -> None:
-        """The noisy stream, then calibrating over the warm-up and tracking after it, each ratio paired with
-        a noisy stream measured just before it (this shared machine's speed drifts within a run)."""
+        """The noisy stream, then calibrating over the warm-up and tracking after it: a third of `rounds`
+        (at least 3) calibrating streams, each paired with a noisy stream of as many frames run just before
+        it (this shared machine's speed drifts within a run); medians of the fps and of the paired ratios."""
         noisy = dict(noise=self.preset, eta=self.eta, calibrate=False)
         self.fig["noisy_exact_stream_fps"] = self.stream_fps(max(10, self.frames // 4), **noisy, noise_pool=0)[0]
         self.fig.update(noisy_stream_fps=self.stream_fps(self.frames, **noisy)[0], calibrating_fps=None,
                         tracking_fps=None, calibrating_ratio=None, tracking_ratio=None)
         if not self.bundle.can_calibrate:
             return
-        noisy_long = self.stream_fps(4 * self.frames, **noisy)[0]
-        (warm_frames, warm_fps), (tracking_frames, tracking_fps) = self.calibrating_fps(4 * self.frames)
-        self.fig.update(calibrating_fps=warm_fps, calibrating_frames=warm_frames, tracking_fps=tracking_fps,
-                        tracking_frames=tracking_frames, noisy_stream_fps_long=noisy_long,
-                        calibrating_ratio=round(warm_fps / self.fig["noisy_stream_fps"], 3),
-                        tracking_ratio=round(tracking_fps / noisy_long, 3))
+        runs = []  # (noisy fps, warm-up frames, warm-up fps, tracking fps)
+        for _ in range(max(3, self.rounds // 3)):
+            reference = self.stream_fps(4 * self.frames, **noisy)[0]
+            (warm_frames, warm_fps), (_, tracking_fps) = self.calibrating_fps(4 * self.frames)
+            runs.append((reference, warm_frames, warm_fps, tracking_fps))
+        reference, warm_frames, warm_fps, tracking_fps = np.median(np.array(runs), axis=0)
+        self.fig.update(calibrating_fps=round(warm_fps, 2), calibrating_frames=int(warm_frames),
+                        tracking_fps=round(tracking_fps, 2), tracking_frames=4 * self.frames,
+                        noisy_stream_fps_long=round(reference, 2),
+                        calibrating_ratio=round(float(np.median([r[2] / r[0] for r in runs])), 3),
+                        tracking_ratio=round(float(np.median([r[3] / r[0] for r in runs])), 3),
+                        tracking_ratios=[round(r[3] / r[0], 3) for r in runs])
 
     def calibrating_fps(self, tracking_frames: int) -> tuple[tuple[int, float], tuple[int, float]]:
         """One calibrating stream: (frames, fps) until it sees the warm-up's end, then over `tracking_frames`

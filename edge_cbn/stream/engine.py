@@ -22,7 +22,7 @@ from .persistence import Persistence
 from .pipeline import CalibrationPipeline, CalibrationResult
 
 # Re-fuses of the calibration variant between updates of the serving model (a pool of interpreters to
-# rebuild), during the warm-up and after it; the end of the warm-up always updates it.
+# rebuild): at the warm-up's cadence, and once calibration only tracks; the end of the warm-up always updates it.
 SERVE_REFUSE_EVERY = 8
 SERVE_REFUSE_EVERY_TRACKING = 4
 # Calibration keeps its warm-up cadence until CONVERGED_WARMUPS times the warm-up's calibration frames are in
@@ -201,9 +201,10 @@ class Engine:
         fi = self.frame0 + i
         refolded = self._take_results(i, t) if self.pipeline is not None else False
         outputs = self.serving.run(x, fi)
+        tracking = self.converged
         calibrating = self._calibration_due(i)
         if calibrating:
-            self.pipeline.submit(i, fi, x)
+            self.pipeline.submit(i, fi, x, tracking=tracking)
         pred = self.proc.postprocess(outputs, ctx)
         latency = (time.perf_counter() - t) * 1e3
         sample = None
@@ -238,7 +239,8 @@ class Engine:
                                    cal.dropped_frames, cal.rejected_estimates)
         if stats is None:
             return result
-        if warmed or self._worker_refuses % (SERVE_REFUSE_EVERY if not cal.warm else SERVE_REFUSE_EVERY_TRACKING) == 0:
+        dense = self._worker_frames <= CONVERGED_WARMUPS * cal.warmup_frames
+        if warmed or self._worker_refuses % (SERVE_REFUSE_EVERY if dense else SERVE_REFUSE_EVERY_TRACKING) == 0:
             result.update = start_update(stats, i, x)
             if result.update is None:
                 result.rolled_back = True

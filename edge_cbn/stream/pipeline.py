@@ -21,11 +21,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import os
 import threading
 
 import numpy as np
 
 LAG = 8
+# Once calibration only tracks: what a calibration frame finds serves this many frames later, and the worker
+# runs in the time serving leaves idle (SCHED_IDLE, else nice 19; it gets the CPU whenever serving waits).
+TRACKING_LAG = 128
+BACKGROUND_NICE = 19
 
 
 @dataclasses.dataclass
@@ -46,7 +51,8 @@ class CalibrationResult:
 class ServingUpdate:
     """New statistics for the serving model and its states as the worker builds them."""
     stats: dict
-    first_frame: int  # state j is dropped and rebuilt at first_frame + j * lag, serves from one lag later
+    lag: int  # frames between its steps: state j is dropped and rebuilt at first_frame + j * lag
+    first_frame: int = 0  # set when it starts; state j serves from first_frame + (j + 1) * lag
     built: dict = dataclasses.field(default_factory=dict)  # state index -> interpreter, not yet installed
 
 
@@ -77,23 +83,26 @@ class CalibrationPipeline:
             self._thread.start()
 
     # ------------------------------------------------------------------------------ serving thread
-    def submit(self, i: int, fi: int, x: np.ndarray) -> None:
-        """Calibration frame `i` (noise frame index `fi`), model input `x` (copied)."""
-        self._submitted.append(i)
-        self._put(("calibrate", i, fi, np.array(x, copy=True)))
+    def submit(self, i: int, fi: int, x: np.ndarray, *, tracking: bool = False) -> None:
+        """Calibration frame `i` (noise frame index `fi`), model input `x` (copied); `tracking`: its result
+        is due TRACKING_LAG frames later, not `lag`, and the worker may take its time."""
+        lag = TRACKING_LAG if tracking else self.lag
+        self._submitted.append((i + lag, i))
+        self._put(("calibrate", i, fi, np.array(x, copy=True), lag))
 
     def sync(self, i: int) -> list[CalibrationResult]:
-        """Before serving frame `i`: the results of calibration frames <= i - lag, in order, and the
-        serving states due at frame i swapped in (waiting for the worker when it is behind)."""
+        """Before serving frame `i`: the results due by frame i, in order, and the serving states due at
+        frame i swapped in (waiting for the worker when it is behind)."""
         results = []
-        while self._submitted and self._submitted[0] <= i - self.lag:
-            result = self._wait_for(lambda: self._results.pop(self._submitted[0], None))
+        while self._submitted and self._submitted[0][0] <= i:
+            frame = self._submitted[0][1]
+            result = self._wait_for(lambda: self._results.pop(frame, None))
             self._submitted.popleft()
             results.append(result)
             if result.update is not None:  # waits for one being installed; a newer one replaces it
                 self._queued = result.update
         update = self._update
-        if update is not None and i >= update.first_frame + (self._next_state + 1) * self.lag:
+        if update is not None and i >= update.first_frame + (self._next_state + 1) * update.lag:
             j = self._next_state
             self.serving.install(j, self._wait_for(lambda: update.built.pop(j, None)), update.stats if j == 0 else None)
             self._next_state += 1
@@ -141,12 +150,16 @@ class CalibrationPipeline:
             self._cond.notify_all()
 
     def _loop(self) -> None:
+        background = False
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._tasks or self._closed)
                 if not self._tasks:
                     return
                 task, self._busy = self._tasks.popleft(), True
+            if not background and self._lag_of(task) > self.lag:
+                background = True
+                _lower_priority()
             self._run(task)
             with self._cond:
                 self._busy = False
@@ -161,23 +174,28 @@ class CalibrationPipeline:
                 self._error = e
                 self._cond.notify_all()
 
+    @staticmethod
+    def _lag_of(task) -> int:
+        return task[1].lag if task[0] == "build" else task[4]
+
     def _run_task(self, task) -> None:
         if task[0] == "build":
             _, update, j = task
             self._twin.prepare(update.stats)
             self._store(update.built, j, self._twin.build_state(j))
         else:
-            _, i, fi, x = task
-            self._store(self._results, i, self._calibrate(i, fi, x, self._start_update))
+            _, i, fi, x, lag = task
+            start_update = lambda stats, frame, probe: self._start_update(stats, probe, lag)  # noqa: E731
+            self._store(self._results, i, self._calibrate(i, fi, x, start_update))
 
-    def _start_update(self, stats: dict, i: int, probe: np.ndarray) -> ServingUpdate | None:
-        """New serving statistics from calibration frame `i`, or None when state 0 built with them gives
-        non-finite outputs on `probe` (the serving model keeps its statistics).  The probe's model is not
-        kept: states are built when their turn comes (memory)."""
+    def _start_update(self, stats: dict, probe: np.ndarray, lag: int) -> ServingUpdate | None:
+        """New serving statistics, or None when state 0 built with them gives non-finite outputs on `probe`
+        (the serving model keeps its statistics).  The probe's model is not kept: states are built when
+        their turn comes (memory)."""
         self._twin.prepare(stats)
         if not self._twin.probe_ok(self._twin.build_state(0), probe):
             return None
-        return ServingUpdate(stats, i + self.lag)
+        return ServingUpdate(stats, lag)
 
     def _store(self, where: dict, key, value) -> None:
         with self._cond:
@@ -200,3 +218,19 @@ class CalibrationPipeline:
         if self._error is not None:
             e, self._error = self._error, None
             raise e
+
+
+def _lower_priority() -> None:
+    """This thread (on Linux a thread has its own scheduling) to the idle class, which runs only when no
+    other thread wants the CPU and yields to one at once; else to the lowest nice value.  For good: going
+    back needs privileges.  Where neither is possible, it keeps its priority."""
+    tid = threading.get_native_id()
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
+    except (AttributeError, OSError):
+        pass
