@@ -272,7 +272,9 @@ def test_agreement_metrics():
     assert agreement("segmentation", np.array([[0, 1], [1, 1]]), np.array([[0, 1], [0, 0]])) == 50.0
 
 
-def test_calibration_slows_down_once_warm(tiny, tmp_path):
+def test_calibration_slows_down_once_converged(tiny, tmp_path):
+    """--calibrate-every 1 until the stream sees the warm-up's end (by then twice the warm-up's 4 calibration
+    frames are in), then every TRACKING_SLOWDOWN-th frame."""
     from edge_cbn.stream.engine import TRACKING_SLOWDOWN
     from edge_cbn.stream.pipeline import LAG
 
@@ -285,8 +287,9 @@ def test_calibration_slows_down_once_warm(tiny, tmp_path):
     warm = summary["calibrated_at_frame"]
     assert warm == 3 + LAG  # 2 stages x 2 frames, every frame: the 4th calibration frame ends the warm-up
     assert frames[warm - 1]["progress"] < 1.0 == frames[warm]["progress"]
-    assert all(flags[:warm + 1])  # --calibrate-every 1 until the stream sees the warm-up's end
-    assert [i for i, f in enumerate(flags) if f and i > warm] == list(range(warm + TRACKING_SLOWDOWN, n, TRACKING_SLOWDOWN))
+    assert all(flags[:warm + 1])
+    tracking = [i for i, f in enumerate(flags) if f and i > warm]
+    assert tracking == list(range(warm + TRACKING_SLOWDOWN, n, TRACKING_SLOWDOWN))
     assert summary["calibration"].startswith(f"calibrated at frame {warm}")
 
 def stream_log(tiny, log, n, *, background=True, slow_worker=None):

@@ -32,6 +32,12 @@ AGREEMENT_HELP = ("With noise: every N-th frame (frames N-1, 2N-1, ...) also run
 D = StreamOptions  # the defaults
 
 
+def _budget_gone() -> None:
+    """An old service file's --calibration-budget: a notice, and the stream runs."""
+    warn("--calibration-budget is gone: calibration is paced by frame index (--calibrate-every), so the result "
+         "no longer depends on the machine; the flag is ignored")
+
+
 @click.command("stream")
 @click.option("--camera", help="Camera index or device path (e.g. 0 or /dev/video2).")
 @click.option("--video", type=click.Path(dir_okay=False), help="Video file.")
@@ -70,9 +76,8 @@ D = StreamOptions  # the defaults
               help="After the warm-up: re-fuse every N calibration frames (tracks drift).")
 @click.option("--calibrate-every", type=click.IntRange(1), default=D.calibrate_every, show_default=True, metavar="N",
               help=CALIBRATE_EVERY_HELP)
-@click.option("--calibration-budget", hidden=True, expose_value=False, callback=lambda ctx, param, value: value and warn(
-    "--calibration-budget is gone: calibration is paced by frame index (--calibrate-every), so the result no "
-    "longer depends on the machine; the flag is ignored"))
+@click.option("--calibration-budget", hidden=True, expose_value=False, callback=lambda ctx, param, value: value and
+              _budget_gone())
 @click.option("--state", type=click.Path(),
               help="Save the calibration state to FILE (.npz) and the last good calibrated model beside it "
                    "(FILE-stem.calibrated.tflite + .cbn.npz), atomically; resume from them on start.")

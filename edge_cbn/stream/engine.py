@@ -241,7 +241,7 @@ class Engine:
             return result
         dense = self._worker_frames <= CONVERGED_WARMUPS * cal.warmup_frames
         if warmed or self._worker_refuses % (SERVE_REFUSE_EVERY if dense else SERVE_REFUSE_EVERY_TRACKING) == 0:
-            result.update = start_update(stats, i, x)
+            result.update = start_update(stats, x)
             if result.update is None:
                 result.rolled_back = True
                 warn(f"re-fuse at frame {self.frame0 + i}: non-finite outputs on the probe frame; the serving "

@@ -3,14 +3,17 @@ summary are the same on any machine and under any load; the clock only sets the 
 
 The serving thread hands each calibration frame to a worker thread, which runs the calibration step on
 its own interpreters (LiteRT's `invoke` releases the GIL: it runs on another core).  What the worker
-finds takes effect `lag` frames later:
+finds takes effect a fixed number of frames later, `lag` (8) while calibration warms up, TRACKING_LAG (128)
+once it only tracks, when the worker also drops to the idle scheduling class (it uses the time serving
+leaves idle):
 
 - the result of calibration frame c (progress, a re-fuse, the end of the warm-up) is seen by the stream
   at frame c + lag;
 - when it brings new serving statistics (checked on the frame first), the serving model's states are
-  rebuilt one at a time: at frame c + (j + 1) * lag state j is dropped (its frames go to a neighbouring
-  state) and the worker builds its successor, which serves from frame c + (j + 2) * lag.  The pool is
-  never held twice, nor one state more than the serving model has (memory).
+  rebuilt one at a time from the frame f it is seen (or, when another update is being installed, the
+  frame that one ends): at f + j * lag state j is dropped (its frames go to a neighbouring state) and
+  the worker builds its successor, which serves from f + (j + 1) * lag.  The pool is never held twice,
+  nor one state more than the serving model has (memory).
 
 At frame i the serving thread waits for whatever is due by then (`sync`): a slow or busy machine waits
 (a lower frame rate), a fast one never does.  `background=False` runs every task in place, with the same
@@ -57,13 +60,13 @@ class ServingUpdate:
 
 
 class CalibrationPipeline:
-    """`calibrate(i, x)` (worker) returns a `CalibrationResult` and may start a `ServingUpdate`; the
-    serving thread calls `submit(i, fi, x)` on calibration frames and `sync(i)` before serving frame i."""
+    """The serving thread calls `submit(i, fi, x)` on calibration frames and `sync(i)` before serving frame
+    i; the worker runs `calibrate(i, fi, x, start_update)`, which returns a `CalibrationResult` and may call
+    `start_update(stats, probe)` for new serving statistics."""
 
     def __init__(self, calibrate, serving, *, lag: int = LAG, background: bool = True, num_threads=None,
                  lock=None):
-        """`calibrate(i, fi, x, start_update)` runs on the worker; serving states it builds get
-        `num_threads` LiteRT threads; `lock` is held for each task."""
+        """Serving states the worker builds get `num_threads` LiteRT threads; `lock` is held for each task."""
         self._calibrate, self.serving, self.lag = calibrate, serving, lag
         self._lock = lock or contextlib.nullcontext()
         self._twin = serving.twin()
@@ -104,7 +107,8 @@ class CalibrationPipeline:
         update = self._update
         if update is not None and i >= update.first_frame + (self._next_state + 1) * update.lag:
             j = self._next_state
-            self.serving.install(j, self._wait_for(lambda: update.built.pop(j, None)), update.stats if j == 0 else None)
+            built = self._wait_for(lambda: update.built.pop(j, None))
+            self.serving.install(j, built, update.stats if j == 0 else None)
             self._next_state += 1
             if self._next_state < self.serving.states:
                 self._rebuild(update, self._next_state)
@@ -185,7 +189,7 @@ class CalibrationPipeline:
             self._store(update.built, j, self._twin.build_state(j))
         else:
             _, i, fi, x, lag = task
-            start_update = lambda stats, frame, probe: self._start_update(stats, probe, lag)  # noqa: E731
+            start_update = lambda stats, probe: self._start_update(stats, probe, lag)  # noqa: E731
             self._store(self._results, i, self._calibrate(i, fi, x, start_update))
 
     def _start_update(self, stats: dict, probe: np.ndarray, lag: int) -> ServingUpdate | None:
