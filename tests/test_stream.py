@@ -292,13 +292,13 @@ def test_calibration_slows_down_once_converged(tiny, tmp_path):
     assert tracking == list(range(warm + TRACKING_SLOWDOWN, n, TRACKING_SLOWDOWN))
     assert summary["calibration"].startswith(f"calibrated at frame {warm}")
 
-def stream_log(tiny, log, n, *, background=True, slow_worker=None):
+def stream_log(tiny, log, n, *, background=True, slow_worker=None, pool=3):
     """(per-frame log lines, summary) of an `Engine` over `n` frames of the sample clip, without the timings;
     the worker thread optionally slowed by `slow_worker()` seconds before each calibration frame."""
     from edge_cbn.stream import Engine, StreamLoop, StreamOptions, open_frames
 
     opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, frames=n, log=str(log),
-                         agreement_every=5, calibrate_every=2, stages=2, refuse_every=2)
+                         agreement_every=5, calibrate_every=2, stages=2, refuse_every=2, noise_pool=pool)
     engine = Engine(load_bundle(tiny), opts, background=background)
     if slow_worker is not None:
         calibrate = engine.pipeline._calibrate
@@ -329,6 +329,38 @@ def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path):
     assert threaded == inline and slowed == inline
 
 
+def test_exact_noise_takes_new_statistics_at_the_same_frame_in_either_thread(tiny, tmp_path):
+    """Exact per-frame noise (no pool): new statistics are taken in one step, at a frame fixed by index."""
+    inline = stream_log(tiny, tmp_path / "a.jsonl", 60, background=False, pool=0)
+    assert stream_log(tiny, tmp_path / "b.jsonl", 60, pool=0) == inline and inline[1]["refuses"] >= 6
+
+
 def test_calibration_budget_is_gone_with_a_notice(tiny):
     r = run(["--model", tiny, "--frames", "2", "--headless", "--noise", "relative", "--calibration-budget", "0.2"])
     assert r.exit_code == 0 and "--calibration-budget is gone" in r.output
+
+
+@pytest.mark.parametrize("pool", [3, 0])
+def test_statistics_that_serve_non_finite_outputs_are_rolled_back(tiny, tmp_path, pool):
+    """New serving statistics are checked on their calibration frame before any state is built: folded
+    means of 3e38 overflow the biases, the probe sees non-finite outputs, and the serving model keeps its
+    statistics (every frame served finite), counted in the summary; pooled and exact noise alike."""
+    from edge_cbn.stream import Engine, StreamLoop, StreamOptions, open_frames
+
+    log = tmp_path / "r.jsonl"
+    opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, frames=80,
+                         log=str(log), agreement_every=0, calibrate_every=2, stages=2, refuse_every=2,
+                         noise_pool=pool)
+    engine = Engine(load_bundle(tiny), opts)
+    step = engine.calibration.step
+
+    def overflowing_step(x, frame):
+        outputs, stats = step(x, frame)
+        return outputs, stats and {bn: (np.full_like(m, -3e38), v) for bn, (m, v) in stats.items()}
+
+    engine.calibration.step = overflowing_step
+    with open_frames() as source:
+        StreamLoop(engine, source, opts, model_name="tiny").run()
+    frames, summary = read_log(log)
+    assert summary["refuses"] > 2 and summary["rollbacks"] >= 1
+    assert all(np.isfinite(f["top"][1]) for f in frames)
