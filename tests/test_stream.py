@@ -321,9 +321,9 @@ def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path):
     slowed = stream_log(tiny, tmp_path / "c.jsonl", 300, slow_worker=lambda: rng.choice([0, 0, 0.01, 0.05]))
     frames, summary = inline
     # 2 warm-up re-fuses (frames 2, 6), 4 more until twice the warm-up's 4 calibration frames are in (frames
-    # 8-14), then one every 64 frames (16-272), each seen 128 frames later (16, 80, 144 within the run):
-    # serving updated state by state at the warm-up's end and after re-fuse 4 (from frame 208 on)
-    assert summary["refuses"] == 9 and summary["calibrated_at_frame"] == 14
+    # 8-14), then one every 128 frames (16, 144, 272), each seen 128 frames later (two within the run);
+    # serving updated state by state from the warm-up's end (frames 14, 22, 30)
+    assert summary["refuses"] == 8 and summary["calibrated_at_frame"] == 14
     assert [f["calibrating"] for f in frames[:6]] == [True, False] * 3  # calibrate_every 2, by index
     assert sum("agreement" in f for f in frames) == 60
     assert threaded == inline and slowed == inline

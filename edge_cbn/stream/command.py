@@ -22,7 +22,7 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
              "interpreter builds). 0 = exact: every frame draws its own noise and builds its interpreter "
              "(faithful but slow: the build costs more than the invoke).")
 CALIBRATE_EVERY_HELP = (
-    "Calibrate on every N-th frame until twice the warm-up's calibration frames are in, then on every 32N-th. "
+    "Calibrate on every N-th frame until twice the warm-up's calibration frames are in, then on every 64N-th. "
     "Calibration runs beside serving, on a core of its own, and what it finds serves 8 frames later (waiting "
     "for it if need be), so the result is a function of the frames: the same on any machine and under any load; "
     "a slower or busier machine only runs at a lower frame rate.")
@@ -70,8 +70,9 @@ def _budget_gone() -> None:
 @click.option("--refuse-every", type=click.IntRange(1), default=D.refuse_every, show_default=True,
               help="Warm-up: calibration frames per stage (a re-fuse ends each stage).")
 @click.option("--stages", type=click.IntRange(1), default=D.stages, show_default=True,
-              help="Warm-up stages: BN layers calibrated depth first, group by group, one calibration frame per "
-                   "layer up to this many (capped at the number of BN layers: one layer per stage).")
+              help="Warm-up stages, depth first: the BN layers in this many consecutive groups, calibrated in turn "
+                   "(capped at the number of BN layers: one layer per stage, what works; several layers per stage "
+                   "degrade the estimate, docs/RESULTS.md).")
 @click.option("--track-every", type=click.IntRange(1), default=D.track_every, show_default=True,
               help="After the warm-up: re-fuse every N calibration frames (tracks drift).")
 @click.option("--calibrate-every", type=click.IntRange(1), default=D.calibrate_every, show_default=True, metavar="N",

@@ -4,8 +4,7 @@ summary are the same on any machine and under any load; the clock only sets the 
 The serving thread hands each calibration frame to a worker thread, which runs the calibration step on
 its own interpreters (LiteRT's `invoke` releases the GIL: it runs on another core).  What the worker
 finds takes effect a fixed number of frames later, `lag` (8) while calibration warms up, TRACKING_LAG (128)
-once it only tracks, when the worker also drops to the idle scheduling class (it uses the time serving
-leaves idle):
+once it only tracks:
 
 - the result of calibration frame c (progress, a re-fuse, the end of the warm-up) is seen by the stream
   at frame c + lag;
@@ -24,16 +23,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import os
 import threading
 
 import numpy as np
 
 LAG = 8
-# Once calibration only tracks: what a calibration frame finds serves this many frames later, and the worker
-# runs in the time serving leaves idle (SCHED_IDLE, else nice 19; it gets the CPU whenever serving waits).
+# Once calibration only tracks, what a calibration frame finds serves this many frames later: the worker's
+# work spreads over them instead of stalling serving.  (At a lower CPU priority it would starve beside
+# another busy process while serving waits for it: docs/DESIGN.md.)
 TRACKING_LAG = 128
-BACKGROUND_NICE = 19
 
 
 @dataclasses.dataclass
@@ -154,16 +152,12 @@ class CalibrationPipeline:
             self._cond.notify_all()
 
     def _loop(self) -> None:
-        background = False
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._tasks or self._closed)
                 if not self._tasks:
                     return
                 task, self._busy = self._tasks.popleft(), True
-            if not background and self._lag_of(task) > self.lag:
-                background = True
-                _lower_priority()
             self._run(task)
             with self._cond:
                 self._busy = False
@@ -177,10 +171,6 @@ class CalibrationPipeline:
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
-
-    @staticmethod
-    def _lag_of(task) -> int:
-        return task[1].lag if task[0] == "build" else task[4]
 
     def _run_task(self, task) -> None:
         if task[0] == "build":
@@ -223,18 +213,3 @@ class CalibrationPipeline:
             e, self._error = self._error, None
             raise e
 
-
-def _lower_priority() -> None:
-    """This thread (on Linux a thread has its own scheduling) to the idle class, which runs only when no
-    other thread wants the CPU and yields to one at once; else to the lowest nice value.  For good: going
-    back needs privileges.  Where neither is possible, it keeps its priority."""
-    tid = threading.get_native_id()
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        return
-    except (AttributeError, OSError):
-        pass
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
-    except (AttributeError, OSError):
-        pass
