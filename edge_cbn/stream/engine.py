@@ -24,7 +24,7 @@ from .pipeline import CalibrationPipeline, CalibrationResult
 # Re-fuses of the calibration variant between updates of the serving model (a pool of interpreters to
 # rebuild): at the warm-up's cadence, and once calibration only tracks; the end of the warm-up always updates it.
 SERVE_REFUSE_EVERY = 8
-SERVE_REFUSE_EVERY_TRACKING = 2
+SERVE_REFUSE_EVERY_TRACKING = 4
 # Calibration keeps its warm-up cadence until CONVERGED_WARMUPS times the warm-up's calibration frames are in
 # (the deepest layers have had one frame each at the warm-up's end), then takes TRACKING_SLOWDOWN times less:
 # the statistics only drift, and the stream gets its frame rate back (docs/DESIGN.md, "Calibrated in seconds").
