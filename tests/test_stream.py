@@ -295,6 +295,7 @@ def test_calibration_slows_down_once_converged(tiny, tmp_path):
 def stream_log(tiny, log, n, *, background=True, slow_worker=None, pool=3):
     """(per-frame log lines, summary) of an `Engine` over `n` frames of the sample clip, without the timings;
     the worker thread optionally slowed by `slow_worker()` seconds before each calibration frame."""
+    from edge_cbn.lab.bench_converge import without_timing
     from edge_cbn.stream import Engine, StreamLoop, StreamOptions, open_frames
 
     opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, frames=n, log=str(log),
@@ -305,10 +306,7 @@ def stream_log(tiny, log, n, *, background=True, slow_worker=None, pool=3):
         engine.pipeline._calibrate = lambda *a: (time.sleep(slow_worker()), calibrate(*a))[1]
     with open_frames() as source:
         StreamLoop(engine, source, opts, model_name="tiny").run()
-    frames, summary = read_log(log)
-    timing = {"t", "fps", "seconds", "latency_ms", "calibrated_at_seconds"}
-    return ([{k: v for k, v in f.items() if k not in timing} for f in frames],
-            {k: v for k, v in summary.items() if k not in timing})
+    return without_timing(*read_log(log))
 
 
 def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path):

@@ -48,16 +48,13 @@ class StreamBench:
                     "rounds": rounds, "noise": f"{preset} eta={eta:g}", "noise_pool": self.base.noise_pool,
                     "no_xnnpack_invoke_ms": _no_xnnpack_invoke_ms(self.bundle.model_bytes, self.x, num_threads)}
 
-    def stream_fps(self, n_frames=None, engine=None, **changes):
-        """(fps, summary, engine) of one stream over the sample clip; `n_frames` None: until the stream sees
-        the end of the warm-up, however many frames it takes."""
-        opts = dataclasses.replace(self.base, **changes)
-        engine = engine or Engine(self.bundle, opts)
-        opts.frames = n_frames
+    def stream_fps(self, n_frames: int, **changes):
+        """(fps, summary) of one stream of `n_frames` frames over the sample clip (the calibrating stream,
+        whose phases are timed apart, is `calibrating_fps`)."""
+        opts = dataclasses.replace(self.base, frames=n_frames, **changes)
         with open_frames() as source:
-            summary = StreamLoop(engine, source, opts, model_name=self.name,
-                                 until=None if n_frames else (lambda: engine.converged)).run()
-        return summary["fps"], summary, engine
+            summary = StreamLoop(Engine(self.bundle, opts), source, opts, model_name=self.name).run()
+        return summary["fps"], summary
 
     def run(self, memory_frames: int = 1000) -> None:
         self.stream_fps(self.frames // 4)  # warm caches and the video decoder: the first stream is slower

@@ -119,8 +119,6 @@ class NoisyModel:
         if stats is not None:
             self.prepare(stats)
         if interpreter is not None and self.states:
-            while len(self._interpreters) <= j:
-                self._interpreters.append(None)
             self._interpreters[j] = interpreter
 
     def _refold(self, stats: dict) -> None:

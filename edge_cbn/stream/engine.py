@@ -114,7 +114,7 @@ class Engine:
         self._probed_stats = None  # the worker's newest statistics that passed the probe
         self.calibrated = self.refuses > 0  # calibrated statistics are in force
         self.rollbacks = 0  # re-fuses the probe refused
-        self.serving = self._serving_model(resumed, self._serving_threads(resumed))
+        self.serving = self._serving_model(resumed, self._serving_threads())
         if resumed and self.calibration:
             self.calibration.resume(resumed.stats)
         self.status = CalibrationStatus()
@@ -137,7 +137,7 @@ class Engine:
         ) if opts.noise_on and opts.agreement_every else None
         self._t0 = None
 
-    def _serving_threads(self, resumed) -> int | None:
+    def _serving_threads(self) -> int | None:
         """Serving's LiteRT threads: all of --num-threads, but one fewer while the calibration warms up on
         a core of its own (the warm-up's end rebuilds serving with all of them)."""
         n = self.opts.num_threads
