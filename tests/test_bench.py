@@ -16,12 +16,15 @@ def test_bench_stream_reports_every_figure(tmp_path):
     path = export(tiny_model(num_classes=4), tmp_path / "m.tflite", name="tiny", task="classification",
                   preprocess=PRE, labels=list("abcd"))
     res = CliRunner().invoke(bench, ["stream", "--model", str(path), "--frames", "20", "--rounds", "3",
-                                     "--num-threads", "1", "--memory-frames", "30"])
+                                     "--num-threads", "1", "--memory-frames", "30", "--camera-fps", "100"])
     assert res.exit_code == 0, res.output
     fig = json.loads(res.output.strip().splitlines()[-1])
     for key in ("raw_fps", "stream_fps", "noisy_stream_fps", "calibrating_fps", "tracking_fps", "calibrating_ratio",
-                "tracking_ratio", "noise_ms_per_frame"):
+                "tracking_ratio", "noise_ms_per_frame", "camera_calibrating_fps", "camera_calibrating_ratio",
+                "served_frame_cpu_ms", "calibration_frame_cpu_ms"):
         assert fig[key] > 0, key
+    # paced: no faster than the camera, but for the frames read ahead at the start
+    assert fig["camera_fps"] == 100 and 0 < fig["camera_noisy_fps"] <= 115
     assert fig["rounds"] == 3 and len(fig["stream_ratios"]) == 3
     assert fig["stream_ratio"] == pytest.approx(sorted(fig["stream_ratios"])[1], abs=1e-3)
     assert fig["calibrating_frames"] > 0 and fig["tracking_frames"] == 4 * 20

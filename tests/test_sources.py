@@ -121,7 +121,8 @@ def test_closed_video_yields_nothing(tmp_path):
     assert src.closed and src.read() is None and list(src) == []
 
 
-def test_realtime_paces_to_file_fps(tmp_path):
+@pytest.mark.parametrize("realtime, interval", [(True, 0.1), (40.0, 0.025)])  # the file's 10 fps, or a camera's rate
+def test_realtime_paces_to_file_fps(tmp_path, realtime, interval):
     now, sleeps = [0.0], []
 
     def sleep(seconds):
@@ -129,9 +130,9 @@ def test_realtime_paces_to_file_fps(tmp_path):
         now[0] += seconds
 
     path = write_video(tmp_path / "clip.avi", 4)
-    with VideoSource(path, realtime=True, sleep=sleep, clock=lambda: now[0]) as src:
+    with VideoSource(path, realtime=realtime, sleep=sleep, clock=lambda: now[0]) as src:
         assert len(list(src)) == 4
-    assert sleeps == pytest.approx([0.1, 0.1, 0.1])
+    assert sleeps == pytest.approx([interval] * 3)
 
 
 def test_image_dir_skips_unreadable_file_once(tmp_path, caplog):

@@ -114,15 +114,18 @@ def bench_models(names, num_threads, input_size):
 @click.option("--memory-frames", type=click.IntRange(0), default=1000, show_default=True,
               help="Frames of each peak-RSS run: the stream per configuration (clean, noisy, calibrating, with "
                    "agreement sampling), each in a fresh process (device/README.md); 0: skip them.")
-def bench_stream(model, num_threads, frames, noise, eta, rounds, memory_frames):
+@click.option("--camera-fps", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="The camera-rate rows: the warm-up with the clip delivered at this rate, as a camera "
+                   "delivers frames, against the noisy stream at the same rate; 0: skip them.")
+def bench_stream(model, num_threads, frames, noise, eta, rounds, memory_frames, camera_fps):
     """Frames per second of `edge-cbn stream` on the bundled sample clip (headless with no outputs, so no
     overlay is drawn; no agreement passes), measured in one run on one model and thread count: raw LiteRT
     invoke, the clean stream, the noisy stream (pooled and exact temporal noise), and calibrating over the
-    warm-up; plus the per-frame cost of exact noise, the cost of one re-fuse and the peak RSS per
-    configuration."""
+    warm-up and tracking after it, flat out and at a camera's rate; plus the per-frame cost of exact noise,
+    the cost of one re-fuse and the peak RSS per configuration."""
     from .bench_stream import StreamBench
 
-    StreamBench(model, num_threads, frames, noise, eta, rounds).run(memory_frames)
+    StreamBench(model, num_threads, frames, noise, eta, rounds, camera_fps or None).run(memory_frames)
 
 
 @bench.command("converge", context_settings={"ignore_unknown_options": True})

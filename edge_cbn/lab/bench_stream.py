@@ -11,11 +11,15 @@ import time
 import click
 import numpy as np
 
+from ..runtime.device_calibration import DeviceCalibration
 from ..runtime.interpreter import make_interpreter
 from ..runtime.noise import make_noise
 from ..runtime.noisy_model import NoisyModel, noise_targets
 from ..runtime.processing import Processor
 from ..stream import Engine, StreamLoop, StreamOptions, load_model, open_frames
+from ..stream.engine import CALIBRATION_THREADS
+from ..stream.sample import sample_path
+from ..stream.sources import Prefetched, VideoSource
 from .bench import emit, invoke_fn, perturbed_stats, time_per_call
 
 # Peak RSS of `edge-cbn stream` per configuration, each in a fresh process (device/README.md's table).
@@ -31,28 +35,35 @@ ROWS = [("raw LiteRT invoke (fps)", "raw_fps"), ("invoke without XNNPACK (ms)", 
         ("noisy stream, pool {pool} (fps)", "noisy_stream_fps"), ("noisy stream, exact (fps)", "noisy_exact_stream_fps"),
         ("calibrating, warm-up (fps)", "calibrating_fps"), ("warm-up / noisy stream", "calibrating_ratio"),
         ("calibrating, tracking after it (fps)", "tracking_fps"), ("tracking / noisy stream", "tracking_ratio"),
+        ("noisy stream at {camera_fps:g} fps (fps)", "camera_noisy_fps"),
+        ("calibrating at {camera_fps:g} fps, warm-up (fps)", "camera_calibrating_fps"),
+        ("warm-up / noisy stream at {camera_fps:g} fps", "camera_calibrating_ratio"),
         ("exact noise: write + build (ms/frame)", "noise_ms_per_frame"), ("re-fuse, pool {pool} (ms)", "refuse_ms"),
-        ("re-fuse, clean (ms)", "refuse_clean_ms")]
+        ("re-fuse, clean (ms)", "refuse_clean_ms"), ("served noisy frame, CPU (ms)", "served_frame_cpu_ms"),
+        ("calibration frame, CPU (ms)", "calibration_frame_cpu_ms")]
 
 
 class StreamBench:
     """One model, thread count and noise setting; `run()` measures, prints the table and the JSON."""
 
-    def __init__(self, model, num_threads, frames, preset, eta, rounds):
+    def __init__(self, model, num_threads, frames, preset, eta, rounds, camera_fps=30.0):
         self.bundle, self.name = load_model(model)
         self.num_threads, self.frames, self.preset, self.eta, self.rounds = num_threads, frames, preset, eta, rounds
+        self.camera_fps = camera_fps
         self.base = StreamOptions(num_threads=num_threads, headless=True, quiet=True, agreement_every=0)
         with open_frames() as src:
             self.x = Processor(self.bundle).preprocess(src.read())[0].copy()
         self.fig = {"bench": "stream", "model": self.name, "num_threads": num_threads, "frames": frames,
                     "rounds": rounds, "noise": f"{preset} eta={eta:g}", "noise_pool": self.base.noise_pool,
+                    "camera_fps": camera_fps,
                     "no_xnnpack_invoke_ms": _no_xnnpack_invoke_ms(self.bundle.model_bytes, self.x, num_threads)}
 
-    def stream_fps(self, n_frames: int, **changes):
-        """(fps, summary) of one stream of `n_frames` frames over the sample clip (the calibrating stream,
-        whose phases are timed apart, is `calibrating_fps`)."""
+    def stream_fps(self, n_frames: int, *, camera_fps: float | None = None, **changes):
+        """(fps, summary) of one stream of `n_frames` frames over the sample clip, decoded as fast as it goes
+        or delivered at `camera_fps` (the calibrating stream, whose phases are timed apart, is
+        `calibrating_fps`)."""
         opts = dataclasses.replace(self.base, frames=n_frames, **changes)
-        with open_frames() as source:
+        with _sample_frames(camera_fps) as source:
             summary = StreamLoop(Engine(self.bundle, opts), source, opts, model_name=self.name).run()
         return summary["fps"], summary
 
@@ -60,11 +71,13 @@ class StreamBench:
         self.stream_fps(self.frames // 4)  # warm caches and the video decoder: the first stream is slower
         self.clean_against_raw()
         self.noisy_and_calibrating()
+        self.at_camera_rate()
         self.noise_and_refold_costs()
         click.echo(f"{self.name}, {self.num_threads} threads, noise {self.fig['noise']}")
         for label, key in ROWS:
             value = self.fig[key]
-            click.echo(f"  {label.format(pool=self.base.noise_pool):<40} {value if value is not None else '-':>10}")
+            label = label.format(pool=self.base.noise_pool, camera_fps=self.camera_fps)
+            click.echo(f"  {label:<44} {value if value is not None else '-':>10}")
         if memory_frames:
             self.fig.update(peak_rss_mb={}, memory_frames=memory_frames)
             for label, flags in MEMORY_CONFIGS:
@@ -134,9 +147,22 @@ class StreamBench:
                         tracking_ratio=round(float(np.median([r[3] / r[0] for r in runs])), 3),
                         tracking_ratios=[round(r[3] / r[0], 3) for r in runs])
 
-    def calibrating_fps(self, tracking_frames: int) -> tuple[tuple[int, float], tuple[int, float]]:
+    def at_camera_rate(self) -> None:
+        """The warm-up as a camera stream sees it: the clip delivered at `camera_fps`, the noisy stream over
+        as many frames as the calibrating stream's warm-up, then the calibrating stream."""
+        self.fig.update(camera_noisy_fps=None, camera_calibrating_fps=None, camera_calibrating_ratio=None)
+        if not self.bundle.can_calibrate or not self.camera_fps:
+            return
+        (frames, warm_fps), _ = self.calibrating_fps(0, camera_fps=self.camera_fps)
+        noisy_fps = self.stream_fps(frames, camera_fps=self.camera_fps, noise=self.preset, eta=self.eta,
+                                    calibrate=False)[0]
+        self.fig.update(camera_noisy_fps=noisy_fps, camera_calibrating_fps=warm_fps,
+                        camera_calibrating_ratio=round(warm_fps / noisy_fps, 3))
+
+    def calibrating_fps(self, tracking_frames: int, *, camera_fps: float | None = None):
         """One calibrating stream: (frames, fps) until it sees the warm-up's end, then over `tracking_frames`
-        more (calibration TRACKING_SLOWDOWN times rarer).  One run: the frame index decides the schedule."""
+        more (calibration TRACKING_SLOWDOWN times rarer), decoded as fast as it goes or delivered at
+        `camera_fps`.  One run: the frame index decides the schedule."""
         opts = dataclasses.replace(self.base, noise=self.preset, eta=self.eta, calibrate=True, frames=None)
         engine = Engine(self.bundle, opts)
         calls = itertools.count()
@@ -151,10 +177,11 @@ class StreamBench:
                 marks["end"] = (done, now)
             return "end" in marks
 
-        with open_frames() as source:
+        with _sample_frames(camera_fps) as source:
             StreamLoop(engine, source, opts, model_name=self.name, until=until).run()
         (warm, t1), (end, t2) = marks["warm"], marks["end"]
-        return (warm, round(warm / (t1 - marks["start"]), 2)), (end - warm, round((end - warm) / (t2 - t1), 2))
+        tracking = (end - warm, round((end - warm) / (t2 - t1), 2)) if end > warm else (0, None)
+        return (warm, round(warm / (t1 - marks["start"]), 2)), tracking
 
     def noise_and_refold_costs(self) -> None:
         chip = make_noise(self.preset, self.eta, 0).instantiate(noise_targets(self.bundle))
@@ -168,6 +195,35 @@ class StreamBench:
             turn = itertools.count()
             seconds = time_per_call(lambda: model.set_stats(stats[next(turn) % 2]), warmup=1, min_calls=3)
             self.fig[key] = round(seconds * 1e3, 1)
+        self.cpu_per_frame(chip)
+
+    def cpu_per_frame(self, chip) -> None:
+        """CPU time of a served noisy frame and of a warm-up calibration frame (the calibration step with its
+        re-fuse of the variant; the serving model's rebuild, every few re-fuses, is `refuse_ms`)."""
+        frame_no = itertools.count()
+        serving = NoisyModel(self.bundle, chip, num_threads=self.num_threads, pool=self.base.noise_pool)
+        self.fig["served_frame_cpu_ms"] = _cpu_ms_per_call(lambda: serving.run(self.x, next(frame_no)))
+        self.fig["calibration_frame_cpu_ms"] = None
+        if self.bundle.can_calibrate:
+            calibration = DeviceCalibration(self.bundle, chip, num_threads=CALIBRATION_THREADS,
+                                            **self.base.calibrator_options())
+            self.fig["calibration_frame_cpu_ms"] = _cpu_ms_per_call(lambda: calibration.step(self.x, next(frame_no)))
+
+
+def _cpu_ms_per_call(fn, calls: int = 20) -> float:
+    """CPU milliseconds (all of this process's threads) per call of `fn()`, after one call to warm up."""
+    fn()
+    start = time.process_time()
+    for _ in range(calls):
+        fn()
+    return round((time.process_time() - start) / calls * 1e3, 2)
+
+
+def _sample_frames(camera_fps: float | None):
+    """The bundled clip, looped and read ahead: as fast as it decodes, or delivered at `camera_fps`."""
+    if camera_fps is None:
+        return open_frames()
+    return Prefetched(VideoSource(sample_path(), loop=True, realtime=camera_fps))
 
 
 def _no_xnnpack_invoke_ms(model_bytes, x, num_threads):

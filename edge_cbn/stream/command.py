@@ -12,7 +12,7 @@ from ..options import model_option, noise_flags, noise_options, num_threads_opti
 from ..runtime.interpreter import available_cpus
 from ..runtime.memory import return_freed_memory
 from ..runtime.stream_calibrator import MODES
-from .engine import Engine
+from .engine import CONVERGED_WARMUPS, SECOND_PASS_SLOWDOWN, TRACKING_SLOWDOWN, Engine
 from .loop import StreamLoop, stop_on_signals
 from .options import StreamOptions, warn
 from .resolve import load_model, open_frames
@@ -22,7 +22,8 @@ POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seede
              "interpreter builds). 0 = exact: every frame draws its own noise and builds its interpreter "
              "(faithful but slow: the build costs more than the invoke).")
 CALIBRATE_EVERY_HELP = (
-    "Calibrate on every N-th frame until twice the warm-up's calibration frames are in, then on every 64N-th. "
+    f"Calibrate on every N-th frame through the warm-up, on every {SECOND_PASS_SLOWDOWN}N-th until "
+    f"{CONVERGED_WARMUPS} times its calibration frames are in, then on every {TRACKING_SLOWDOWN}N-th. "
     "Calibration runs beside serving, on a core of its own, and what it finds serves 8 frames later (waiting "
     "for it if need be), so the result is a function of the frames: the same on any machine and under any load; "
     "a slower or busier machine only runs at a lower frame rate.")

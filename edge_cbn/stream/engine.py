@@ -25,11 +25,14 @@ from .pipeline import CalibrationPipeline, CalibrationResult
 # rebuild): at the warm-up's cadence, and once calibration only tracks; the end of the warm-up always updates it.
 SERVE_REFUSE_EVERY = 8
 SERVE_REFUSE_EVERY_TRACKING = 4
-# Calibration keeps its warm-up cadence until CONVERGED_WARMUPS times the warm-up's calibration frames are in
-# (the deepest layers have had one frame each at the warm-up's end), then takes TRACKING_SLOWDOWN times less:
-# the statistics only drift, and the stream gets its frame rate back (docs/DESIGN.md, "Calibrated in seconds").
+# Calibration frames come every --calibrate-every frames through the warm-up (calibrated soon), then
+# SECOND_PASS_SLOWDOWN times less often until CONVERGED_WARMUPS times the warm-up's calibration frames are in
+# (the deepest layers have had one frame each at the warm-up's end; frames further apart see more of the
+# scene), then TRACKING_SLOWDOWN times less: the statistics only drift, and the stream gets its frame rate
+# back (docs/DESIGN.md, "Calibrated in seconds").
+SECOND_PASS_SLOWDOWN = 2
 CONVERGED_WARMUPS = 2
-TRACKING_SLOWDOWN = 64
+TRACKING_SLOWDOWN = 128
 CALIBRATION_THREADS = 1
 
 
@@ -182,11 +185,12 @@ class Engine:
                 and self.calibration_frames >= CONVERGED_WARMUPS * self.cal.warmup_frames)
 
     def _calibration_due(self, i: int) -> bool:
-        """Calibrate frame `i`?  Every --calibrate-every frames, TRACKING_SLOWDOWN times less once converged:
-        a function of the frame index alone."""
+        """Calibrate frame `i`?  Every --calibrate-every frames until the stream sees the warm-up's end,
+        SECOND_PASS_SLOWDOWN times less until converged, TRACKING_SLOWDOWN times less after: a function of
+        the frame index alone."""
         if self.calibration is None or i < self._next_calibration:
             return False
-        slowdown = TRACKING_SLOWDOWN if self.converged else 1
+        slowdown = TRACKING_SLOWDOWN if self.converged else SECOND_PASS_SLOWDOWN if self.status.warm else 1
         self._next_calibration = i + self.opts.calibrate_every * slowdown
         self.calibration_frames += 1
         return True

@@ -24,9 +24,9 @@ class StreamOptions:
     mode: str = CALIBRATION_DEFAULTS["mode"]
     window: float = CALIBRATION_DEFAULTS["window"]
     refuse_every: int = CALIBRATION_DEFAULTS["refuse_every"]
-    stages: int = 64  # at most: a warm-up of 64 calibration frames, 256 stream frames (DESIGN, "Calibrated in seconds")
+    stages: int = 64  # at most: a warm-up of 64 calibration frames, 128 stream frames (DESIGN, "Calibrated in seconds")
     track_every: int = CALIBRATION_DEFAULTS["track_every"]
-    calibrate_every: int = 4  # calibration frames by index: every N-th (docs/DESIGN.md, "Calibrated in seconds")
+    calibrate_every: int = 2  # calibration frames by index: every N-th (docs/DESIGN.md, "Calibrated in seconds")
     agreement_every: int = 10
     state: str | None = None
     save_interval: float = 30.0

@@ -160,10 +160,10 @@ class VideoSource(FrameSource):
     the end of the file (the floor also covers files that declare no count, or too few).  Each corrupt
     stretch is one warning (on the first pass) and adds its length to ``skipped``; frames a file declares
     but does not deliver at its end (a truncated copy) are one warning.  ``realtime=True`` paces the
-    frames to the file's fps, like a camera would deliver them.
+    frames to the file's fps, like a camera would deliver them; ``realtime=FPS`` to that rate.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], loop: bool = False, *, realtime: bool = False,
+    def __init__(self, path: Union[str, os.PathLike], loop: bool = False, *, realtime: bool | float = False,
                  max_bad_frames: int = 25, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic):
         self.path = Path(path)
@@ -178,7 +178,7 @@ class VideoSource(FrameSource):
             raise SourceError(self.path, "not a regular file")
         self.skipped, self.passes, self._finished = 0, 0, False
         self._cap = self._open()
-        self.fps = _fps_of(self._cap)
+        self.fps = _fps_of(self._cap) if realtime is True or not realtime else float(realtime)
         self._next_due = None
         self._take_first("no decodable video frame")
 
@@ -487,7 +487,7 @@ class Prefetched(FrameSource):
 def open_source(camera: Union[int, str, None] = None, video: Union[str, os.PathLike, None] = None,
                 images: Union[str, os.PathLike, None] = None, loop: bool = False,
                 width: int = 640, height: int = 480, *, picamera2: bool = False,
-                realtime: bool = False) -> FrameSource:
+                realtime: bool | float = False) -> FrameSource:
     """Open at most one of ``camera`` / ``video`` / ``images``; with none of them, the bundled sample clip.
 
     ``width``/``height`` are the capture size asked of a camera; files are delivered at their own size.
