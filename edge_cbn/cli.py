@@ -66,8 +66,8 @@ def one_line_error(e: Exception) -> int:
 @click.group(cls=LazyGroup, lazy={
     "convert": "edge_cbn.convert.command:main",
     "stream": "edge_cbn.stream.command:main",
-    "bench": "edge_cbn.lab.bench:bench",
-    "evaluate": "edge_cbn.lab.evaluate:main",
+    "bench": "edge_cbn.lab.bench.command:bench",
+    "evaluate": "edge_cbn.lab.evaluate.command:main",
     "divergence": "edge_cbn.lab.divergence:main",
     "models": "edge_cbn.convert.command:models",
 })

@@ -146,7 +146,7 @@ def run_cli(task, model_path, out, *args):
     """`edge-cbn evaluate TASK` on a tiny model with small settings; (result, the final JSON line or None)."""
     from click.testing import CliRunner
 
-    from edge_cbn.lab.evaluate import main
+    from edge_cbn.lab.evaluate.command import main
 
     res = CliRunner().invoke(main, [task, "--model", str(model_path), "--out", str(out), "--num-threads", "1",
                                     "--cal-frames", "6", "--pool", "2", *args])

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("keras")
 
-from edge_cbn.lab.bench import bench  # noqa: E402
+from edge_cbn.lab.bench.command import bench  # noqa: E402
 from edge_cbn.convert.export import export  # noqa: E402
 from tiny import PRE, tiny_model  # noqa: E402
 
@@ -56,7 +56,7 @@ def test_bench_converge_reads_the_curve_off_the_log():
     """Agreement over the clip loop ending at each frame, the converged level over the last third, and the
     first frame (and its second) at which each share of the recovery is reached: on a made-up log whose
     served agreement steps from 40 % to 80 % at frame 400."""
-    from edge_cbn.lab.bench_converge import convergence, without_timing
+    from edge_cbn.lab.bench.converge import convergence, without_timing
 
     lines = []
     for i in range(1200):

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 pytest.importorskip("keras")
 pytest.importorskip("skimage")
 
-from edge_cbn.lab.bench import bench  # noqa: E402
-from edge_cbn.lab.bench_sweep import per_image_costs  # noqa: E402
-from edge_cbn.lab.sweep_projection import CAL_FRAMES, project  # noqa: E402
+from edge_cbn.lab.bench.command import bench  # noqa: E402
+from edge_cbn.lab.bench.sweep import per_image_costs  # noqa: E402
+from edge_cbn.lab.bench.sweep_projection import CAL_FRAMES, project  # noqa: E402
 from tiny import PRE, tiny_model  # noqa: E402
 
 

@@ -9,7 +9,7 @@ pytest.importorskip("keras")
 pytest.importorskip("skimage")
 
 from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
-from edge_cbn.lab.evaluate import main  # noqa: E402
+from edge_cbn.lab.evaluate.command import main  # noqa: E402
 from edge_cbn.convert.export import export  # noqa: E402
 from edge_cbn.runtime.noise import make_noise  # noqa: E402
 from tiny import PRE, tiny_model  # noqa: E402
@@ -51,7 +51,7 @@ def test_evaluate_reports_agreement_per_setting(model_path):
 
 
 def test_seed_means_recovered_share():
-    from edge_cbn.lab.evaluate import seed_means
+    from edge_cbn.lab.evaluate.command import seed_means
 
     rows = [{"preset": "paper", "eta": 0.25, "seed": s, "uncalibrated": u, "uncalibrated_confident": 40.0,
              "calibrated@8": c, "calibrated@8_confident": 100.0} for s, u, c in ((0, 10.0, 80.0), (1, 30.0, 90.0))]
@@ -72,7 +72,7 @@ def test_evaluate_rejects_bad_options(model_path, args, hint):
 
 
 def test_evaluate_passes_noise_options_to_every_chip(model_path, monkeypatch):
-    import edge_cbn.lab.evaluate as ev
+    import edge_cbn.lab.evaluate.command as ev
 
     calls = []
 
@@ -92,7 +92,7 @@ def test_evaluate_passes_noise_options_to_every_chip(model_path, monkeypatch):
 def test_static_calibration_and_split_same(model_path, monkeypatch):
     """--static-calibration calibrates on the same chip without its temporal draw; --split same
     calibrates on the evaluation crops themselves."""
-    import edge_cbn.lab.evaluate as ev
+    import edge_cbn.lab.evaluate.command as ev
 
     chips, crop_sets = [], []
     monkeypatch.setattr(ev, "make_noise", lambda *a, **k: chips.append(k.get("temporal", True)) or make_noise(*a, **k))
@@ -114,15 +114,15 @@ def test_static_calibration_and_split_same(model_path, monkeypatch):
 
 
 def test_photo_sets(model_path):
-    from edge_cbn.lab.photos import NATURAL, load_photos
+    from edge_cbn.lab.scenes.photos import NATURAL, load_photos
 
     natural, every = load_photos("natural"), load_photos("all")
     assert sorted(natural) == sorted(NATURAL) and set(natural) < set(every) and len(every) == 19
     assert all(img.ndim == 3 and img.shape[2] == 3 and img.dtype.name == "uint8" for img in natural.values())
     with pytest.raises(ValueError):
         load_photos("textures")
-    from edge_cbn.lab.evaluate import crops
-    from edge_cbn.lab.photos import random_crops
+    from edge_cbn.lab.evaluate.command import crops
+    from edge_cbn.lab.scenes.photos import random_crops
 
     bundle = load_bundle(str(model_path))
     side = bundle.meta["input_size"][0]

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from edge_cbn.lab import datasets, metrics, report
-from edge_cbn.lab.datasets import Sample
+from edge_cbn.lab.evaluate import datasets, metrics, report
+from edge_cbn.lab.evaluate.datasets import Sample
 from edge_cbn.runtime.errors import BadInput
 from labelled_tiny import WNIDS, coco_dataset, imagenet_folder, images, voc_dataset
 

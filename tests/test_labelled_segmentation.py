@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("keras")
 pytest.importorskip("PIL")
 
-from edge_cbn.lab import datasets, labelled  # noqa: E402
+from edge_cbn.lab.evaluate import datasets, labelled  # noqa: E402
 from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
 from edge_cbn.runtime.noisy_model import NoisyModel  # noqa: E402
 from edge_cbn.runtime.processing import Processor  # noqa: E402

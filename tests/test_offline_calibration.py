@@ -10,8 +10,8 @@ from edge_cbn.runtime.noisy_model import NoisyModel, noise_targets  # noqa: E402
 from edge_cbn.convert.export import export  # noqa: E402
 from edge_cbn.runtime.noise import PRESETS, make_noise  # noqa: E402
 from edge_cbn.runtime.processing import normalise  # noqa: E402
-from edge_cbn.lab.bench_calibrate import float64_statistics  # noqa: E402
-from edge_cbn.lab.statistics import relative_difference  # noqa: E402
+from edge_cbn.lab.bench.calibrate import float64_statistics  # noqa: E402
+from edge_cbn.lab.bench.statistics import relative_difference  # noqa: E402
 from tiny import PRE, SIZE, pixels, tiny_model  # noqa: E402
 
 

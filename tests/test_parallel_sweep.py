@@ -14,8 +14,8 @@ pytest.importorskip("pycocotools")
 
 from edge_cbn.cluster.local import LocalPool  # noqa: E402
 from edge_cbn.cluster.shard_cache import ShardCache  # noqa: E402
-from edge_cbn.lab import labelled, parallel_sweep  # noqa: E402
-from edge_cbn.lab.sweep_worker import run_unit  # noqa: E402
+from edge_cbn.lab.evaluate import labelled, parallel_sweep  # noqa: E402
+from edge_cbn.lab.evaluate.sweep_worker import run_unit  # noqa: E402
 from labelled_tiny import coco_dataset, exported, imagenet_folder, images, run_cli, voc_dataset  # noqa: E402
 from sweep_faults import kill_when_ready, killed_once  # noqa: E402
 
@@ -91,7 +91,7 @@ def test_offline_methods_on_ray_equal_one_process(ray_cluster, tasks, tmp_path, 
 def sharded(tasks, pool, out, unit=run_unit):
     """The detection sweep through the Python API (as `--workers` runs it, with `unit` in the workers):
     (records as `metrics_of` gives them, the sweep)."""
-    from edge_cbn.lab import datasets
+    from edge_cbn.lab.evaluate import datasets
     from edge_cbn.runtime.bundle import load_bundle
     from edge_cbn.runtime.stream_calibrator import DEFAULTS
 

@@ -291,7 +291,7 @@ def test_calibration_slows_down_after_the_warm_up_and_once_converged(tiny, tmp_p
 def stream_log(tiny, log, n, *, background=True, slow_worker=None, pool=3):
     """(per-frame log lines, summary) of an `Engine` over `n` frames of the sample clip, without the timings;
     the worker thread optionally slowed by `slow_worker()` seconds before each calibration frame."""
-    from edge_cbn.lab.bench_converge import without_timing
+    from edge_cbn.lab.bench.converge import without_timing
     from edge_cbn.stream import Engine, StreamLoop, StreamOptions, open_frames
 
     opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, frames=n, log=str(log),

@@ -14,9 +14,9 @@ from edge_cbn.convert.models.shape_classes import SEGMENTATION_CLASSES, SHAPE_CL
 from edge_cbn.convert.models.shapes import HEAD
 from edge_cbn.convert.weights.checks import MismatchedWeightFile
 from edge_cbn.convert.weights.npz import load_npz, read_npz, save_npz, shipped_weights
-from edge_cbn.lab.metrics import confusion_matrix
-from edge_cbn.lab.synthetic_datasets import write_datasets
-from edge_cbn.lab.synthetic_scenes import scene
+from edge_cbn.lab.evaluate.metrics import confusion_matrix
+from edge_cbn.lab.scenes.synthetic_datasets import write_datasets
+from edge_cbn.lab.scenes.synthetic_scenes import scene
 from edge_cbn.runtime.bundle import load_bundle
 from edge_cbn.runtime.detection import box_iou
 from edge_cbn.runtime.errors import BadInput

@@ -179,8 +179,8 @@ def stream(python: list, env: dict, model: Path, frames: Path, n: int, seed: int
 
 def differences(x86: dict, board: dict, rtol: float = 1e-5) -> tuple[list[str], float]:
     """What differs between the runs (empty: equal), and the relative difference of the calibrated
-    statistics (`edge_cbn.lab.statistics.relative_difference`)."""
-    from edge_cbn.lab.statistics import relative_difference
+    statistics (`edge_cbn.lab.bench.statistics.relative_difference`)."""
+    from edge_cbn.lab.bench.statistics import relative_difference
 
     diffs = []
     if len(x86["frames"]) != len(board["frames"]):

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Train the shipped `yolo_shapes` detector and `fcn_shapes` segmenter on synthetic shape scenes, on the CPU,
-and write their evaluation sets (`edge_cbn/lab/synthetic_scenes.py` draws every scene, seeded).
+and write their evaluation sets (`edge_cbn/lab/scenes/synthetic_scenes.py` draws every scene, seeded).
 
     python tools/train_synthetic.py make-data --out data/shapes --seed 0 --count 500
     OMP_NUM_THREADS=2 nice -n 10 python tools/train_synthetic.py train yolo_shapes --data data/shapes
@@ -31,7 +31,7 @@ def scene_pool(task: str, seed: int, count: int):
     """(images (N, S, S, 3) uint8, targets): per scene (class ids, x1 y1 x2 y2 boxes) for detection, or
     the (N, S, S) uint8 VOC label maps for segmentation; scenes of the `fit` stream."""
     from edge_cbn.convert.models.shapes import INPUT_SIZE
-    from edge_cbn.lab.synthetic_scenes import scenes
+    from edge_cbn.lab.scenes.synthetic_scenes import scenes
 
     images = np.empty((count, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
     targets = [] if task == "detection" else np.empty((count, INPUT_SIZE, INPUT_SIZE), np.uint8)
@@ -235,8 +235,8 @@ def train(name: str, *, steps: int, batch_size: int, pool: int, seed: int, lr: f
 def device_check(bundle, data: Path) -> dict:
     """The clean metric of the bundle on `data`'s val split, through the readers, device pre- and
     postprocessing and scorers of `edge-cbn evaluate` (its η 0 column, with its default thresholds)."""
-    from edge_cbn.lab import datasets
-    from edge_cbn.lab.labelled import DETECTION_THRESHOLDS, scorer_factory
+    from edge_cbn.lab.evaluate import datasets
+    from edge_cbn.lab.evaluate.labelled import DETECTION_THRESHOLDS, scorer_factory
     from edge_cbn.runtime.noisy_model import NoisyModel
     from edge_cbn.runtime.processing import Processor
 
@@ -278,7 +278,7 @@ def cli():
 @click.option("--size", default=160, show_default=True, help="Image side in pixels.")
 def make_data(out, seed, count, calibration_count, size):
     """Write the val and train (calibration) splits in the COCO and VOC2012 layouts."""
-    from edge_cbn.lab.synthetic_datasets import write_datasets
+    from edge_cbn.lab.scenes.synthetic_datasets import write_datasets
 
     start = time.time()
     write_datasets(out, seed=seed, val=count, train=calibration_count, hw=(size, size))

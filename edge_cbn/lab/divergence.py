@@ -45,9 +45,9 @@ from ..runtime.errors import BadInput
 from ..runtime.noise import make_noise
 from ..runtime.noisy_model import noise_targets
 from ..runtime.processing import Processor, model_input, normalise
-from . import datasets
-from .evaluate import EVAL_FRAME0, calibrator_flags, crops
-from .photos import PHOTO_SETS
+from .evaluate import datasets
+from .evaluate.command import EVAL_FRAME0, calibrator_flags, crops
+from .scenes.photos import PHOTO_SETS
 
 CSV_FIELDS = ("layer", "kl_uncal", "kl_cal", "js_uncal", "js_cal", "ratio")
 
@@ -255,7 +255,7 @@ def measure(bundle, model, eval_x: np.ndarray, cal_inputs, setting: Setting, pro
 
 def folder_inputs(bundle, files) -> np.ndarray:
     """The device inputs of image files (the stream's preprocessing), stacked N×H×W×3."""
-    from .labelled import frame_of
+    from .evaluate.labelled import frame_of
 
     processor = Processor(bundle)
     return np.concatenate([processor.preprocess(frame_of(f))[0] for f in files])

@@ -3,7 +3,7 @@
 ``edge_cbn/stream/static/sample.mp4`` (package data, so it is there after a plain ``pip install``) is what
 ``open_source()`` streams when no camera, video or image folder is given. ``static/sample.json`` next to
 it tells which photo each frame shows and the crop box of every frame in that photo's pixel coordinates,
-for evaluations that compare a frame with its photo.  The generator is ``edge_cbn.lab.sample_clip``.
+for evaluations that compare a frame with its photo.  The generator is ``edge_cbn.lab.scenes.sample_clip``.
 Standard library only.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def sample_path() -> Path:
     """Path of the bundled clip ``edge_cbn/stream/static/sample.mp4``."""
     path = STATIC / "sample.mp4"
     if not path.is_file():
-        raise FileNotFoundError(f"sample clip missing: {path} (regenerate with `python -m edge_cbn.lab.sample_clip`)")
+        raise FileNotFoundError(f"sample clip missing: {path} (regenerate with `python -m edge_cbn.lab.scenes.sample_clip`)")
     return path
 
 

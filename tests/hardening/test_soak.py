@@ -2,7 +2,7 @@
 its memory stays flat after the warm-up (the 100,000-frame figures come from the same command)."""
 import pytest
 
-from edge_cbn.lab.bench_soak import soak
+from edge_cbn.lab.bench.soak import soak
 
 pytestmark = [pytest.mark.hardening, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""The classes of the synthetic shape scenes (`edge_cbn.lab.synthetic_scenes`) and of the models trained on
+"""The classes of the synthetic shape scenes (`edge_cbn.lab.scenes.synthetic_scenes`) and of the models trained on
 them (`shapes.py`).  No TensorFlow here: the scene generator imports it on machines without it.
 
 COCO numbering: category id `i + 1` is `SHAPE_CLASSES[i]`.  VOC numbering: mask value `i + 1` is

@@ -17,14 +17,14 @@ import time
 
 import numpy as np
 
-from .bench import peak_rss_mb
+from .command import peak_rss_mb
 from .statistics import relative_difference
 
 def write_images(folder, n: int, size: int = 256, seed: int = 0) -> list[str]:
     """`n` JPEG crops of the photos the data extra ships (the same files for every run)."""
     import cv2
 
-    from .photos import load_photos, random_crops
+    from ..scenes.photos import load_photos, random_crops
 
     crops, _ = random_crops(load_photos("natural"), n, size, seed=seed)
     paths = []
@@ -53,13 +53,13 @@ class BatchTimer:
 
 
 def edge_cbn_side(model_name, files, batch_size, threads, noise, eta) -> dict:
-    from ..convert.tf_import import tf
+    from ...convert.tf_import import tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from ..convert import models as zoo
-    from ..convert.offline_calibration import calibrate_on_images
-    from .bench import random_model
+    from ...convert import models as zoo
+    from ...convert.offline_calibration import calibrate_on_images
+    from .command import random_model
 
     spec, model = zoo.get_spec(model_name), random_model(model_name)
     timer = BatchTimer()
@@ -70,8 +70,8 @@ def edge_cbn_side(model_name, files, batch_size, threads, noise, eta) -> dict:
 def float64_statistics(model, batch) -> dict:
     """Train-mode BN input statistics the slow way, the path before the in-graph reduction: every
     activation comes back and is reduced in float64 numpy.  {bn: (mean, unbiased var)}."""
-    from ..convert.offline_calibration import bn_layers
-    from ..convert.tf_import import keras
+    from ...convert.offline_calibration import bn_layers
+    from ...convert.tf_import import keras
 
     bns = bn_layers(model)
     probe = keras.Model(model.inputs, [bn.input for bn in bns])
@@ -84,10 +84,10 @@ def float64_statistics(model, batch) -> dict:
 
 def check_side(model_name, files, batch_size, noise, eta) -> dict:
     """The fast path's statistics of the first batch against `float64_statistics`, same noise draw."""
-    from ..convert import models as zoo
-    from ..convert.offline_calibration import calibrate_bn, image_batches, keras_noise_targets, set_kernels
-    from ..runtime.noise import make_noise
-    from .bench import random_model
+    from ...convert import models as zoo
+    from ...convert.offline_calibration import calibrate_bn, image_batches, keras_noise_targets, set_kernels
+    from ...runtime.noise import make_noise
+    from .command import random_model
 
     spec, model = zoo.get_spec(model_name), random_model(model_name)
     batch = next(image_batches(files, spec.preprocess, spec.input_size, batch_size))
@@ -101,8 +101,8 @@ def torch_side(model_name, files, batch_size, threads) -> dict:
     import torch
     import torchvision
 
-    from ..convert import models as zoo
-    from ..convert.offline_calibration import image_batches
+    from ...convert import models as zoo
+    from ...convert.offline_calibration import image_batches
 
     torch.set_num_threads(threads)
     model = getattr(torchvision.models, model_name)(weights=None)  # the zoo uses torchvision's names
@@ -148,7 +148,7 @@ def child(argv) -> None:
 
 def run_child(python, side, model_name, folder, batch_size, threads, noise, eta) -> dict | None:
     """A fresh process for one run; None (with the reason) when it could not run."""
-    cmd = [python, "-m", "edge_cbn.lab.bench_calibrate", side, model_name, folder, str(batch_size),
+    cmd = [python, "-m", "edge_cbn.lab.bench.calibrate", side, model_name, folder, str(batch_size),
            str(threads), noise, str(eta)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
                OMP_NUM_THREADS=str(threads))

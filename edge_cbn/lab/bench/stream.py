@@ -11,16 +11,16 @@ import time
 import click
 import numpy as np
 
-from ..runtime.device_calibration import DeviceCalibration
-from ..runtime.interpreter import make_interpreter
-from ..runtime.noise import make_noise
-from ..runtime.noisy_model import NoisyModel, noise_targets
-from ..runtime.processing import Processor
-from ..stream import Engine, StreamLoop, StreamOptions, load_model, open_frames
-from ..stream.engine import CALIBRATION_THREADS
-from ..stream.sample import sample_path
-from ..stream.sources import Prefetched, VideoSource
-from .bench import emit, invoke_fn, perturbed_stats, time_per_call
+from ...runtime.device_calibration import DeviceCalibration
+from ...runtime.interpreter import make_interpreter
+from ...runtime.noise import make_noise
+from ...runtime.noisy_model import NoisyModel, noise_targets
+from ...runtime.processing import Processor
+from ...stream import Engine, StreamLoop, StreamOptions, load_model, open_frames
+from ...stream.engine import CALIBRATION_THREADS
+from ...stream.sample import sample_path
+from ...stream.sources import Prefetched, VideoSource
+from .command import emit, invoke_fn, perturbed_stats, time_per_call
 
 # Peak RSS of `edge-cbn stream` per configuration, each in a fresh process (device/README.md's table).
 MEMORY_CONFIGS = [
@@ -87,10 +87,10 @@ class StreamBench:
 
     def peak_rss_mb(self, flags, frames: int) -> float:
         """Peak RSS of `edge-cbn stream` with `flags` over `frames` frames of the sample clip, in a fresh
-        process that reports its own peak at exit (`bench.peak_rss_mb`)."""
+        process that reports its own peak at exit (`command.peak_rss_mb`)."""
         args = [a.format(preset=self.preset, eta=self.eta) for a in flags]
         code = ("import atexit, sys\n"
-                "from edge_cbn.lab.bench import peak_rss_mb\n"
+                "from edge_cbn.lab.bench.command import peak_rss_mb\n"
                 "atexit.register(lambda: print('peak-rss-mb', peak_rss_mb(), file=sys.stderr))\n"
                 "from edge_cbn.cli import main; main()")
         done = subprocess.run([sys.executable, "-c", code, "stream", "--model", str(self.bundle.path), "--frames",
@@ -229,7 +229,7 @@ def _sample_frames(camera_fps: float | None):
 def _no_xnnpack_invoke_ms(model_bytes, x, num_threads):
     """Invoke time with the builtin kernels only, which read weights in place (so a live buffer patch
     would need no rebuild); None where the interpreter has no such option."""
-    from ..runtime.interpreter import interpreter_class
+    from ...runtime.interpreter import interpreter_class
 
     try:
         from ai_edge_litert.interpreter import OpResolverType

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_calibrate import write_images
+from .calibrate import write_images
 
 TABLES = {  # the paper's sweeps: images, noise levels, methods (original, offline, stream-calibrated)
     "table1": {"task": "classification", "images": 50000, "etas": 6, "methods": 3,
@@ -27,7 +27,7 @@ OFFLINE_BATCH = {"classification": 32, "detection": 8}  # the timing batch (per-
 def synthetic_imagenet(root: Path, images: int, calibration: int, classes: int = 10, side: int = 400) -> tuple:
     """(val folder, calibration folder): JPEG crops of the bundled photos, `images` of them spread over the
     first `classes` ImageNet wnids (so `evaluate classification` reads them as it reads ImageNet's val)."""
-    from .datasets import imagenet_wnids
+    from ..evaluate.datasets import imagenet_wnids
 
     wnids = imagenet_wnids()[:classes]
     for k, wnid in enumerate(wnids):
@@ -75,7 +75,7 @@ def measure_speedups(model: str, val: Path, cal: Path, work: Path, *, seeds: str
     one when None), in `rounds` rounds of alternating order (1, 2, Ray, then Ray, 2, 1, …) so that a change
     of the shared machine's load falls on every configuration; {configuration: [runs]}."""
     if ray_address is None:
-        from ..cluster.local_ray import LocalRayCluster
+        from ...cluster.local_ray import LocalRayCluster
 
         with LocalRayCluster(nodes=2, cpus_per_node=1) as address:
             return measure_speedups(model, val, cal, work, seeds=seeds, noise=noise, cal_frames=cal_frames,

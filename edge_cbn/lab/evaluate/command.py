@@ -14,15 +14,15 @@ import time
 import click
 import numpy as np
 
-from ..cli import LazyGroup
-from ..options import NoiseSweep, noise_option_flag, noise_options, num_threads_option, verbose_option
-from ..runtime.bundle import load_bundle
-from ..runtime.device_calibration import DeviceCalibration
-from ..runtime.noise import make_noise
-from ..runtime.noisy_model import NoisyModel, noise_targets
-from ..runtime.processing import model_input, normalise
-from ..runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES
-from .photos import PHOTO_SETS
+from ...cli import LazyGroup
+from ...options import NoiseSweep, noise_option_flag, noise_options, num_threads_option, verbose_option
+from ...runtime.bundle import load_bundle
+from ...runtime.device_calibration import DeviceCalibration
+from ...runtime.noise import make_noise
+from ...runtime.noisy_model import NoisyModel, noise_targets
+from ...runtime.processing import model_input, normalise
+from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES
+from ..scenes.photos import PHOTO_SETS
 from .report import recovered_share
 
 EVAL_FRAME0 = 1 << 32  # temporal-noise frame indices of evaluation inferences (disjoint from calibration)
@@ -80,7 +80,7 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: CropAgreement,
 
     calibration.calibrate(cal_x[:, None], on_frame=check)
     if keras_model is not None:
-        from ..convert.offline_calibration import offline_statistics
+        from ...convert.offline_calibration import offline_statistics
 
         for estimator in ("cumulative", "ema"):
             noisy.set_stats(offline_statistics(keras_model, preset, eta, seed, keras_cal_x, estimator=estimator,
@@ -93,7 +93,7 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
     """(calibration crops, evaluation crops) as RGB uint8 at the model's input size; `scale`: the crop
     side as a fraction of the photo's shorter side (see `photos.random_crops`); `photos`: the photo set
     (`photos.PHOTO_SETS`)."""
-    from .photos import load_photos, random_crops, split_photos
+    from ..scenes.photos import load_photos, random_crops, split_photos
 
     photos = load_photos(photos)
     size = bundle.meta["input_size"][0]
@@ -187,9 +187,9 @@ def calibrator_flags():
 
 
 @click.group("evaluate", cls=LazyGroup, invoke_without_command=True, lazy={
-    "classification": "edge_cbn.lab.labelled:classification",
-    "detection": "edge_cbn.lab.labelled:detection",
-    "segmentation": "edge_cbn.lab.labelled:segmentation",
+    "classification": "edge_cbn.lab.evaluate.labelled:classification",
+    "detection": "edge_cbn.lab.evaluate.labelled:detection",
+    "segmentation": "edge_cbn.lab.evaluate.labelled:segmentation",
 })
 @click.option("--model", default=None, help="Registered name or exported .tflite (default: efficientnet_lite0).")
 @click.option("--noise", "settings", type=NoiseSweep(), multiple=True, show_default=True,
@@ -238,7 +238,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refuse_every, 
     the paper's metrics (top-1, mAP@0.5, mIoU) on the same device path."""
     if ctx.invoked_subcommand is not None:  # the group's own options belong to this mode only
         return
-    from ..stream.resolve import resolve_model
+    from ...stream.resolve import resolve_model
 
     bundle = load_bundle(resolve_model(model, echo=click.echo))
     checkpoints = tuple(int(c) for c in checkpoints.split(",") if int(c) <= cal_frames) or (cal_frames,)
@@ -250,7 +250,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refuse_every, 
     options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink, power=power)
     keras_model = keras_cal_x = None
     if offline:
-        from ..convert.build import build_model
+        from ...convert.build import build_model
 
         keras_model = build_model(bundle.meta["model"])[1]
         keras_cal_x = normalise(cal_rgb, bundle.meta["preprocess"])

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..convert.offline_calibration import IMAGE_SUFFIXES, image_files  # light: imports no TensorFlow
-from ..runtime.errors import BadInput
-from ..runtime.labels import load_labels
+from ...convert.offline_calibration import IMAGE_SUFFIXES, image_files  # light: imports no TensorFlow
+from ...runtime.errors import BadInput
+from ...runtime.labels import load_labels
 
 VOC_IGNORE = 255  # VOC's "void" label: object borders and difficult regions, never scored
 

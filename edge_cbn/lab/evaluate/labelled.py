@@ -24,15 +24,15 @@ from typing import Callable
 import click
 import numpy as np
 
-from ..options import NoiseSweep, model_option, noise_option_flag, noise_options, num_threads_option, verbose_option
-from ..runtime.bundle import load_bundle, sidecar_path
-from ..runtime.device_calibration import DeviceCalibration
-from ..runtime.errors import BadInput
-from ..runtime.noise import make_noise
-from ..runtime.noisy_model import NoisyModel, noise_targets
-from ..runtime.processing import Processor, normalise
+from ...options import NoiseSweep, model_option, noise_option_flag, noise_options, num_threads_option, verbose_option
+from ...runtime.bundle import load_bundle, sidecar_path
+from ...runtime.device_calibration import DeviceCalibration
+from ...runtime.errors import BadInput
+from ...runtime.noise import make_noise
+from ...runtime.noisy_model import NoisyModel, noise_targets
+from ...runtime.processing import Processor, normalise
 from . import datasets, metrics, report
-from .evaluate import EVAL_FRAME0, calibrator_flags
+from .command import EVAL_FRAME0, calibrator_flags
 
 METHODS = ("original", "calibrated", "offline_ema", "offline_cumulative")
 CAL_OPTIONS = ("mode", "window", "refuse_every", "stages", "shrink", "power")  # the streaming calibrator's flags
@@ -153,7 +153,7 @@ def offline_statistics(setup: Setup, preset, eta, seed, noise_options, estimator
     """The paper's Algorithm 1 in Keras under the same chip (same seed: the same spatial draws), at
     `setup.offline_batch` images per batch and momentum `setup.momentum` (`estimator` "ema"), or the
     cumulative average ("cumulative")."""
-    from ..convert.offline_calibration import offline_statistics as algorithm_1
+    from ...convert.offline_calibration import offline_statistics as algorithm_1
 
     return algorithm_1(setup.keras_model, preset, eta, seed, KerasInputs(setup, progress), estimator=estimator,
                        batch_size=setup.offline_batch, momentum=setup.momentum, noise_options=noise_options)
@@ -404,7 +404,7 @@ def sweep_flags(task: str):
 
 def offline_model(bundle, weights):
     """The registered Keras model behind `bundle`, with its weights, for --offline."""
-    from ..convert.build import MissingWeights, build_model
+    from ...convert.build import MissingWeights, build_model
 
     try:
         return build_model(bundle.meta["model"], weights, input_size=bundle.input_size[0])[1]
@@ -434,7 +434,7 @@ def make_setup(bundle, dataset, calib_files, kw, *, center_crop=1.0, processor_o
 def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     """One `evaluate TASK` run: model, dataset (`dataset_of()`), calibration images (`calib_of()`), the sweep,
     the report; prints the table and ends with one JSON line, which it returns as a dict."""
-    from ..stream.resolve import resolve_model
+    from ...stream.resolve import resolve_model
 
     seeds = _seeds(kw["seeds"])
     options = {preset: noise_options(preset, kw["noise_option"]) for preset, _ in kw["settings"]}
@@ -443,7 +443,7 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     cache = ResultCache(kw["cache"] or Path(kw["out_dir"]) / "cache.jsonl")
     started = time.perf_counter()
     if kw["workers"] or kw["ray_address"]:
-        from ..cluster import make_pool
+        from ...cluster import make_pool
         from . import parallel_sweep
 
         records = parallel_sweep.sweep(setup, kw["settings"], seeds, options, cache,

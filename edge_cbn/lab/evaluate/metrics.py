@@ -3,7 +3,7 @@ COCO mAP@0.5 / mAR@0.5 through pycocotools (Table 2; the AP interpolation is pyc
 mIoU / pixel accuracy from one confusion matrix summed over the images (Table 3).
 
 Each scorer takes `add(sample, prediction)` with a prediction as `runtime.processing.Processor.postprocess`
-returns it, and `result()` -> {metric: percent}.  A sweep sharded over workers (`lab/parallel_sweep.py`)
+returns it, and `result()` -> {metric: percent}.  A sweep sharded over workers (`lab/evaluate/parallel_sweep.py`)
 merges them exactly: `state()` is a shard's partial result as JSON (counts, a confusion matrix, the
 detections), and `merge(state)` adds another shard's, in evaluation order, so the merged scorer holds what
 one scorer over all the samples would."""
@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 
-from ..runtime.errors import BadInput
+from ...runtime.errors import BadInput
 from .datasets import VOC_IGNORE, read_mask
 
 METRICS = {"classification": ("top1", "top5"), "detection": ("map50", "mar50"), "segmentation": ("miou", "pixacc")}

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cluster import shared
-from ..runtime.bundle import load_bundle
-from ..runtime.processing import Processor
+from ...cluster import shared
+from ...runtime.bundle import load_bundle
+from ...runtime.processing import Processor
 from . import datasets, labelled
 
 
@@ -90,7 +90,7 @@ def run_unit(payload: SweepPayload, unit) -> dict:
     s = unit.setting
     if isinstance(unit, Statistics):
         if unit.method.startswith("offline_"):
-            from ..convert.model_transfer import model_from_spec
+            from ...convert.model_transfer import model_from_spec
 
             setup.keras_model = shared.memo("keras", payload.key, lambda: model_from_spec(payload.keras))
         chip = labelled.chip_of(setup, s.preset, s.eta, s.seed, s.noise_options)

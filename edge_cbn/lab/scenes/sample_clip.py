@@ -3,7 +3,7 @@ natural photos, like a camera would see.
 
 Regenerate it (needs the ``data`` extra: scikit-image and scikit-learn, which ship the photos) with::
 
-    python -m edge_cbn.lab.sample_clip [--out edge_cbn/stream/static/sample.mp4]
+    python -m edge_cbn.lab.scenes.sample_clip [--out edge_cbn/stream/static/sample.mp4]
 
 ``--held-out SEED`` writes another clip of the same photos, in a seeded order with seeded moves: frames the
 bundled clip never shows, for checking what was tuned on it (``edge-cbn bench converge --video``).
@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from ..stream.sample import STATIC
+from ...stream.sample import STATIC
 SIZE = (320, 240)  # width, height
 FPS = 10
 SECONDS_PER_PHOTO = 2.0
@@ -131,7 +131,7 @@ def make_sample(out: Path, fps: int = FPS, size=SIZE, seconds_per_photo: float =
     writer.release()
     info = {"video": out.name, "fps": fps, "size": list(size), "frames": per_photo * len(PHOTOS),
             "codec": "mp4v", "crop_format": "x0, y0, x1, y1 in photo pixels, one per frame",
-            "generator": "python -m edge_cbn.lab.sample_clip" + (
+            "generator": "python -m edge_cbn.lab.scenes.sample_clip" + (
                 f" --held-out {held_out_seed}" if held_out_seed is not None else ""), "photos": entries}
     _check_readback(out, info["frames"])
     text = json.dumps(info, indent=1)
@@ -154,7 +154,7 @@ def _check_readback(path: Path, expected: int) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m edge_cbn.lab.sample_clip", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m edge_cbn.lab.scenes.sample_clip", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=STATIC / "sample.mp4",
                         help="clip to write (default: %(default)s)")
     parser.add_argument("--fps", type=int, default=FPS)

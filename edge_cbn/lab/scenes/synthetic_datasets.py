@@ -18,8 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..convert.models.shape_classes import SHAPE_CLASSES
-from ..stream.overlay import voc_palette
+from ...convert.models.shape_classes import SHAPE_CLASSES
+from ...stream.overlay import voc_palette
 from .synthetic_scenes import scenes
 
 JPEG_QUALITY = 95

@@ -18,7 +18,7 @@ import functools
 import cv2
 import numpy as np
 
-from ..convert.models.shape_classes import SHAPE_CLASSES
+from ...convert.models.shape_classes import SHAPE_CLASSES
 from .photos import load_photos
 
 SPLITS = {"val": 0, "train": 1, "fit": 2}  # evaluation, calibration, model training: disjoint scene streams
