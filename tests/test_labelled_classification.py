@@ -80,7 +80,7 @@ def test_sweep_reports_and_resumes_from_the_cache(tiny, tmp_path, monkeypatch):
 
 def test_offline_algorithm_1_beside_the_stream(tiny, tmp_path, monkeypatch):
     model, path, root = tiny
-    monkeypatch.setattr(labelled, "offline_model", lambda bundle, weights: model)
+    monkeypatch.setattr("edge_cbn.lab.evaluate.tasks.offline_model", lambda bundle, weights: model)
     res, out = run_cli("classification", path, tmp_path, "--data", str(root / "val"), "--calib-dir",
                        str(root / "cal"), "--noise", "relative:0.2", "--seeds", "3", "--offline", "--batch-size", "2")
     assert res.exit_code == 0, res.output

@@ -15,6 +15,7 @@ pytest.importorskip("pycocotools")
 from edge_cbn.cluster.local import LocalPool  # noqa: E402
 from edge_cbn.cluster.shard_cache import ShardCache  # noqa: E402
 from edge_cbn.lab.evaluate import labelled, parallel_sweep  # noqa: E402
+from edge_cbn.lab.evaluate.tasks import make_setup  # noqa: E402
 from edge_cbn.lab.evaluate.sweep_worker import run_unit  # noqa: E402
 from labelled_tiny import coco_dataset, exported, imagenet_folder, images, run_cli, voc_dataset  # noqa: E402
 from sweep_faults import kill_when_ready, killed_once  # noqa: E402
@@ -81,7 +82,7 @@ def test_offline_methods_on_ray_equal_one_process(ray_cluster, tasks, tmp_path, 
     """--offline: Algorithm 1 runs in a worker from the model's architecture JSON and weight arrays (here the
     tiny unregistered model), with the same statistics as in this process."""
     model = tasks["classification"][2]
-    monkeypatch.setattr(labelled, "offline_model", lambda bundle, weights: model)
+    monkeypatch.setattr("edge_cbn.lab.evaluate.tasks.offline_model", lambda bundle, weights: model)
     offline = ("--offline", "--batch-size", "2")
     here = metrics_of("classification", tasks, tmp_path / "one", *offline)
     assert {method for *_, method, _ in here} == set(labelled.METHODS)
@@ -99,9 +100,9 @@ def sharded(tasks, pool, out, unit=run_unit):
     flag = dict(zip(flags[::2], flags[1::2]))
     kw = {"limit": None, "cal_frames": 6, "pool": 2, "num_threads": 1, "offline": False, "offline_frames": None,
           "batch_size": 1, "momentum": 0.999, **{k: DEFAULTS[k] for k in labelled.CAL_OPTIONS}}
-    setup = labelled.make_setup(load_bundle(path), datasets.coco_detection(flag["--annotations"], flag["--images"]),
-                                datasets.image_files(flag["--calib-dir"]), kw,
-                                processor_options={"conf_threshold": 0.005, "iou_threshold": 0.45})
+    setup = make_setup(load_bundle(path), datasets.coco_detection(flag["--annotations"], flag["--images"]),
+                       datasets.image_files(flag["--calib-dir"]), kw,
+                       processor_options={"conf_threshold": 0.005, "iou_threshold": 0.45})
     sweep = parallel_sweep.ShardedSweep(setup, pool, ShardCache(Path(out) / "shards"), 2, unit)
     records = sweep.run([("paper", [0.0, 0.5])], [0, 1], {"paper": {}}, labelled.ResultCache(Path(out) / "cache.jsonl"))
     return [(r["preset"], r["eta"], r["seed"], r["method"], r["metrics"]) for r in records], sweep

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from .command import peak_rss_mb
+from .timing import peak_rss_mb, random_model
 from .statistics import relative_difference
 
 def write_images(folder, n: int, size: int = 256, seed: int = 0) -> list[str]:
@@ -59,7 +59,6 @@ def edge_cbn_side(model_name, files, batch_size, threads, noise, eta) -> dict:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     from ...convert import models as zoo
     from ...convert.offline_calibration import calibrate_on_images
-    from .command import random_model
 
     spec, model = zoo.get_spec(model_name), random_model(model_name)
     timer = BatchTimer()
@@ -87,7 +86,6 @@ def check_side(model_name, files, batch_size, noise, eta) -> dict:
     from ...convert import models as zoo
     from ...convert.offline_calibration import calibrate_bn, image_batches, keras_noise_targets, set_kernels
     from ...runtime.noise import make_noise
-    from .command import random_model
 
     spec, model = zoo.get_spec(model_name), random_model(model_name)
     batch = next(image_batches(files, spec.preprocess, spec.input_size, batch_size))

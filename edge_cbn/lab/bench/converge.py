@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .command import emit
+from .timing import emit
 
 CLIP_FRAMES = 140
 PRESETS = (("relative", 0.05), ("paper", 0.3), ("additive-max", 0.02))

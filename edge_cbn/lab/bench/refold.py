@@ -5,7 +5,7 @@ import itertools
 
 import numpy as np
 
-from .command import invoke_fn, perturbed_stats, random_model, time_per_call
+from .timing import invoke_fn, perturbed_stats, random_model, time_per_call
 
 
 def refold_figures(name: str, tmp: str, num_threads: int) -> dict:

@@ -20,7 +20,7 @@ from ...stream import Engine, StreamLoop, StreamOptions, load_model, open_frames
 from ...stream.engine import CALIBRATION_THREADS
 from ...stream.sample import sample_path
 from ...stream.sources import Prefetched, VideoSource
-from .command import emit, invoke_fn, perturbed_stats, time_per_call
+from .timing import emit, invoke_fn, perturbed_stats, time_per_call
 
 # Peak RSS of `edge-cbn stream` per configuration, each in a fresh process (device/README.md's table).
 MEMORY_CONFIGS = [
@@ -90,7 +90,7 @@ class StreamBench:
         process that reports its own peak at exit (`command.peak_rss_mb`)."""
         args = [a.format(preset=self.preset, eta=self.eta) for a in flags]
         code = ("import atexit, sys\n"
-                "from edge_cbn.lab.bench.command import peak_rss_mb\n"
+                "from edge_cbn.lab.bench.timing import peak_rss_mb\n"
                 "atexit.register(lambda: print('peak-rss-mb', peak_rss_mb(), file=sys.stderr))\n"
                 "from edge_cbn.cli import main; main()")
         done = subprocess.run([sys.executable, "-c", code, "stream", "--model", str(self.bundle.path), "--frames",

@@ -187,9 +187,9 @@ def calibrator_flags():
 
 
 @click.group("evaluate", cls=LazyGroup, invoke_without_command=True, lazy={
-    "classification": "edge_cbn.lab.evaluate.labelled:classification",
-    "detection": "edge_cbn.lab.evaluate.labelled:detection",
-    "segmentation": "edge_cbn.lab.evaluate.labelled:segmentation",
+    "classification": "edge_cbn.lab.evaluate.tasks:classification",
+    "detection": "edge_cbn.lab.evaluate.tasks:detection",
+    "segmentation": "edge_cbn.lab.evaluate.tasks:segmentation",
 })
 @click.option("--model", default=None, help="Registered name or exported .tflite (default: efficientnet_lite0).")
 @click.option("--noise", "settings", type=NoiseSweep(), multiple=True, show_default=True,
