@@ -17,10 +17,11 @@ holds the source's layers and the same statistics, the stream serves it; otherwi
 writes) the saved statistics are re-fused into the source model, which gives the same bytes.
 
 Loading checks every array (`StateStore.load`: names, dtypes, shapes = the model's BN channels, finite,
-var >= 0, and with a calibrator its accumulators, `StreamCalibrator.check_state_dict`).  A state saved
-for another model, noise setting or calibration mode (`OtherSetup`) is reported and ignored: the stream
-starts fresh and replaces it.  A state that fails validation (`BadInput`) is set aside
-(`StateStore.set_aside`: renamed to `FILE.bad-<time>`), so it is neither resumed nor saved over.
+var >= 0, and with a calibrator its accumulators, `StreamCalibrator.check_state_dict`).  Nothing saved is
+ever written over: a state saved for another model, noise setting or calibration mode (`OtherSetup`) is
+kept under its setup's name, `FILE.setup-<setup>`, and a state that fails validation (`BadInput`) under
+`FILE.bad-<time>` (`StateStore.set_aside`), each with its calibrated model and sidecar renamed beside it,
+so the three stay a state that `--state FILE.setup-…` resumes with that setup.
 
 `EDGE_CBN_TEST_SLOW_SAVE=SECONDS` (tests only) pauses half-way through writing each file, so a test can
 kill the process in the middle of a save.
@@ -31,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +70,18 @@ def fingerprint(bundle, *, noise: str, eta: float, seed: int, mode: str, stages:
 
 
 class OtherSetup(BadInput):
-    """A readable state saved for another model, noise setting or calibration mode: not used, not set aside."""
+    """A readable state saved for another model, noise setting or calibration mode (`saved`: its meta)."""
+
+    def __init__(self, path, reason: str, saved: dict):
+        super().__init__(path, reason)
+        self.saved = saved
+
+
+def setup_label(saved: dict) -> str:
+    """A file-name-safe label of the setup a state was saved for: noise, eta, seed, mode, model sha1."""
+    label = (f"{saved.get('noise')}-eta{saved.get('eta')}-seed{saved.get('seed')}-{saved.get('mode')}-"
+             f"{str(saved.get('model_sha1'))[:8]}")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)[:96]
 
 
 @dataclasses.dataclass
@@ -191,7 +204,7 @@ class StateStore:
         diff = [f"{k} {one_line(repr(meta.get(k)), 60)} (now {v!r})" for k, v in self.fingerprint.items()
                 if k not in ignore and meta.get(k) != v]
         if diff:
-            raise OtherSetup(self.path, "it was saved for another setup: " + ", ".join(diff))
+            raise OtherSetup(self.path, "it was saved for another setup: " + ", ".join(diff), meta)
         return {k: check_count(k, meta[k]) for k in ("frames", "refuses", "calibration_frames") if k in meta}
 
     def _read_stats(self, members) -> dict:
@@ -237,19 +250,27 @@ class StateStore:
         return bundle, ""
 
     # ---------------------------------------------------------------------------------- bad states
-    def set_aside(self) -> Path | None:
-        """Rename the state file to `FILE.bad-<UTC time>`: kept for a look, never resumed nor saved over.
-        None when it cannot be renamed (a read-only directory; the next save replaces it then)."""
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        target = self.path.with_name(f"{self.path.name}.bad-{stamp}")
+    def set_aside(self, tag: str | None = None) -> Path | None:
+        """Rename the state file to `FILE.<tag>` (default `bad-<UTC time>`; `-1`, `-2`, … when taken), then
+        the calibrated model and sidecar beside it to the names that state has: kept, never resumed nor
+        saved over.  Returns the new state path; None when the state cannot be renamed (a read-only
+        directory; the next save replaces it then)."""
+        tag = tag or "bad-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.{tag}")
         for n in range(1, 100):
-            if not target.exists():
+            if not any(p.exists() for p in (target, calibrated_model_path(target))):
                 break
-            target = self.path.with_name(f"{self.path.name}.bad-{stamp}-{n}")
+            target = self.path.with_name(f"{self.path.name}.{tag}-{n}")
         try:
             os.rename(self.path, target)
         except OSError:
             return None
+        model = calibrated_model_path(target)
+        for old, new in ((self.model_path, model), (self.sidecar_path, sidecar_path(model))):
+            try:
+                os.rename(old, new)
+            except OSError:  # missing (never saved, or killed before it), or not movable: the state alone
+                pass         # holds the statistics, and resuming it re-fuses them
         return target
 
     def check_writable(self) -> None:

@@ -1,13 +1,14 @@
 """`edge-cbn stream --state FILE`: resume the calibration on start, save it while calibrating and at
 exit (the files, their atomic writes and their checks: `edge_cbn.runtime.state`).  A state that fails its
-checks never stops the stream: it is set aside with one warning and the stream starts fresh."""
+checks never stops the stream: it is set aside with one warning and the stream starts fresh; one saved for
+another setup is kept under that setup's name before a calibrating stream saves its own."""
 from __future__ import annotations
 
 import time
 
 from ..runtime.errors import BadInput
 from ..runtime.refold import Refolder
-from ..runtime.state import OtherSetup, Resumed, Saver, Snapshot, StateStore, fingerprint
+from ..runtime.state import OtherSetup, Resumed, Saver, Snapshot, StateStore, fingerprint, setup_label
 from ..runtime.validation import one_line
 from .options import StreamOptions, warn
 
@@ -43,14 +44,21 @@ class Persistence:
     def resume(self, calibrator=None) -> Resumed | None:
         """The saved state, its calibrator part loaded into `calibrator`; None (with one warning, never an
         exception: whatever is wrong with the file) when there is none or it cannot be used.  A state
-        that fails its checks is set aside, so it is never resumed nor saved over."""
+        that fails its checks is set aside, and a calibrating stream keeps one of another setup under
+        that setup's name, so neither is resumed nor saved over."""
         if not self.store.path.exists():
             return None
         try:
             # Without calibration the saved statistics are served frozen: mode and stages do not matter.
             return self.store.load(ignore=() if self.calibrating else ("mode", "stages"), calibrator=calibrator)
         except OtherSetup as e:
-            warn(f"state {self.name} not used ({e.reason}); starting fresh")
+            if not self.calibrating:  # nothing will be saved over it
+                warn(f"state {self.name} not used ({e.reason}); starting fresh")
+                return None
+            moved = self.store.set_aside("setup-" + setup_label(e.saved))
+            kept = (f"kept as {moved.name}, which --state resumes with that setup" if moved
+                    else "it could not be moved and will be replaced")
+            warn(f"state {self.name} not used ({e.reason}): {kept}; starting fresh")
         except Exception as e:  # noqa: BLE001 - BadInput, or whatever a check missed: the stream goes on
             reason = e.reason if isinstance(e, BadInput) else f"{type(e).__name__}: {e}"
             moved = self.store.set_aside()

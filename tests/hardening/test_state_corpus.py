@@ -2,7 +2,8 @@
 harness's bounds the way the stream loads one (source bundle, state, calibrator): every one is refused
 with one line naming the state file, and nothing in them executes.  What the stream then does with a bad
 state: sets it aside (renamed, bytes kept) with one warning and starts fresh, never resuming nor saving
-over it; a state of another setup is left alone; a --state that cannot be written is one line at start."""
+over it, with the calibrated model beside it; a state of another setup is kept under its setup's name; a
+--state that cannot be written is one line at start."""
 import json
 import os
 import shutil
@@ -12,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from edge_cbn.runtime.bundle import load_bundle
+from edge_cbn.runtime.bundle import load_bundle, sidecar_path
 from edge_cbn.runtime.errors import BadInput
+from edge_cbn.runtime.state import calibrated_model_path
 from edge_cbn.runtime.stream_calibrator import StreamCalibrator
 from edge_cbn.stream.options import StreamOptions
 from edge_cbn.stream.persistence import Persistence
@@ -58,24 +60,43 @@ def _persistence(model, state, *, calibrating=True, eta=0.05):
 @pytest.mark.parametrize("calibrating", [True, False])
 def test_a_bad_state_is_set_aside_with_one_warning(genuine, tmp_path, capsys, calibrating):
     model, state = NAN_MOMENTS.build(tmp_path, genuine)
-    bad = state.read_bytes()
+    bad, files = state.read_bytes(), _trio(state)
     persistence, calibrator = _persistence(model, state, calibrating=calibrating)
     assert persistence.resume(calibrator) is None
     err = capsys.readouterr().err.strip().splitlines()
-    aside = list(tmp_path.glob("st.npz.bad-*"))
+    aside = [p for p in tmp_path.glob("st.npz.bad-*") if p.name.count(".") == 2]
     assert len(aside) == 1 and aside[0].read_bytes() == bad and not state.exists()
+    assert _trio(aside[0])[1:] == files[1:]  # the calibrated model and sidecar beside it, renamed with it
     assert len(err) == 1 and "(NaN or Inf)" in err[0] and f"set aside as {aside[0].name}" in err[0], err
     if calibrator is not None:  # the calibrator was left as it was: fresh
         assert calibrator.stage == 0 and calibrator.noisy[calibrator.bns[0]].count == 0
     persistence.close()
 
 
-def test_a_state_of_another_setup_is_left_alone(genuine, tmp_path, capsys):
+def _trio(state) -> list[bytes | None]:
+    """The bytes of a state, its calibrated model and that model's sidecar (None for a missing file)."""
+    paths = (state, calibrated_model_path(state), sidecar_path(calibrated_model_path(state)))
+    return [p.read_bytes() if p.exists() else None for p in paths]
+
+
+@pytest.mark.parametrize("calibrating", [True, False])
+def test_a_state_of_another_setup_is_kept_under_its_setup(genuine, tmp_path, capsys, calibrating):
+    """A calibrating stream will save: the state of another setup and its calibrated model are renamed
+    first, byte for byte, to a state that resumes with that setup.  A stream that does not save leaves
+    them in place."""
     model, state = _copy(genuine, tmp_path)
-    persistence, calibrator = _persistence(model, state, eta=0.1)
+    files = _trio(state)
+    persistence, calibrator = _persistence(model, state, eta=0.1, calibrating=calibrating)
     assert persistence.resume(calibrator) is None
     err = capsys.readouterr().err
-    assert "another setup" in err and "eta 0.05 (now 0.1)" in err and state.exists()
+    assert "another setup" in err and "eta 0.05 (now 0.1)" in err
+    kept = list(tmp_path.glob("st.npz.setup-relative-eta0.05-seed0-shift-*"))
+    kept = [p for p in kept if not p.name.endswith((".tflite", ".cbn.npz"))]
+    if not calibrating:
+        assert _trio(state) == files and not kept
+    else:
+        assert len(kept) == 1 and f"kept as {kept[0].name}" in err and not state.exists()
+        assert _trio(kept[0]) == files and load_state(kept[0], model).model_path == calibrated_model_path(kept[0])
     assert not list(tmp_path.glob("*.bad-*"))
     persistence.close()
 
@@ -100,6 +121,31 @@ def _cli(*args):
                              "--stages", "2", "--refuse-every", "1", "--calibrate-every", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "EDGE_CBN_DEBUG": ""})
+
+
+def test_a_restart_with_another_setup_keeps_the_saved_calibration(genuine, tmp_path):
+    """The first finding of issue 23: a restart with another --eta and the same --state replaced the state,
+    the calibrated model and its sidecar.  They are now kept under their setup's name, byte for byte, and
+    the first setup resumes from them."""
+    model, _ = _copy(genuine, tmp_path)
+    state = tmp_path / "s.npz"
+
+    def stream(eta, frames, path=state):
+        done = subprocess.run([sys.executable, "-c", "from edge_cbn.cli import main; main()", "stream", "--model",
+                               str(model), "--state", str(path), "--save-interval", "0", "--frames", str(frames),
+                               "--headless", "--quiet", "--noise", "relative", "--eta", eta, "--stages", "2",
+                               "--refuse-every", "1", "--calibrate-every", "1"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])["summary"], done.stderr
+
+    stream("0.05", 60)
+    first = _trio(state)
+    _, err = stream("0.06", 10)
+    kept = [p for p in tmp_path.glob("s.npz.setup-relative-eta0.05-*") if not p.name.endswith((".tflite", ".cbn.npz"))]
+    assert len(kept) == 1 and f"kept as {kept[0].name}" in err and _trio(kept[0]) == first
+    assert None not in _trio(state) and _trio(state) != first  # the new setup's own files
+    summary, _ = stream("0.05", 2, kept[0])
+    assert summary["resumed"] and summary["eta"] == 0.05
 
 
 def test_cli_sets_a_nan_state_aside_and_saves_a_good_one(genuine, tmp_path_factory):
