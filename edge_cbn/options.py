@@ -7,7 +7,7 @@ import os
 
 import click
 
-from .runtime.noise import PRESETS, parse_noise_options
+from .runtime.noise import ETA_MAX, PRESETS, parse_noise_options
 
 NOISE_OPTION_HELP = ("Override an option of the --noise preset, repeatable, e.g. t_granularity=weight "
                      "(docs/NOISE.md).")
@@ -27,8 +27,8 @@ def noise_flags(*, default: str = "none", seed: bool = True, noise_option: bool 
     """`--noise PRESET`, `--eta` and, unless turned off, `--seed` and `--noise-option KEY=VALUE`."""
     decorators = [
         click.option("--noise", type=click.Choice(PRESETS), default=default, show_default=True, help=noise_help),
-        click.option("--eta", type=NON_NEGATIVE, default=0.05, show_default=True,
-                     help="Noise level eta0 (docs/NOISE.md)."),
+        click.option("--eta", type=NOISE_LEVEL, default=0.05, show_default=True,
+                     help=f"Noise level eta0, 0 to {ETA_MAX:g} (docs/NOISE.md)."),
     ]
     if seed:
         decorators.append(click.option("--seed", type=int, default=0, show_default=True,
@@ -84,7 +84,18 @@ class NonNegativeFloat(click.ParamType):
         return number
 
 
-NON_NEGATIVE = NonNegativeFloat()
+class NoiseLevel(NonNegativeFloat):
+    """A noise level eta0: a finite float in [0, ETA_MAX] (beyond, weights and activations overflow)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number > ETA_MAX:
+            self.fail(f"{value!r} is above {ETA_MAX:g}: the noise would be more than {ETA_MAX:g} times the "
+                      "weights", param, ctx)
+        return number
+
+
+NOISE_LEVEL = NoiseLevel()
 
 
 class NoiseSweep(click.ParamType):
@@ -97,4 +108,4 @@ class NoiseSweep(click.ParamType):
         preset, _, etas = str(value).partition(":")
         if preset not in PRESETS:
             self.fail(f"unknown preset {preset!r} (one of {PRESETS})", param, ctx)
-        return preset, [NON_NEGATIVE.convert(eta, param, ctx) for eta in etas.split(",")]
+        return preset, [NOISE_LEVEL.convert(eta, param, ctx) for eta in etas.split(",")]

@@ -201,3 +201,29 @@ def test_noise_options_from_the_command_line():
                          ("relative", "t_granularity=pixel"), ("paper", "spatial_reading=both")):
         with pytest.raises(ValueError):
             parse_noise_options(preset, [item])
+
+
+@pytest.mark.parametrize("preset, eta, options, named", [
+    ("relative", 1e30, {}, "eta"), ("relative", float("nan"), {}, "eta"), ("relative", -0.1, {}, "eta"),
+    ("relative", 0.05, {"temporal_level": float("nan")}, "temporal_level"),
+    ("additive-max", 0.05, {"temporal_level": float("inf")}, "temporal_level"),
+    ("paper", 0.3, {"spatial_level": float("nan")}, "spatial_level"),
+    ("pcm", 1.0, {"g_max": float("nan")}, "g_max"), ("pcm", 1.0, {"g_max": 0.0}, "g_max"),
+    ("pcm", 1.0, {"t_read": -1.0}, "t_read"), ("pcm", 1.0, {"drift_scale": float("inf")}, "drift_scale"),
+])
+def test_non_finite_or_out_of_range_levels_are_refused(preset, eta, options, named):
+    """A NaN, Inf, negative or huge level served every frame as NaN (issue 23): refused, naming the value."""
+    with pytest.raises(ValueError, match=named):
+        make_noise(preset, eta, 0, **options)
+    make_noise(preset, 0.05, 0)  # the preset itself is fine
+
+
+def test_the_command_line_refuses_such_levels_as_usage_errors():
+    from click.testing import CliRunner
+
+    from edge_cbn.cli import main
+
+    for args, named in ((["--eta", "1e30"], "above 10"), (["--eta", "nan"], "finite"),
+                        (["--noise-option", "temporal_level=nan"], "temporal_level=nan must be a finite number")):
+        result = CliRunner().invoke(main, ["stream", "--noise", "relative", *args, "--frames", "1"])
+        assert result.exit_code == 2 and named in result.output, result.output

@@ -35,6 +35,13 @@ from .fold import KINDS, channel_shape, fold_kernel, out_channels, to_keras, to_
 
 PRESETS = ("none", "paper", "relative", "additive-max", "pcm")
 GRANULARITIES = ("weight", "channel", "tensor")
+# eta0 at most this: at 10 the noise is ten times the weights (relative) or aihwkit's PCM noise tenfold, and
+# far beyond it float32 weights and activations overflow to Inf and NaN.
+ETA_MAX = 10.0
+# The numeric options' ranges (low, high, whether low itself is allowed); every value must also be finite.
+OPTION_RANGES = {"temporal_level": (0.0, None, True), "spatial_level": (0.0, None, True),
+                 "t_inference": (0.0, None, True), "t0": (0.0, None, False), "t_read": (0.0, None, False),
+                 "g_max": (0.0, None, False), "drift_scale": (0.0, None, True)}
 _SPATIAL, _TEMPORAL = 0, 1
 
 
@@ -205,6 +212,7 @@ def make_noise(preset: str, eta: float = 0.0, seed: int = 0, *, temporal: bool =
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for noise preset {preset!r}; "
                          f"expected some of {sorted(PRESET_OPTIONS[preset])}")
+    check_levels(eta, options)
     common = dict(preset=preset, eta=float(eta), seed=int(seed), temporal=temporal)
     if preset == "none":
         return Noise(**common)
@@ -220,6 +228,30 @@ def make_noise(preset: str, eta: float = 0.0, seed: int = 0, *, temporal: bool =
         factors = dict(s_mean=0.0, s_std=1.0, ref="weight" if preset == "relative" else "max")
     return FactorNoise(**common, **factors, t_mean=eta, t_std=o["temporal_level"] * eta,
                        s_granularity=o["s_granularity"], t_granularity=o["t_granularity"])
+
+
+def check_levels(eta: float, options: Mapping) -> None:
+    """`ValueError` naming the value unless eta is finite and in [0, ETA_MAX] and every numeric option
+    finite and in its `OPTION_RANGES` range: a NaN, Inf or huge level would serve non-finite outputs."""
+    if not 0 <= _number(eta) <= ETA_MAX:
+        raise ValueError(f"eta {eta!r} must be a finite number in [0, {ETA_MAX:g}]")
+    for key, value in options.items():
+        if key not in OPTION_RANGES:
+            continue
+        low, high, low_ok = OPTION_RANGES[key]
+        number = _number(value)
+        if not ((number >= low if low_ok else number > low) and (high is None or number <= high)):
+            bound = f">= {low:g}" if low_ok else f"> {low:g}"
+            raise ValueError(f"{key}={value!r} must be a finite number {bound}")
+
+
+def _number(value) -> float:
+    """`value` as a float, NaN (which fails every range check) when it is not a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number if math.isfinite(number) else math.nan
 
 
 class Chip:
