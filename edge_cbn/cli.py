@@ -9,7 +9,7 @@ import traceback
 
 import click
 
-from .runtime.errors import BadInput
+from .runtime.errors import BadInput, MissingDependency
 
 
 class LazyGroup(click.Group):
@@ -51,10 +51,36 @@ class LazyGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+# The optional packages a command may need, and what installs each (pyproject's extras).
+OPTIONAL_PACKAGES = {
+    "ray": "pip install 'edge-cbn[cluster]'",
+    "tensorflow": "pip install 'edge-cbn[convert]'",
+    "keras": "pip install 'edge-cbn[convert]'",
+    "pycocotools": "pip install 'edge-cbn[eval]'",
+    "matplotlib": "pip install 'edge-cbn[eval]'",
+    "PIL": "pip install 'edge-cbn[eval]'",
+    "skimage": "pip install 'edge-cbn[data]'",
+    "sklearn": "pip install 'edge-cbn[data]'",
+    "torch": "pip install torch (the reference runs only)",
+}
+
+
+def missing_dependency(e: Exception) -> MissingDependency | None:
+    """`e` as the missing optional package it reports, or None."""
+    if isinstance(e, MissingDependency):
+        return e
+    name = getattr(e, "name", None) or ""
+    top = name.split(".")[0]
+    if isinstance(e, ModuleNotFoundError) and top in OPTIONAL_PACKAGES:
+        return MissingDependency(top, OPTIONAL_PACKAGES[top])
+    return None
+
+
 def one_line_error(e: Exception) -> int:
     """Print `e` as one line on stderr; the exit status for it (1)."""
-    if isinstance(e, BadInput):
-        click.echo(f"Error: {e}", err=True)  # the form of click's own errors
+    missing = missing_dependency(e)
+    if isinstance(e, BadInput) or missing is not None:
+        click.echo(f"Error: {missing or e}", err=True)  # the form of click's own errors
     else:
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""

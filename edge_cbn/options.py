@@ -98,6 +98,25 @@ class NoiseLevel(NonNegativeFloat):
 NOISE_LEVEL = NoiseLevel()
 
 
+class IntList(click.ParamType):
+    """Comma-separated integers, at least one, each >= `min` (`--seeds 0,1,2`, `--checkpoints 16,32`)."""
+    name = "N[,N…]"
+
+    def __init__(self, min: int = 0):
+        self.min = min
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated integers", param, ctx)
+        if not numbers or min(numbers) < self.min:
+            self.fail(f"{value!r}: expected comma-separated integers >= {self.min}", param, ctx)
+        return numbers
+
+
 class NoiseSweep(click.ParamType):
     """`PRESET:ETA[,ETA…]` -> (preset, [eta, …]): a noise preset and the levels to sweep."""
     name = "PRESET:ETA[,ETA…]"

@@ -201,8 +201,10 @@ def test_missing_video_is_one_clear_error(tiny, tmp_path):
     assert r.output.strip().splitlines() == [f"Error: {tmp_path / 'nope.mp4'}: video file not found"]
     r = CliRunner().invoke(main, ["--model", tiny, "--camera", "57"])
     assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1 and "camera 57" in r.output
-    r = CliRunner().invoke(main, ["--model", str(tmp_path / "nope.tflite")])
-    assert r.exit_code != 0 and "does not exist" in r.output and len(r.output.strip().splitlines()) == 1
+    from edge_cbn.cli import main as edge_cbn_main  # a model that is not there is BadInput: the root's one line
+
+    r = CliRunner().invoke(edge_cbn_main, ["stream", "--model", str(tmp_path / "nope.tflite")])
+    assert r.exit_code == 1 and "does not exist" in r.output and len(r.output.strip().splitlines()) == 1
 
 
 def test_video_with_corrupt_frame_still_streams(tiny, tmp_path):

@@ -24,10 +24,7 @@ def _call(fn: Callable, key: str, boxed_ref: list, unit):
 
 class RayPool:
     def __init__(self, address: str, *, retries: int = 3):
-        try:
-            import ray
-        except ImportError:
-            raise RuntimeError("--ray needs Ray: pip install 'edge-cbn[cluster]'") from None
+        import ray  # without it: ModuleNotFoundError('ray'), one line naming the extra at the CLI
         self.ray, self.address, self.retries = ray, address, retries
         if not ray.is_initialized():  # a driver that is connected already (a test) stays so
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)

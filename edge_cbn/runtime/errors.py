@@ -1,6 +1,7 @@
-"""The one exception type for input edge-cbn cannot use: a file, a frame source, a saved state.  Every
-command catches it at the top (`edge_cbn.cli`) and prints one line naming the input and the reason,
-exit status 1; `--debug` shows the traceback instead."""
+"""What edge-cbn reports as the user's to fix, not as a bug: `BadInput` (a file, a frame source, a saved
+state, a value the user gave) and `MissingDependency` (an optional package or a native library that is
+not installed).  Every command catches them at the top (`edge_cbn.cli`) and prints one line, exit status
+1; `--debug` shows the traceback instead.  Usage errors stay click's (exit status 2)."""
 from __future__ import annotations
 
 
@@ -13,3 +14,15 @@ class BadInput(ValueError):
 
     def __reduce__(self):  # from a worker process to the driver as it was raised
         return type(self), (self.path, self.reason)
+
+
+class MissingDependency(ImportError):
+    """`what` (a package, a native library) is not installed; `install` says how to get it, e.g. the
+    extra: "pip install 'edge-cbn[cluster]'"."""
+
+    def __init__(self, what: str, install: str):
+        self.what, self.install = what, install
+        super().__init__(f"{what} is not installed: {install}")
+
+    def __reduce__(self):
+        return type(self), (self.what, self.install)

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from .errors import MissingDependency
 from .native_log import silenced
 
 _INTERPRETER_CLS = None
@@ -29,8 +30,8 @@ def interpreter_class():
                 from tflite_runtime.interpreter import Interpreter
             except ImportError:
                 if "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
-                    raise ImportError("no TFLite interpreter found: pip install ai-edge-litert "
-                                      "(x86_64/aarch64) or tflite-runtime (armv7l)") from None
+                    raise MissingDependency("a TFLite interpreter", "pip install ai-edge-litert "
+                                            "(x86_64/aarch64) or tflite-runtime (armv7l)") from None
                 import tensorflow as tf
                 Interpreter = tf.lite.Interpreter
         _INTERPRETER_CLS = Interpreter

@@ -17,6 +17,7 @@ import click
 import cv2
 
 from ..runtime.bundle import calibration_path, load_bundle, sidecar_path
+from ..runtime.errors import BadInput
 from ..runtime.paths import cache_dir
 from .options import StreamError
 from .sources import Prefetched, SourceError, open_source
@@ -24,8 +25,8 @@ from .sources import Prefetched, SourceError, open_source
 DEFAULT_MODEL = "efficientnet_lite0"
 
 
-class ModelNotFound(Exception):
-    pass
+class ModelNotFound(BadInput):
+    """`--model` names no file and no registered model that can be converted here."""
 
 
 def resolve_model(model: str | None, *, echo=print) -> Path:
@@ -34,33 +35,29 @@ def resolve_model(model: str | None, *, echo=print) -> Path:
     if model.endswith(".tflite"):
         path = Path(model)
         if not path.is_file():
-            raise ModelNotFound(f"model file {model} does not exist")
+            raise ModelNotFound(model, "model file does not exist")
         return path
     path = cache_dir() / f"{model}.tflite"
     if all(p.is_file() for p in (path, sidecar_path(path), calibration_path(path))):
         return path
     if importlib.util.find_spec("tensorflow") is None:
         raise ModelNotFound(
-            f"{model} is not converted yet and TensorFlow is not installed here: convert it on a workstation "
-            f"with `python tools/convert.py --model {model} -o {model}.tflite` and pass --model {model}.tflite"
-        )
+            model, "not converted yet and TensorFlow is not installed here: convert it on a workstation "
+            f"with `python tools/convert.py --model {model} -o {model}.tflite` and pass --model {model}.tflite")
     converter = importlib.import_module("edge_cbn.convert.build")  # the workstation side, on demand
     echo(f"first use of {model}: converting it once into {path}", file=sys.stderr)
     try:
         spec, keras_model = converter.build_model(model, quiet=False)
     except (KeyError, converter.MissingWeights) as e:
-        raise ModelNotFound(str(e.args[0])) from None
+        raise ModelNotFound(model, str(e.args[0])) from None
     return converter.export_model(spec, keras_model, path, quiet=False)
 
 
 def load_model(model: str | None, echo=None):
-    """`--model NAME|FILE.tflite` -> (bundle, display name); a missing model as one StreamError line, an
-    unusable one as the `BadInput` of `load_bundle` (one line naming the file, from the CLI).  Messages
-    (a first use's conversion) go to stderr."""
-    try:
-        path = resolve_model(model, echo=echo or (lambda *a, **k: click.echo(*a, **k)))
-    except ModelNotFound as e:
-        raise StreamError(str(e)) from None
+    """`--model NAME|FILE.tflite` -> (bundle, display name); a missing model is `ModelNotFound`, an unusable
+    one the `BadInput` of `load_bundle` (each one line naming the file, from the CLI).  Messages (a first
+    use's conversion) go to stderr."""
+    path = resolve_model(model, echo=echo or (lambda *a, **k: click.echo(*a, **k)))
     bundle = load_bundle(path)
     return bundle, bundle.meta.get("model") or Path(path).stem
 

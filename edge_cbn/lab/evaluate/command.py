@@ -15,7 +15,7 @@ import click
 import numpy as np
 
 from ...cli import LazyGroup
-from ...options import NoiseSweep, noise_option_flag, noise_options, num_threads_option, verbose_option
+from ...options import IntList, NoiseSweep, noise_option_flag, noise_options, num_threads_option, verbose_option
 from ...runtime.bundle import load_bundle
 from ...runtime.device_calibration import DeviceCalibration
 from ...runtime.noise import make_noise
@@ -195,7 +195,7 @@ def calibrator_flags():
 @click.option("--noise", "settings", type=NoiseSweep(), multiple=True, show_default=True,
               default=("relative:0.02,0.05,0.1", "paper:0.1,0.3", "additive-max:0.02,0.05"),
               help="PRESET:ETA[,ETA…], repeatable.")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated chip seeds.")
+@click.option("--seeds", type=IntList(0), default="0", show_default=True, help="Comma-separated chip seeds.")
 @noise_option_flag("Override an option of every --noise preset, repeatable, e.g. t_granularity=weight "
                    "(docs/NOISE.md).")
 @calibrator_flags()
@@ -204,7 +204,7 @@ def calibrator_flags():
                    "inference); calibration always draws afresh per frame, as the stream does.")
 @click.option("--cal-frames", type=click.IntRange(1), default=192, show_default=True)
 @click.option("--eval-crops", type=click.IntRange(1), default=256, show_default=True)
-@click.option("--checkpoints", default="16,32,64,128,192", show_default=True,
+@click.option("--checkpoints", type=IntList(1), default="16,32,64,128,192", show_default=True,
               help="Calibration frame counts at which to evaluate.")
 @click.option("--split", type=click.Choice(["crops", "photos", "same"]), default="crops", show_default=True,
               help="Calibration crops from other random crops of the same photos, or from disjoint photos; "
@@ -237,11 +237,16 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refuse_every, 
     data is at hand; with a dataset, `edge-cbn evaluate classification|detection|segmentation` measures
     the paper's metrics (top-1, mAP@0.5, mIoU) on the same device path."""
     if ctx.invoked_subcommand is not None:  # the group's own options belong to this mode only
+        given = [p.opts[0] for p in ctx.command.params if p.name != "verbose"
+                 and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} given before `{ctx.invoked_subcommand}`: the options of "
+                                   f"`edge-cbn evaluate {ctx.invoked_subcommand}` go after it (see its --help)")
         return
     from ...stream.resolve import resolve_model
 
     bundle = load_bundle(resolve_model(model, echo=click.echo))
-    checkpoints = tuple(int(c) for c in checkpoints.split(",") if int(c) <= cal_frames) or (cal_frames,)
+    checkpoints = tuple(c for c in checkpoints if c <= cal_frames) or (cal_frames,)
     scale = parse_crop_scale(crop_scale)
     options_by_preset = {preset: noise_options(preset, noise_option) for preset, _ in settings}
     cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale, photos=photo_set)
@@ -258,7 +263,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refuse_every, 
         ["offline_cumulative", "offline_ema"] if offline else [])
     click.echo(f"{int(agreement.mask.sum())} of {len(eval_x)} evaluation crops are confident; "
                "cells: all crops / confident crops")
-    rows = sweep(bundle, settings, [int(s) for s in seeds.split(",")], cal_x, agreement, cols,
+    rows = sweep(bundle, settings, list(seeds), cal_x, agreement, cols,
                  checkpoints=checkpoints, num_threads=num_threads, pool=pool, keras_model=keras_model,
                  keras_cal_x=keras_cal_x, noise_options=options_by_preset, static_calibration=static_calibration,
                  offline_batch_size=batch_size,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ...options import NoiseSweep, model_option, noise_option_flag, noise_options, num_threads_option, verbose_option
+from ...options import IntList, NoiseSweep, model_option, noise_option_flag, noise_options, num_threads_option, verbose_option
 from ...runtime.bundle import load_bundle
 from ...runtime.processing import Processor
 from . import datasets
@@ -26,7 +26,8 @@ def sweep_flags(task: str):
                      show_default=True, help="PRESET:ETA[,ETA…], repeatable; `paper` is eq. 2 with temporal 20 %, "
                                              "spatial 10 % (docs/NOISE.md)."),
         noise_option_flag("Override an option of every --noise preset, repeatable, e.g. temporal_level=0.2."),
-        click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated chip seeds (mean ± std)."),
+        click.option("--seeds", type=IntList(0), default="0,1,2", show_default=True,
+                     help="Comma-separated chip seeds (mean ± std)."),
         click.option("--calib-dir", type=click.Path(exists=True, file_okay=False),
                      help="Calibration images (recursive); never evaluation images."),
         click.option("--calib-list", type=click.Path(exists=True, dir_okay=False),
@@ -105,7 +106,7 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     the report; prints the table and ends with one JSON line, which it returns as a dict."""
     from ...stream.resolve import resolve_model
 
-    seeds = _seeds(kw["seeds"])
+    seeds = list(kw["seeds"])
     options = {preset: noise_options(preset, kw["noise_option"]) for preset, _ in kw["settings"]}
     bundle = load_bundle(resolve_model(kw["model"], echo=lambda *a, **k: click.echo(*a, err=True)))
     setup = make_setup(bundle, dataset_of(), calib_of(), kw, **setup_options)
@@ -122,7 +123,7 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
         records = sweep(setup, kw["settings"], seeds, options, cache)
     sweep_s = round(time.perf_counter() - started, 2)
     title = (f"{dataset_title(setup)}; noise {', '.join(p for p, _ in kw['settings'])} "
-             f"{' '.join(kw['noise_option']) or '(preset defaults)'}; chip seeds {kw['seeds']}")
+             f"{' '.join(kw['noise_option']) or '(preset defaults)'}; chip seeds {','.join(map(str, seeds))}")
     rows, recovered, files, table = write_report(setup, records, kw["out_dir"], title)
     click.echo(table)
     result = {"evaluate": setup.dataset.task, "model": bundle.meta.get("model"), "model_sha1": model_sha1(bundle),
@@ -135,13 +136,6 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
               "sweep_s": sweep_s}
     click.echo(json.dumps(result))
     return result
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated integers", param_hint="--seeds") from None
 
 
 def dataset_title(setup: Setup) -> str:
