@@ -8,6 +8,7 @@ import click
 
 from . import models as zoo
 from ..runtime.labels import load_labels
+from ..runtime.validation import regular_file
 from .weights import default_weights, load_weights
 from .weights.npz import load_npz, shipped_weights
 
@@ -34,6 +35,7 @@ def build_model(name: str, weights: str | None = None, *, input_size=None, num_c
     _say(f"building {name}", quiet)
     model = zoo.build(name, num_classes=num_classes, input_size=input_size)
     if weights is not None:
+        regular_file(weights)  # a FIFO given as --weights would block the reader forever
         _say(f"loading weights from {weights}", quiet)
         if spec.weights_format == "npz":  # the models trained here (tools/train_synthetic.py)
             load_npz(model, weights)

@@ -25,7 +25,7 @@ from .errors import BadInput
 from .flatbuffer import ModelFacts, buffer_span, check_identifier, check_model, input_dtype, input_shape  # noqa: F401
 from .validation import (Invalid, check_calibration_entry, check_layer_arrays, check_layer_buffers,
                          check_layer_entries, check_meta, kernel_shape, open_npz, read_members, refusing,
-                         sidecar_specs)
+                         regular_file, sidecar_specs)
 
 FORMAT = 1
 SIDECAR_SUFFIX = ".cbn.npz"
@@ -181,7 +181,7 @@ def read_model(path) -> tuple[bytes, ModelFacts]:
     """The bytes of the `.tflite` at `path` and its `flatbuffer.ModelFacts`; `BadInput` naming it when it
     cannot be used.  The identifier is read first, so a large file of something else is not read whole."""
     with refusing(path, "not a valid TFLite model"):
-        with open(path, "rb") as f:
+        with open(regular_file(path), "rb") as f:
             check_identifier(f.read(8))
             f.seek(0)
             model_bytes = f.read()

@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +36,30 @@ def one_line(text: str, limit: int = 300) -> str:
     `limit` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_NOT_REGULAR = ((stat.S_ISDIR, "is a directory, not a file"),
+                (stat.S_ISFIFO, "is a FIFO (named pipe), not a regular file: reading it could wait forever"),
+                (stat.S_ISCHR, "is a device, not a regular file"), (stat.S_ISBLK, "is a device, not a regular file"),
+                (stat.S_ISSOCK, "is a socket, not a regular file"))
+
+
+def regular_file(path) -> Path:
+    """`path` when it names a regular file (symlinks followed); else `BadInput` saying what it is (missing,
+    a dangling link, a directory, a FIFO, a device): nothing then blocks on a pipe or reads a device."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BadInput(path, "a link to nothing" if path.is_symlink() else "does not exist") from None
+    except OSError as e:
+        raise BadInput(path, one_line(f"cannot read it: {e.strerror or e}")) from None
+    for test, reason in _NOT_REGULAR:
+        if test(mode):
+            raise BadInput(path, reason)
+    if not stat.S_ISREG(mode):
+        raise BadInput(path, "is not a regular file")
+    return path
 
 
 @contextlib.contextmanager
@@ -171,7 +198,7 @@ def _describe(spec: ArraySpec) -> str:
 def open_npz(path):
     """`NpzMembers` of the archive at `path`; `Invalid` for anything that is not an .npz (a bare .npy,
     a pickle, garbage: told by the zip signature before numpy looks, and never unpickled)."""
-    with open(path, "rb") as f:
+    with open(regular_file(path), "rb") as f:
         signature = f.read(4)
     if signature not in (b"PK\x03\x04", b"PK\x05\x06"):
         raise Invalid("not an .npz archive (no zip signature)")

@@ -18,6 +18,7 @@ import cv2
 
 from ..runtime.bundle import calibration_path, load_bundle, sidecar_path
 from ..runtime.errors import BadInput
+from ..runtime.validation import regular_file
 from ..runtime.paths import cache_dir
 from .options import StreamError
 from .sources import Prefetched, SourceError, open_source
@@ -34,9 +35,9 @@ def resolve_model(model: str | None, *, echo=print) -> Path:
     model = model or DEFAULT_MODEL
     if model.endswith(".tflite"):
         path = Path(model)
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise ModelNotFound(model, "model file does not exist")
-        return path
+        return regular_file(path)  # a directory, FIFO or device says so
     path = cache_dir() / f"{model}.tflite"
     if all(p.is_file() for p in (path, sidecar_path(path), calibration_path(path))):
         return path

@@ -29,7 +29,7 @@ REASONS = {
     "input-size-0x0": "input_size", "no-task": "task", "labels-a-string": "labels", "mean-length-2": "mean",
     "labels-3-for-4-classes": "3 labels", "kernel-claims-40GB": "kernel buffer", "meta-claims-400MB": "characters",
     "calibration-file-traversal": "file name", "format-2": "format 2",
-    "a-directory": "cannot read it", "truncated-half": "not a", "schema-version-2": "schema version",
+    "a-directory": "is a directory", "truncated-half": "not a", "schema-version-2": "schema version",
 }
 
 

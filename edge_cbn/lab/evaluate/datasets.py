@@ -18,6 +18,7 @@ import numpy as np
 from ...convert.offline_calibration import IMAGE_SUFFIXES, image_files  # light: imports no TensorFlow
 from ...runtime.errors import BadInput
 from ...runtime.labels import load_labels
+from ...runtime.validation import regular_file
 
 VOC_IGNORE = 255  # VOC's "void" label: object borders and difficult regions, never scored
 
@@ -158,7 +159,7 @@ def read_bgr(path) -> np.ndarray:
     """An image as BGR uint8, the frame the device pipeline takes; an unreadable one is a BadInput."""
     import cv2
 
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    bgr = cv2.imread(str(regular_file(path)), cv2.IMREAD_COLOR)  # a FIFO named .JPEG would block imread
     if bgr is None:
         raise BadInput(path, "cannot read this image")
     return bgr
