@@ -153,6 +153,7 @@ class Case:
     match: str | None = None                     # a refusal's message must match this regex
     expected: Callable[[], dict] | None = None   # set: the file must load, equal to this
     suffix: str = ".pth"
+    needs_torch: bool = False                    # the file is what torch.save writes: skipped without torch
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / f"{self.name}{self.suffix}"
@@ -600,14 +601,14 @@ def _torch_file(make: Callable[[], dict], fmt: str) -> Callable[[Path], bytes]:
 def _value_cases() -> list[Case]:
     cases = []
     for name, make in _GENUINE.items():
-        cases += [Case(f"genuine-{name}-{fmt}", "dtypes and values", _torch_file(make, fmt), expected=_as_numpy(make))
-                  for fmt in ("zip", "legacy")]
-    cases += [Case(f"genuine-{name}-zip", "dtypes and values", _torch_file(make, "zip"), expected=_as_numpy(make))
-              for name, make in _GENUINE_ZIP_ONLY.items()]
-    cases += [Case(f"unsupported-{name}-zip", "dtypes and values", _torch_file(make, "zip"), match)
+        cases += [Case(f"genuine-{name}-{fmt}", "dtypes and values", _torch_file(make, fmt), expected=_as_numpy(make),
+                       needs_torch=True) for fmt in ("zip", "legacy")]
+    cases += [Case(f"genuine-{name}-zip", "dtypes and values", _torch_file(make, "zip"), expected=_as_numpy(make),
+                   needs_torch=True) for name, make in _GENUINE_ZIP_ONLY.items()]
+    cases += [Case(f"unsupported-{name}-zip", "dtypes and values", _torch_file(make, "zip"), match, needs_torch=True)
               for name, (make, match) in _UNSUPPORTED.items()]
     for name, (make, match) in _BAD_VALUES.items():
-        cases += [Case(f"values-{name}-{fmt}", "non-finite values", _torch_file(make, fmt), match)
+        cases += [Case(f"values-{name}-{fmt}", "non-finite values", _torch_file(make, fmt), match, needs_torch=True)
                   for fmt in ("zip", "legacy")]
     return cases
 
