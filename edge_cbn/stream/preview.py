@@ -60,23 +60,39 @@ def _jsonable(value):
     return str(value)
 
 
-def _read_head(sock, deadline: float) -> bytes:
-    """The request line and headers (and whatever came with them), read against one deadline for all of
-    it; b"" when the client is too slow, sends too much or goes away (the handler then just closes)."""
+def _read_head(sock, deadline: float) -> tuple[bytes, HTTPStatus | None]:
+    """(the request line and headers, and whatever came with them; None), read against one deadline for
+    all of it.  (b"", 414 or 431) when the request line or the headers pass HEAD_LIMIT; (b"", None) when the
+    client is too slow or goes away (the handler then just closes)."""
     head = b""
     while b"\r\n\r\n" not in head and b"\n\n" not in head:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or len(head) > HEAD_LIMIT:
-            return b""
+        if len(head) > HEAD_LIMIT:
+            line_ended = b"\n" in head[:HEAD_LIMIT]
+            return b"", (HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE if line_ended else HTTPStatus.REQUEST_URI_TOO_LONG)
+        if remaining <= 0:
+            return b"", None
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(4096)
         except OSError:  # the deadline passed (TimeoutError) or the connection broke
-            return b""
+            return b"", None
         if not chunk:
-            return b""
+            return b"", None
         head += chunk
-    return head
+    return head, None
+
+
+def _too_large(sock, status: HTTPStatus) -> None:
+    """Answer `status` (414, 431) and stop reading: what else came is dropped unread, then the connection
+    is closed by the handler."""
+    text = f"{status.phrase}: the preview takes requests of at most {HEAD_LIMIT} bytes\r\n".encode()
+    with contextlib.suppress(OSError):
+        sock.sendall(b"HTTP/1.0 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                     % (status.value, status.phrase.encode(), len(text), text))
+        sock.setblocking(False)
+        while sock.recv(65536):  # closing on unread bytes would reset the connection before the answer arrives
+            pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -85,7 +101,10 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.rfile.close()  # the head is read by _read_head instead: a per-recv timeout is no deadline
-        self.rfile = io.BytesIO(_read_head(self.connection, time.monotonic() + self.server.head_deadline_s))
+        head, too_large = _read_head(self.connection, time.monotonic() + self.server.head_deadline_s)
+        if too_large is not None:
+            _too_large(self.connection, too_large)
+        self.rfile = io.BytesIO(head)
         self.connection.settimeout(self.server.send_timeout_s)
 
     def log_message(self, fmt, *args) -> None:  # quiet: requests go to debug logging, not stderr

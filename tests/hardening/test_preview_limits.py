@@ -182,3 +182,21 @@ def test_no_path_reaches_a_file():
             with pytest.raises(urllib.error.HTTPError) as error:
                 urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=2)
             assert error.value.code == 404 and error.value.read() == b"not found\n", path
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"414"),
+    (b"GET /status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000 + b"\r\n\r\n", b"431"),
+])
+def test_a_request_too_long_gets_414_or_431_and_the_stream_goes_on(request_bytes, status):
+    """A 70 KB URL or a 100 KB header was a closed connection with no answer; now the status that says
+    why, and the next request is served."""
+    with PreviewServer(port=0) as server, Producer(server, np.zeros((48, 64, 3), np.uint8)):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(request_bytes)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.split(b"\r\n", 1)[0].split()[1] == status, answer[:200]
+        assert get_status(server) == 200
