@@ -17,8 +17,13 @@ The Python API (docs/API.md), imported on first use so that `import edge_cbn` st
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+# Image decoding's pixel bound (runtime/images.py).  OpenCV reads its own when it loads, so it is set here,
+# before any module of the package imports cv2, for the formats whose size edge-cbn does not read itself.
+MAX_IMAGE_PIXELS = 50_000_000
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 
 _API = {
     "Bundle": "edge_cbn.runtime.bundle", "load_bundle": "edge_cbn.runtime.bundle",

@@ -7,6 +7,7 @@ import os
 
 import click
 
+from .runtime import images
 from .runtime.noise import ETA_MAX, PRESETS, parse_noise_options
 
 NOISE_OPTION_HELP = ("Override an option of the --noise preset, repeatable, e.g. t_granularity=weight "
@@ -48,6 +49,19 @@ def _apply(decorators):
             f = decorator(f)
         return f
     return wrap
+
+
+def max_image_pixels_option():
+    """`--max-image-pixels N`: the pixel bound of image decoding (`runtime.images`), passed on through the
+    environment, which worker processes inherit."""
+    def set_bound(ctx, param, value):
+        if value is not None:
+            os.environ[images.ENV] = str(value)
+
+    return click.option("--max-image-pixels", type=click.IntRange(1), default=None, is_eager=True,
+                        expose_value=False, callback=set_bound, metavar="N",
+                        help=f"Images over N pixels are decoded reduced (JPEG) or refused [default: "
+                             f"{images.MAX_PIXELS}, 8000x6000: a few small files cannot take gigabytes].")
 
 
 def verbose_option():

@@ -19,7 +19,7 @@ import numpy as np
 from ..runtime.moments import BatchStatsTracker
 from ..runtime.noise import make_noise
 from ..runtime.processing import normalise
-from ..runtime.validation import regular_file
+from ..runtime.images import read_image
 from .batch_moments import BatchMoments
 from .weights.assign import layer_kind
 
@@ -168,7 +168,7 @@ def image_batches(files, preprocess: dict, input_size: int, batch_size: int):
     import cv2
 
     def load(path):
-        bgr = cv2.imread(str(regular_file(path)), cv2.IMREAD_COLOR)  # a FIFO would block imread
+        bgr = read_image(path)  # a regular file, within the pixel bound
         if bgr is None:
             raise OSError(f"cannot read image {path}")
         rgb = cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (input_size, input_size),

@@ -8,7 +8,8 @@ import threading
 
 import click
 
-from ..options import model_option, noise_flags, noise_options, num_threads_option, verbose_option
+from ..options import (max_image_pixels_option, model_option, noise_flags, noise_options, num_threads_option,
+                       verbose_option)
 from ..runtime.interpreter import available_cpus
 from ..runtime.memory import return_freed_memory
 from ..runtime.stream_calibrator import MODES
@@ -95,6 +96,7 @@ def _budget_gone() -> None:
 @click.option("--host", default=D.host, show_default=True, help="Preview address (0.0.0.0: all).")
 @click.option("--log", type=click.Path(dir_okay=False), help="JSON lines: one per frame, then {\"summary\": ...}.")
 @click.option("--quiet", is_flag=True, help="No progress lines (warnings, errors and the summary only).")
+@max_image_pixels_option()
 @verbose_option()
 def main(**params):
     """Live inference on a camera, video or image folder (default: the bundled sample clip) under

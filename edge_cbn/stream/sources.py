@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from ..runtime.errors import BadInput
+from ..runtime.images import read_image
 
 log = logging.getLogger(__name__)
 
@@ -281,23 +282,23 @@ class ImageDirSource(FrameSource):
                 self.index = -1
             self.index += 1
             path = self.files[self.index]
-            frame = _imread(path)
+            frame, why = _imread(path)
             if frame is not None:
                 return frame
-            log.warning("%s: skipping unreadable image file %s", self.name, path.name)
+            log.warning("%s: skipping image file %s: %s", self.name, path.name, why)
             self.skipped += 1
             del self.files[self.index]
             self.index -= 1
         return None
 
 
-def _imread(path: Path) -> Optional[np.ndarray]:
-    """``path`` as a BGR image, or None; OpenCV raises (instead of returning None) for a header whose
-    size is over its pixel limit."""
+def _imread(path: Path) -> tuple[Optional[np.ndarray], str]:
+    """(``path`` as a BGR image within the pixel bound (`runtime.images`), "") or (None, why not)."""
     try:
-        return cv2.imread(str(path), cv2.IMREAD_COLOR)
-    except cv2.error:
-        return None
+        frame = read_image(path)
+    except BadInput as e:
+        return None, e.reason
+    return frame, "" if frame is not None else "unreadable"
 
 
 class _Picamera2Capture:

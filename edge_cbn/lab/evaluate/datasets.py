@@ -18,7 +18,7 @@ import numpy as np
 from ...convert.offline_calibration import IMAGE_SUFFIXES, image_files  # light: imports no TensorFlow
 from ...runtime.errors import BadInput
 from ...runtime.labels import load_labels
-from ...runtime.validation import regular_file
+from ...runtime.images import read_image
 
 VOC_IGNORE = 255  # VOC's "void" label: object borders and difficult regions, never scored
 
@@ -157,9 +157,7 @@ def read_mask(path) -> np.ndarray:
 
 def read_bgr(path) -> np.ndarray:
     """An image as BGR uint8, the frame the device pipeline takes; an unreadable one is a BadInput."""
-    import cv2
-
-    bgr = cv2.imread(str(regular_file(path)), cv2.IMREAD_COLOR)  # a FIFO named .JPEG would block imread
+    bgr = read_image(path)  # a regular file (a FIFO named .JPEG would block), within the pixel bound
     if bgr is None:
         raise BadInput(path, "cannot read this image")
     return bgr

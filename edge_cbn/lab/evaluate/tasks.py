@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from ...options import IntList, NoiseSweep, model_option, noise_option_flag, noise_options, num_threads_option, verbose_option
+from ...options import (IntList, NoiseSweep, max_image_pixels_option, model_option, noise_option_flag, noise_options,
+                        num_threads_option, verbose_option)
 from ...runtime.bundle import load_bundle
 from ...runtime.processing import Processor
 from . import datasets
@@ -62,6 +63,7 @@ def sweep_flags(task: str):
         click.option("--shard-size", type=click.IntRange(1), default=None,
                      help="--workers/--ray: evaluation images per unit of work [default: 100]."),
         num_threads_option(),
+        max_image_pixels_option(),
         verbose_option(),
     ]
 

@@ -1,0 +1,93 @@
+"""Image files read within a pixel bound, so that a small file cannot take gigabytes (a 6 MB JPEG of
+20000 x 20000 pixels decodes to 1.2 GB).  Device side: numpy and OpenCV.
+
+The size is read from the file's header before anything is decoded (PNG, JPEG, BMP, GIF; OpenCV's own
+`OPENCV_IO_MAX_IMAGE_PIXELS`, which `import edge_cbn` sets to the same bound unless OpenCV is loaded
+already, bounds the other formats).  Within `max_pixels()` the image is decoded as it
+is; a larger JPEG is decoded at 1/2, 1/4 or 1/8 of its size (OpenCV's reduced DCT decoding: the memory of
+the reduced image only), the least reduction that fits, since the models take a few hundred pixels a side;
+anything else over the bound is `BadInput` naming the size and the bound.  `--max-image-pixels` raises the
+bound (the environment variable EDGE_CBN_MAX_IMAGE_PIXELS, which worker processes inherit)."""
+from __future__ import annotations
+
+import os
+import struct
+
+import cv2
+import numpy as np
+
+from .. import MAX_IMAGE_PIXELS as MAX_PIXELS  # an 8000 x 6000 photo decodes to 144 MB of BGR
+from .errors import BadInput
+from .validation import regular_file
+
+ENV = "EDGE_CBN_MAX_IMAGE_PIXELS"
+
+_REDUCED = ((2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8))
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # JPEG frame headers
+
+
+def max_pixels() -> int:
+    """The bound: EDGE_CBN_MAX_IMAGE_PIXELS when set (--max-image-pixels), else MAX_PIXELS."""
+    try:
+        return max(1, int(os.environ.get(ENV) or MAX_PIXELS))
+    except ValueError:
+        return MAX_PIXELS
+
+
+def header_size(path) -> tuple[str, int, int] | None:
+    """(format, width, height) from the file's first bytes for PNG, JPEG, BMP and GIF; None otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            return ("png", *struct.unpack(">II", head[16:24]))
+        if head[:6] in (b"GIF87a", b"GIF89a"):
+            return ("gif", *struct.unpack("<HH", head[6:10]))
+        if head[:2] == b"BM" and len(head) >= 26:
+            width, height = struct.unpack("<ii", head[18:26])
+            return ("bmp", abs(width), abs(height))
+        if head[:2] == b"\xff\xd8":
+            f.seek(2)
+            return _jpeg_size(f)
+    return None
+
+
+def _jpeg_size(f) -> tuple[str, int, int] | None:
+    """The size in the first frame header (SOFn) of a JPEG stream positioned after its SOI marker."""
+    for _ in range(10_000):  # segments before the frame header: a bounded walk
+        marker = f.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        while marker[1] == 0xFF:  # fill bytes
+            marker = marker[1:] + f.read(1)
+        if marker[1] == 0xD9:  # the end of the image, and no frame header
+            return None
+        if marker[1] in (0xD8, 0x01) or 0xD0 <= marker[1] <= 0xD7:
+            continue  # markers without a length
+        length = f.read(2)
+        if len(length) < 2:
+            return None
+        size = struct.unpack(">H", length)[0]
+        if marker[1] in _SOF:
+            frame = f.read(5)
+            return ("jpeg", *struct.unpack(">HH", frame[1:5])[::-1]) if len(frame) == 5 else None
+        f.seek(size - 2, os.SEEK_CUR)
+    return None
+
+
+def read_image(path) -> np.ndarray | None:
+    """The image at `path` as BGR uint8, decoded within `max_pixels()` (see the module); None when OpenCV
+    cannot decode it.  `BadInput` when it is not a regular file, or is over the bound and not a JPEG."""
+    path = regular_file(path)
+    bound, flag = max_pixels(), cv2.IMREAD_COLOR
+    size = header_size(path)
+    if size is not None and size[1] * size[2] > bound:
+        kind, width, height = size
+        fits = [f for k, f in _REDUCED if -(-width // k) * -(-height // k) <= bound] if kind == "jpeg" else []
+        if not fits:
+            raise BadInput(path, f"{width}x{height} pixels ({width * height / 1e6:.0f} MP) is over the bound of "
+                                 f"{bound / 1e6:g} MP (--max-image-pixels)")
+        flag = fits[0]
+    try:
+        return cv2.imread(str(path), flag)
+    except cv2.error:  # OpenCV raises for a header over its own limit (the formats read here say so first)
+        return None
