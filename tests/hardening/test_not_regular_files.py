@@ -65,3 +65,22 @@ def test_dataset_images_and_the_model_path_too(tmp_path):
     assert "FIFO" in refused_at_once(read_bgr, fifo).reason
     folder = not_regular(tmp_path, "directory", "model.tflite")
     assert refused_at_once(resolve_model, str(folder)).reason == "is a directory, not a file"
+
+
+def test_a_planted_file_in_the_shared_model_folder_is_written_anew(tmp_path, monkeypatch):
+    """`--workers` wrote the model back to a folder of a predictable name in the shared temporary
+    directory and trusted any file of the right size there (a planted sidecar moved mAP 70.88 -> 66.18):
+    now only a file whose content is the payload's is used."""
+    import tempfile
+
+    from edge_cbn.lab.evaluate.sweep_worker import model_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    files = {"m.tflite": b"model bytes", "m.cbn.npz": b"sidecar bytes"}
+    folder = model_folder(files)
+    (folder / "m.cbn.npz").write_bytes(b"planted bytes")  # the same size, another content
+    (folder / "m.tflite").unlink()
+    (folder / "m.tflite").symlink_to(tmp_path / "elsewhere")  # a link where the model goes
+    assert model_folder(files) == folder
+    assert {name: (folder / name).read_bytes() for name in files} == files
+    assert not (folder / "m.tflite").is_symlink() and not (tmp_path / "elsewhere").exists()

@@ -127,11 +127,21 @@ def setup_of(payload: SweepPayload) -> labelled.Setup:
         momentum=payload.momentum, options=dict(payload.processor_options))
 
 
+def _holds(path: Path, data: bytes) -> bool:
+    """True when `path` is a regular file, not a link, whose content is `data`."""
+    try:
+        return not path.is_symlink() and path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
+
+
 def model_folder(files: dict) -> Path:
     """A folder holding `files` ({name: bytes}), one per content on this machine, shared by its workers
     and reused by later sweeps of the same model: a worker can be ended at any moment (Ray ends a job's
     workers with it) and leaves nothing behind that the next one would not reuse.  Files are written
-    under a temporary name and renamed, so a reader never sees half of one."""
+    under a temporary name and renamed, so a reader never sees half of one.  The folder's name is
+    predictable and anyone may write in the temporary directory: a file already there is used only when
+    its content is the payload's, byte for byte, and is written anew otherwise."""
     digest = hashlib.sha1()
     for name in sorted(files):
         digest.update(name.encode() + b"\0")
@@ -140,7 +150,7 @@ def model_folder(files: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != len(data):
+        if not _holds(path, data):
             tmp = folder / f".{name}.{os.getpid()}.tmp"
             tmp.write_bytes(data)
             os.replace(tmp, path)
