@@ -45,7 +45,7 @@ usage: sudo $0 [options] MODEL.tflite
   --dry-run        print every command that would change the machine, change nothing
   -h, --help       this help
 
-MODEL.tflite needs MODEL.cbn.npz beside it (re-fuse sidecar) and, for calibration,
+MODEL.tflite needs MODEL.cbn.npz beside it (refold sidecar) and, for calibration,
 MODEL.calib.tflite; all three come from 'python tools/convert.py ... -o MODEL.tflite'.
 EOF
 }

@@ -2,6 +2,10 @@
 
 The Python API (docs/API.md), imported on first use so that `import edge_cbn` stays light:
 
+    CalibratedModel.from_file(path, noise=Relative(eta=0.05), seed=0)
+                                             the task object: .calibrate(frames), .predict(frame),
+                                             .process(frame, index) (the stream's step), .save(path)
+    Paper, Relative, AdditiveMax, PCM        the noise models, typed (`--noise` presets)
     load_bundle(path)                        an exported model: X.tflite + X.cbn.npz (+ X.calib.tflite)
     make_noise(preset, eta, seed)            a simulated noise model; .instantiate(noise_targets(bundle)) = a chip
     NoisyModel(bundle, chip)                 run it noisy (`.run(x, frame)`), refold statistics (`.set_stats`)
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 # Image decoding's pixel bound (runtime/images.py).  OpenCV reads its own when it loads, so it is set here,
@@ -26,6 +31,11 @@ MAX_IMAGE_PIXELS = 50_000_000
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 
 _API = {
+    "CalibratedModel": "edge_cbn.stream.calibrated_model", "CalibratedModelOptions": "edge_cbn.stream.calibrated_model",
+    "CalibrationOptions": "edge_cbn.stream.calibrated_model",
+    "NoiseModel": "edge_cbn.runtime.noise_models", "Paper": "edge_cbn.runtime.noise_models",
+    "Relative": "edge_cbn.runtime.noise_models", "AdditiveMax": "edge_cbn.runtime.noise_models",
+    "PCM": "edge_cbn.runtime.noise_models", "noise_model": "edge_cbn.runtime.noise_models",
     "Bundle": "edge_cbn.runtime.bundle", "load_bundle": "edge_cbn.runtime.bundle",
     "make_noise": "edge_cbn.runtime.noise", "PRESETS": "edge_cbn.runtime.noise",
     "NoisyModel": "edge_cbn.runtime.noisy_model", "noise_targets": "edge_cbn.runtime.noisy_model",
@@ -39,6 +49,25 @@ _API = {
     "make_pool": "edge_cbn.cluster", "calibrate_in_parallel": "edge_cbn.convert.parallel_calibration",
 }
 __all__ = sorted(_API)
+
+if TYPE_CHECKING:  # what editors and type checkers resolve; at run time __getattr__ imports on first use
+    from .cluster import make_pool
+    from .convert.build import build_model
+    from .convert.export import export
+    from .convert.offline_calibration import calibrate_bn
+    from .convert.parallel_calibration import calibrate_in_parallel
+    from .runtime.bundle import Bundle, load_bundle
+    from .runtime.device_calibration import DeviceCalibration
+    from .runtime.noise import PRESETS, make_noise
+    from .runtime.noise_models import PCM, AdditiveMax, NoiseModel, Paper, Relative, noise_model
+    from .runtime.noisy_model import NoisyModel, noise_targets
+    from .runtime.processing import Processor, model_input
+    from .runtime.refold import Refolder
+    from .runtime.stream_calibrator import StreamCalibrator
+    from .stream.calibrated_model import CalibratedModel, CalibratedModelOptions, CalibrationOptions
+    from .stream.engine import Engine
+    from .stream.loop import StreamLoop
+    from .stream.options import StreamOptions
 
 
 def __getattr__(name: str):

@@ -108,7 +108,7 @@ def main():
     edge-cbn evaluate          recovery under noise on natural photos (workstation)
     edge-cbn evaluate TASK     top-1 / mAP@0.5 / mIoU on ImageNet, COCO or VOC data (the paper's tables)
     edge-cbn divergence        per-BN-layer KL/JS of noisy vs clean activations, calibrated or not (Fig. 1)
-    edge-cbn bench …           benchmarks (models, refuse, stream)
+    edge-cbn bench …           benchmarks (models, refold, stream)
 
     An input edge-cbn cannot use is one line on stderr and exit status 1 (a usage error: status 2);
     --debug anywhere on the line (or EDGE_CBN_DEBUG=1) shows the traceback instead.

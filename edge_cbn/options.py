@@ -43,6 +43,28 @@ def noise_option_flag(help: str = NOISE_OPTION_HELP):
     return click.option("--noise-option", "noise_option", multiple=True, metavar="KEY=VALUE", help=help)
 
 
+class RenamedOption(click.Option):
+    """An option whose `old` spellings still parse (scripts and service files written before a rename)
+    but are not shown in --help."""
+
+    def __init__(self, param_decls, old=(), **attrs):
+        super().__init__([*param_decls, *old], **attrs)
+        self.old = set(old)
+
+    def get_help_record(self, ctx):
+        shown, self.opts = self.opts, [o for o in self.opts if o not in self.old]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
+def refold_every_option(default: int, help: str):
+    """`--refold-every N` (formerly `--refuse-every`)."""
+    return click.option("--refold-every", "refold_every", cls=RenamedOption, old=["--refuse-every"],
+                        type=click.IntRange(1), default=default, show_default=True, metavar="N", help=help)
+
+
 def _apply(decorators):
     def wrap(f):
         for decorator in reversed(decorators):

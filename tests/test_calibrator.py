@@ -32,7 +32,7 @@ def frames(n, seed=0):
 def test_bn_input_moments_match_keras_under_any_folded_statistics(exported):
     model, bundle = exported
     stats = new_stats(bundle, seed=3)
-    for layer in model.layers:  # the same statistics in Keras and in the re-fused calibration variant
+    for layer in model.layers:  # the same statistics in Keras and in the refolded calibration variant
         if type(layer).__name__ == "BatchNormalization":
             layer.moving_mean.assign(stats[layer.name][0])
             layer.moving_variance.assign(stats[layer.name][1])
@@ -76,7 +76,7 @@ def normalised(cal, model, xs):
 
 def test_shift_mode_without_noise_keeps_the_source_statistics(exported):
     _, bundle = exported
-    cal, noisy, _, refuses = drive(bundle, None, frames(12), refuse_every=2, stages=3, track_every=2)
+    cal, noisy, _, refuses = drive(bundle, None, frames(12), refold_every=2, stages=3, track_every=2)
     assert refuses == 6 and cal.warm and cal.progress == 1.0
     for bn, (mean, var) in cal.statistics().items():
         np.testing.assert_allclose(mean, cal.source[bn][0], rtol=1e-4, atol=1e-4)
@@ -93,7 +93,7 @@ def test_staged_calibration_aligns_every_layer_under_noise(exported, mode):
     xs = frames(6)
     n_bn = len(bundle.meta["calibration"]["bns"])
     cal, noisy, clean, _ = drive(bundle, chip, xs * (n_bn + 3), mode=mode, window=None, shrink=0,
-                                 refuse_every=len(xs), stages=n_bn, track_every=len(xs))
+                                 refold_every=len(xs), stages=n_bn, track_every=len(xs))
     got = normalised(cal, noisy, xs)
     before = normalised(cal, NoisyModel(bundle.calibration_variant(), chip), xs)
     target = normalised(cal, clean, xs) if mode == "shift" else None
@@ -108,9 +108,9 @@ def test_staged_calibration_aligns_every_layer_under_noise(exported, mode):
 def test_progress_and_state_round_trip(exported):
     _, bundle = exported
     chip = make_noise("relative", 0.1, seed=2).instantiate(noise_targets(bundle))
-    cal, *_ = drive(bundle, chip, frames(5), refuse_every=2, stages=3)
+    cal, *_ = drive(bundle, chip, frames(5), refold_every=2, stages=3)
     assert not cal.warm and cal.stage == 2 and cal.progress == pytest.approx(5 / 6)
-    again = StreamCalibrator(bundle, refuse_every=2, stages=3)
+    again = StreamCalibrator(bundle, refold_every=2, stages=3)
     again.load_state_dict(dict(cal.state_dict()))
     assert again.stage == 2 and again.progress == cal.progress
     for bn, (m, v) in cal.statistics().items():
@@ -123,8 +123,8 @@ def test_progress_and_state_round_trip(exported):
 def test_prior_mode_weights_source_by_prior_strength(exported):
     _, bundle = exported
     xs = frames(4)
-    absolute, *_ = drive(bundle, None, xs, mode="absolute", refuse_every=4, stages=1)
-    prior, *_ = drive(bundle, None, xs, mode="prior", prior=4.0, refuse_every=4, stages=1)
+    absolute, *_ = drive(bundle, None, xs, mode="absolute", refold_every=4, stages=1)
+    prior, *_ = drive(bundle, None, xs, mode="prior", prior=4.0, refold_every=4, stages=1)
     for bn, (m, v) in prior.statistics().items():
         np.testing.assert_allclose(m, 0.5 * absolute.source[bn][0] + 0.5 * absolute.statistics()[bn][0],
                                    rtol=1e-5, atol=1e-5)

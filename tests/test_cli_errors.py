@@ -51,3 +51,19 @@ def test_a_missing_internal_module_is_still_an_internal_error(capsys):
 def test_usage_errors_are_exit_status_2(args, says):
     result = run(*args)
     assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_renamed_flags_still_parse_and_are_not_shown():
+    """`--refuse-every` and `bench refuse`, the spellings before "refold" was the one word, still work for
+    old scripts and service files; --help shows only the new ones."""
+    from edge_cbn.lab.bench.command import bench
+    from edge_cbn.stream.command import main as stream
+
+    ctx = stream.make_context("stream", ["--refuse-every", "3"])
+    assert ctx.params["refold_every"] == 3
+    assert stream.make_context("stream", ["--refold-every", "4"]).params["refold_every"] == 4
+    shown = CliRunner().invoke(stream, ["--help"]).output
+    assert "--refold-every" in shown and "--refuse-every" not in shown
+    listing = CliRunner().invoke(bench, ["--help"]).output
+    assert "refold" in listing and "refuse" not in listing
+    assert "--models" in CliRunner().invoke(bench, ["refuse", "--help"]).output

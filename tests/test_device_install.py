@@ -49,11 +49,11 @@ def test_device_install_runs_without_tensorflow(tmp_path):
 
     # The device path with noise, calibration and a saved state works without TensorFlow too.
     subprocess.run([str(edge_cbn), "stream", "--model", str(data / "model.tflite"), "--frames", "20", "--headless",
-                    "--quiet", "--noise", "relative", "--stages", "2", "--refuse-every", "2", "--calibrate-every", "1",
+                    "--quiet", "--noise", "relative", "--stages", "2", "--refold-every", "2", "--calibrate-every", "1",
                     "--state", str(data / "state.npz"), "--log", str(log)], check=True, env=env, cwd=tmp_path,
                    timeout=300)
     summary = json.loads(log.read_text().splitlines()[-1])["summary"]
-    assert summary["refuses"] >= 1 and summary["calibrated"]
+    assert summary["refolds"] >= 1 and summary["calibrated"]
     assert (data / "state.calibrated.tflite").is_file()
 
 

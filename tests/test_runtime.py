@@ -147,8 +147,8 @@ def test_processor_and_noisy_model_end_to_end(tiny_bundle):
 
 
 @pytest.mark.parametrize("pool", [0, 1, 3])
-def test_refuse_with_non_finite_outputs_is_rolled_back(tiny_bundle, pool):
-    """A re-fuse whose model gives NaN on the probe frame never serves: the previous statistics stay."""
+def test_refold_with_non_finite_outputs_is_rolled_back(tiny_bundle, pool):
+    """A refold whose model gives NaN on the probe frame never serves: the previous statistics stay."""
     from tiny import new_stats
 
     from edge_cbn.runtime.noise import make_noise
@@ -179,7 +179,7 @@ def test_calibrator_drops_non_finite_moments_and_never_hands_them_out(tiny_bundl
     from edge_cbn.runtime.validation import Invalid
 
     _, bundle = tiny_bundle
-    cal = StreamCalibrator(bundle, mode="shift", refuse_every=1, stages=1)
+    cal = StreamCalibrator(bundle, mode="shift", refold_every=1, stages=1)
     channels = [len(bundle.layer(bn).mean) for bn in cal.bns]
     rng = np.random.default_rng(0)
     noisy = _moments_vector(rng, sum(channels))
@@ -202,12 +202,12 @@ def test_calibrator_drops_non_finite_moments_and_never_hands_them_out(tiny_bundl
     assert all(np.array_equal(cal.statistics()[bn][0], before[bn][0]) for bn in cal.bns)
 
     state = cal.state_dict()
-    again = StreamCalibrator(bundle, mode="shift", refuse_every=1, stages=1)
+    again = StreamCalibrator(bundle, mode="shift", refold_every=1, stages=1)
     again.load_state_dict(state)
     assert (again.dropped_frames, again.rejected_estimates) == (2, len(cal.bns))
     for key, bad in ((f"applied/{first}/var", -np.ones(channels[0])), (f"noisy/{rest[0]}/mean", np.full(3, 0.5)),
                      (f"clean/{rest[0]}/c", np.full(channels[1], np.nan))):
-        fresh = StreamCalibrator(bundle, mode="shift", refuse_every=1, stages=1)
+        fresh = StreamCalibrator(bundle, mode="shift", refold_every=1, stages=1)
         with pytest.raises(Invalid):
             fresh.load_state_dict({**state, key: bad})
         assert fresh.stage == 0 and fresh.noisy[rest[0]].count == 0  # all or nothing: left as it was

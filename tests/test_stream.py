@@ -1,5 +1,5 @@
 """`edge-cbn stream`: the loop end to end on a tiny exported classifier (no default-model build): log and
-summary, noise + calibration + re-fuses, state save/resume, a kill during a save, sources that fail or
+summary, noise + calibration + refolds, state save/resume, a kill during a save, sources that fail or
 have corrupt frames, the preview's /status, and no TensorFlow on the device side."""
 import json
 import os
@@ -24,8 +24,8 @@ from edge_cbn.runtime.state import StateStore, calibrated_model_path, fingerprin
 from edge_cbn.stream.agreement import agreement
 from edge_cbn.stream.command import main
 
-SUMMARY_KEYS = {"frames", "fps", "refuses", "agreement_before", "agreement_after", "agreement_metric", "calibrated"}
-NOISY = ["--noise", "relative", "--eta", "0.05", "--refuse-every", "2", "--stages", "2", "--track-every", "1",
+SUMMARY_KEYS = {"frames", "fps", "refolds", "agreement_before", "agreement_after", "agreement_metric", "calibrated"}
+NOISY = ["--noise", "relative", "--eta", "0.05", "--refold-every", "2", "--stages", "2", "--track-every", "1",
          "--calibrate-every", "1"]
 
 
@@ -76,7 +76,7 @@ def test_headless_log_and_record(tiny, tmp_path):
     assert r.exit_code == 0, r.output
     frames, summary = read_log(log)
     assert [f["frame"] for f in frames] == list(range(30))
-    assert all({"frame", "latency_ms", "calibrating", "refuses", "top"} <= set(f) for f in frames)
+    assert all({"frame", "latency_ms", "calibrating", "refolds", "top"} <= set(f) for f in frames)
     assert frames[0]["top"][0].startswith("class") and not any(f["calibrating"] for f in frames)
     assert SUMMARY_KEYS <= set(summary) and summary["frames"] == 30 and summary["fps"] > 0
     assert summary["agreement_before"] is None and summary["calibrated"] is False
@@ -86,7 +86,7 @@ def test_headless_log_and_record(tiny, tmp_path):
     cap.release()
 
 
-def test_noise_calibrates_and_refuses(tiny, tmp_path):
+def test_noise_calibrates_and_refolds(tiny, tmp_path):
     log = tmp_path / "s.jsonl"
     r = run(["--model", tiny, "--frames", "40", "--headless", "--log", str(log), *NOISY, "--calibrate",
              "--agreement-every", "4", "--calibrate-every", "2"])
@@ -94,9 +94,9 @@ def test_noise_calibrates_and_refuses(tiny, tmp_path):
     frames, summary = read_log(log)
     assert len(frames) == 40
     assert [f["calibrating"] for f in frames[:4]] == [True, False, True, False]  # --calibrate-every 2
-    assert frames[-1]["refuses"] >= 1 and frames[-1]["progress"] == 1.0
+    assert frames[-1]["refolds"] >= 1 and frames[-1]["progress"] == 1.0
     assert any("agreement" in f for f in frames)
-    assert summary["calibrated"] is True and summary["refuses"] == frames[-1]["refuses"]
+    assert summary["calibrated"] is True and summary["refolds"] == frames[-1]["refolds"]
     assert summary["agreement_metric"] == "top1_agreement" and summary["agreement_samples"] == 5
     assert 0 <= summary["agreement_before"] <= 100 and 0 <= summary["agreement_after"] <= 100
 
@@ -107,7 +107,7 @@ def test_state_save_resume_and_corrupt_state(tiny, tmp_path):
     r = run([*args, "--frames", "20"])
     assert r.exit_code == 0, r.output
     first = json.loads(r.stdout.strip().splitlines()[-1])["summary"]
-    assert first["refuses"] >= 2 and not first["resumed"]
+    assert first["refolds"] >= 2 and not first["resumed"]
     model = calibrated_model_path(state)
     cal = load_bundle(model, require_sidecar=True)  # an ordinary bundle: sidecar with the calibrated stats
     make_interpreter(model_path=model)
@@ -119,7 +119,7 @@ def test_state_save_resume_and_corrupt_state(tiny, tmp_path):
     assert r.exit_code == 0, r.output
     frames, second = read_log(log)
     assert second["resumed"] and second["calibrated"]
-    assert frames[0]["refuses"] >= first["refuses"] and second["refuses"] > first["refuses"]
+    assert frames[0]["refolds"] >= first["refolds"] and second["refolds"] > first["refolds"]
     assert frames[0]["progress"] == 1.0  # the warm-up is not repeated
 
     state.write_bytes(b"not an npz at all")
@@ -163,7 +163,7 @@ def test_sigterm_stops_cleanly_and_kill_during_save_resumes(tiny, tmp_path):
     state = tmp_path / "st.npz"
     log = tmp_path / "s.jsonl"
     args = ["--model", tiny, "--headless", "--quiet", "--noise", "relative", "--eta", "0.05", "--stages", "2",
-            "--refuse-every", "1", "--calibrate-every", "1", "--save-interval", "0", "--state", str(state)]
+            "--refold-every", "1", "--calibrate-every", "1", "--save-interval", "0", "--state", str(state)]
     proc = _start(args, log, dict(os.environ))
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
@@ -184,14 +184,14 @@ def test_sigterm_stops_cleanly_and_kill_during_save_resumes(tiny, tmp_path):
     bundle = load_bundle(tiny)
     fp = fingerprint(bundle, noise="relative", eta=0.05, seed=0, mode="shift", stages=2)
     saved = StateStore(state, bundle, fp).load()  # loadable, whether or not the model beside it is newer
-    assert saved.counters["refuses"] >= summary["refuses"]
+    assert saved.counters["refolds"] >= summary["refolds"]
     make_interpreter(model_path=calibrated_model_path(state))
     load_bundle(calibrated_model_path(state), require_sidecar=True)
 
     r = run([*args, "--frames", "5", "--log", str(log)])
     assert r.exit_code == 0, r.output
     frames, summary = read_log(log)
-    assert summary["resumed"] and frames[0]["refuses"] >= saved.counters["refuses"]
+    assert summary["resumed"] and frames[0]["refolds"] >= saved.counters["refolds"]
     assert not list(tmp_path.glob(".*.tmp"))  # the killed save's temporaries are cleaned up
 
 
@@ -253,7 +253,7 @@ def test_preview_status_updates_during_run(tiny, tmp_path):
     counts = [s["frames"] for s in seen]
     assert len(set(counts)) >= 2 and counts == sorted(counts)
     last = seen[-1]
-    assert {"fps", "calibration", "calibration_progress", "refuses", "noise", "result", "model", "task",
+    assert {"fps", "calibration", "calibration_progress", "refolds", "noise", "result", "model", "task",
             "source"} <= set(last)
     assert last["model"] == "tiny" and last["noise"].startswith("noise relative") and last["published"] >= 1
 
@@ -278,7 +278,7 @@ def test_calibration_slows_down_after_the_warm_up_and_once_converged(tiny, tmp_p
     log = tmp_path / "c.jsonl"
     n, warm_up = 320, 16  # 2 stages x 8 frames
     r = run(["--model", tiny, "--frames", str(n), "--headless", "--log", str(log), *NOISY, "--agreement-every", "0",
-             "--refuse-every", "8"])
+             "--refold-every", "8"])
     assert r.exit_code == 0, r.output
     frames, summary = read_log(log)
     warm = summary["calibrated_at_frame"]
@@ -297,7 +297,7 @@ def stream_log(tiny, log, n, *, background=True, slow_worker=None, pool=3):
     from edge_cbn.stream import Engine, StreamLoop, StreamOptions, open_frames
 
     opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, frames=n, log=str(log),
-                         agreement_every=5, calibrate_every=2, stages=2, refuse_every=2, noise_pool=pool)
+                         agreement_every=5, calibrate_every=2, stages=2, refold_every=2, noise_pool=pool)
     engine = Engine(load_bundle(tiny), opts, background=background)
     if slow_worker is not None:
         calibrate = engine.pipeline._calibrate
@@ -308,7 +308,7 @@ def stream_log(tiny, log, n, *, background=True, slow_worker=None, pool=3):
 
 
 def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path):
-    """The same frames give the same predictions, calibration flags, re-fuses, agreement and summary
+    """The same frames give the same predictions, calibration flags, refolds, agreement and summary
     whether calibration runs beside serving, in its thread, or on a worker made slow at random: which
     frames calibrate and when their statistics serve are decided by frame index."""
     inline = stream_log(tiny, tmp_path / "a.jsonl", 300, background=False)
@@ -316,10 +316,10 @@ def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path):
     rng = random.Random(0)
     slowed = stream_log(tiny, tmp_path / "c.jsonl", 300, slow_worker=lambda: rng.choice([0, 0, 0.01, 0.05]))
     frames, summary = inline
-    # 2 warm-up re-fuses (frames 2, 6), 4 more until twice the warm-up's 4 calibration frames are in (frames
+    # 2 warm-up refolds (frames 2, 6), 4 more until twice the warm-up's 4 calibration frames are in (frames
     # 8-14: the stream sees the warm-up's end at frame 14), then one every 256 frames (18, 274), each seen 128
     # frames later (one within the run); serving updated state by state from the warm-up's end (frames 14, 22, 30)
-    assert summary["refuses"] == 7 and summary["calibrated_at_frame"] == 14
+    assert summary["refolds"] == 7 and summary["calibrated_at_frame"] == 14
     assert [f["calibrating"] for f in frames[:6]] == [True, False] * 3  # calibrate_every 2, by index
     assert sum("agreement" in f for f in frames) == 60
     assert threaded == inline and slowed == inline
@@ -328,7 +328,7 @@ def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path):
 def test_exact_noise_takes_new_statistics_at_the_same_frame_in_either_thread(tiny, tmp_path):
     """Exact per-frame noise (no pool): new statistics are taken in one step, at a frame fixed by index."""
     inline = stream_log(tiny, tmp_path / "a.jsonl", 60, background=False, pool=0)
-    assert stream_log(tiny, tmp_path / "b.jsonl", 60, pool=0) == inline and inline[1]["refuses"] >= 6
+    assert stream_log(tiny, tmp_path / "b.jsonl", 60, pool=0) == inline and inline[1]["refolds"] >= 6
 
 
 def test_calibration_budget_is_gone_with_a_notice(tiny):
@@ -345,7 +345,7 @@ def test_statistics_that_serve_non_finite_outputs_are_rolled_back(tiny, tmp_path
 
     log = tmp_path / "r.jsonl"
     opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, frames=80,
-                         log=str(log), agreement_every=0, calibrate_every=2, stages=2, refuse_every=2,
+                         log=str(log), agreement_every=0, calibrate_every=2, stages=2, refold_every=2,
                          noise_pool=pool)
     engine = Engine(load_bundle(tiny), opts)
     step = engine.calibration.step
@@ -358,5 +358,5 @@ def test_statistics_that_serve_non_finite_outputs_are_rolled_back(tiny, tmp_path
     with open_frames() as source:
         StreamLoop(engine, source, opts, model_name="tiny").run()
     frames, summary = read_log(log)
-    assert summary["refuses"] > 2 and summary["rollbacks"] >= 1
+    assert summary["refolds"] > 2 and summary["rollbacks"] >= 1
     assert all(np.isfinite(f["top"][1]) for f in frames)

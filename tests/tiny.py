@@ -42,7 +42,7 @@ def tiny_model(num_classes=10, seg=False, seed=0):
 
 
 def new_stats(bundle, seed):
-    """Random BN statistics near the bundle's own, for re-fuse tests."""
+    """Random BN statistics near the bundle's own, for refold tests."""
     rng = np.random.default_rng(seed)
     return {r.bn: (r.mean + rng.normal(0, 0.2, r.mean.shape).astype(np.float32),
                    r.var * rng.uniform(0.5, 2.0, r.var.shape).astype(np.float32))

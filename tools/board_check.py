@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Prove the board path without a board: edge-cbn's runtime-only install runs `edge-cbn stream` under an
-emulated 64-bit Raspberry Pi OS userland, and its predictions, re-fuse count and calibrated statistics
+emulated 64-bit Raspberry Pi OS userland, and its predictions, refold count and calibrated statistics
 equal the x86-64 run of the same command.
 
 64-bit Raspberry Pi OS (bookworm) is Debian bookworm arm64 with Python 3.11, so on a Debian x86-64 machine:
@@ -10,7 +10,7 @@ equal the x86-64 run of the same command.
    `device/install.sh` on the board would get them (no TensorFlow), go into a site folder;
 4. a small model is exported here (TensorFlow, x86-64) and both sides run the same stream over the same
    frames with a fixed calibration cadence (`--calibrate-every`), so the runs are deterministic;
-5. the per-frame predictions, re-fuses and the saved calibrated statistics are compared.
+5. the per-frame predictions, refolds and the saved calibrated statistics are compared.
 
 Everything downloaded is cached in --cache, so a second run is fast and needs no registry.
 Exit status 0 when the two runs agree, 1 when they do not, 2 when the check could not run.
@@ -36,7 +36,7 @@ PLATFORMS = ["manylinux2014_aarch64", "linux_aarch64"] + [f"manylinux_2_{g}_aarc
 ARMV7L_NEEDS = ["tflite-runtime", "numpy<2", "opencv-python-headless"]
 ARMV7L_PLATFORMS = ["manylinux2014_armv7l", "linux_armv7l"] + [f"manylinux_2_{g}_armv7l" for g in range(17, 37)]
 STREAM = ["stream", "--headless", "--quiet", "--noise", "relative", "--eta", "0.05", "--calibrate",
-          "--calibrate-every", "2", "--stages", "4", "--refuse-every", "2", "--track-every", "2",
+          "--calibrate-every", "2", "--stages", "4", "--refold-every", "2", "--track-every", "2",
           "--num-threads", "1", "--agreement-every", "0", "--save-interval", "0"]
 
 
@@ -188,10 +188,10 @@ def differences(x86: dict, board: dict, rtol: float = 1e-5) -> tuple[list[str], 
     for a, b in zip(x86["frames"], board["frames"]):
         if a["top"][0] != b["top"][0] or abs(a["top"][1] - b["top"][1]) > 1e-3:
             diffs.append(f"frame {a['frame']}: {a['top']} on x86-64, {b['top']} on the board")
-        if (a["calibrating"], a["refuses"]) != (b["calibrating"], b["refuses"]):
+        if (a["calibrating"], a["refolds"]) != (b["calibrating"], b["refolds"]):
             diffs.append(f"frame {a['frame']}: calibration schedule differs")
-    if x86["summary"]["refuses"] != board["summary"]["refuses"]:
-        diffs.append(f"{x86['summary']['refuses']} re-fuses on x86-64, {board['summary']['refuses']} on the board")
+    if x86["summary"]["refolds"] != board["summary"]["refolds"]:
+        diffs.append(f"{x86['summary']['refolds']} refolds on x86-64, {board['summary']['refolds']} on the board")
     worst = relative_difference(board["stats"], x86["stats"])
     if not worst <= rtol:
         diffs.append(f"calibrated statistics: relative difference {worst:.2g} > {rtol:g}")
@@ -260,7 +260,7 @@ def check(args) -> int:
     if diffs or machine != "aarch64":
         print(f"FAIL: the {machine} run differs from x86-64:\n  " + "\n  ".join(diffs or ["not aarch64"]))
         return 1
-    print(f"equal to x86-64: {len(x86['frames'])} frames' predictions, {x86['summary']['refuses']} re-fuses, "
+    print(f"equal to x86-64: {len(x86['frames'])} frames' predictions, {x86['summary']['refolds']} refolds, "
           f"{len(x86['stats'])} BN layers' calibrated statistics (relative difference {worst:.2g})")
     return 0
 

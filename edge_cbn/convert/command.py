@@ -15,7 +15,7 @@ from .build import MissingWeights, build_model, export_model
               help="Published weight file: torchvision/lukemelas .pth or Darknet .weights. "
                    "Default: the file a package ships (efficientnet_lite0 only).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
-              help="Output .tflite; the re-fuse sidecar is written beside it as .cbn.npz.")
+              help="Output .tflite; the refold sidecar is written beside it as .cbn.npz.")
 @click.option("--input-size", type=click.IntRange(1), help="Square input side in pixels (default: the model's).")
 @click.option("--num-classes", type=click.IntRange(1), help="Number of classes (default: the model's).")
 @click.option("--random-weights", is_flag=True, help="Export with random weights (for tests and benchmarks).")
@@ -45,7 +45,7 @@ def main(model_name, weights, out, input_size, num_classes, random_weights, cali
          noise_option, batch_size, micro_batch, momentum, estimator, max_images, workers, ray_address, quiet):
     """Build MODEL, load its weights, optionally calibrate BN statistics offline under simulated noise,
     fold every BatchNorm and export a float32 TFLite model plus the sidecar and calibration variant
-    that on-device re-fusing needs."""
+    that on-device refolding needs."""
     if not out.endswith(".tflite"):
         raise click.BadParameter("the output must end in .tflite", param_hint="-o")
     options = noise_options(noise, noise_option)

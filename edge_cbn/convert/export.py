@@ -6,7 +6,7 @@ buffers and drops all-zero biases, so matching the real folded values could be a
 model is converted with unique random *sentinel* weights in every conv/depthwise/dense layer, each
 layer's buffers are found by exact byte match of its sentinels (in TFLite layout), and the real folded
 values are then written into them by `edge_cbn.runtime.refold.Refolder` — the same code path as on-device
-re-fusing, so export and re-fuse produce identical bytes.  A final check runs the `.tflite` against the
+refolding, so export and refold produce identical bytes.  A final check runs the `.tflite` against the
 folded Keras model, which also fixes the output order to the Keras one.
 """
 from __future__ import annotations
@@ -196,7 +196,7 @@ def _convert_with_sentinels(folded, records, input_hw, graph=None) -> tuple[byte
         hits = [i for i, start in by_size[len(needle)] if data[start:start + len(needle)] == needle]
         if len(hits) != 1:
             raise RuntimeError(f"{what}: found in {len(hits)} TFLite buffers, expected exactly one (the "
-                               "converter rewrote or fused this tensor; it cannot be re-fused)")
+                               "converter rewrote or fused this tensor; it cannot be refolded)")
         return hits[0]
 
     buffers = {}
@@ -254,7 +254,7 @@ def _fix_outputs(model_bytes: bytearray, probe: np.ndarray, keras_outs: list[np.
 
 def _convert_folded(keras_model, records, hw, meta) -> tuple[bytearray, dict]:
     """Convert (behind an RGB uint8 input unless the model letterboxes: a letterbox's 127.5 grey is not
-    a uint8 value), locate the buffers, write the real folded tensors exactly as on-device re-fuse
+    a uint8 value), locate the buffers, write the real folded tensors exactly as on-device refold
     writes them, and check/fix the outputs against Keras."""
     pre = meta["preprocess"]
     graph = None if pre.get("letterbox") else with_raw_input(keras_model, pre)

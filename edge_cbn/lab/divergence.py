@@ -387,7 +387,7 @@ def finite(value):
 @num_threads_option()
 @verbose_option()
 def main(model, noise, eta, seed, noise_option, data, limit, photo_set, calib_dir, cal_frames, mode, window,
-         refuse_every, stages, shrink, power, bins, epsilon, batch_size, out_dir, num_threads):
+         refold_every, stages, shrink, power, bins, epsilon, batch_size, out_dir, num_threads):
     """The paper's Fig. 1: per BatchNorm layer, the KL and JS divergence between the clean and the noisy
     distributions of the layer's input, uncalibrated and after streaming batch-size-1 calibration on
     LiteRT (on separate calibration images), on a folder of images or crops of the sample photos.
@@ -405,7 +405,7 @@ def main(model, noise, eta, seed, noise_option, data, limit, photo_set, calib_di
 
     bundle = load_bundle(resolve_model(model, echo=lambda *a, **k: click.echo(*a, err=True)))
     setting = Setting(noise, eta, seed, noise_options(noise, noise_option),
-                      dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink,
+                      dict(mode=mode, window=window, refold_every=refold_every, stages=stages, shrink=shrink,
                            power=power), bins, epsilon, batch_size, num_threads)
     eval_x, cal_inputs, eval_name, cal_name = choose_inputs(bundle, data, calib_dir, limit, cal_frames, photo_set)
     keras_model = keras_model_of(bundle)

@@ -1,4 +1,4 @@
-"""An exported model on the device: `X.tflite` (BN-folded float32) + `X.cbn.npz` (re-fuse sidecar), and
+"""An exported model on the device: `X.tflite` (BN-folded float32) + `X.cbn.npz` (refold sidecar), and
 `X.calib.tflite` (the calibration variant) when the sidecar names one.
 
 Device side: numpy, the `tflite` flatbuffer schema package and LiteRT only.  The sidecar format is
@@ -6,7 +6,7 @@ specified in docs/DESIGN.md; `write_sidecar` and `load_bundle` are its only writ
 
 Loading validates everything once, at load (`edge_cbn.runtime.validation`, `flatbuffer.check_model`): the
 flatbuffer, the sidecar's meta against the model's tensors, every array's dtype, shape, buffer and
-values.  An unusable file is a `BadInput` naming it; what loaded can be served and re-fused.
+values.  An unusable file is a `BadInput` naming it; what loaded can be served and refolded.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from .validation import (Invalid, check_calibration_entry, check_layer_arrays, c
 FORMAT = 1
 SIDECAR_SUFFIX = ".cbn.npz"
 _BN_FIELDS = ("gamma", "beta", "mean", "var")
-# Used when a .tflite comes without its sidecar: inference works, re-fuse does not.
+# Used when a .tflite comes without its sidecar: inference works, refold does not.
 DEFAULT_PREPROCESS = {"mean": [127.5, 127.5, 127.5], "std": [127.5, 127.5, 127.5], "letterbox": False}
 
 
@@ -234,7 +234,7 @@ def _calibration_problem(path: Path, meta: dict) -> str:
 def load_bundle(tflite_path, *, require_sidecar: bool = False) -> Bundle:
     """Read and validate `X.tflite` and its sidecar `X.cbn.npz` (`BadInput` naming the file that cannot be
     used).  Without the sidecar the model still runs (as a classifier with [-1, 1] input scaling, with a
-    warning) but cannot be re-fused; `require_sidecar` makes that a FileNotFoundError."""
+    warning) but cannot be refolded; `require_sidecar` makes that a FileNotFoundError."""
     path = Path(tflite_path)
     model_bytes, facts = read_model(path)
     side = sidecar_path(path)
@@ -242,7 +242,7 @@ def load_bundle(tflite_path, *, require_sidecar: bool = False) -> Bundle:
         meta, layers = read_sidecar(side, facts)
         return Bundle(path, model_bytes, meta, layers, calibration_problem=_calibration_problem(path, meta))
     msg = (f"{side} not found: the sidecar is written by `tools/convert.py` (edge_cbn.convert.export) next to the "
-           ".tflite and is needed to re-fuse BatchNorm statistics")
+           ".tflite and is needed to refold BatchNorm statistics")
     if require_sidecar:
         raise FileNotFoundError(msg)
     warnings.warn(msg + "; running as a classifier with input (rgb - 127.5) / 127.5", stacklevel=2)

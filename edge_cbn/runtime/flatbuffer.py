@@ -39,7 +39,7 @@ def buffer_span(model_bytes, index: int, model=None) -> tuple[int, int]:
         start, size = buf._tab.Vector(field), buf._tab.VectorLen(field)
     if start + size > len(model_bytes):
         raise ValueError(f"buffer {index} lies outside the model data ({start}+{size} > {len(model_bytes)} "
-                         "bytes): truncated or external-data .tflite, which re-fuse does not support")
+                         "bytes): truncated or external-data .tflite, which refold does not support")
     return start, size
 
 

@@ -1,11 +1,11 @@
 """BatchNorm folding: the one place the arithmetic lives (device side, numpy only).
 
 Export (`edge_cbn.convert.export`) and the on-device refold (`edge_cbn.runtime.refold`) both call these functions, so an
-exported `.tflite` and a re-fused one hold bit-identical tensors for the same statistics.
+exported `.tflite` and a refolded one hold bit-identical tensors for the same statistics.
 
 Arithmetic: the per-channel scale `s = gamma / sqrt(var + eps)` and the folded bias
 `beta + (bias - mean) * s` are computed in float64 and rounded to float32 once; the folded kernel is the
-float32 product `kernel * s` (one IEEE rounding per element, no float64 copy of the kernel, so re-fuse can
+float32 product `kernel * s` (one IEEE rounding per element, no float64 copy of the kernel, so refold can
 write it straight into the flatbuffer with `out=`).
 
 Layouts: Keras conv HWIO, depthwise HWCM (M = depth multiplier, 1 in the zoo), dense IO;

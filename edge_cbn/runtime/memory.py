@@ -1,7 +1,7 @@
 """Give freed model-sized buffers back to the operating system at once (glibc only; elsewhere a no-op).
 
 glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MB), so after the first
-re-fuse the 19 MB flatbuffer copies that re-fusing builds and drops come from the heap and stay counted in
+refold the 19 MB flatbuffer copies that refolding builds and drops come from the heap and stay counted in
 the process's RSS; and every thread that allocates gets an arena of its own.  A fixed threshold (128 KiB,
 glibc's initial one) and at most two arenas keep a long stream's peak near what it holds live
 (device/README.md, Memory)."""

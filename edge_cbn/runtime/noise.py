@@ -126,7 +126,19 @@ class FactorNoise(Noise):
 
 
 @dataclass(frozen=True)
-class PCMNoise(Noise):
+class PCMOptions:
+    """The PCM model's options, with aihwkit's defaults (`PCMNoise`, and `noise_models.PCM`)."""
+    t_granularity: str = "weight"
+    t_inference: float = 3600.0
+    t0: float = 20.0
+    t_read: float = 250e-9
+    g_max: float = 25.0
+    prog_coeff: tuple = (0.26348, 1.9650, -1.1731)
+    drift_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class PCMNoise(PCMOptions, Noise):
     """PCM-like noise after IBM aihwkit's `PCMLikeNoiseModel` (single device pair per weight).
 
     Per layer, weights map to conductances g± = clip(±W * g_max / max|W|, 0, g_max) (µS).  Per
@@ -140,13 +152,6 @@ class PCMNoise(Noise):
     distribution), and the read step's clamp at 0 is dropped, so the per-frame term stays one
     multiply-add.  No drift compensation: drift shrinks the weights (≈ x0.77 after an hour), which
     calibrated BN absorbs."""
-    t_granularity: str = "weight"
-    t_inference: float = 3600.0
-    t0: float = 20.0
-    t_read: float = 250e-9
-    g_max: float = 25.0
-    prog_coeff: tuple = (0.26348, 1.9650, -1.1731)
-    drift_scale: float = 1.0
 
     def spatial(self, kind, w, rng):
         ratio = self.g_max / max(float(np.abs(w).max()), 1e-7)
@@ -174,8 +179,7 @@ PRESET_OPTIONS = {
     "paper": {**_FACTOR_OPTIONS, "spatial_level": 0.1, "spatial_reading": "relative"},
     "relative": _FACTOR_OPTIONS,
     "additive-max": _FACTOR_OPTIONS,
-    "pcm": {f.name: f.default for f in dataclasses.fields(PCMNoise)
-            if f.name not in {g.name for g in dataclasses.fields(Noise)} - {"t_granularity"}},
+    "pcm": {f.name: f.default for f in dataclasses.fields(PCMOptions)},
 }
 
 

@@ -1,5 +1,5 @@
 """Refold BatchNorm statistics (and optionally perturbed kernels) into an exported `.tflite` on the
-device, without TensorFlow and without reconverting ("re-fuse" in the CLI and docs).
+device, without TensorFlow and without reconverting ("refold" in the CLI and docs).
 
 `Refolder` locates every folded kernel and bias buffer once (through the `tflite` schema package) and
 keeps each layer's current unfolded kernel and statistics.  `model_bytes()` then assembles a new model in
@@ -86,7 +86,7 @@ class _Slot:
 class Refolder:
     def __init__(self, bundle):
         if not bundle.layers:
-            raise ValueError(f"{bundle.path}: no re-fuse sidecar (.cbn.npz) — export the model with "
+            raise ValueError(f"{bundle.path}: no refold sidecar (.cbn.npz) — export the model with "
                              "`tools/convert.py` to get one")
         self.bundle = bundle
         data = bundle.model_bytes
@@ -113,7 +113,7 @@ class Refolder:
 
     def _span(self, model, index, shape, name, used) -> tuple[int, int]:
         if index in used:
-            raise ValueError(f"buffer {index} is shared by layers {used[index]!r} and {name!r}; re-fusing one "
+            raise ValueError(f"buffer {index} is shared by layers {used[index]!r} and {name!r}; refolding one "
                              "would change the other (the sidecar does not match this .tflite?)")
         used[index] = name
         start, size = buffer_span(self.bundle.model_bytes, index, model)

@@ -14,7 +14,7 @@ Three files, each written atomically (`bundle.atomic_write`: temporary file besi
 A kill at any moment leaves each file either old or new.  On start the state file decides: if the
 calibrated model on disk is the one it names (sha1) and its sidecar, loaded and validated like any bundle,
 holds the source's layers and the same statistics, the stream serves it; otherwise (killed between the
-writes) the saved statistics are re-fused into the source model, which gives the same bytes.
+writes) the saved statistics are refolded into the source model, which gives the same bytes.
 
 Loading checks every array (`StateStore.load`: names, dtypes, shapes = the model's BN channels, finite,
 var >= 0, and with a calibrator its accumulators, `StreamCalibrator.check_state_dict`).  Nothing saved is
@@ -90,7 +90,7 @@ class Snapshot:
     stats: dict            # {bn: (mean, var)} folded into the calibrated model
     calibrator: dict       # StreamCalibrator.state_dict()
     model_bytes: bytes     # the calibrated .tflite
-    counters: dict         # frames, refuses, progress, ... (JSON)
+    counters: dict         # frames, refolds, progress, ... (JSON)
 
 
 @dataclasses.dataclass
@@ -131,6 +131,21 @@ def _slow(write):
     return lambda f: write(Half(f))
 
 
+def write_calibrated_bundle(bundle, stats: dict, model_bytes: bytes, path, info: dict) -> Path:
+    """Write the calibrated model `path` (`model_bytes`: `bundle` with `stats` refolded) and its sidecar,
+    each atomically, sidecar first: an ordinary exported bundle without a calibration variant, whose meta
+    records `info` under "calibrated".  Returns `path`."""
+    path = Path(path)
+    layers = [dataclasses.replace(rec, mean=np.asarray(stats[rec.bn][0], np.float32),
+                                  var=np.asarray(stats[rec.bn][1], np.float32))
+              if rec.bn in stats else rec for rec in bundle.layers]
+    meta = {k: v for k, v in bundle.meta.items() if k not in ("layers", "calibration", "format")}
+    meta["calibrated"] = {**info, "source": bundle.path and bundle.path.name, "saved_at": time.time()}
+    write_sidecar(sidecar_path(path), meta, layers)
+    atomic_write(path, _slow(lambda f: f.write(model_bytes)))
+    return path
+
+
 class StateStore:
     """The state file `path` and the calibrated model beside it, for one source `bundle` and setup."""
 
@@ -157,15 +172,8 @@ class StateStore:
     # ----------------------------------------------------------------------------------------- save
     def save(self, snap: Snapshot) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        layers = [dataclasses.replace(rec, mean=np.asarray(snap.stats[rec.bn][0], np.float32),
-                                      var=np.asarray(snap.stats[rec.bn][1], np.float32))
-                  if rec.bn in snap.stats else rec for rec in self.bundle.layers]
-        meta = {k: v for k, v in self.bundle.meta.items() if k not in ("layers", "calibration", "format")}
-        meta["calibrated"] = {**self.fingerprint, "source": self.bundle.path and self.bundle.path.name,
-                              "saved_at": time.time()}
-        write_sidecar(self.sidecar_path, meta, layers)
         model = snap.model_bytes
-        atomic_write(self.model_path, _slow(lambda f: f.write(model)))
+        write_calibrated_bundle(self.bundle, snap.stats, model, self.model_path, self.fingerprint)
         state_meta = {"format": FORMAT, **self.fingerprint, **snap.counters, "saved_at": time.time(),
                       "calibrated_model": self.model_path.name, "calibrated_sha1": sha1(model)}
         arrays = {"meta": np.array(json.dumps(state_meta))}
@@ -205,7 +213,9 @@ class StateStore:
                 if k not in ignore and meta.get(k) != v]
         if diff:
             raise OtherSetup(self.path, "it was saved for another setup: " + ", ".join(diff), meta)
-        return {k: check_count(k, meta[k]) for k in ("frames", "refuses", "calibration_frames") if k in meta}
+        if "refuses" in meta:  # the counter's name in states saved before "refold" became the one word for it
+            meta.setdefault("refolds", meta["refuses"])
+        return {k: check_count(k, meta[k]) for k in ("frames", "refolds", "calibration_frames") if k in meta}
 
     def _read_stats(self, members) -> dict:
         """{bn: (mean, var)}: float32, one value per channel of the model's BN, finite, var >= 0."""
@@ -270,7 +280,7 @@ class StateStore:
             try:
                 os.rename(old, new)
             except OSError:  # missing (never saved, or killed before it), or not movable: the state alone
-                pass         # holds the statistics, and resuming it re-fuses them
+                pass         # holds the statistics, and resuming it refolds them
         return target
 
     def check_writable(self) -> None:

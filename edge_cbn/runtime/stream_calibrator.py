@@ -17,7 +17,7 @@ Modes (`--mode`), because a camera sees one scene and absolute re-estimation pul
 
 Schedule.  A layer's input moments depend on the statistics folded into every layer before it, so warm-up
 goes depth first (Gauss-Seidel): the BN layers are split into `stages` consecutive groups; stage g
-accumulates for `refuse_every` frames with groups < g already refolded, then it is refolded together with
+accumulates for `refold_every` frames with groups < g already refolded, then it is refolded together with
 the refreshed estimates of the earlier groups.  After warm-up all layers are refolded every `track_every`
 calibration frames, which tracks drift in small steps.  Why this schedule (the alternatives measured):
 docs/RESULTS.md.
@@ -46,29 +46,29 @@ def _f64(x, n, fill):
 
 class StreamCalibrator:
     def __init__(self, bundle, *, mode: str = "shift", window: float | None = 1024, prior: float = 16.0,
-                 refuse_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 1,
+                 refold_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 1,
                  power: float = 0.5):
         if mode not in MODES:
             raise ValueError(f"unknown calibration mode {mode!r}; expected one of {MODES}")
         if "calibration" not in bundle.meta:
             raise ValueError("the model has no calibration variant: re-export it with tools/convert.py")
-        if refuse_every < 1 or stages < 1 or track_every < 1:
-            raise ValueError("refuse_every, stages and track_every must be >= 1")
+        if refold_every < 1 or stages < 1 or track_every < 1:
+            raise ValueError("refold_every, stages and track_every must be >= 1")
         self.mode, self.window, self.prior, self.shrink, self.power = mode, window, prior, shrink, power
-        self.refuse_every, self.track_every = refuse_every, track_every
+        self.refold_every, self.track_every = refold_every, track_every
         self.bns = list(bundle.meta["calibration"]["bns"])
         # Stage boundaries over the BN layers (topological order), at most one stage per layer.
         self.stages = min(stages, len(self.bns)) or 1
         self._bounds = [round(len(self.bns) * (g + 1) / self.stages) for g in range(self.stages)]
-        self.stage = 0  # groups < stage are re-fused; == self.stages after warm-up
-        self._since_refuse = 0
+        self.stage = 0  # groups < stage are refolded; == self.stages after warm-up
+        self._since_refold = 0
         self._recs = {bn: bundle.layer(bn) for bn in self.bns}
         sizes = [len(self._recs[bn].mean) for bn in self.bns]
         self._splits = np.cumsum(sizes)[:-1]
         self._total = int(sum(sizes))
         self.source = {bn: (np.asarray(r.mean, np.float64), np.asarray(r.var, np.float64))
                        for bn, r in self._recs.items()}
-        self.applied = dict(self.source)  # what the last re-fuse folded in
+        self.applied = dict(self.source)  # what the last refold folded in
         self.noisy = {bn: Moments(window) for bn in self.bns}
         self.clean = {bn: Moments(window) for bn in self.bns} if mode == "shift" else None
         self.dropped_frames = 0      # calibration frames with non-finite moments (those layers left out)
@@ -84,14 +84,14 @@ class StreamCalibrator:
 
     @property
     def warmup_frames(self) -> int:
-        return self.stages * self.refuse_every
+        return self.stages * self.refold_every
 
     @property
     def progress(self) -> float:
         """Warm-up progress 0..1 (1 once every layer has calibrated statistics)."""
         if self.warm:
             return 1.0
-        return (self.stage * self.refuse_every + self._since_refuse) / self.warmup_frames
+        return (self.stage * self.refold_every + self._since_refold) / self.warmup_frames
 
     def _done(self) -> list:
         """BN layers whose warm-up stage is over."""
@@ -130,15 +130,15 @@ class StreamCalibrator:
     def observe(self, noisy_vector, noisy_stats, clean_vector=None, clean_stats=None) -> dict | None:
         """One calibration frame: the noisy model's moments output (and, in `shift` mode, the clean
         model's on the same frame) with the statistics each had folded in.  Returns the statistics to
-        re-fuse when a re-fuse is due, else None."""
+        refold when a refold is due, else None."""
         if self.clean is not None and clean_vector is None:
             raise ValueError("shift mode needs the clean model's moments on the same frame")
         if not self._accumulate(noisy_vector, noisy_stats, clean_vector, clean_stats):
-            return None  # nothing usable on this frame: it does not count towards a re-fuse
-        self._since_refuse += 1
-        if self._since_refuse < (self.track_every if self.warm else self.refuse_every):
+            return None  # nothing usable on this frame: it does not count towards a refold
+        self._since_refold += 1
+        if self._since_refold < (self.track_every if self.warm else self.refold_every):
             return None
-        self._since_refuse = 0
+        self._since_refold = 0
         if not self.warm:
             self.stage += 1
         for bn in self._done():
@@ -171,7 +171,7 @@ class StreamCalibrator:
             self.rejected_estimates += 1
 
     def statistics(self) -> dict:
-        """The calibrated statistics {bn: (mean, var)} as of the last re-fuse (float32; the source
+        """The calibrated statistics {bn: (mean, var)} as of the last refold (float32; the source
         statistics for layers the warm-up has not reached)."""
         return {bn: (np.asarray(m, np.float32), np.asarray(v, np.float32)) for bn, (m, v) in self.applied.items()}
 
@@ -201,7 +201,7 @@ class StreamCalibrator:
     def state_dict(self) -> dict:
         """Plain numpy arrays: what `--state` saves."""
         state = {"mode": np.array(self.mode), "stage": np.array(self.stage),
-                 "since_refuse": np.array(self._since_refuse), "dropped_frames": np.array(self.dropped_frames),
+                 "since_refold": np.array(self._since_refold), "dropped_frames": np.array(self.dropped_frames),
                  "rejected_estimates": np.array(self.rejected_estimates)}
         for bn, (m, v) in self.applied.items():
             state[f"applied/{bn}/mean"], state[f"applied/{bn}/var"] = m, v
@@ -218,7 +218,9 @@ class StreamCalibrator:
         """{key: validation.ArraySpec} of `state_dict()`: what a saved state must hold, array by array (the
         two counters are optional: states saved before they existed load with 0)."""
         integer = ArraySpec("iu", ((),))
-        specs = {"mode": ArraySpec("U", ((),)), "stage": integer, "since_refuse": integer,
+        # "since_refuse": the counter's name in states saved before "refold" became the one word for it.
+        counter = ArraySpec("iu", ((),), optional=True)
+        specs = {"mode": ArraySpec("U", ((),)), "stage": integer, "since_refold": counter, "since_refuse": counter,
                  "dropped_frames": ArraySpec("iu", ((),), optional=True),
                  "rejected_estimates": ArraySpec("iu", ((),), optional=True)}
         for bn in self.bns:
@@ -235,9 +237,11 @@ class StreamCalibrator:
         if "mode" in state and str(state["mode"]) != self.mode:
             raise Invalid(f"saved calibration state is for mode {state['mode']}, not {self.mode}")
         check_arrays(state, self.state_specs())
+        if "since_refold" not in state and "since_refuse" not in state:
+            raise Invalid("array 'since_refold' is missing")
         if check_count("stage", state["stage"]) > self.stages:
             raise Invalid(f"saved stage {int(state['stage'])} beyond the {self.stages} warm-up stages")
-        for key in ("since_refuse", "dropped_frames", "rejected_estimates"):
+        for key in ("since_refold", "dropped_frames", "rejected_estimates"):
             check_count(key, state.get(key, np.array(0)))
         for bn in self.bns:
             check_bn_stats(bn, state[f"applied/{bn}/mean"], state[f"applied/{bn}/var"])
@@ -259,7 +263,8 @@ class StreamCalibrator:
             for bn in accs:
                 acc = loaded[prefix][bn] = Moments(self.window)
                 acc.load_state_dict({k: state[f"{prefix}/{bn}/{k}"] for k in acc._FIELDS})
-        self.stage, self._since_refuse, self.applied = int(state["stage"]), int(state["since_refuse"]), applied
+        since = state.get("since_refold", state.get("since_refuse"))
+        self.stage, self._since_refold, self.applied = int(state["stage"]), int(since), applied
         self.dropped_frames = int(state.get("dropped_frames", 0))
         self.rejected_estimates = int(state.get("rejected_estimates", 0))
         self.noisy = loaded["noisy"]

@@ -1,4 +1,4 @@
-"""A background worker that runs only the newest job: re-fuses and state saves must never stall the
+"""A background worker that runs only the newest job: refolds and state saves must never stall the
 stream, and when a newer request arrives the older one still waiting is obsolete."""
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import threading
 import click
 
 from ..options import (max_image_pixels_option, model_option, noise_flags, noise_options, num_threads_option,
-                       verbose_option)
+                       refold_every_option, verbose_option)
 from ..runtime.interpreter import available_cpus
 from ..runtime.memory import return_freed_memory
 from ..runtime.stream_calibrator import MODES
@@ -19,7 +19,7 @@ from .options import StreamOptions, warn
 from .resolve import load_model, open_frames
 
 POOL_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seeded pick each frame): no "
-             "per-frame cost, but frames see only K variants, rebuilt at each re-fuse (a re-fuse costs K "
+             "per-frame cost, but frames see only K variants, rebuilt at each refold (a refold costs K "
              "interpreter builds). 0 = exact: every frame draws its own noise and builds its interpreter "
              "(faithful but slow: the build costs more than the invoke).")
 CALIBRATE_EVERY_HELP = (
@@ -69,14 +69,14 @@ def _budget_gone() -> None:
               help="Moments window: a cumulative average over the first N calibration frames, then an EMA over "
                    "about N frames, which follows drift (docs/RESULTS.md: shorter windows lost accuracy on "
                    "natural-photo crops).")
-@click.option("--refuse-every", type=click.IntRange(1), default=D.refuse_every, show_default=True,
-              help="Warm-up: calibration frames per stage (a re-fuse ends each stage).")
+@refold_every_option(D.refold_every,
+                     help="Warm-up: calibration frames per stage (a refold ends each stage).")
 @click.option("--stages", type=click.IntRange(1), default=D.stages, show_default=True,
               help="Warm-up stages, depth first: the BN layers in this many consecutive groups, calibrated in turn "
                    "(capped at the number of BN layers: one layer per stage, what works; several layers per stage "
                    "degrade the estimate, docs/RESULTS.md).")
 @click.option("--track-every", type=click.IntRange(1), default=D.track_every, show_default=True,
-              help="After the warm-up: re-fuse every N calibration frames (tracks drift).")
+              help="After the warm-up: refold every N calibration frames (tracks drift).")
 @click.option("--calibrate-every", type=click.IntRange(1), default=D.calibrate_every, show_default=True, metavar="N",
               help=CALIBRATE_EVERY_HELP)
 @click.option("--calibration-budget", hidden=True, expose_value=False, callback=lambda ctx, param, value: value and
@@ -85,7 +85,7 @@ def _budget_gone() -> None:
               help="Save the calibration state to FILE (.npz) and the last good calibrated model beside it "
                    "(FILE-stem.calibrated.tflite + .cbn.npz), atomically; resume from them on start.")
 @click.option("--save-interval", type=click.FloatRange(0), default=D.save_interval, show_default=True,
-              metavar="SECONDS", help="Save after a re-fuse at most every SECONDS (0: after every re-fuse); always "
+              metavar="SECONDS", help="Save after a refold at most every SECONDS (0: after every refold); always "
                                       "at exit.")
 @click.option("--agreement-every", type=click.IntRange(0), default=D.agreement_every, show_default=True, metavar="N",
               help=AGREEMENT_HELP)
@@ -108,7 +108,7 @@ def main(**params):
     edge-cbn stream --camera 0 --serve 8080 --state /var/lib/edge-cbn/state.npz
     Ctrl-C or SIGTERM stop cleanly (state saved); 'q' in the window too.
     """
-    return_freed_memory()  # the stream runs for weeks and re-fuses often: keep its peak near what it holds
+    return_freed_memory()  # the stream runs for weeks and refolds often: keep its peak near what it holds
     has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     opts = StreamOptions.from_params(
         params, num_threads=params["num_threads"] or available_cpus(), headless=params["headless"] or not has_display,
@@ -127,6 +127,6 @@ def main(**params):
         before, after = summary["agreement_before"], summary["agreement_after"]
         agree = (f"  agreement ({summary['agreement_metric']}) {before}% -> {after}%"
                  if before is not None else "")
-        click.echo(f"{summary['frames']} frames at {summary['fps']} fps, {summary['refuses']} re-fuses{agree}",
+        click.echo(f"{summary['frames']} frames at {summary['fps']} fps, {summary['refolds']} refolds{agree}",
                    err=True)
     click.echo(json.dumps({"summary": summary}))

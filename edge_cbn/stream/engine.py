@@ -21,10 +21,10 @@ from .options import StreamError, StreamOptions, warn
 from .persistence import Persistence
 from .pipeline import CalibrationPipeline, CalibrationResult
 
-# Re-fuses of the calibration variant between updates of the serving model (a pool of interpreters to
+# Refolds of the calibration variant between updates of the serving model (a pool of interpreters to
 # rebuild): at the warm-up's cadence, and once calibration only tracks; the end of the warm-up always updates it.
-SERVE_REFUSE_EVERY = 8
-SERVE_REFUSE_EVERY_TRACKING = 4
+SERVE_REFOLD_EVERY = 8
+SERVE_REFOLD_EVERY_TRACKING = 4
 # Calibration frames come every --calibrate-every frames through the warm-up (calibrated soon), then
 # SECOND_PASS_SLOWDOWN times less often until CONVERGED_WARMUPS times the warm-up's calibration frames are in
 # (the deepest layers have had one frame each at the warm-up's end; frames further apart see more of the
@@ -50,7 +50,7 @@ def make_chip(bundle, opts: StreamOptions):
     if not opts.noise_on:
         return None
     if not bundle.has_sidecar:
-        raise StreamError(f"--noise needs the model's re-fuse sidecar {bundle.path.stem}.cbn.npz next to "
+        raise StreamError(f"--noise needs the model's refold sidecar {bundle.path.stem}.cbn.npz next to "
                           f"{bundle.path.name} (written by tools/convert.py)")
     try:
         return make_noise(opts.noise, opts.eta, opts.seed, **opts.noise_options).instantiate(noise_targets(bundle))
@@ -110,13 +110,13 @@ class Engine:
         resumed = self.persistence and self.persistence.resume(self.cal)
         counters = resumed.counters if resumed else {}
         self.resumed = resumed is not None
-        self.frame0, self.refuses, self.calibration_frames = (
-            int(counters.get(k, 0)) for k in ("frames", "refuses", "calibration_frames"))
+        self.frame0, self.refolds, self.calibration_frames = (
+            int(counters.get(k, 0)) for k in ("frames", "refolds", "calibration_frames"))
         # The worker's own counts (what a save records), apart from the stream's view of them.
-        self._worker_refuses, self._worker_frames = self.refuses, self.calibration_frames
+        self._worker_refolds, self._worker_frames = self.refolds, self.calibration_frames
         self._probed_stats = None  # the worker's newest statistics that passed the probe
-        self.calibrated = self.refuses > 0  # calibrated statistics are in force
-        self.rollbacks = 0  # re-fuses the probe refused
+        self.calibrated = self.refolds > 0  # calibrated statistics are in force
+        self.rollbacks = 0  # refolds the probe refused
         self.serving = self._serving_model(resumed, self._serving_threads())
         if resumed and self.calibration:
             self.calibration.resume(resumed.stats)
@@ -153,12 +153,12 @@ class Engine:
         opts = self.opts
         kwargs = dict(num_threads=num_threads, pool=opts.noise_pool, seed=opts.seed)
         if resumed and resumed.model_path is not None:
-            self.echo(f"resumed from {resumed.model_path} ({self.refuses} re-fuses, {self.frame0} frames)")
+            self.echo(f"resumed from {resumed.model_path} ({self.refolds} refolds, {self.frame0} frames)")
             return NoisyModel(resumed.model_bundle, self.chip, **kwargs)
         serving = NoisyModel(self.bundle, self.chip, **kwargs)
         if resumed:
             serving.set_stats(resumed.stats)
-            self.echo(f"resumed from {opts.state} ({resumed.note}: re-fused the saved statistics)")
+            self.echo(f"resumed from {opts.state} ({resumed.note}: refolded the saved statistics)")
         return serving
 
     def calibration_text(self) -> str:
@@ -166,7 +166,7 @@ class Engine:
             return "calibrated (frozen)" if self.calibrated else "off"
         if not self.status.warm:
             return self.status.text
-        return f"calibrated at frame {self.status.calibrated_frame}, tracking ({self.refuses} re-fuses)"
+        return f"calibrated at frame {self.status.calibrated_frame}, tracking ({self.refolds} refolds)"
 
     def _calibrator_text(self) -> str:
         """The calibrator's warm-up, as of its last frame (worker thread)."""
@@ -221,9 +221,9 @@ class Engine:
         refolded = False
         for result in self.pipeline.sync(i):
             self.status.take(result)
-            if result.refused:
+            if result.refolded:
                 refolded = self.calibrated = True
-                self.refuses += 1
+                self.refolds += 1
             if result.warmed:
                 self.status.calibrated_frame = i
                 self.status.calibrated_seconds = round(now - self._t0, 3)
@@ -237,18 +237,18 @@ class Engine:
         was_warm = cal.warm
         _, stats = self.calibration.step(x, fi)
         self._worker_frames += 1
-        self._worker_refuses += stats is not None
+        self._worker_refolds += stats is not None
         warmed = cal.warm and not was_warm
         result = CalibrationResult(i, stats is not None, cal.progress, warmed, self._calibrator_text(),
                                    cal.dropped_frames, cal.rejected_estimates)
         if stats is None:
             return result
         dense = self._worker_frames <= CONVERGED_WARMUPS * cal.warmup_frames
-        if warmed or self._worker_refuses % (SERVE_REFUSE_EVERY if dense else SERVE_REFUSE_EVERY_TRACKING) == 0:
+        if warmed or self._worker_refolds % (SERVE_REFOLD_EVERY if dense else SERVE_REFOLD_EVERY_TRACKING) == 0:
             result.update = start_update(stats, x)
             if result.update is None:
                 result.rolled_back = True
-                warn(f"re-fuse at frame {self.frame0 + i}: non-finite outputs on the probe frame; the serving "
+                warn(f"refold at frame {self.frame0 + i}: non-finite outputs on the probe frame; the serving "
                      "model keeps its previous statistics")
             else:
                 self._probed_stats = stats
@@ -258,7 +258,7 @@ class Engine:
         return result
 
     def _counters(self, frames_done: int) -> dict:
-        return {"frames": self.frame0 + frames_done, "refuses": self._worker_refuses,
+        return {"frames": self.frame0 + frames_done, "refolds": self._worker_refolds,
                 "calibration_frames": self._worker_frames,
                 "progress": self.cal.progress if self.cal else None}
 

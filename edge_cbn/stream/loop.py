@@ -65,14 +65,14 @@ class StreamLoop:
         progress, label = None, ""
         if e.cal is not None:
             progress = e.status.progress
-            label = f"calibrating {progress:.0%}" if not e.status.warm else f"calibrated ({e.refuses} re-fuses)"
+            label = f"calibrating {progress:.0%}" if not e.status.warm else f"calibrated ({e.refolds} refolds)"
         overlay.draw_hud(frame, self.fps.fps, e.noise_text, progress, label)
 
     def log_line(self, frame_index: int, result) -> dict:
         e = self.engine
         line = {"frame": frame_index, "t": round(time.perf_counter() - self._start, 3),
                 "latency_ms": round(result.latency_ms, 3), "calibrating": result.calibrating,
-                "refuses": e.refuses, **log_fields(e.task, result.prediction)}
+                "refolds": e.refolds, **log_fields(e.task, result.prediction)}
         if e.cal is not None:
             line["progress"] = round(e.status.progress, 4)
         if result.sample is not None:
@@ -82,7 +82,7 @@ class StreamLoop:
     def report(self, frames: int, result) -> None:
         e = self.engine
         cal = f"  calibration {e.calibration_text()}" if e.cal else ""
-        self.echo(f"frames {frames}  fps {self.fps.fps:.1f}{cal}  refuses {e.refuses}  "
+        self.echo(f"frames {frames}  fps {self.fps.fps:.1f}{cal}  refolds {e.refolds}  "
                   f"{describe(e.task, result.prediction)}")
 
     def status(self, frames, result) -> dict:
@@ -93,7 +93,7 @@ class StreamLoop:
                 "calibration_progress": round(e.status.progress, 4) if e.cal else (1.0 if e.calibrated else None),
                 **self.calibrated_at(),
                 "noise_pool": self.opts.noise_pool if self.opts.noise_on else None,
-                "refuses": e.refuses, "latency_ms": round(result.latency_ms, 2) if result else None,
+                "refolds": e.refolds, "latency_ms": round(result.latency_ms, 2) if result else None,
                 "result": describe(e.task, result.prediction) if result else None}
 
     def calibrated_at(self) -> dict:
@@ -120,7 +120,7 @@ class StreamLoop:
         return {"frames": frames, "fps": round(frames / elapsed, 2) if elapsed > 0 and frames else 0.0,
                 "seconds": round(elapsed, 2),
                 "latency_ms": round(latency_sum / frames, 2) if frames else None,
-                "refuses": e.refuses, "calibrated": e.calibrated, "rollbacks": e.rollbacks,
+                "refolds": e.refolds, "calibrated": e.calibrated, "rollbacks": e.rollbacks,
                 **e.agreement_summary(frames),
                 "calibration": e.calibration_text(),
                 "calibration_progress": round(e.status.progress, 4) if e.cal else None, **self.calibrated_at(),

@@ -23,7 +23,7 @@ class StreamOptions:
     calibrate: bool | None = None  # None: when noise is on (and the model has a calibration variant)
     mode: str = CALIBRATION_DEFAULTS["mode"]
     window: float = CALIBRATION_DEFAULTS["window"]
-    refuse_every: int = CALIBRATION_DEFAULTS["refuse_every"]
+    refold_every: int = CALIBRATION_DEFAULTS["refold_every"]
     stages: int = 64  # at most: a warm-up of 64 calibration frames, 128 stream frames (DESIGN, "Calibrated in seconds")
     track_every: int = CALIBRATION_DEFAULTS["track_every"]
     calibrate_every: int = 2  # calibration frames by index: every N-th (docs/DESIGN.md, "Calibrated in seconds")
@@ -50,7 +50,7 @@ class StreamOptions:
         return self.noise != "none"
 
     def calibrator_options(self) -> dict:
-        return dict(mode=self.mode, window=self.window, refuse_every=self.refuse_every, stages=self.stages,
+        return dict(mode=self.mode, window=self.window, refold_every=self.refold_every, stages=self.stages,
                     track_every=self.track_every)
 
 

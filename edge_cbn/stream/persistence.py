@@ -37,7 +37,7 @@ class Persistence:
         if not opts.state:
             return None
         if not bundle.has_sidecar:
-            warn(f"--state ignored: {bundle.path.name} has no re-fuse sidecar")
+            warn(f"--state ignored: {bundle.path.name} has no refold sidecar")
             return None
         return cls(bundle, opts, calibrating=calibrating)
 

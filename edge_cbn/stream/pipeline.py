@@ -6,7 +6,7 @@ its own interpreters (LiteRT's `invoke` releases the GIL: it runs on another cor
 finds takes effect a fixed number of frames later, `lag` (8) while calibration warms up, TRACKING_LAG (128)
 once it only tracks:
 
-- the result of calibration frame c (progress, a re-fuse, the end of the warm-up) is seen by the stream
+- the result of calibration frame c (progress, a refold, the end of the warm-up) is seen by the stream
   at frame c + lag;
 - when it brings new serving statistics (checked on the frame first), the serving model's states are
   rebuilt one at a time from the frame f it is seen (or, when another update is being installed, the
@@ -38,7 +38,7 @@ TRACKING_LAG = 128
 class CalibrationResult:
     """What calibration frame `frame` (this run's stream index) produced."""
     frame: int
-    refused: bool           # new calibrated statistics (the calibration variant re-fused)
+    refolded: bool          # new calibrated statistics (the calibration variant refolded)
     progress: float         # warm-up progress after this frame
     warmed: bool            # the warm-up ended on this frame
     text: str               # the calibrator's state, as the preview and progress lines show it

@@ -72,7 +72,7 @@ def _save_state(model: Path, state: Path) -> Path:
 
     bundle = load_bundle(model)
     chip = make_noise("relative", 0.05, 0).instantiate(noise_targets(bundle))
-    cal = DeviceCalibration(bundle, chip, num_threads=1, mode="shift", refuse_every=1, stages=2)
+    cal = DeviceCalibration(bundle, chip, num_threads=1, mode="shift", refold_every=1, stages=2)
     rng = np.random.default_rng(0)
     for i in range(4):
         cal.step(rng.integers(0, 256, (1, 16, 16, 3), np.uint8), i)
@@ -82,7 +82,7 @@ def _save_state(model: Path, state: Path) -> Path:
     state.parent.mkdir(parents=True)
     store = StateStore(state, bundle, fingerprint(bundle, **STATE_SETUP))
     store.save(Snapshot(stats, cal.calibrator.state_dict(), refolder.model_bytes(),
-                        {"frames": 4, "refuses": 2, "calibration_frames": 4, "progress": 1.0}))
+                        {"frames": 4, "refolds": 2, "calibration_frames": 4, "progress": 1.0}))
     return state
 
 
@@ -94,7 +94,7 @@ def load_state(state: Path, model: Path):
     from edge_cbn.runtime.stream_calibrator import StreamCalibrator
 
     bundle = load_bundle(model)
-    calibrator = StreamCalibrator(bundle, mode=STATE_SETUP["mode"], stages=STATE_SETUP["stages"], refuse_every=1)
+    calibrator = StreamCalibrator(bundle, mode=STATE_SETUP["mode"], stages=STATE_SETUP["stages"], refold_every=1)
     return StateStore(state, bundle, fingerprint(bundle, **STATE_SETUP)).load(calibrator=calibrator)
 
 
@@ -596,7 +596,7 @@ STATE_CASES = [
     _state_case("meta-missing", lambda a, m: a.pop("meta")),
     _state_case("meta-not-json", lambda a, m: a.__setitem__("meta", np.array("{{{"))),
     _state_case("frames-negative", change_meta=lambda m: m.__setitem__("frames", -5)),
-    _state_case("refuses-a-string", change_meta=lambda m: m.__setitem__("refuses", "many")),
+    _state_case("refolds-a-string", change_meta=lambda m: m.__setitem__("refolds", "many")),
     _state_case("k-above-one", _state_set(lambda a: f"cal/noisy/{_state_bn(a)}/k", lambda x: np.array(1.5))),
     _state_case("count-negative", _state_set(lambda a: f"cal/noisy/{_state_bn(a)}/count", lambda x: np.array(-1.0))),
     _state_case("stage-beyond-warm-up", _state_set(lambda a: "cal/stage", lambda x: np.array(99))),

@@ -143,7 +143,7 @@ def check_sidecar(fuzz, data: bytes) -> None:
 
 def load_state(path, bundle):
     """The state loader as the stream runs it (bundle already loaded): state and calibrator part."""
-    calibrator = StreamCalibrator(bundle, mode=STATE_SETUP["mode"], stages=STATE_SETUP["stages"], refuse_every=1)
+    calibrator = StreamCalibrator(bundle, mode=STATE_SETUP["mode"], stages=STATE_SETUP["stages"], refold_every=1)
     resumed = StateStore(path, bundle, fingerprint(bundle, **STATE_SETUP)).load(calibrator=calibrator)
     for mean, var in calibrator.statistics().values():  # what it would hand out next
         assert np.isfinite(mean).all() and np.isfinite(var).all() and (var >= 0).all()

@@ -37,8 +37,28 @@ def test_the_genuine_state_loads_and_resumes_its_calibrated_model(genuine, tmp_p
     model, state = _copy(genuine, tmp_path)
     assert run_case(load_case, "state", state, model).kind == "loaded"
     resumed = load_state(state, model)
-    assert resumed.model_path is not None and resumed.counters == {"frames": 4, "refuses": 2, "calibration_frames": 4}
+    assert resumed.model_path is not None and resumed.counters == {"frames": 4, "refolds": 2, "calibration_frames": 4}
     assert all(np.isfinite(m).all() and (v >= 0).all() for m, v in resumed.stats.values())
+
+
+def test_a_state_saved_before_refold_was_the_one_word_resumes(genuine, tmp_path):
+    """States written while the counters were `refuses` and `cal/since_refuse` resume as they were."""
+    model, state = _copy(genuine, tmp_path)
+    with np.load(state) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["refuses"] = meta.pop("refolds")
+    arrays["meta"] = np.array(json.dumps(meta))
+    arrays["cal/since_refuse"] = arrays.pop("cal/since_refold")
+    with open(state, "wb") as f:
+        np.savez(f, **arrays)
+    resumed = load_state(state, model)
+    assert resumed.model_path is not None and resumed.counters == {"frames": 4, "refolds": 2, "calibration_frames": 4}
+    del arrays["cal/since_refuse"]
+    with open(state, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(BadInput, match="since_refold"):
+        load_state(state, model)
 
 
 @pytest.mark.parametrize("case", STATE_CASES, ids=lambda c: c.name)
@@ -52,7 +72,7 @@ def test_corrupt_state_is_refused_in_one_line(case, genuine, tmp_path, canary):
 def _persistence(model, state, *, calibrating=True, eta=0.05):
     bundle = load_bundle(model)
     opts = StreamOptions(noise=STATE_SETUP["noise"], eta=eta, seed=STATE_SETUP["seed"], mode=STATE_SETUP["mode"],
-                         stages=STATE_SETUP["stages"], refuse_every=1, state=str(state))
+                         stages=STATE_SETUP["stages"], refold_every=1, state=str(state))
     calibrator = StreamCalibrator(bundle, **opts.calibrator_options()) if calibrating else None
     return Persistence(bundle, opts, calibrating=calibrating), calibrator
 
@@ -118,7 +138,7 @@ def test_a_state_that_cannot_be_written_is_refused_at_start(genuine, tmp_path):
 def _cli(*args):
     return subprocess.Popen([sys.executable, "-c", "from edge_cbn.cli import main; main()", "stream", *args,
                              "--frames", "3", "--headless", "--quiet", "--noise", "relative", "--eta", "0.05",
-                             "--stages", "2", "--refuse-every", "1", "--calibrate-every", "1"],
+                             "--stages", "2", "--refold-every", "1", "--calibrate-every", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "EDGE_CBN_DEBUG": ""})
 
@@ -134,7 +154,7 @@ def test_a_restart_with_another_setup_keeps_the_saved_calibration(genuine, tmp_p
         done = subprocess.run([sys.executable, "-c", "from edge_cbn.cli import main; main()", "stream", "--model",
                                str(model), "--state", str(path), "--save-interval", "0", "--frames", str(frames),
                                "--headless", "--quiet", "--noise", "relative", "--eta", eta, "--stages", "2",
-                               "--refuse-every", "1", "--calibrate-every", "1"], capture_output=True, text=True)
+                               "--refold-every", "1", "--calibrate-every", "1"], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout.strip().splitlines()[-1])["summary"], done.stderr
 
@@ -149,7 +169,7 @@ def test_a_restart_with_another_setup_keeps_the_saved_calibration(genuine, tmp_p
 
 
 def test_cli_sets_a_nan_state_aside_and_saves_a_good_one(genuine, tmp_path_factory):
-    """The regression of issue 14: NaN moments in a state were re-fused and saved again.  Now the stream
+    """The regression of issue 14: NaN moments in a state were refolded and saved again.  Now the stream
     sets the file aside with one warning line, runs fresh and saves a state that loads; an unwritable
     --state is one error line, exit 1 (both runs side by side)."""
     root = tmp_path_factory.mktemp("nan-state")

@@ -1,4 +1,4 @@
-"""`edge-cbn bench refuse`: refolding new BN statistics on the device against reconverting in Keras."""
+"""`edge-cbn bench refold`: refolding new BN statistics on the device against reconverting in Keras."""
 from __future__ import annotations
 
 import itertools
@@ -44,7 +44,7 @@ def refold_figures(name: str, tmp: str, num_threads: int) -> dict:
         return convert_keras(fold_model(model))
 
     reconvert_s = time_per_call(reconvert, warmup=0, min_calls=2, min_seconds=0)
-    return {"refuse_ms": round(refold_s * 1e3, 2), "reconvert_s": round(reconvert_s, 2),
+    return {"refold_ms": round(refold_s * 1e3, 2), "reconvert_s": round(reconvert_s, 2),
             "ratio": round(reconvert_s / refold_s, 1), "build_ms": round(build_s * 1e3, 1),
             "invoke_ms": round(invoke_s * 1e3, 2),
             "ratio_with_build": round((reconvert_s + build_s) / (refold_s + build_s), 1),

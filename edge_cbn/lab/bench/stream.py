@@ -38,8 +38,8 @@ ROWS = [("raw LiteRT invoke (fps)", "raw_fps"), ("invoke without XNNPACK (ms)", 
         ("noisy stream at {camera_fps:g} fps (fps)", "camera_noisy_fps"),
         ("calibrating at {camera_fps:g} fps, warm-up (fps)", "camera_calibrating_fps"),
         ("warm-up / noisy stream at {camera_fps:g} fps", "camera_calibrating_ratio"),
-        ("exact noise: write + build (ms/frame)", "noise_ms_per_frame"), ("re-fuse, pool {pool} (ms)", "refuse_ms"),
-        ("re-fuse, clean (ms)", "refuse_clean_ms"), ("served noisy frame, CPU (ms)", "served_frame_cpu_ms"),
+        ("exact noise: write + build (ms/frame)", "noise_ms_per_frame"), ("refold, pool {pool} (ms)", "refold_ms"),
+        ("refold, clean (ms)", "refold_clean_ms"), ("served noisy frame, CPU (ms)", "served_frame_cpu_ms"),
         ("calibration frame, CPU (ms)", "calibration_frame_cpu_ms")]
 
 
@@ -189,9 +189,9 @@ class StreamBench:
         frame_no = itertools.count()
         self.fig["noise_ms_per_frame"] = round(time_per_call(lambda: exact.interpreter(next(frame_no))) * 1e3, 2)
         stats = [perturbed_stats(self.bundle, s) for s in (1, 2)]
-        for key, model in (("refuse_ms", NoisyModel(self.bundle, chip, num_threads=self.num_threads,
+        for key, model in (("refold_ms", NoisyModel(self.bundle, chip, num_threads=self.num_threads,
                                                     pool=self.base.noise_pool)),
-                           ("refuse_clean_ms", NoisyModel(self.bundle, None, num_threads=self.num_threads))):
+                           ("refold_clean_ms", NoisyModel(self.bundle, None, num_threads=self.num_threads))):
             turn = itertools.count()
             seconds = time_per_call(lambda: model.set_stats(stats[next(turn) % 2]), warmup=1, min_calls=3)
             self.fig[key] = round(seconds * 1e3, 1)
@@ -199,7 +199,7 @@ class StreamBench:
 
     def cpu_per_frame(self, chip) -> None:
         """CPU time of a served noisy frame and of a warm-up calibration frame (the calibration step with its
-        re-fuse of the variant; the serving model's rebuild, every few re-fuses, is `refuse_ms`)."""
+        refold of the variant; the serving model's rebuild, every few refolds, is `refold_ms`)."""
         frame_no = itertools.count()
         serving = NoisyModel(self.bundle, chip, num_threads=self.num_threads, pool=self.base.noise_pool)
         self.fig["served_frame_cpu_ms"] = _cpu_ms_per_call(lambda: serving.run(self.x, next(frame_no)))

@@ -15,7 +15,8 @@ import click
 import numpy as np
 
 from ...cli import LazyGroup
-from ...options import IntList, NoiseSweep, noise_option_flag, noise_options, num_threads_option, verbose_option
+from ...options import (IntList, NoiseSweep, noise_option_flag, noise_options, num_threads_option,
+                         refold_every_option, verbose_option)
 from ...runtime.bundle import load_bundle
 from ...runtime.device_calibration import DeviceCalibration
 from ...runtime.noise import make_noise
@@ -163,14 +164,13 @@ def print_seed_means(means: list[dict], cols: list[str]) -> None:
 
 
 def calibrator_flags():
-    """The streaming calibrator's flags (`--mode`, `--window`, `--refuse-every`, `--stages`, `--shrink`,
+    """The streaming calibrator's flags (`--mode`, `--window`, `--refold-every`, `--stages`, `--shrink`,
     `--power`), defaults from `StreamCalibrator`; shared by `evaluate` and `evaluate TASK`."""
     decorators = [
         click.option("--mode", type=click.Choice(MODES), default=CAL_DEFAULTS["mode"], show_default=True),
         click.option("--window", type=click.FloatRange(1), default=CAL_DEFAULTS["window"], show_default=True,
                      help="Moments window (frames)."),
-        click.option("--refuse-every", type=click.IntRange(1), default=CAL_DEFAULTS["refuse_every"],
-                     show_default=True, help="Frames per warm-up stage / between re-fuses."),
+        refold_every_option(CAL_DEFAULTS["refold_every"], "Frames per warm-up stage / between refolds."),
         click.option("--stages", type=click.IntRange(1), default=CAL_DEFAULTS["stages"], show_default=True,
                      help="Warm-up stages (capped at the number of BN layers: one layer per stage)."),
         click.option("--shrink", type=click.FloatRange(0), default=CAL_DEFAULTS["shrink"], show_default=True,
@@ -228,7 +228,7 @@ def calibrator_flags():
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 @verbose_option()
 @click.pass_context
-def main(ctx, model, settings, seeds, noise_option, mode, window, refuse_every, stages, shrink, power, pool, cal_frames,
+def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, stages, shrink, power, pool, cal_frames,
          eval_crops, checkpoints, split, photo_set, crop_scale, static_calibration, offline, batch_size, num_threads,
          json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's (on all evaluation crops and on
@@ -252,7 +252,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refuse_every, 
     cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale, photos=photo_set)
     cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
     agreement = CropAgreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
-    options = dict(mode=mode, window=window, refuse_every=refuse_every, stages=stages, shrink=shrink, power=power)
+    options = dict(mode=mode, window=window, refold_every=refold_every, stages=stages, shrink=shrink, power=power)
     keras_model = keras_cal_x = None
     if offline:
         from ...convert.build import build_model

@@ -34,7 +34,7 @@ from . import datasets, metrics, report
 from .command import EVAL_FRAME0
 
 METHODS = ("original", "calibrated", "offline_ema", "offline_cumulative")
-CAL_OPTIONS = ("mode", "window", "refuse_every", "stages", "shrink", "power")  # the streaming calibrator's flags
+CAL_OPTIONS = ("mode", "window", "refold_every", "stages", "shrink", "power")  # the streaming calibrator's flags
 OFFLINE_BATCH = {"classification": 256, "detection": 8, "segmentation": 1}  # the paper's, per task
 PAPER_ETAS = {"classification": "paper:0,0.02,0.04,0.06,0.08,0.1", "detection": "paper:0,0.05,0.1",
               "segmentation": "paper:0,0.05,0.1"}

@@ -1,4 +1,4 @@
-"""Export (BN folding + TFLite conversion + sidecar) and on-device re-fuse against full reconversion."""
+"""Export (BN folding + TFLite conversion + sidecar) and on-device refold against full reconversion."""
 import numpy as np
 import pytest
 
@@ -44,7 +44,7 @@ def exported(tmp_path_factory):
 
 
 def set_weights(model, stats=None, kernels=None):
-    """Put BN statistics / unfolded kernels into a Keras model (the reference for re-fuse)."""
+    """Put BN statistics / unfolded kernels into a Keras model (the reference for refold)."""
     for bn, (mean, var) in (stats or {}).items():
         model.get_layer(bn).moving_mean.assign(mean)
         model.get_layer(bn).moving_variance.assign(var)
@@ -128,7 +128,7 @@ def test_sidecar_roundtrip(exported):
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_refuse_reset_is_bit_identical_to_export(exported):
+def test_refold_reset_is_bit_identical_to_export(exported):
     bundle = load_bundle(exported[1])
     r = Refolder(bundle)
     r.reset()
@@ -140,7 +140,7 @@ def test_refuse_reset_is_bit_identical_to_export(exported):
             np.testing.assert_array_equal(r.layer(rec.bn).b, b)
 
 
-def test_refuse_stats_equals_reconversion(exported, x):
+def test_refold_stats_equals_reconversion(exported, x):
     bundle = load_bundle(exported[1])
     stats = new_stats(bundle, seed=1)
     r = Refolder(bundle)
@@ -156,7 +156,7 @@ def test_refuse_stats_equals_reconversion(exported, x):
         assert np.max(np.abs(a - b)) <= 1e-5
 
 
-def test_refuse_noisy_kernels_equals_reconversion(exported, x):
+def test_refold_noisy_kernels_equals_reconversion(exported, x):
     bundle = load_bundle(exported[1])
     rng = np.random.default_rng(2)
     kernels = {rec.name: rec.kernel * (1 + 0.1 * rng.standard_normal(rec.kernel.shape)).astype(np.float32)
@@ -177,7 +177,7 @@ def test_output_order_is_fixed_in_place(exported, x):
     assert [o.shape for o in outs] == [(1, 8, 8, 5), (1, 10)]
 
 
-def test_refuser_needs_sidecar(exported, tmp_path):
+def test_refolder_needs_sidecar(exported, tmp_path):
     (tmp_path / "m.tflite").write_bytes(exported[1].read_bytes())
     with pytest.warns(UserWarning, match="convert.py"):
         bundle = load_bundle(tmp_path / "m.tflite")
@@ -188,7 +188,7 @@ def test_refuser_needs_sidecar(exported, tmp_path):
         load_bundle(tmp_path / "m.tflite", require_sidecar=True)
 
 
-def test_refuse_handles_buffers_stored_outside_the_flatbuffer():
+def test_refold_handles_buffers_stored_outside_the_flatbuffer():
     """Files over 2 GB keep buffer data after the flatbuffer (Buffer.offset/size): views must follow."""
     import flatbuffers
     import tflite
