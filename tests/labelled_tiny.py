@@ -149,7 +149,7 @@ def run_cli(task, model_path, out, *args):
     from edge_cbn.lab.evaluate.command import main
 
     res = CliRunner().invoke(main, [task, "--model", str(model_path), "--out", str(out), "--num-threads", "1",
-                                    "--cal-frames", "6", "--pool", "2", *args])
+                                    "--cal-frames", "6", "--noise-states", "2", *args])
     lines = res.stdout.strip().splitlines()
     return res, json.loads(lines[-1]) if res.exit_code == 0 and lines else None
 

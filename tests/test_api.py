@@ -83,7 +83,7 @@ def test_the_task_object_calibrates_as_the_pieces_do_and_saves_what_it_serves(ex
     for bn in stats:
         np.testing.assert_array_equal(stats[bn][0], by_hand[bn][0])
         np.testing.assert_array_equal(stats[bn][1], by_hand[bn][1])
-    served = NoisyModel(bundle, chip, pool=3, seed=3)
+    served = NoisyModel(bundle, chip, noise_states=3, seed=3)
     served.set_stats(by_hand)
     x, ctx = proc.preprocess(frames[1])
     assert model.predict(frames[1], index=100) == proc.postprocess(served.run(x, 100), ctx) != before

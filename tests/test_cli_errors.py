@@ -54,16 +54,22 @@ def test_usage_errors_are_exit_status_2(args, says):
 
 
 def test_renamed_flags_still_parse_and_are_not_shown():
-    """`--refuse-every` and `bench refuse`, the spellings before "refold" was the one word, still work for
-    old scripts and service files; --help shows only the new ones."""
+    """`--refuse-every`, `bench refuse` (before "refold" was the one word) and `--noise-pool`, evaluate's
+    `--pool` (before the temporal noise states and the worker pool had two names) still work for old
+    scripts and service files; --help shows only the new spellings."""
     from edge_cbn.lab.bench.command import bench
+    from edge_cbn.lab.evaluate.tasks import classification
     from edge_cbn.stream.command import main as stream
 
-    ctx = stream.make_context("stream", ["--refuse-every", "3"])
-    assert ctx.params["refold_every"] == 3
-    assert stream.make_context("stream", ["--refold-every", "4"]).params["refold_every"] == 4
+    ctx = stream.make_context("stream", ["--refuse-every", "3", "--noise-pool", "2"])
+    assert (ctx.params["refold_every"], ctx.params["noise_states"]) == (3, 2)
+    ctx = stream.make_context("stream", ["--refold-every", "4", "--noise-states", "5"])
+    assert (ctx.params["refold_every"], ctx.params["noise_states"]) == (4, 5)
     shown = CliRunner().invoke(stream, ["--help"]).output
-    assert "--refold-every" in shown and "--refuse-every" not in shown
+    assert "--refold-every" in shown and "--noise-states" in shown
+    assert "--refuse-every" not in shown and "--noise-pool" not in shown
+    assert classification.make_context("classification", ["--pool", "2"], resilient_parsing=True).params["noise_states"] == 2
+    assert "--pool" not in CliRunner().invoke(classification, ["--help"]).output
     listing = CliRunner().invoke(bench, ["--help"]).output
     assert "refold" in listing and "refuse" not in listing
     assert "--models" in CliRunner().invoke(bench, ["refuse", "--help"]).output

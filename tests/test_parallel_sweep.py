@@ -98,7 +98,7 @@ def sharded(tasks, pool, out, unit=run_unit):
 
     path, flags, _ = tasks["detection"]
     flag = dict(zip(flags[::2], flags[1::2]))
-    kw = {"limit": None, "cal_frames": 6, "pool": 2, "num_threads": 1, "offline": False, "offline_frames": None,
+    kw = {"limit": None, "cal_frames": 6, "noise_states": 2, "num_threads": 1, "offline": False, "offline_frames": None,
           "batch_size": 1, "momentum": 0.999, **{k: DEFAULTS[k] for k in labelled.CAL_OPTIONS}}
     setup = make_setup(load_bundle(path), datasets.coco_detection(flag["--annotations"], flag["--images"]),
                        datasets.image_files(flag["--calib-dir"]), kw,

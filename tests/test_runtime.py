@@ -146,8 +146,8 @@ def test_processor_and_noisy_model_end_to_end(tiny_bundle):
     assert not np.allclose(served.run(x)[0], logits)
 
 
-@pytest.mark.parametrize("pool", [0, 1, 3])
-def test_refold_with_non_finite_outputs_is_rolled_back(tiny_bundle, pool):
+@pytest.mark.parametrize("states", [0, 1, 3])
+def test_refold_with_non_finite_outputs_is_rolled_back(tiny_bundle, states):
     """A refold whose model gives NaN on the probe frame never serves: the previous statistics stay."""
     from tiny import new_stats
 
@@ -157,7 +157,7 @@ def test_refold_with_non_finite_outputs_is_rolled_back(tiny_bundle, pool):
     _, bundle = tiny_bundle
     chip = make_noise("relative", 0.05, 1).instantiate(noise_targets(bundle))
     x = np.random.default_rng(1).integers(0, 256, (1, 16, 16, 3), np.uint8)
-    served = NoisyModel(bundle, chip, num_threads=1, pool=pool)
+    served = NoisyModel(bundle, chip, num_threads=1, noise_states=states)
     good = new_stats(bundle, seed=5)
     assert served.set_stats(good, probe=x)
     before = served.run(x, frame=3)[0]

@@ -290,14 +290,14 @@ def test_calibration_slows_down_after_the_warm_up_and_once_converged(tiny, tmp_p
     assert len(steps) > 2 * warm_up + 1 and set(steps[2 * warm_up:]) == {TRACKING_SLOWDOWN}
     assert summary["calibration"].startswith(f"calibrated at frame {warm}")
 
-def stream_log(tiny, log, n, *, background=True, slow_worker=None, pool=3):
+def stream_log(tiny, log, n, *, background=True, slow_worker=None, states=3):
     """(per-frame log lines, summary) of an `Engine` over `n` frames of the sample clip, without the timings;
     the worker thread optionally slowed by `slow_worker()` seconds before each calibration frame."""
     from edge_cbn.lab.bench.converge import without_timing
     from edge_cbn.stream import Engine, StreamLoop, StreamOptions, open_frames
 
     opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, frames=n, log=str(log),
-                         agreement_every=5, calibrate_every=2, stages=2, refold_every=2, noise_pool=pool)
+                         agreement_every=5, calibrate_every=2, stages=2, refold_every=2, noise_states=states)
     engine = Engine(load_bundle(tiny), opts, background=background)
     if slow_worker is not None:
         calibrate = engine.pipeline._calibrate
@@ -326,9 +326,9 @@ def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path):
 
 
 def test_exact_noise_takes_new_statistics_at_the_same_frame_in_either_thread(tiny, tmp_path):
-    """Exact per-frame noise (no pool): new statistics are taken in one step, at a frame fixed by index."""
-    inline = stream_log(tiny, tmp_path / "a.jsonl", 60, background=False, pool=0)
-    assert stream_log(tiny, tmp_path / "b.jsonl", 60, pool=0) == inline and inline[1]["refolds"] >= 6
+    """Exact per-frame noise (no noise states): new statistics are taken in one step, at a frame fixed by index."""
+    inline = stream_log(tiny, tmp_path / "a.jsonl", 60, background=False, states=0)
+    assert stream_log(tiny, tmp_path / "b.jsonl", 60, states=0) == inline and inline[1]["refolds"] >= 6
 
 
 def test_calibration_budget_is_gone_with_a_notice(tiny):
@@ -336,17 +336,17 @@ def test_calibration_budget_is_gone_with_a_notice(tiny):
     assert r.exit_code == 0 and "--calibration-budget is gone" in r.output
 
 
-@pytest.mark.parametrize("pool", [3, 0])
-def test_statistics_that_serve_non_finite_outputs_are_rolled_back(tiny, tmp_path, pool):
+@pytest.mark.parametrize("states", [3, 0])
+def test_statistics_that_serve_non_finite_outputs_are_rolled_back(tiny, tmp_path, states):
     """New serving statistics are checked on their calibration frame before any state is built: folded
     means of 3e38 overflow the biases, the probe sees non-finite outputs, and the serving model keeps its
-    statistics (every frame served finite), counted in the summary; pooled and exact noise alike."""
+    statistics (every frame served finite), counted in the summary; noise states and exact noise alike."""
     from edge_cbn.stream import Engine, StreamLoop, StreamOptions, open_frames
 
     log = tmp_path / "r.jsonl"
     opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, frames=80,
                          log=str(log), agreement_every=0, calibrate_every=2, stages=2, refold_every=2,
-                         noise_pool=pool)
+                         noise_states=states)
     engine = Engine(load_bundle(tiny), opts)
     step = engine.calibration.step
 

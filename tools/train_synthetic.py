@@ -6,7 +6,7 @@ and write their evaluation sets (`edge_cbn/lab/scenes/synthetic_scenes.py` draws
     OMP_NUM_THREADS=2 nice -n 10 python tools/train_synthetic.py train yolo_shapes --data data/shapes
     python tools/train_synthetic.py check fcn_shapes --data data/shapes
 
-`train` fits on a pool of scenes from the `fit` stream (never the `val` or `train` splits that `make-data`
+`train` fits on a fixed set of scenes from the `fit` stream (never the `val` or `train` splits that `make-data`
 writes), with flips and quarter turns, then saves the weights into the package
 (`edge_cbn/convert/models/weights/<model>.npz`, what `edge-cbn stream --model <model>` loads) and runs `check`.
 `check` exports the model to TFLite and runs it through the device code (`Processor`, LiteRT) on the COCO or
@@ -27,7 +27,7 @@ ASSIGN_IOU = 0.5  # shape IoU (anchor vs object) above which an anchor also pred
 
 
 # ---------------------------------------------------------------- data
-def scene_pool(task: str, seed: int, count: int):
+def training_scenes(task: str, seed: int, count: int):
     """(images (N, S, S, 3) uint8, targets): per scene (class ids, x1 y1 x2 y2 boxes) for detection, or
     the (N, S, S) uint8 VOC label maps for segmentation; scenes of the `fit` stream."""
     from edge_cbn.convert.models.shapes import INPUT_SIZE
@@ -167,7 +167,7 @@ MAX_OBJECTS = 8  # ignore-mask boxes per image, padded (a fixed shape: one trace
 
 
 def batches(rng, images, targets, spec, batch_size):
-    """Endless (normalised images, targets...) batches drawn at random from the pool, augmented."""
+    """Endless (normalised images, targets...) batches drawn at random from the training scenes, augmented."""
     from edge_cbn.runtime.processing import normalise
 
     size = images.shape[1]
@@ -197,8 +197,8 @@ def make_loss(tf, spec, size):
     return loss
 
 
-def train(name: str, *, steps: int, batch_size: int, pool: int, seed: int, lr: float):
-    """The registered model `name` trained from scratch on `pool` scenes for `steps` steps."""
+def train(name: str, *, steps: int, batch_size: int, scene_count: int, seed: int, lr: float):
+    """The registered model `name` trained from scratch on `scene_count` scenes for `steps` steps."""
     from edge_cbn.convert.tf_import import keras, tf
     from edge_cbn.convert import models
 
@@ -207,7 +207,7 @@ def train(name: str, *, steps: int, batch_size: int, pool: int, seed: int, lr: f
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.97  # moving statistics that settle within a short run
-    images, targets = scene_pool(spec.task, seed, pool)
+    images, targets = training_scenes(spec.task, seed, scene_count)
     loss_fn = make_loss(tf, spec, images.shape[1])
     warmup = max(1, steps // 20)
     schedule = keras.optimizers.schedules.CosineDecay(lr / 20, steps - warmup, warmup_target=lr, warmup_steps=warmup)
@@ -289,18 +289,18 @@ def make_data(out, seed, count, calibration_count, size):
 @click.argument("name", type=click.Choice(["yolo_shapes", "fcn_shapes"]))
 @click.option("--steps", default=1500, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--pool", default=10000, show_default=True, help="Training scenes drawn once, then augmented.")
+@click.option("--scenes", "scene_count", default=10000, show_default=True, help="Training scenes drawn once, then augmented.")
 @click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate (AdamW, cosine).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Weights file (default: the package's).")
 @click.option("--data", type=click.Path(file_okay=False, exists=True), help="make-data folder to check on.")
-def train_command(name, steps, batch_size, pool, lr, seed, out, data):
+def train_command(name, steps, batch_size, scene_count, lr, seed, out, data):
     """Train NAME from scratch, save its weights, check it on --data."""
     from edge_cbn.convert import models
     from edge_cbn.convert.weights.npz import SHIPPED_DIR, save_npz
 
     start = time.time()
-    model = train(name, steps=steps, batch_size=batch_size, pool=pool, seed=seed, lr=lr)
+    model = train(name, steps=steps, batch_size=batch_size, scene_count=scene_count, seed=seed, lr=lr)
     path = save_npz(model, out or SHIPPED_DIR / models.get_spec(name).weights_file)
     minutes = (time.time() - start) / 60
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) after {minutes:.1f} min", err=True)

@@ -5,8 +5,8 @@ kernels) and LiteRT interpreters.
 Temporal noise needs new kernels for every inference, and LiteRT's XNNPACK delegate packs the weights when
 an interpreter is built, so a change of weights means a new interpreter.  Two ways:
 
-- `pool=0`, exact: every frame draws its own temporal noise and builds an interpreter for it;
-- `pool=K`: K temporal noise states are drawn and built once per statistics update, and each frame uses
+- `noise_states=0`, exact: every frame draws its own temporal noise and builds an interpreter for it;
+- `noise_states=K`: K temporal noise states are drawn and built once per statistics update, and each frame uses
   one of them chosen by a seeded draw: per-frame fluctuation at no per-frame cost, from a finite set.
 Static noise (no temporal part) and clean models build one interpreter per statistics update.
 """
@@ -17,8 +17,8 @@ import numpy as np
 from .interpreter import io_indices, make_interpreter, run_interpreter
 from .refold import Refolder
 
-# Temporal-state indices for the pool live far from real frame indices so the two never share draws.
-_POOL_FRAME0 = 1 << 40
+# Noise-state indices live far from real frame indices so the two never share draws.
+_STATE_FRAME0 = 1 << 40
 
 
 def noise_targets(bundle) -> dict:
@@ -31,10 +31,10 @@ class NoisyModel:
     """`bundle` under noise chip `chip` (None: clean) with BN statistics that `set_stats` refolds.  A
     bundle without its sidecar runs clean only, with the statistics it was exported with."""
 
-    def __init__(self, bundle, chip=None, *, num_threads: int | None = None, pool: int = 0, seed: int = 0,
+    def __init__(self, bundle, chip=None, *, num_threads: int | None = None, noise_states: int = 0, seed: int = 0,
                  build: bool = True):
         """`build=False`: a builder twin that serves nothing until told (`prepare`, `build_state`)."""
-        self.bundle, self.num_threads, self.pool, self.seed = bundle, num_threads, pool, seed
+        self.bundle, self.num_threads, self.noise_states, self.seed = bundle, num_threads, noise_states, seed
         self.chip = chip
         if chip is not None and not bundle.has_sidecar:
             raise ValueError(f"{bundle.path}: noise needs the model's sidecar (.cbn.npz)")
@@ -82,13 +82,13 @@ class NoisyModel:
 
     @property
     def states(self) -> int:
-        """How many ready-built interpreters serve: the pool, 1 (static noise, clean), 0 (exact noise)."""
-        return self.pool if self.per_frame else 1
+        """How many ready-built interpreters serve: the noise states, 1 (static noise, clean), 0 (exact noise)."""
+        return self.noise_states if self.per_frame else 1
 
     def twin(self) -> "NoisyModel":
         """A builder of this model's states for other statistics (`prepare`, then `build_state`), with a
         refolder of its own, so it works beside this model while this one serves."""
-        return NoisyModel(self.bundle, self.chip, num_threads=self.num_threads, pool=self.pool, seed=self.seed,
+        return NoisyModel(self.bundle, self.chip, num_threads=self.num_threads, noise_states=self.noise_states, seed=self.seed,
                           build=False)
 
     def prepare(self, stats: dict) -> None:
@@ -99,9 +99,9 @@ class NoisyModel:
 
     def build_state(self, j: int):
         """State `j` (0 <= j < max(states, 1)) of the current statistics, built anew and not kept: the
-        pool's j-th temporal draw, the one interpreter, or (exact noise) a probe model."""
+        j-th noise state's temporal draw, the one interpreter, or (exact noise) a probe model."""
         if self.folded is not None and self.per_frame:
-            return self._noisy_interpreter(_POOL_FRAME0 + j)
+            return self._noisy_interpreter(_STATE_FRAME0 + j)
         return self._first_interpreter()
 
     def probe_ok(self, interpreter, probe: np.ndarray) -> bool:
@@ -130,7 +130,7 @@ class NoisyModel:
     def _first_interpreter(self):
         """The first interpreter of the current statistics (pool state 0 when pooled)."""
         if self.folded is not None and self.per_frame:
-            return self._pool_state(0)
+            return self._noise_state(0)
         return self.refolder.interpreter(self.num_threads) if self.folded is None else self._noisy_interpreter(0)
 
     def _build(self, first=None) -> None:
@@ -142,19 +142,19 @@ class NoisyModel:
         if not (self.folded is not None and self.per_frame):
             self._interpreters = [first or self._first_interpreter()]
             return
-        for j in range(self.pool):
-            state = first if j == 0 and first is not None else self._pool_state(j)
+        for j in range(self.noise_states):
+            state = first if j == 0 and first is not None else self._noise_state(j)
             if j < len(self._interpreters):
                 self._interpreters[j] = state
             else:
                 self._interpreters.append(state)
 
-    def _pool_state(self, j: int):
+    def _noise_state(self, j: int):
         """Pool state `j` built anew.  The old one is dropped first, so a refold holds no interpreter more
-        than the pool (frames served meanwhile meet a neighbouring state, old or new)."""
-        if self.pool > 1 and j < len(self._interpreters):
+        than the noise states (frames served meanwhile meet a neighbouring state, old or new)."""
+        if self.noise_states > 1 and j < len(self._interpreters):
             self._interpreters[j] = None
-        return self._noisy_interpreter(_POOL_FRAME0 + j)
+        return self._noisy_interpreter(_STATE_FRAME0 + j)
 
     def _noisy_interpreter(self, frame: int):
         """An interpreter of the chip's kernels for inference `frame`, written straight into its bytes."""
@@ -164,8 +164,8 @@ class NoisyModel:
         """The interpreter that simulates inference number `frame`."""
         if not self.per_frame:
             return self._interpreters[0]
-        if self.pool:
-            pick = int(np.random.default_rng([self.seed, frame]).integers(self.pool))
+        if self.noise_states:
+            pick = int(np.random.default_rng([self.seed, frame]).integers(self.noise_states))
             states = self._interpreters
             return states[pick] if states[pick] is not None else states[(pick + 1) % len(states)]
         return self._noisy_interpreter(frame)

@@ -61,9 +61,9 @@ class AgreementSampler:
         self.clean = clean_variant or NoisyModel(bundle, None, num_threads=num_threads)
         self._drop_last = clean_variant is not None
         self._lock = lock or contextlib.nullcontext()  # held for the sample (the calibration worker's too)
-        # Exact temporal noise, built for each sampled frame and dropped after it: a pool would keep
-        # --noise-pool interpreters alive (Lite0: ~175 MB) for a pass that runs on one frame in `every`.
-        self.uncalibrated = NoisyModel(bundle, chip, num_threads=num_threads, pool=0, seed=seed)
+        # Exact temporal noise, built for each sampled frame and dropped after it: noise states would keep
+        # --noise-states interpreters alive (Lite0: ~175 MB) for a pass that runs on one frame in `every`.
+        self.uncalibrated = NoisyModel(bundle, chip, num_threads=num_threads, noise_states=0, seed=seed)
         # (frame, before, after) of the latest samples: bounded, the service runs for weeks.
         self.samples: collections.deque = collections.deque(maxlen=MAX_SAMPLES)
 

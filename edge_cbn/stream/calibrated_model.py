@@ -56,7 +56,7 @@ class CalibratedModelOptions:
         num_threads: LiteRT threads (None: LiteRT's default).
         max_results: classification: the top-k returned.
         score_threshold: detection: the lowest score returned.
-        noise_pool: temporal-noise states served in turn (0: exact per-frame noise).
+        noise_states: temporal-noise states served in turn (0: exact per-frame noise).
         agreement_every: in `process`, compare with the clean model every N-th frame (0: never).
         calibration: how the statistics are re-estimated.
     """
@@ -65,7 +65,7 @@ class CalibratedModelOptions:
     num_threads: int | None = None
     max_results: int = 3
     score_threshold: float = 0.25
-    noise_pool: int = StreamOptions.noise_pool
+    noise_states: int = StreamOptions.noise_states
     agreement_every: int = 0
     calibration: CalibrationOptions = dataclasses.field(default_factory=CalibrationOptions)
 
@@ -75,7 +75,7 @@ class CalibratedModelOptions:
         return StreamOptions(
             num_threads=self.num_threads, max_results=self.max_results, score_threshold=self.score_threshold,
             noise=noise.preset if noise else "none", eta=noise.eta if noise else 0.0, seed=self.seed,
-            noise_options=noise.options() if noise else {}, noise_pool=self.noise_pool,
+            noise_options=noise.options() if noise else {}, noise_states=self.noise_states,
             agreement_every=self.agreement_every, quiet=True, **dataclasses.asdict(self.calibration))
 
 

@@ -21,7 +21,7 @@ from .options import StreamError, StreamOptions, warn
 from .persistence import Persistence
 from .pipeline import CalibrationPipeline, CalibrationResult
 
-# Refolds of the calibration variant between updates of the serving model (a pool of interpreters to
+# Refolds of the calibration variant between updates of the serving model (noise states, interpreters to
 # rebuild): at the warm-up's cadence, and once calibration only tracks; the end of the warm-up always updates it.
 SERVE_REFOLD_EVERY = 8
 SERVE_REFOLD_EVERY_TRACKING = 4
@@ -151,7 +151,7 @@ class Engine:
         """The calibrated model on disk when resuming from it, else the source model (with the saved
         statistics refolded when resuming without the model)."""
         opts = self.opts
-        kwargs = dict(num_threads=num_threads, pool=opts.noise_pool, seed=opts.seed)
+        kwargs = dict(num_threads=num_threads, noise_states=opts.noise_states, seed=opts.seed)
         if resumed and resumed.model_path is not None:
             self.echo(f"resumed from {resumed.model_path} ({self.refolds} refolds, {self.frame0} frames)")
             return NoisyModel(resumed.model_bundle, self.chip, **kwargs)

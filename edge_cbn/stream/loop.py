@@ -92,7 +92,7 @@ class StreamLoop:
                 "calibration": e.calibration_text(),
                 "calibration_progress": round(e.status.progress, 4) if e.cal else (1.0 if e.calibrated else None),
                 **self.calibrated_at(),
-                "noise_pool": self.opts.noise_pool if self.opts.noise_on else None,
+                "noise_states": self.opts.noise_states if self.opts.noise_on else None,
                 "refolds": e.refolds, "latency_ms": round(result.latency_ms, 2) if result else None,
                 "result": describe(e.task, result.prediction) if result else None}
 
@@ -129,7 +129,7 @@ class StreamLoop:
                 "model": self.model_name, "task": e.task, "source": self.source.name,
                 "skipped_frames": getattr(self.source, "skipped", 0),
                 "noise": opts.noise, "eta": opts.eta if opts.noise_on else None, "seed": opts.seed,
-                "noise_options": opts.noise_options, "noise_pool": opts.noise_pool,
+                "noise_options": opts.noise_options, "noise_states": opts.noise_states,
                 "mode": opts.mode if e.cal else None, "state": opts.state, "resumed": e.resumed}
 
 

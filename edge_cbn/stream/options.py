@@ -19,7 +19,7 @@ class StreamOptions:
     eta: float = 0.05
     seed: int = 0
     noise_options: dict = dataclasses.field(default_factory=dict)  # make_noise keywords (--noise-option)
-    noise_pool: int = 3  # temporal-noise states served in turn (device/README.md: memory, and figures per pool)
+    noise_states: int = 3  # temporal-noise states served in turn (device/README.md: memory, and figures per count)
     calibrate: bool | None = None  # None: when noise is on (and the model has a calibration variant)
     mode: str = CALIBRATION_DEFAULTS["mode"]
     window: float = CALIBRATION_DEFAULTS["window"]

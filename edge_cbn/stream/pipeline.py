@@ -11,7 +11,7 @@ once it only tracks:
 - when it brings new serving statistics (checked on the frame first), the serving model's states are
   rebuilt one at a time from the frame f it is seen (or, when another update is being installed, the
   frame that one ends): at f + j * lag state j is dropped (its frames go to a neighbouring state) and
-  the worker builds its successor, which serves from f + (j + 1) * lag.  The pool is never held twice,
+  the worker builds its successor, which serves from f + (j + 1) * lag.  The noise states are never held twice,
   nor one state more than the serving model has (memory).
 
 At frame i the serving thread waits for whatever is due by then (`sync`): a slow or busy machine waits

@@ -32,13 +32,13 @@ MEMORY_CONFIGS = [
 ]
 ROWS = [("raw LiteRT invoke (fps)", "raw_fps"), ("invoke without XNNPACK (ms)", "no_xnnpack_invoke_ms"),
         ("clean stream (fps)", "stream_fps"), ("clean stream / raw invoke", "stream_ratio"),
-        ("noisy stream, pool {pool} (fps)", "noisy_stream_fps"), ("noisy stream, exact (fps)", "noisy_exact_stream_fps"),
+        ("noisy stream, {noise_states} noise states (fps)", "noisy_stream_fps"), ("noisy stream, exact (fps)", "noisy_exact_stream_fps"),
         ("calibrating, warm-up (fps)", "calibrating_fps"), ("warm-up / noisy stream", "calibrating_ratio"),
         ("calibrating, tracking after it (fps)", "tracking_fps"), ("tracking / noisy stream", "tracking_ratio"),
         ("noisy stream at {camera_fps:g} fps (fps)", "camera_noisy_fps"),
         ("calibrating at {camera_fps:g} fps, warm-up (fps)", "camera_calibrating_fps"),
         ("warm-up / noisy stream at {camera_fps:g} fps", "camera_calibrating_ratio"),
-        ("exact noise: write + build (ms/frame)", "noise_ms_per_frame"), ("refold, pool {pool} (ms)", "refold_ms"),
+        ("exact noise: write + build (ms/frame)", "noise_ms_per_frame"), ("refold, {noise_states} noise states (ms)", "refold_ms"),
         ("refold, clean (ms)", "refold_clean_ms"), ("served noisy frame, CPU (ms)", "served_frame_cpu_ms"),
         ("calibration frame, CPU (ms)", "calibration_frame_cpu_ms")]
 
@@ -54,7 +54,7 @@ class StreamBench:
         with open_frames() as src:
             self.x = Processor(self.bundle).preprocess(src.read())[0].copy()
         self.fig = {"bench": "stream", "model": self.name, "num_threads": num_threads, "frames": frames,
-                    "rounds": rounds, "noise": f"{preset} eta={eta:g}", "noise_pool": self.base.noise_pool,
+                    "rounds": rounds, "noise": f"{preset} eta={eta:g}", "noise_states": self.base.noise_states,
                     "camera_fps": camera_fps,
                     "no_xnnpack_invoke_ms": _no_xnnpack_invoke_ms(self.bundle.model_bytes, self.x, num_threads)}
 
@@ -76,7 +76,7 @@ class StreamBench:
         click.echo(f"{self.name}, {self.num_threads} threads, noise {self.fig['noise']}")
         for label, key in ROWS:
             value = self.fig[key]
-            label = label.format(pool=self.base.noise_pool, camera_fps=self.camera_fps)
+            label = label.format(noise_states=self.base.noise_states, camera_fps=self.camera_fps)
             click.echo(f"  {label:<44} {value if value is not None else '-':>10}")
         if memory_frames:
             self.fig.update(peak_rss_mb={}, memory_frames=memory_frames)
@@ -129,7 +129,7 @@ class StreamBench:
         (at least 3) calibrating streams, each paired with a noisy stream of as many frames run just before
         it (this shared machine's speed drifts within a run); medians of the fps and of the paired ratios."""
         noisy = dict(noise=self.preset, eta=self.eta, calibrate=False)
-        self.fig["noisy_exact_stream_fps"] = self.stream_fps(max(10, self.frames // 4), **noisy, noise_pool=0)[0]
+        self.fig["noisy_exact_stream_fps"] = self.stream_fps(max(10, self.frames // 4), **noisy, noise_states=0)[0]
         self.fig.update(noisy_stream_fps=self.stream_fps(self.frames, **noisy)[0], calibrating_fps=None,
                         tracking_fps=None, calibrating_ratio=None, tracking_ratio=None)
         if not self.bundle.can_calibrate:
@@ -185,12 +185,12 @@ class StreamBench:
 
     def noise_and_refold_costs(self) -> None:
         chip = make_noise(self.preset, self.eta, 0).instantiate(noise_targets(self.bundle))
-        exact = NoisyModel(self.bundle, chip, num_threads=self.num_threads, pool=0)
+        exact = NoisyModel(self.bundle, chip, num_threads=self.num_threads, noise_states=0)
         frame_no = itertools.count()
         self.fig["noise_ms_per_frame"] = round(time_per_call(lambda: exact.interpreter(next(frame_no))) * 1e3, 2)
         stats = [perturbed_stats(self.bundle, s) for s in (1, 2)]
         for key, model in (("refold_ms", NoisyModel(self.bundle, chip, num_threads=self.num_threads,
-                                                    pool=self.base.noise_pool)),
+                                                    noise_states=self.base.noise_states)),
                            ("refold_clean_ms", NoisyModel(self.bundle, None, num_threads=self.num_threads))):
             turn = itertools.count()
             seconds = time_per_call(lambda: model.set_stats(stats[next(turn) % 2]), warmup=1, min_calls=3)
@@ -201,7 +201,7 @@ class StreamBench:
         """CPU time of a served noisy frame and of a warm-up calibration frame (the calibration step with its
         refold of the variant; the serving model's rebuild, every few refolds, is `refold_ms`)."""
         frame_no = itertools.count()
-        serving = NoisyModel(self.bundle, chip, num_threads=self.num_threads, pool=self.base.noise_pool)
+        serving = NoisyModel(self.bundle, chip, num_threads=self.num_threads, noise_states=self.base.noise_states)
         self.fig["served_frame_cpu_ms"] = _cpu_ms_per_call(lambda: serving.run(self.x, next(frame_no)))
         self.fig["calibration_frame_cpu_ms"] = None
         if self.bundle.can_calibrate:

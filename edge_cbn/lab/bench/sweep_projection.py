@@ -4,7 +4,7 @@ make of the paper's full sweeps (`sweep.TABLES`): CPU-hours, and wall time on N 
 busy (divide by the parallel efficiency `edge-cbn bench sweep` measures).
 
 Costs per model, random weights (time does not depend on the values), the harness's own functions:
-- evaluation: one image through `labelled.score` under a `paper` chip with the default pool of 8 states
+- evaluation: one image through `labelled.score` under a `paper` chip with the default 8 noise states
   (decode, crop, resize, the noisy invoke, top-k or YOLO decode + NMS);
 - streaming calibration: one frame of `labelled.streaming_statistics` (exact per-frame noise: an
   interpreter built every frame, the calibration variant and the clean one, refolds at the default cadence);
@@ -46,7 +46,7 @@ def model_setup(name: str, folder: Path, val: list, cal: list):
     dataset = datasets.Dataset(spec.task, "synthetic", [datasets.Sample(Path(p), 0) for p in val])
     setup = labelled.Setup(bundle, Processor(bundle, **options), dataset, NullScorer, list(cal),
                            cal_options={k: CAL_DEFAULTS[k] for k in labelled.CAL_OPTIONS},
-                           center_crop=0.875 if spec.task == "classification" else 1.0, pool=8, num_threads=1,
+                           center_crop=0.875 if spec.task == "classification" else 1.0, noise_states=8, num_threads=1,
                            keras_model=model, offline_batch=8 if spec.task == "detection" else 32)
     return setup
 

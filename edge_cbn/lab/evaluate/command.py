@@ -16,7 +16,7 @@ import numpy as np
 
 from ...cli import LazyGroup
 from ...options import (IntList, NoiseSweep, noise_option_flag, noise_options, num_threads_option,
-                         refold_every_option, verbose_option)
+                         RenamedOption, refold_every_option, verbose_option)
 from ...runtime.bundle import load_bundle
 from ...runtime.device_calibration import DeviceCalibration
 from ...runtime.noise import make_noise
@@ -53,7 +53,7 @@ class CropAgreement:
 
 
 def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: CropAgreement, *, checkpoints, num_threads=None,
-                     pool=8, keras_model=None, keras_cal_x=None, noise_options=None, static_calibration=False,
+                     noise_states=8, keras_model=None, keras_cal_x=None, noise_options=None, static_calibration=False,
                      offline_batch_size=32, **calibrator_options) -> dict:
     """One noise setting: agreement uncalibrated, after streaming calibration at each checkpoint and,
     given the Keras model and `keras_cal_x` (the calibration frames normalised for Keras), after offline
@@ -64,7 +64,7 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: CropAgreement,
     chip = make_noise(preset, eta, seed, **noise_options).instantiate(noise_targets(bundle))
     cal_chip = make_noise(preset, eta, seed, temporal=False, **noise_options).instantiate(
         noise_targets(bundle)) if static_calibration else chip
-    noisy = NoisyModel(bundle, chip, num_threads=num_threads, pool=pool, seed=seed)
+    noisy = NoisyModel(bundle, chip, num_threads=num_threads, noise_states=noise_states, seed=seed)
     row = {"preset": preset, "eta": eta, "seed": seed}
 
     def record(key):
@@ -199,7 +199,8 @@ def calibrator_flags():
 @noise_option_flag("Override an option of every --noise preset, repeatable, e.g. t_granularity=weight "
                    "(docs/NOISE.md).")
 @calibrator_flags()
-@click.option("--pool", type=click.IntRange(0), default=8, show_default=True,
+@click.option("--noise-states", "noise_states", cls=RenamedOption, old=["--pool"], type=click.IntRange(0), default=8,
+              show_default=True, metavar="K",
               help="Temporal noise states of the evaluated noisy models (0: a fresh draw and interpreter every "
                    "inference); calibration always draws afresh per frame, as the stream does.")
 @click.option("--cal-frames", type=click.IntRange(1), default=192, show_default=True)
@@ -228,7 +229,7 @@ def calibrator_flags():
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 @verbose_option()
 @click.pass_context
-def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, stages, shrink, power, pool, cal_frames,
+def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, stages, shrink, power, noise_states, cal_frames,
          eval_crops, checkpoints, split, photo_set, crop_scale, static_calibration, offline, batch_size, num_threads,
          json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's (on all evaluation crops and on
@@ -264,7 +265,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
     click.echo(f"{int(agreement.mask.sum())} of {len(eval_x)} evaluation crops are confident; "
                "cells: all crops / confident crops")
     rows = sweep(bundle, settings, list(seeds), cal_x, agreement, cols,
-                 checkpoints=checkpoints, num_threads=num_threads, pool=pool, keras_model=keras_model,
+                 checkpoints=checkpoints, num_threads=num_threads, noise_states=noise_states, keras_model=keras_model,
                  keras_cal_x=keras_cal_x, noise_options=options_by_preset, static_calibration=static_calibration,
                  offline_batch_size=batch_size,
                  **options)
@@ -272,7 +273,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
     print_seed_means(means, cols)
     result = {"evaluate": "agreement", "model": bundle.meta["model"], "noise_options": list(noise_option),
               "static_calibration": static_calibration, **options,
-              **({"offline_batch_size": batch_size} if offline else {}), "pool": pool, "split": split, "photos": photo_set,
+              **({"offline_batch_size": batch_size} if offline else {}), "noise_states": noise_states, "split": split, "photos": photo_set,
               "crop_scale": list(scale), "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
               "rows": rows, "means": means}
     if json_out:

@@ -51,7 +51,7 @@ class Setup:
     calibration: list[Path]  # the calibration frames, in order (cycled files)
     cal_options: dict = dataclasses.field(default_factory=dict)  # StreamCalibrator keywords
     center_crop: float = 1.0
-    pool: int = 8
+    noise_states: int = 8
     num_threads: int | None = None
     keras_model: object = None  # --offline: the Keras model with the bundle's weights
     offline_calibration: list[Path] = dataclasses.field(default_factory=list)  # Algorithm 1's frames
@@ -166,7 +166,7 @@ def chip_of(setup: Setup, preset, eta, seed, noise_options):
 def chip_model(setup: Setup, preset, eta, seed, noise_options) -> tuple:
     """(chip, `NoisyModel` of the bundle under it)."""
     chip = chip_of(setup, preset, eta, seed, noise_options)
-    return chip, NoisyModel(setup.bundle, chip, num_threads=setup.num_threads, pool=setup.pool, seed=seed)
+    return chip, NoisyModel(setup.bundle, chip, num_threads=setup.num_threads, noise_states=setup.noise_states, seed=seed)
 
 
 def method_statistics(setup: Setup, method, chip, preset, eta, seed, noise_options, progress) -> dict | None:
@@ -239,7 +239,7 @@ def fingerprints(setup: Setup) -> dict:
     """What every cached result of this setup depends on, once per sweep (hashing reads the sidecar and
     the annotation file)."""
     return {"model": model_sha1(setup.bundle), "dataset": setup.dataset.fingerprint(),
-            "center_crop": setup.center_crop, "pool": setup.pool, **setup.options}
+            "center_crop": setup.center_crop, "noise_states": setup.noise_states, **setup.options}
 
 
 def method_options(setup: Setup, method: str) -> dict:

@@ -142,10 +142,10 @@ def payload_of(setup) -> SweepPayload:
 
         keras = model_spec(setup.keras_model)
     key = hashlib.sha1(labelled.model_sha1(bundle).encode())
-    key.update(repr((setup.options, setup.center_crop, setup.pool, setup.num_threads, setup.calibration,
+    key.update(repr((setup.options, setup.center_crop, setup.noise_states, setup.num_threads, setup.calibration,
                      setup.cal_options, setup.offline_calibration, setup.offline_batch, setup.momentum)).encode())
     return SweepPayload(key.hexdigest(), files, bundle.path.name, setup.dataset.task, dict(setup.options),
-                        setup.center_crop, setup.pool, setup.num_threads or 1, tuple(map(str, setup.calibration)),
+                        setup.center_crop, setup.noise_states, setup.num_threads or 1, tuple(map(str, setup.calibration)),
                         dict(setup.cal_options), setup.new_scorer(), keras, tuple(map(str, setup.offline_calibration)),
                         setup.offline_batch, setup.momentum)
 

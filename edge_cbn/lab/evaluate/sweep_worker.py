@@ -33,7 +33,7 @@ class SweepPayload:
     task: str
     processor_options: dict
     center_crop: float
-    pool: int
+    noise_states: int
     num_threads: int
     calibration: tuple  # streaming calibration frames, in order (paths)
     cal_options: dict
@@ -122,7 +122,7 @@ def setup_of(payload: SweepPayload) -> labelled.Setup:
     return labelled.Setup(
         bundle, Processor(bundle, **payload.processor_options), datasets.Dataset(payload.task, "shard", []),
         lambda: copy.deepcopy(template), [Path(p) for p in payload.calibration], cal_options=dict(payload.cal_options),
-        center_crop=payload.center_crop, pool=payload.pool, num_threads=payload.num_threads,
+        center_crop=payload.center_crop, noise_states=payload.noise_states, num_threads=payload.num_threads,
         offline_calibration=[Path(p) for p in payload.offline_calibration], offline_batch=payload.offline_batch,
         momentum=payload.momentum, options=dict(payload.processor_options))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ...options import (IntList, NoiseSweep, max_image_pixels_option, model_option, noise_option_flag, noise_options,
-                        num_threads_option, verbose_option)
+                        num_threads_option, RenamedOption, verbose_option)
 from ...runtime.bundle import load_bundle
 from ...runtime.processing import Processor
 from . import datasets
@@ -36,7 +36,8 @@ def sweep_flags(task: str):
         click.option("--cal-frames", type=click.IntRange(1), default=192, show_default=True,
                      help="Streaming calibration frames (the calibration images shuffled, cycled if fewer)."),
         calibrator_flags(),
-        click.option("--pool", type=click.IntRange(0), default=8, show_default=True,
+        click.option("--noise-states", "noise_states", cls=RenamedOption, old=["--pool"], type=click.IntRange(0),
+                     default=8, show_default=True, metavar="K",
                      help="Temporal noise states of the evaluated model (0: a fresh draw every inference)."),
         click.option("--limit", type=click.IntRange(1), default=None,
                      help="Evaluate a seeded random subset of N images (the same N every run)."),
@@ -97,7 +98,7 @@ def make_setup(bundle, dataset, calib_files, kw, *, center_crop=1.0, processor_o
     cal_options = {k: kw[k] for k in CAL_OPTIONS}
     return Setup(bundle, Processor(bundle, **processor_options), dataset, scorer_factory(bundle, dataset, category_ids),
                  datasets.calibration_frames(calib_files, kw["cal_frames"]), cal_options=cal_options,
-                 center_crop=center_crop, pool=kw["pool"], num_threads=kw["num_threads"],
+                 center_crop=center_crop, noise_states=kw["noise_states"], num_threads=kw["num_threads"],
                  keras_model=offline_model(bundle, kw["weights"]) if kw["offline"] else None,
                  offline_calibration=datasets.calibration_frames(calib_files, kw["offline_frames"] or kw["cal_frames"]),
                  offline_batch=kw["batch_size"], momentum=kw["momentum"], options=dict(processor_options))
