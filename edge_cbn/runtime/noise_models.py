@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from .noise import Chip, Noise, PCMOptions, make_noise
+from .noisy_model import noise_targets
 
 Granularity = Literal["weight", "channel", "tensor"]
 
@@ -42,8 +43,6 @@ class NoiseModel:
 
     def chip(self, bundle, seed: int = 0) -> Chip:
         """One simulated noisy chip for every conv, depthwise and dense layer of an exported `bundle`."""
-        from .noisy_model import noise_targets  # noisy_model imports LiteRT; a Keras user needs only the noise
-
         return self.noise(seed).instantiate(noise_targets(bundle))
 
     @property
