@@ -3,11 +3,16 @@
 Spawned, not forked: the driver may hold TensorFlow, LiteRT threads or a progress bar's terminal, none
 of which survives a fork.  The shared value goes to each process once (the pool's initializer).  At most
 N units are in flight, so a unit in flight is a unit running; when a worker dies (killed, out of memory)
-the pool is broken, so the units in flight are run again on a fresh pool, each at most `retries` more
-times.  An exception raised by a unit is not a death: it ends the run, as it would in one process."""
+the pool is broken, so the units in flight (and one whose submission met the broken pool) are run again
+on a fresh pool, each at most `retries` more times.  An exception raised by a unit is not a death: it
+ends the run, as it would in one process.  Workers end with their driver: each watches its parent and
+exits when the driver is gone (killed included), instead of holding a model's memory as an orphan."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -20,8 +25,21 @@ class WorkerDied(RuntimeError):
     """A unit's worker died more often than the retries allow."""
 
 
+PARENT_POLL_S = 1.0  # how often a worker checks that its driver is alive
+
+
 def _install(key: str, value) -> None:
     shared.install(key, value)
+    parent = os.getppid()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-driver").start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker once `parent` (the driver) is gone: an orphan is re-parented, so its parent id
+    changes."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 def _call(fn: Callable, key: str, unit):
@@ -62,7 +80,11 @@ class LocalPool:
         while (todo or running) and not died:
             while todo and len(running) < self.workers:
                 unit = todo.popleft()
-                running[ex.submit(_call, fn, key, unit)] = unit
+                try:
+                    running[ex.submit(_call, fn, key, unit)] = unit
+                except BrokenProcessPool:  # a worker died since the last wait: this unit runs again too
+                    died.append(unit)
+                    break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 unit = running.pop(future)
