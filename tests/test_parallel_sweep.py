@@ -144,3 +144,20 @@ def test_finished_shards_resume_an_interrupted_sweep(tasks, one_process, tmp_pat
     shard_files[0].unlink()
     records, sweep = sharded(tasks, LocalPool(1), tmp_path)
     assert records == one_process["detection"] and sweep.units_done == 1
+
+
+def test_shards_that_fail_their_check_are_computed_again(tasks, one_process, tmp_path):
+    """A shard edited on disk, statistics replaced by NaN ones with a valid-looking file, and a planted
+    entry are each computed again (before, NaN statistics turned a calibrated mAP of 63.94 into 0.0)."""
+    sharded(tasks, LocalPool(1), tmp_path)
+    (tmp_path / "cache.jsonl").unlink()
+    results, stats = sorted((tmp_path / "shards").glob("*.json")), sorted((tmp_path / "shards").glob("*.npz"))
+    edited = results[0].read_bytes().replace(b'"', b"'", 1)
+    results[0].write_bytes(edited)
+    cache = ShardCache(tmp_path / "shards")
+    key = stats[0].stem
+    bad = {bn: (np.full_like(m, np.nan), v) for bn, (m, v) in cache.get_stats(key).items()}
+    ShardCache(tmp_path / "planted").put_stats(key, bad)  # authentic under another folder's secret only
+    stats[0].write_bytes((tmp_path / "planted" / stats[0].name).read_bytes())
+    records, sweep = sharded(tasks, LocalPool(1), tmp_path)
+    assert records == one_process["detection"] and sweep.units_done == 2 and sweep.shards.rejected == 2

@@ -1,16 +1,26 @@
 """Finished units of a sweep on disk, one file each, named by the sha1 of everything that determines the
 unit's result (the caller's key dict), so an interrupted sweep resumes where it stopped and a changed
 input never meets an old result.  A file is written under a temporary name and renamed into place, so a
-run killed mid-write leaves no partial file that a later run would read; an unreadable one is ignored."""
+run killed mid-write leaves no partial file that a later run would read.
+
+Nothing read back is trusted unchecked: each file starts with an HMAC-SHA256 of its key and content under
+the folder's own secret (`.cache-secret`, readable by its owner only, made on first use), so an entry
+that was edited, truncated or planted (the file names are predictable) fails the check; statistics must
+also be finite with variances >= 0.  An entry that fails is counted (`rejected`) and computed again."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
+
+SECRET_NAME = ".cache-secret"
+_MAC_HEX = 64  # hex digits of an HMAC-SHA256
 
 
 def unit_key(what: dict) -> str:
@@ -20,27 +30,41 @@ def unit_key(what: dict) -> str:
 
 class ShardCache:
     """JSON results (`put` / `get`) and BN statistics ({bn: (mean, var)}, `put_stats` / `get_stats`, an
-    .npz beside them, exact float arrays)."""
+    .npz beside them, exact float arrays).
+
+    Args:
+        folder: where the entries live (made on the first write).
+    """
 
     def __init__(self, folder):
         self.folder = Path(folder)
+        self.rejected = 0  # entries found on disk that failed their check (computed again)
+        self._secret: bytes | None = None
 
     def get(self, key: str):
+        """The result stored under `key`, or None (none, or one that fails its check)."""
+        data = self._read(f"{key}.json", key)
         try:
-            return json.loads((self.folder / f"{key}.json").read_text())
-        except (OSError, ValueError):
-            return None
+            return None if data is None else json.loads(data)
+        except ValueError:
+            return self._reject()
 
     def put(self, key: str, result) -> None:
-        self._write(f"{key}.json", json.dumps(result).encode())
+        self._write(f"{key}.json", key, json.dumps(result).encode())
 
     def get_stats(self, key: str) -> dict | None:
-        try:
-            with np.load(self.folder / f"{key}.npz", allow_pickle=False) as z:
-                names = json.loads(str(z["names"]))
-                return {bn: (z[f"{i}/mean"], z[f"{i}/var"]) for i, bn in enumerate(names)}
-        except (OSError, ValueError, KeyError):
+        """The statistics stored under `key`, or None (none, or an entry that fails its check: not
+        authentic, not an npz of 1-D float arrays, or values that are not finite or variances < 0)."""
+        data = self._read(f"{key}.npz", key)
+        if data is None:
             return None
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                names = json.loads(str(z["names"]))
+                stats = {bn: (z[f"{i}/mean"], z[f"{i}/var"]) for i, bn in enumerate(names)}
+        except (OSError, ValueError, KeyError, TypeError):
+            return self._reject()
+        return stats if all(_usable(mean, var) for mean, var in stats.values()) else self._reject()
 
     def put_stats(self, key: str, stats: dict) -> None:
         arrays = {"names": np.array(json.dumps(list(stats)))}
@@ -48,10 +72,58 @@ class ShardCache:
             arrays[f"{i}/mean"], arrays[f"{i}/var"] = np.asarray(mean), np.asarray(var)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        self._write(f"{key}.npz", buf.getvalue())
+        self._write(f"{key}.npz", key, buf.getvalue())
 
-    def _write(self, name: str, data: bytes) -> None:
+    # ------------------------------------------------------------------------------ integrity
+    def _mac(self, key: str, data: bytes) -> bytes:
+        return hmac.new(self._folder_secret(), key.encode() + b"\0" + data, hashlib.sha256).hexdigest().encode()
+
+    def _folder_secret(self) -> bytes:
+        """The folder's secret, made (owner-only) on first use."""
+        if self._secret is None:
+            path = self.folder / SECRET_NAME
+            try:
+                self._secret = path.read_bytes()
+            except FileNotFoundError:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:  # another process made it first
+                    self._secret = path.read_bytes()
+                else:
+                    self._secret = secrets.token_bytes(32)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(self._secret)
+        return self._secret
+
+    def _read(self, name: str, key: str) -> bytes | None:
+        """The content of entry `name` when its MAC holds; None when there is none or it fails."""
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        try:
+            raw = path.read_bytes()
+            secret_known = (self.folder / SECRET_NAME).is_file()
+        except OSError:
+            return self._reject()
+        mac, data = raw[:_MAC_HEX], raw[_MAC_HEX + 1:]
+        if not secret_known or raw[_MAC_HEX:_MAC_HEX + 1] != b"\n" or not hmac.compare_digest(mac, self._mac(key, data)):
+            return self._reject()
+        return data
+
+    def _reject(self) -> None:
+        self.rejected += 1
+        return None
+
+    def _write(self, name: str, key: str, data: bytes) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_bytes(data)
+        tmp.write_bytes(self._mac(key, data) + b"\n" + data)
         os.replace(tmp, self.folder / name)
+
+
+def _usable(mean, var) -> bool:
+    """BN statistics a model can take: 1-D float arrays of one length, finite, variances >= 0."""
+    mean, var = np.asarray(mean), np.asarray(var)
+    return (mean.ndim == 1 and mean.shape == var.shape and mean.dtype.kind == "f" and var.dtype.kind == "f"
+            and bool(np.isfinite(mean).all() and np.isfinite(var).all() and (var >= 0).all()))
