@@ -150,13 +150,20 @@ else
   workdir=$(mktemp -d)
   trap 'rm -rf "$workdir"' EXIT
 fi
+# 64-bit boards install the pinned set that CI's board check runs (device/constraints.txt).
+pins=()
+[ "$arch" = armv7l ] || mapfile -t pins < <(grep -v '^#' "$REPO/device/constraints.txt")
 if [ "$PICAMERA2" = 1 ]; then
   # picamera2 comes from apt: let the venv see the system packages, and keep the system numpy that
   # picamera2's compiled parts were built against (pip then picks an OpenCV wheel that supports it).
   venv_flags+=(--system-site-packages)
   sys_numpy=$(python3 -c 'import numpy; print(numpy.__version__)' 2>/dev/null) ||
     die "--picamera2: the system numpy is missing (apt install python3-numpy python3-picamera2)"
-  echo "numpy==$sys_numpy" | write_file "$workdir/constraints.txt"
+  mapfile -t pins < <(printf '%s\n' "${pins[@]}" | grep -v -e '^numpy==' -e '^opencv-python-headless==')
+  pins+=("numpy==$sys_numpy")
+fi
+if [ "${#pins[@]}" -gt 0 ]; then
+  printf '%s\n' "${pins[@]}" | write_file "$workdir/constraints.txt"
   pip_flags+=(--constraint "$workdir/constraints.txt")
 fi
 run python3 -m venv "${venv_flags[@]}" "$PREFIX"

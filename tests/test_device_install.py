@@ -70,6 +70,7 @@ def test_dry_run_prints_every_command_and_changes_nothing(tmp_path):
     out = subprocess.run(["bash", str(INSTALL), "--dry-run", "--prefix", str(prefix), "--data", str(data),
                           "--args", "--noise relative", str(model)], capture_output=True, text=True, check=True).stdout
     for command in ("+ apt-get install", f"+ python3 -m venv {prefix}", f"{prefix}/bin/python -m pip install",
+                    "--constraint /tmp/edge-cbn-install.XXXXXX/constraints.txt", "    numpy==",
                     f"+ install -m 0644 {model}", "+ useradd --system", "+ systemctl enable edge-cbn.service",
                     "+ write /etc/default/edge-cbn:", 'EDGE_CBN_ARGS="--noise relative"',
                     "+ write /etc/systemd/system/edge-cbn.service:", f"--model {data}/model.tflite"):
@@ -89,3 +90,24 @@ def test_a_32_bit_board_without_wheels_is_refused_with_one_sentence(tmp_path):
     assert done.stderr.count("\n") == 1 and "64-bit Raspberry Pi OS" in done.stderr
     assert "numpy<2 or opencv-python-headless" in done.stderr
     assert not prefix.exists()
+
+
+def test_the_board_pins_name_every_runtime_dependency_and_satisfy_it():
+    """device/constraints.txt (what install.sh installs on a 64-bit board and the board check runs) pins
+    every base dependency that a 64-bit Linux board needs, at a version pyproject.toml allows."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    root = Path(__file__).parents[1]
+    lines = [line.strip() for line in (root / "device" / "constraints.txt").read_text().splitlines()]
+    pins = {canonicalize_name(name): version for name, version in
+            (line.split("==") for line in lines if line and not line.startswith("#"))}
+    for machine in ("aarch64", "x86_64"):
+        board = {"platform_system": "Linux", "platform_machine": machine, "python_version": "3.11",
+                 "sys_platform": "linux", "implementation_name": "cpython"}
+        for dependency in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]:
+            req = Requirement(dependency)
+            if req.marker is None or req.marker.evaluate(board):
+                name = canonicalize_name(req.name)
+                assert name in pins and req.specifier.contains(pins[name]), (dependency, pins.get(name))

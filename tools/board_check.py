@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+CONSTRAINTS = REPO / "device" / "constraints.txt"  # the pins device/install.sh installs on a 64-bit board
 ROOT_PACKAGES = ["python3.11-minimal", "libpython3.11-stdlib", "libstdc++6", "zlib1g"]
 NOT_NEEDED = {"dpkg", "install-info", "tar"}  # tools that the recursive dependencies drag in
 # pip on the board (glibc 2.36) accepts manylinux wheels up to 2_36: list every tag, as it would.
@@ -121,7 +122,7 @@ def board_site(cache: Path) -> Path:
     (wheel,) = project.glob("edge_cbn-*.whl")
     pick = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", "3.11",
             "--implementation", "cp", *platform_flags(PLATFORMS), "-d", wheels,
-            "--find-links", wheels, wheel]
+            "--find-links", wheels, "--constraint", CONSTRAINTS, wheel]
     try:  # from the cache alone first: a second run needs no registry
         run(pick + ["--no-index"], stderr=subprocess.DEVNULL)
     except CheckError:
@@ -133,9 +134,19 @@ def board_site(cache: Path) -> Path:
     return site
 
 
+def pinned() -> dict[str, str]:
+    """{distribution name as wheel files spell it: version} of device/constraints.txt."""
+    lines = [line.split("#")[0].strip() for line in CONSTRAINTS.read_text().splitlines()]
+    return dict((name.lower().replace("-", "_"), version) for name, version in
+                (line.split("==") for line in lines if line))
+
+
 def needed(path: Path, wheels: Path) -> bool:
-    """Only the newest downloaded version of each distribution goes in (an old cache may hold more)."""
+    """The pinned version of each distribution goes in, or, for one the pins do not name, the newest
+    downloaded (an old cache may hold more)."""
     name = path.name.split("-")[0].lower()
+    if name in pinned():
+        return path.name.split("-")[1] == pinned()[name]
     versions = sorted((p for p in wheels.glob("*.whl") if p.name.split("-")[0].lower() == name),
                       key=lambda p: [int(v) if v.isdigit() else 0 for v in p.name.split("-")[1].split(".")])
     return path == versions[-1]
