@@ -13,8 +13,11 @@ The page shows these status keys when present: ``model``, ``task``, ``source``, 
 as JSON too. Device side: stdlib, numpy and OpenCV only. Serve on loopback unless you mean to expose it.
 
 Limits, so clients cannot hold the board's threads or memory: at most ``max_clients`` connections are
-served at once (each holds a thread; one more is answered ``503 Service Unavailable`` at once, from the
-accepting thread, without waiting for its request); the request line and headers must arrive within
+served at once (each holds a thread).  When they are all taken, a new connection takes the slot of the
+one that holds it without using it: the oldest still sending its request after ``HEAD_GRACE_S`` (a
+viewer's request arrives in milliseconds), else the stream client stalled longest, blocked on a send for
+over ``stall_s``; only when every connection is busy being served is the new one answered
+``503 Service Unavailable``, at once, from the accepting thread.  The request line and headers must arrive within
 ``head_deadline_s`` in total (a client sending one byte every few seconds is dropped then) and within
 ``HEAD_LIMIT`` bytes; a client that stops reading is dropped once a send has waited ``send_timeout_s``;
 the listen backlog (``BACKLOG``) lets 50 clients connect at once.
@@ -25,6 +28,7 @@ import contextlib
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -46,6 +50,8 @@ BACKLOG = 128  # connections the kernel queues before the server accepts them
 HEAD_DEADLINE_S = 5.0  # for the whole request line and headers, not per byte
 HEAD_LIMIT = 65536  # bytes of request line and headers (cookies for 127.0.0.1 are shared by every port)
 SEND_TIMEOUT_S = 10.0  # a client that reads nothing for this long is dropped
+HEAD_GRACE_S = 0.5  # a connection still sending its request after this long gives its slot to a new one
+STALL_S = 2.0  # a stream client blocked on one send this long gives its slot to a new one
 _BUSY_TEXT = b"too many preview clients, retry\r\n"
 BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
         b"Retry-After: 5\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT))
@@ -102,6 +108,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         self.rfile.close()  # the head is read by _read_head instead: a per-recv timeout is no deadline
         head, too_large = _read_head(self.connection, time.monotonic() + self.server.head_deadline_s)
+        self.server.mark(self.connection, "request")
         if too_large is not None:
             _too_large(self.connection, too_large)
         self.rfile = io.BytesIO(head)
@@ -147,6 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         seq = 0
         while not preview.closed:
+            self.server.mark(self.connection, "stream")  # not blocked on a send: in use
             seq, jpeg = preview.wait_frame(seq, timeout=1.0)
             if jpeg is None:
                 continue
@@ -155,42 +163,78 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
 
+class _Connection:
+    """A served connection: its phase ("head", "request", "stream") and when it last showed it was in use."""
+
+    def __init__(self, sock, now: float):
+        self.sock, self.phase, self.since, self.evicted = sock, "head", now, False
+
+
 class _Server(ThreadingHTTPServer):
-    """One thread per connection, up to ``max_clients``; beyond them a 503, and no thread."""
+    """One thread per connection, up to ``max_clients``; beyond them a slot taken from a connection that
+    does not use it, else a 503, and no thread."""
 
     request_queue_size = BACKLOG
 
     def __init__(self, address, preview: "PreviewServer", max_clients: int, head_deadline_s: float,
-                 send_timeout_s: float):
+                 send_timeout_s: float, stall_s: float):
         self.preview, self.max_clients = preview, max_clients
-        self.head_deadline_s, self.send_timeout_s = head_deadline_s, send_timeout_s
-        self.clients = self.refused = 0
+        self.head_deadline_s, self.send_timeout_s, self.stall_s = head_deadline_s, send_timeout_s, stall_s
+        self.clients = self.refused = self.evicted = 0
         self._count = threading.Lock()
+        self._connections: dict[int, _Connection] = {}  # by the socket's id
         super().__init__(address, _Handler)
 
     def process_request(self, request, client_address) -> None:
         with self._count:
-            full = self.clients >= self.max_clients
+            victim = self._victim(time.monotonic()) if self.clients >= self.max_clients else None
+            full = self.clients >= self.max_clients and victim is None
             self.clients += not full
             self.refused += full
+            if not full:
+                self._connections[id(request)] = _Connection(request, time.monotonic())
         if full:
             self._refuse(request)
             return
+        if victim is not None:
+            self._evict(victim)
         try:
             super().process_request(request, client_address)  # starts the connection's thread
         except BaseException:
-            self._leave()
+            self._leave(request)
             raise
+
+    def _victim(self, now: float) -> _Connection | None:
+        """The connection to give its slot up: the oldest still sending its request after HEAD_GRACE_S,
+        else the stream client blocked on a send the longest past `stall_s`; None when all are in use."""
+        live = [c for c in self._connections.values() if not c.evicted]
+        heads = [c for c in live if c.phase == "head" and now - c.since > HEAD_GRACE_S]
+        stalled = [c for c in live if c.phase == "stream" and now - c.since > self.stall_s]
+        return min(heads or stalled, key=lambda c: c.since, default=None)
+
+    def _evict(self, victim: _Connection) -> None:
+        """End `victim`'s connection: its thread's read or send fails at once, and it leaves."""
+        victim.evicted = True
+        self.evicted += 1
+        with contextlib.suppress(OSError):
+            victim.sock.shutdown(socket.SHUT_RDWR)
+
+    def mark(self, sock, phase: str) -> None:
+        """The connection of `sock` is in `phase`, in use now."""
+        connection = self._connections.get(id(sock))
+        if connection is not None:
+            connection.phase, connection.since = phase, time.monotonic()
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._leave()
+            self._leave(request)
 
-    def _leave(self) -> None:
+    def _leave(self, request) -> None:
         with self._count:
             self.clients -= 1
+            self._connections.pop(id(request), None)
 
     def _refuse(self, sock) -> None:
         """503 from the accepting thread, which nothing here can block."""
@@ -208,11 +252,12 @@ class _Server(ThreadingHTTPServer):
 class PreviewServer:
     """HTTP preview on ``host:port`` (``port=0``: a free port; see ``.port`` and ``.url``), served by a
     daemon thread from construction until :meth:`close`. Also a context manager.  ``clients`` is the
-    number of connections served now, ``refused`` the number answered 503 so far."""
+    number of connections served now, ``refused`` the number answered 503 so far, ``evicted`` the number
+    that gave their slot to a new connection."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, quality: int = 80, *,
                  max_clients: int = MAX_CLIENTS, head_deadline_s: float = HEAD_DEADLINE_S,
-                 send_timeout_s: float = SEND_TIMEOUT_S):
+                 send_timeout_s: float = SEND_TIMEOUT_S, stall_s: float = STALL_S):
         self.quality = int(quality)
         self.page = PAGE.read_bytes()
         self._cond = threading.Condition()
@@ -220,7 +265,7 @@ class PreviewServer:
         self._jpeg: Optional[bytes] = None
         self._status: dict = {}
         self.closed = False
-        self._httpd = _Server((host, port), self, max_clients, head_deadline_s, send_timeout_s)
+        self._httpd = _Server((host, port), self, max_clients, head_deadline_s, send_timeout_s, stall_s)
         self.host, self.port = self._httpd.server_address[:2]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"preview:{self.port}", daemon=True)
@@ -238,6 +283,10 @@ class PreviewServer:
     @property
     def refused(self) -> int:
         return self._httpd.refused
+
+    @property
+    def evicted(self) -> int:
+        return self._httpd.evicted
 
     @property
     def published(self) -> int:

@@ -2,6 +2,7 @@
 dropped at the header deadline while others are served, 50 clients connecting at once all get a stream,
 one past the cap gets a clear 503, a stream client that stops reading is dropped, and no path reaches a
 file."""
+import contextlib
 import select
 import socket
 import threading
@@ -200,3 +201,58 @@ def test_a_request_too_long_gets_414_or_431_and_the_stream_goes_on(request_bytes
                 answer += chunk
         assert answer.split(b"\r\n", 1)[0].split()[1] == status, answer[:200]
         assert get_status(server) == 200
+
+
+def test_a_new_viewer_takes_the_slot_of_a_connection_still_sending_its_request():
+    """Slowloris: every slot held by connections that send nothing.  Before, a viewer polling /status was
+    served 17 times in 60; now the oldest idle connection gives up its slot, every time."""
+    with PreviewServer(port=0, max_clients=4) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=2) for _ in range(4)]
+        assert wait_until(lambda: server.clients == 4, 1.0)
+        served = 0
+        for _ in range(10):
+            time.sleep(0.6)  # past the grace of a request that has not arrived
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=2))  # the attack goes on
+            served += get_status(server) == 200
+        assert served == 10 and server.refused == 0 and server.evicted >= 10
+        for sock in idle:
+            sock.close()
+
+
+def test_a_new_viewer_takes_the_slot_of_a_stream_client_that_stalled():
+    """Slow MJPEG readers in every slot: before, a viewer was served 0 times in 60."""
+    big = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)  # ~300 KB JPEGs
+    with PreviewServer(port=0, max_clients=3, stall_s=0.5) as server, Producer(server, big):
+        stalled = [open_stream(server.port, rcvbuf=4096) for _ in range(3)]  # ...and never read again
+        assert wait_until(lambda: server.clients == 3, 1.0)
+        time.sleep(1.0)
+        assert get_status(server) == 200 and server.refused == 0 and server.evicted == 1
+        for sock in stalled:
+            sock.close()
+
+
+def test_clients_that_are_being_served_keep_their_slots():
+    """Fairness never ends a healthy viewer: streams that read every frame keep their slots, and the new
+    connection gets the 503."""
+    frame = np.zeros((48, 64, 3), np.uint8)
+    with PreviewServer(port=0, max_clients=2, stall_s=0.5) as server, Producer(server, frame):
+        readers = [open_stream(server.port) for _ in range(2)]
+        stop = threading.Event()
+
+        def read(sock):
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    sock.recv(65536)
+
+        threads = [threading.Thread(target=read, args=(sock,), daemon=True) for sock in readers]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        with pytest.raises(urllib.error.HTTPError) as error:
+            get_status(server)
+        assert error.value.code == 503 and server.evicted == 0
+        stop.set()
+        for sock in readers:
+            sock.close()
+        for t in threads:
+            t.join(timeout=2)
