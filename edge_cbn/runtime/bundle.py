@@ -58,6 +58,17 @@ class LayerRecord:
 
 @dataclasses.dataclass
 class Bundle:
+    """An exported model as `load_bundle` reads it: the `.tflite` bytes and its sidecar's meta and layers.
+
+    Attributes:
+        path: the `.tflite` file (None for a bundle made in memory).
+        model_bytes: the whole `.tflite` flatbuffer (BN folded, float32 weights); never written in place.
+        meta: the sidecar's meta (docs/DESIGN.md): "model", "task", "input_size" [h, w], "preprocess",
+            "labels", "head", and "calibration" when a calibration variant was exported.
+        layers: one `LayerRecord` per conv, depthwise and dense layer, in the sidecar's order; empty
+            without a sidecar.
+        calibration_problem: why the calibration variant the sidecar names cannot be used, "" when it can.
+    """
     path: Path | None
     model_bytes: bytes
     meta: dict
@@ -69,7 +80,15 @@ class Bundle:
     calibration_problem: str = ""
 
     def tflite_kernel(self, rec: "LayerRecord") -> np.ndarray:
-        """`rec`'s unfolded kernel in TFLite layout, float32, read-only, shared."""
+        """`rec`'s unfolded kernel in TFLite layout, float32, read-only, shared.
+
+        Args:
+            rec: one of this bundle's `layers`.
+
+        Returns:
+            The kernel in TFLite layout (conv OHWI, depthwise 1HWC, dense OI), made on first use and cached
+            by layer name.
+        """
         kernel = self._tflite_kernels.get(rec.name)
         if kernel is None:
             kernel = np.ascontiguousarray(fold.to_tflite(rec.kind, np.asarray(rec.kernel, np.float32)))
@@ -79,10 +98,12 @@ class Bundle:
 
     @property
     def has_sidecar(self) -> bool:
+        """True when the sidecar was loaded: the model can run under noise and be refolded."""
         return bool(self.layers)
 
     @property
     def input_size(self) -> tuple[int, int]:
+        """(height, width) of the model's input, in pixels."""
         return tuple(self.meta["input_size"])
 
     @property
@@ -100,7 +121,15 @@ class Bundle:
     def calibration_variant(self) -> "Bundle":
         """The calibration variant (same layers and arrays, its own file and buffer indices); its last
         output is the moments vector described in `edge_cbn.convert.export.moments_model`.  Its file is
-        checked like the model's, and its buffers and moments output against the sidecar."""
+        checked like the model's, and its buffers and moments output against the sidecar.
+
+        Returns:
+            A `Bundle` of `X.calib.tflite` that shares this one's meta, layer arrays and TFLite kernels.
+
+        Raises:
+            BadInput: there is no usable calibration variant (`can_calibrate` is False), or its file is not a
+                valid model or not the calibration variant of this one.
+        """
         if not self.can_calibrate:
             raise BadInput(self.path, self.calibration_problem or "no calibration variant (re-export it with "
                                                                   "tools/convert.py)")
@@ -116,6 +145,17 @@ class Bundle:
         return Bundle(path, model_bytes, self.meta, layers, self._tflite_kernels)
 
     def layer(self, name: str) -> LayerRecord:
+        """The sidecar's record of one layer.
+
+        Args:
+            name: a layer name or the name of its BN.
+
+        Returns:
+            The `LayerRecord`.
+
+        Raises:
+            KeyError: no layer or BN of that name in the sidecar.
+        """
         for rec in self.layers:
             if rec.name == name or rec.bn == name:
                 return rec
@@ -234,7 +274,21 @@ def _calibration_problem(path: Path, meta: dict) -> str:
 def load_bundle(tflite_path, *, require_sidecar: bool = False) -> Bundle:
     """Read and validate `X.tflite` and its sidecar `X.cbn.npz` (`BadInput` naming the file that cannot be
     used).  Without the sidecar the model still runs (as a classifier with [-1, 1] input scaling, with a
-    warning) but cannot be refolded; `require_sidecar` makes that a FileNotFoundError."""
+    warning) but cannot be refolded; `require_sidecar` makes that a FileNotFoundError.
+
+    Args:
+        tflite_path: the `.tflite` file (str or path); the sidecar is `sidecar_path(tflite_path)` beside it.
+        require_sidecar: refuse a model without its sidecar instead of running it as a classifier.
+
+    Returns:
+        The `Bundle`; without the sidecar its `layers` are empty and its meta is a classifier's with
+        `DEFAULT_PREPROCESS`.
+
+    Raises:
+        BadInput: the model or the sidecar cannot be used (missing, not a regular file, not valid, not
+            matching each other), naming that file.
+        FileNotFoundError: there is no sidecar and `require_sidecar` is True.
+    """
     path = Path(tflite_path)
     model_bytes, facts = read_model(path)
     side = sidecar_path(path)

@@ -16,7 +16,22 @@ from .stream_calibrator import StreamCalibrator
 
 class DeviceCalibration:
     """Streaming batch-size-1 calibration of `bundle` under `chip` (calibrator options: see
-    `StreamCalibrator`)."""
+    `StreamCalibrator`).
+
+    Args:
+        bundle: an exported `Bundle` with its sidecar and calibration variant (`Bundle.can_calibrate`).
+        chip: the simulated chip (`Noise.instantiate(noise_targets(bundle))`); None calibrates the clean model.
+        num_threads: LiteRT threads of each interpreter (None: LiteRT's default).
+        seed: `NoisyModel`'s seed (the chip's own draws come from its noise model's seed).
+        **calibrator_options: `StreamCalibrator` keywords: mode, window, prior, refold_every, stages, shrink,
+            track_every, power.
+
+    Raises:
+        ValueError: a calibrator option out of range or unknown mode, or no calibration variant in the meta
+            (`StreamCalibrator`).
+        BadInput: the calibration variant's file cannot be used (`Bundle.calibration_variant`).
+        MissingDependency: no TFLite interpreter is installed.
+    """
 
     def __init__(self, bundle, chip, *, num_threads: int | None = None, seed: int = 0, **calibrator_options):
         self.calibrator = StreamCalibrator(bundle, **calibrator_options)
@@ -27,7 +42,17 @@ class DeviceCalibration:
     def step(self, x: np.ndarray, frame: int) -> tuple[list[np.ndarray], dict | None]:
         """Calibrate on input `x` (the model input of inference number `frame`).  Returns the model's
         outputs for this frame (without the moments) and the statistics to refold elsewhere when the
-        calibrator produced new ones, else None."""
+        calibrator produced new ones, else None.
+
+        Args:
+            x: the model input, (1, H, W, 3) float32 (uint8 for a raw-input model), as `Processor.preprocess`
+                or `model_input` make it.
+            frame: the inference index that draws the chip's temporal noise.
+
+        Returns:
+            (outputs, stats): the model's outputs in the exported order, and {bn: (mean, var)} float32 per
+            channel when this frame brought new statistics (already refolded here), else None.
+        """
         out = self.noisy.run(x, frame)
         clean_out = self.clean.run(x, frame) if self.clean is not None else None
         stats = self.calibrator.observe(out[-1], self.noisy.stats(),
@@ -38,16 +63,36 @@ class DeviceCalibration:
         return out[:-1], stats
 
     def resume(self, stats: dict) -> None:
-        """Continue from saved statistics: the variant runs with them from the next frame on."""
+        """Continue from saved statistics: the variant runs with them from the next frame on.
+
+        Args:
+            stats: {bn name: (mean, var)}, one value per channel each, e.g. a saved `statistics()`.
+
+        Raises:
+            KeyError: a BN name that is not in the sidecar.
+        """
         self.noisy.set_stats(stats)
 
     def statistics(self) -> dict:
-        """The calibrated statistics {bn: (mean, var)} as of the last refold."""
+        """The calibrated statistics {bn: (mean, var)} as of the last refold.
+
+        Returns:
+            {bn name: (mean, var)}, float32 arrays of one value per channel (`StreamCalibrator.statistics`).
+        """
         return self.calibrator.statistics()
 
     def calibrate(self, inputs, *, frame0: int = 0, on_frame=None) -> dict:
         """Calibrate on every input of `inputs` (model inputs, batch of one each) in order; optional
-        `on_frame(frames_done)` after each.  Returns `statistics()`."""
+        `on_frame(frames_done)` after each.  Returns `statistics()`.
+
+        Args:
+            inputs: model inputs (an iterable of (1, H, W, 3) arrays, as for `step`).
+            frame0: the inference index of the first input; the next ones count up from it.
+            on_frame: optional callable, given the number of inputs done after each one.
+
+        Returns:
+            `statistics()` after the last input: {bn name: (mean, var)}, float32.
+        """
         for i, x in enumerate(inputs):
             self.step(x, frame0 + i)
             if on_frame is not None:

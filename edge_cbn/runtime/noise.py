@@ -209,7 +209,22 @@ def make_noise(preset: str, eta: float = 0.0, seed: int = 0, *, temporal: bool =
     spatial_reading ("relative": sigma_S = level*eta, "absolute": sigma_S = level), s_granularity and
     t_granularity; relative and additive-max the same without the spatial ones; pcm t_inference (s),
     t0, t_read, g_max, drift_scale, t_granularity (eta scales the programming and read noise
-    amplitudes; eta=1 gives aihwkit's defaults)."""
+    amplitudes; eta=1 gives aihwkit's defaults).
+
+    Args:
+        preset: one of `PRESETS`: "none", "paper", "relative", "additive-max", "pcm".
+        eta: the noise level η0, a finite number in [0, ETA_MAX].
+        seed: the chip's seed: the same seed gives the same chip on every machine.
+        temporal: False (static mode) keeps only the per-instance part: every frame sees the same kernels.
+        **options: the preset's options above, each overriding its default.
+
+    Returns:
+        The `Noise` (a frozen dataclass); `.instantiate(noise_targets(bundle))` makes a `Chip` of it.
+
+    Raises:
+        ValueError: an unknown preset or option, a level that is not finite or out of its range
+            (`check_levels`), an unknown granularity or spatial_reading.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown noise preset {preset!r}; expected one of {PRESETS}")
     unknown = set(options) - set(PRESET_OPTIONS[preset])

@@ -21,12 +21,20 @@ Granularity = Literal["weight", "channel", "tensor"]
 @dataclass(frozen=True)
 class NoiseModel:
     """A simulated analog weight noise model at level `eta` (η0).  Subclasses add their options as
-    typed fields with the defaults of docs/NOISE.md."""
+    typed fields with the defaults of docs/NOISE.md.
+
+    Attributes:
+        eta: η0, the noise level (0: no noise).
+    """
     preset: ClassVar[str] = "none"
     eta: float = 0.0
 
     def options(self) -> dict:
-        """The preset's options (`--noise-option KEY=VALUE`) as set on this instance."""
+        """The preset's options (`--noise-option KEY=VALUE`) as set on this instance.
+
+        Returns:
+            {field name: value} of every field but `eta`: the `make_noise` keywords of this model.
+        """
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "eta"}
 
     def noise(self, seed: int = 0, *, temporal: bool = True) -> Noise:
@@ -36,13 +44,27 @@ class NoiseModel:
             seed: the chip's seed: the same seed is the same chip on every machine.
             temporal: False keeps only the per-instance part (every frame sees the same weights).
 
+        Returns:
+            The `noise.Noise`; `.instantiate(noise_targets(bundle))` makes a chip of it.
+
         Raises:
             ValueError: a level that is not finite or out of its range, an unknown granularity.
         """
         return make_noise(self.preset, self.eta, seed, temporal=temporal, **self.options())
 
     def chip(self, bundle, seed: int = 0) -> Chip:
-        """One simulated noisy chip for every conv, depthwise and dense layer of an exported `bundle`."""
+        """One simulated noisy chip for every conv, depthwise and dense layer of an exported `bundle`.
+
+        Args:
+            bundle: an exported `Bundle` with its sidecar (without one there are no layers to make noisy).
+            seed: the chip's seed: the same seed is the same chip on every machine.
+
+        Returns:
+            The `noise.Chip`, for `NoisyModel(bundle, chip)`.
+
+        Raises:
+            ValueError: a level that is not finite or out of its range, an unknown granularity.
+        """
         return self.noise(seed).instantiate(noise_targets(bundle))
 
     @property
@@ -55,7 +77,7 @@ class NoiseModel:
 class FactorModel(NoiseModel):
     """A per-chip factor ε_S and a per-inference factor N_T ~ N(η0, (temporal_level · η0)²) on the weights.
 
-    Args:
+    Attributes:
         temporal_level: the temporal factor's spread relative to η0 (the paper's "20 % temporal fluctuation").
         s_granularity, t_granularity: one draw of ε_S / N_T per weight, output channel or tensor.
     """
@@ -70,7 +92,7 @@ class Paper(FactorModel):
     W_noisy = W + W · N_T · N_S, N_S ~ N(η0, σ_S²) once per chip, N_T ~ N(η0, σ_T²) per inference,
     σ_T = temporal_level · η0.
 
-    Args:
+    Attributes:
         eta: η0, the mean of both factors.
         spatial_level: σ_S = spatial_level · η0 (`spatial_reading="relative"`) or spatial_level ("absolute").
         spatial_reading: "relative" or "absolute" (the text literally says σ_S = 0.1).
@@ -87,7 +109,7 @@ class Relative(FactorModel):
     """Zero-mean multiplicative weight noise: W_noisy = W · (1 + N_T · ε_S), ε_S ~ N(0, 1) per weight
     once per chip, N_T as in `FactorModel`: a relative weight std of about η0.
 
-    Args:
+    Attributes:
         eta: η0, the relative standard deviation of the weights.
         temporal_level, s_granularity, t_granularity: as in `FactorModel`.
     """
@@ -101,7 +123,7 @@ class AdditiveMax(FactorModel):
     network inference using computational phase-change memory*, Nat. Commun. 2020):
     W_noisy = W + N_T · max|W| · ε_S, ε_S ~ N(0, 1) per weight once per chip, N_T as in `FactorModel`.
 
-    Args:
+    Attributes:
         eta: η0, the noise std as a fraction of max|W|.
         temporal_level, s_granularity, t_granularity: as in `FactorModel`.
     """
@@ -116,7 +138,7 @@ class PCM(PCMOptions, NoiseModel):
     and a drift exponent are drawn once per chip, g_d = g_p · (t/t0)^-ν at t = t_inference + t0, and 1/f
     read noise per inference.  Formulas: docs/NOISE.md, `noise.PCMNoise`.
 
-    Args:
+    Attributes:
         eta: scales the programming and read noise (1 = aihwkit's defaults).
         t_granularity: one read-noise draw per weight (default), output channel or tensor.
         t_inference: seconds since programming (3600).
@@ -134,6 +156,14 @@ NOISE_MODELS = {cls.preset: cls for cls in (Paper, Relative, AdditiveMax, PCM)}
 
 def noise_model(preset: str, eta: float, **options) -> NoiseModel | None:
     """The class instance of a preset name (`--noise`), None for "none".
+
+    Args:
+        preset: "none", "paper", "relative", "additive-max" or "pcm".
+        eta: η0, the noise level.
+        **options: the class's other fields (`--noise-option KEY=VALUE`), e.g. temporal_level=0.2.
+
+    Returns:
+        A `Paper`, `Relative`, `AdditiveMax` or `PCM`; None for "none".
 
     Raises:
         ValueError: an unknown preset or option.

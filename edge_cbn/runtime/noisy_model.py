@@ -23,17 +23,38 @@ _STATE_FRAME0 = 1 << 40
 
 def noise_targets(bundle) -> dict:
     """{name: (kind, Keras-layout kernel)} of an exported bundle: the layers noise applies to (every
-    conv/depthwise/dense), the argument of `Noise.instantiate`."""
+    conv/depthwise/dense), the argument of `Noise.instantiate`.
+
+    Args:
+        bundle: an exported `Bundle` (without its sidecar it has no layers and the result is empty).
+
+    Returns:
+        {layer name: (kind, kernel)}: kind "conv", "depthwise" or "dense", the unfolded kernel in Keras layout
+        (conv HWIO, depthwise HWC1, dense IO).
+    """
     return {rec.name: (rec.kind, rec.kernel) for rec in bundle.layers}
 
 
 class NoisyModel:
     """`bundle` under noise chip `chip` (None: clean) with BN statistics that `set_stats` refolds.  A
-    bundle without its sidecar runs clean only, with the statistics it was exported with."""
+    bundle without its sidecar runs clean only, with the statistics it was exported with.
+
+    Args:
+        bundle: an exported `Bundle`.
+        chip: the simulated chip (`Noise.instantiate(noise_targets(bundle))`); None runs the model clean.
+        num_threads: LiteRT threads of each interpreter (None: LiteRT's default).
+        noise_states: temporal noise only: 0 builds an interpreter for every frame (exact per-frame noise),
+            K > 0 draws K noise states per statistics update and serves them in turn.
+        seed: seeds which noise state serves a frame.
+        build: False makes a builder twin that serves nothing until told (`prepare`, `build_state`).
+
+    Raises:
+        ValueError: a chip for a bundle without its sidecar.
+        MissingDependency: no TFLite interpreter is installed.
+    """
 
     def __init__(self, bundle, chip=None, *, num_threads: int | None = None, noise_states: int = 0, seed: int = 0,
                  build: bool = True):
-        """`build=False`: a builder twin that serves nothing until told (`prepare`, `build_state`)."""
         self.bundle, self.num_threads, self.noise_states, self.seed = bundle, num_threads, noise_states, seed
         self.chip = chip
         if chip is not None and not bundle.has_sidecar:
@@ -54,7 +75,11 @@ class NoisyModel:
         return self.folded is not None and not self.folded.static
 
     def stats(self) -> dict:
-        """The BN statistics currently folded in: {bn: (mean, var)}."""
+        """The BN statistics currently folded in: {bn: (mean, var)}.
+
+        Returns:
+            {bn name: (mean, var)}, one value per channel each; the bundle's own until new ones are refolded.
+        """
         if self.refolder is None:
             return {rec.bn: (rec.mean, rec.var) for rec in self.bundle.layers if rec.bn}
         return {slot.rec.bn: (slot.mean, slot.var) for slot in self.refolder.layers.values() if slot.rec.bn}
@@ -62,7 +87,19 @@ class NoisyModel:
     def set_stats(self, stats: dict, probe: np.ndarray | None = None) -> bool:
         """Refold new BN statistics {bn: (mean, var)} and rebuild what serves the next frames.  With
         `probe` (a model input), the new model must first give finite outputs on it; if it does not, the
-        previous statistics are put back and False is returned (nothing non-finite is ever served)."""
+        previous statistics are put back and False is returned (nothing non-finite is ever served).
+
+        Args:
+            stats: {bn name: (mean, var)}, one value per channel each; BNs left out keep their statistics.
+            probe: a model input, (1, H, W, 3), to check the new model on; None: no check.
+
+        Returns:
+            True when the new statistics serve, False when the probe refused them.
+
+        Raises:
+            ValueError: the bundle has no sidecar.
+            KeyError: a BN name that is not in the sidecar.
+        """
         if not self.bundle.has_sidecar:
             raise ValueError(f"{self.bundle.path}: new statistics need the model's sidecar (.cbn.npz)")
         if self.refolder is None:
@@ -87,35 +124,76 @@ class NoisyModel:
 
     def twin(self) -> "NoisyModel":
         """A builder of this model's states for other statistics (`prepare`, then `build_state`), with a
-        refolder of its own, so it works beside this model while this one serves."""
+        refolder of its own, so it works beside this model while this one serves.
+
+        Returns:
+            A `NoisyModel` of the same bundle, chip, threads, noise states and seed, built with `build=False`.
+        """
         return NoisyModel(self.bundle, self.chip, num_threads=self.num_threads, noise_states=self.noise_states, seed=self.seed,
                           build=False)
 
     def prepare(self, stats: dict) -> None:
-        """Refold `stats` without building anything (`build_state` builds)."""
+        """Refold `stats` without building anything (`build_state` builds).
+
+        Args:
+            stats: {bn name: (mean, var)}, one value per channel each.
+
+        Raises:
+            ValueError: the bundle has no sidecar.
+            KeyError: a BN name that is not in the sidecar.
+        """
         if self.refolder is None:
             self.refolder = Refolder(self.bundle)
         self._refold(stats)
 
     def build_state(self, j: int):
         """State `j` (0 <= j < max(states, 1)) of the current statistics, built anew and not kept: the
-        j-th noise state's temporal draw, the one interpreter, or (exact noise) a probe model."""
+        j-th noise state's temporal draw, the one interpreter, or (exact noise) a probe model.
+
+        Args:
+            j: the state's index.
+
+        Returns:
+            An allocated LiteRT interpreter.
+        """
         if self.folded is not None and self.per_frame:
             return self._noisy_interpreter(_STATE_FRAME0 + j)
         return self._first_interpreter()
 
     def probe_ok(self, interpreter, probe: np.ndarray) -> bool:
-        """True when `interpreter` gives finite outputs on model input `probe`."""
+        """True when `interpreter` gives finite outputs on model input `probe`.
+
+        Args:
+            interpreter: an interpreter of this model, e.g. from `build_state`.
+            probe: a model input, (1, H, W, 3).
+
+        Returns:
+            True when every output value is finite.
+        """
         return all(np.isfinite(o).all() for o in self._run(interpreter, probe))
 
     def drop(self, j: int) -> None:
-        """Stop serving state `j` (its frames go to the next state) when another state is left to serve."""
+        """Stop serving state `j` (its frames go to the next state) when another state is left to serve.
+
+        Args:
+            j: the state's index.
+        """
         if self.states > 1 and j < len(self._interpreters):
             self._interpreters[j] = None
 
     def install(self, j: int, interpreter, stats: dict | None = None) -> None:
         """Serve `interpreter` (from a twin's `build_state(j)`) as state `j`; `stats`, when given, are
-        refolded here too (what `stats()` reports, and what exact noise builds from)."""
+        refolded here too (what `stats()` reports, and what exact noise builds from).
+
+        Args:
+            j: the state's index.
+            interpreter: the interpreter to serve; None only takes `stats`.
+            stats: {bn name: (mean, var)} the interpreter was built with; None keeps the current ones.
+
+        Raises:
+            ValueError: `stats` for a bundle without its sidecar.
+            KeyError: a BN name that is not in the sidecar.
+        """
         if stats is not None:
             self.prepare(stats)
         if interpreter is not None and self.states:
@@ -161,7 +239,14 @@ class NoisyModel:
         return self.refolder.interpreter(self.num_threads, lambda name, out: self.folded.write(frame, {name: out}))
 
     def interpreter(self, frame: int):
-        """The interpreter that simulates inference number `frame`."""
+        """The interpreter that simulates inference number `frame`.
+
+        Args:
+            frame: the inference index that draws the chip's temporal noise.
+
+        Returns:
+            An allocated LiteRT interpreter: a served one, or (exact noise) one built for this frame.
+        """
         if not self.per_frame:
             return self._interpreters[0]
         if self.noise_states:
@@ -171,7 +256,18 @@ class NoisyModel:
         return self._noisy_interpreter(frame)
 
     def run(self, x: np.ndarray, frame: int = 0) -> list[np.ndarray]:
-        """Outputs of inference `frame` on input `x`, in the exported (Keras) output order."""
+        """Outputs of inference `frame` on input `x`, in the exported (Keras) output order.
+
+        Args:
+            x: the model input, (1, H, W, 3), float32 or (a raw-input model, `Bundle.raw_input`) uint8.
+            frame: the inference index that draws the chip's temporal noise.
+
+        Returns:
+            The output arrays (copies); a calibration variant's last one is its moments vector.
+
+        Raises:
+            ValueError: `x` of another shape or dtype than the model's input (LiteRT).
+        """
         return self._run(self.interpreter(frame), x)
 
     def _run(self, it, x: np.ndarray) -> list[np.ndarray]:

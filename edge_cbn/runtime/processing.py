@@ -18,7 +18,16 @@ def normalise(rgb: np.ndarray, preprocess: dict) -> np.ndarray:
 
 def model_input(rgb: np.ndarray, bundle) -> np.ndarray:
     """RGB uint8 images at the model's input size (any leading shape) -> what `bundle`'s model takes:
-    the pixels as they are for a uint8-input model, else normalised float32 (offline batches)."""
+    the pixels as they are for a uint8-input model, else normalised float32 (offline batches).
+
+    Args:
+        rgb: RGB uint8 images at the model's input size, shape (..., H, W, 3).
+        bundle: the exported `Bundle` whose model takes them.
+
+    Returns:
+        `rgb` itself when the model takes uint8 (`Bundle.raw_input`), else (rgb - mean) / std as float32 of
+        the same shape, with the sidecar meta's "preprocess" mean and std.
+    """
     return rgb if bundle.raw_input else normalise(rgb, bundle.meta["preprocess"])
 
 
@@ -49,7 +58,18 @@ def top_k(logits, labels, k: int = 5) -> list[tuple[int, str, float]]:
 
 
 class Processor:
-    """A bundle's pre- and postprocessing (from its sidecar meta), independent of any interpreter."""
+    """A bundle's pre- and postprocessing (from its sidecar meta), independent of any interpreter.
+
+    Args:
+        bundle: an exported `Bundle`; its meta gives the task, input size, preprocessing, labels and head.
+        max_results: classification: how many classes `postprocess` returns.
+        conf_threshold: detection: the lowest score kept (0..1).
+        iou_threshold: detection: the overlap (IoU) above which non-maximum suppression drops the
+            lower-scoring box of a class.
+
+    Raises:
+        ValueError: a letterboxing model that takes uint8 input.
+    """
 
     def __init__(self, bundle, *, max_results: int = 5, conf_threshold: float = 0.25,
                  iou_threshold: float = 0.45):
@@ -74,7 +94,15 @@ class Processor:
 
     def preprocess(self, frame_bgr: np.ndarray):
         """BGR uint8 frame -> ((1, H, W, 3) model input, context for postprocess).  The input array
-        belongs to the Processor and is overwritten by the next call."""
+        belongs to the Processor and is overwritten by the next call.
+
+        Args:
+            frame_bgr: a BGR uint8 image (h, w, 3) of any size, as OpenCV reads it.
+
+        Returns:
+            (x, ctx): x the (1, H, W, 3) model input, float32 (uint8 for a raw-input model); ctx the frame's
+            size and letterbox geometry, for `postprocess`.
+        """
         h, w = self.input_hw
         ctx = {"orig_hw": frame_bgr.shape[:2], "scale": None, "pad": None}
         if self.letterbox:  # a float canvas (its grey is 127.5): arithmetic, not the table
@@ -88,8 +116,21 @@ class Processor:
         return self._x, ctx
 
     def postprocess(self, outputs: list[np.ndarray], ctx: dict, max_results: int | None = None):
-        """classification: [(class_id, label, score)] best first; segmentation: (h, w) class-id mask at
-        frame size; detection: [(class_id, label, score, (x1, y1, x2, y2) in frame pixels)] best first."""
+        """The task's results from the model's outputs on one frame.
+
+        Args:
+            outputs: the model's outputs in the exported order (`NoisyModel.run`; a calibration variant's
+                moments output removed).
+            ctx: what `preprocess` returned with this frame's input.
+            max_results: classification: the classes returned this time (None: the Processor's).
+
+        Returns:
+            classification: [(class_id, label, score)] best first; segmentation: (h, w) class-id mask at
+            frame size; detection: [(class_id, label, score, (x1, y1, x2, y2) in frame pixels)] best first.
+
+        Raises:
+            ValueError: the meta names an unknown task.
+        """
         if self.task == "classification":
             return top_k(outputs[0], self.labels, max_results or self.max_results)
         if self.task == "segmentation":

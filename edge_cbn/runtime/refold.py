@@ -84,6 +84,16 @@ class _Slot:
 
 
 class Refolder:
+    """New BN statistics and kernels of `bundle`, folded into new `.tflite` bytes (how: the module's docstring).
+
+    Args:
+        bundle: an exported `Bundle` with its sidecar.
+
+    Raises:
+        ValueError: the bundle has no sidecar, or the sidecar does not match the model (a BN layer without a
+            bias buffer, a buffer shared by two layers or of the wrong size).
+    """
+
     def __init__(self, bundle):
         if not bundle.layers:
             raise ValueError(f"{bundle.path}: no refold sidecar (.cbn.npz) — export the model with "
@@ -124,7 +134,17 @@ class Refolder:
 
     def layer(self, name: str) -> _Slot:
         """The state of a layer, by layer or BN name: `.w`/`.b` (folded, as written), `.kernel`
-        (unfolded, TFLite layout), `.mean`/`.var`, `.scale()`, `.rec` (the sidecar record)."""
+        (unfolded, TFLite layout), `.mean`/`.var`, `.scale()`, `.rec` (the sidecar record).
+
+        Args:
+            name: a layer name or the name of its BN.
+
+        Returns:
+            The layer's current state (live: later refolds change it).
+
+        Raises:
+            KeyError: no layer or BN of that name in the sidecar.
+        """
         slot = self.layers.get(name) or self._by_bn.get(name)
         if slot is None:
             raise KeyError(f"no layer or BN named {name!r} in the sidecar")
@@ -133,7 +153,18 @@ class Refolder:
     def refold(self, stats: dict | None = None, kernels: dict | None = None) -> list[str]:
         """Take new BN statistics `{bn_name: (mean, var)}` and/or new unfolded kernels
         `{layer_name: kernel in Keras layout}` (e.g. noisy weights) for the next models built.  Arrays are
-        used, not copied.  Returns the names of the layers that changed."""
+        used, not copied.  Returns the names of the layers that changed.
+
+        Args:
+            stats: {bn name: (mean, var)}, one value per channel each; None or BNs left out: unchanged.
+            kernels: {layer name: unfolded kernel in Keras layout}; None or layers left out: unchanged.
+
+        Returns:
+            The names of the layers whose statistics or kernel changed, in the sidecar's order.
+
+        Raises:
+            KeyError: a BN or layer name that is not in the sidecar.
+        """
         changed = set()
         for bn, (mean, var) in (stats or {}).items():
             slot = self._by_bn.get(bn)
@@ -155,7 +186,15 @@ class Refolder:
 
     def model_bytes(self, write_kernel: KernelWriter | None = None) -> bytes:
         """The current model, assembled in one pass into the bytes returned (interpreters may keep
-        pointers into them).  `write_kernel` replaces the folding of the kernels (noise)."""
+        pointers into them).  `write_kernel` replaces the folding of the kernels (noise).
+
+        Args:
+            write_kernel: `write_kernel(layer name, out)` fills `out` (float32, TFLite layout) with the layer's
+                folded kernel, e.g. `FoldedChip.write`; None folds the current kernels.
+
+        Returns:
+            The whole `.tflite` flatbuffer, as long as the bundle's.
+        """
         data = memoryview(self.bundle.model_bytes)
         out = io.BytesIO()
         out.seek(len(data) - 1)  # one allocation of the final size; getvalue() then hands it over uncopied
@@ -179,5 +218,16 @@ class Refolder:
         return out.getvalue()
 
     def interpreter(self, num_threads: int | None = None, write_kernel: KernelWriter | None = None):
-        """A fresh, allocated LiteRT interpreter for the current model."""
+        """A fresh, allocated LiteRT interpreter for the current model.
+
+        Args:
+            num_threads: LiteRT threads (None: LiteRT's default).
+            write_kernel: as in `model_bytes`.
+
+        Returns:
+            The interpreter, over new `model_bytes(write_kernel)`.
+
+        Raises:
+            MissingDependency: no TFLite interpreter is installed.
+        """
         return make_interpreter(model_content=self.model_bytes(write_kernel), num_threads=num_threads)

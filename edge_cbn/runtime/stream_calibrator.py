@@ -45,6 +45,26 @@ def _f64(x, n, fill):
 
 
 class StreamCalibrator:
+    """Calibrated BN statistics of `bundle` from the BN input moments of calibration frames, one frame at a
+    time (modes and schedule: the module's docstring).
+
+    Args:
+        bundle: an exported `Bundle` whose sidecar names a calibration variant (meta "calibration").
+        mode: "shift", "absolute" or "prior" (`MODES`).
+        window: the moments' window in frames: a cumulative average over the first `window` frames, then an
+            EMA with momentum 1 - 1/window; None: a cumulative average throughout.
+        prior: `prior` mode: N, the weight of the source statistics in frames.
+        refold_every: warm-up: calibration frames per stage.
+        stages: warm-up stages, depth first (at most one per BN layer).
+        shrink: `shift` mode: pseudo-frames of the source statistics mixed into the noisy and clean moments.
+        track_every: after the warm-up, refold every N calibration frames.
+        power: `shift` mode: the variance scale is (noisy var / clean var) ** power.
+
+    Raises:
+        ValueError: an unknown mode, no calibration variant in the meta, refold_every, stages or track_every
+            below 1, or a window below 1.
+    """
+
     def __init__(self, bundle, *, mode: str = "shift", window: float | None = 1024, prior: float = 16.0,
                  refold_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 1,
                  power: float = 0.5):
@@ -76,14 +96,17 @@ class StreamCalibrator:
 
     @property
     def needs_clean(self) -> bool:
+        """True when `observe` needs the clean model's moments too (`shift` mode)."""
         return self.clean is not None
 
     @property
     def warm(self) -> bool:
+        """True once the warm-up is over (every BN layer has calibrated statistics)."""
         return self.stage >= self.stages
 
     @property
     def warmup_frames(self) -> int:
+        """Calibration frames the warm-up takes: stages * refold_every."""
         return self.stages * self.refold_every
 
     @property
@@ -104,7 +127,19 @@ class StreamCalibrator:
     def bn_input_moments(self, vector: np.ndarray, stats: dict) -> dict:
         """{bn: (E[z], E[z^2])} of each BN's input from the variant's moments output `vector`, given the
         statistics {bn: (mean, var)} folded into the model that produced it.  Non-finite values pass
-        through quietly (no numpy warning on the device's stderr): `observe` leaves them out."""
+        through quietly (no numpy warning on the device's stderr): `observe` leaves them out.
+
+        Args:
+            vector: the variant's moments output, (1, 2C) or flat, C the BN channels of all layers: every
+                BN's per-channel means, then every BN's means of squares, in the order of `bns`.
+            stats: {bn name: (mean, var)} folded into the model that produced `vector`.
+
+        Returns:
+            {bn name: (E[z], E[z^2])}, float64 arrays of one value per channel.
+
+        Raises:
+            ValueError: `vector` does not hold 2C values.
+        """
         v = np.asarray(vector, np.float64).reshape(-1)
         if v.size != 2 * self._total:
             raise ValueError(f"moments output has {v.size} values, expected {2 * self._total}")
@@ -130,7 +165,20 @@ class StreamCalibrator:
     def observe(self, noisy_vector, noisy_stats, clean_vector=None, clean_stats=None) -> dict | None:
         """One calibration frame: the noisy model's moments output (and, in `shift` mode, the clean
         model's on the same frame) with the statistics each had folded in.  Returns the statistics to
-        refold when a refold is due, else None."""
+        refold when a refold is due, else None.
+
+        Args:
+            noisy_vector: the noisy model's moments output on this frame (`bn_input_moments`).
+            noisy_stats: {bn name: (mean, var)} folded into the noisy model.
+            clean_vector: `shift` mode: the clean model's moments output on the same frame; else unused.
+            clean_stats: `shift` mode: {bn name: (mean, var)} folded into the clean model.
+
+        Returns:
+            `statistics()` when this frame completes a refold, else None.
+
+        Raises:
+            ValueError: `shift` mode without `clean_vector`, or a moments vector of the wrong size.
+        """
         if self.clean is not None and clean_vector is None:
             raise ValueError("shift mode needs the clean model's moments on the same frame")
         if not self._accumulate(noisy_vector, noisy_stats, clean_vector, clean_stats):
@@ -172,11 +220,26 @@ class StreamCalibrator:
 
     def statistics(self) -> dict:
         """The calibrated statistics {bn: (mean, var)} as of the last refold (float32; the source
-        statistics for layers the warm-up has not reached)."""
+        statistics for layers the warm-up has not reached).
+
+        Returns:
+            {bn name: (mean, var)}, float32 arrays of one value per channel.
+        """
         return {bn: (np.asarray(m, np.float32), np.asarray(v, np.float32)) for bn, (m, v) in self.applied.items()}
 
     def estimate(self, bn: str) -> tuple:
-        """The current estimate of one BN layer's statistics from its accumulated moments."""
+        """The current estimate of one BN layer's statistics from its accumulated moments.
+
+        Args:
+            bn: the name of one of the variant's BN layers (`bns`).
+
+        Returns:
+            (mean, var), float32 arrays of one value per channel, var clipped at 0; the source statistics
+            before any frame.
+
+        Raises:
+            KeyError: `bn` is not one of `bns`.
+        """
         src_mean, src_var = self.source[bn]
         noisy = self.noisy[bn]
         if noisy.count == 0:
@@ -199,7 +262,12 @@ class StreamCalibrator:
         return np.asarray(mean, np.float32), np.maximum(np.asarray(var, np.float32), 0.0)
 
     def state_dict(self) -> dict:
-        """Plain numpy arrays: what `--state` saves."""
+        """Plain numpy arrays: what `--state` saves.
+
+        Returns:
+            {key: numpy array}: the mode, counters, statistics handed out and moments accumulators (keys and
+            layouts: `state_specs`).
+        """
         state = {"mode": np.array(self.mode), "stage": np.array(self.stage),
                  "since_refold": np.array(self._since_refold), "dropped_frames": np.array(self.dropped_frames),
                  "rejected_estimates": np.array(self.rejected_estimates)}
@@ -216,7 +284,11 @@ class StreamCalibrator:
 
     def state_specs(self) -> dict:
         """{key: validation.ArraySpec} of `state_dict()`: what a saved state must hold, array by array (the
-        two counters are optional: states saved before they existed load with 0)."""
+        two counters are optional: states saved before they existed load with 0).
+
+        Returns:
+            {key: `validation.ArraySpec`} (dtype kind, allowed shapes, optional).
+        """
         integer = ArraySpec("iu", ((),))
         # "since_refuse": the counter's name in states saved before "refold" became the one word for it.
         counter = ArraySpec("iu", ((),), optional=True)
@@ -233,7 +305,15 @@ class StreamCalibrator:
     def check_state_dict(self, state: dict) -> None:
         """`Invalid` unless `state` is a `state_dict()` of this calibrator's BN layers and mode: every array
         present with its dtype and shape, the statistics foldable, the accumulators finite and consistent
-        (in shift mode, a layer's noisy and clean moments count the same frames)."""
+        (in shift mode, a layer's noisy and clean moments count the same frames).
+
+        Args:
+            state: {key: array}, e.g. read from a saved state file.
+
+        Raises:
+            Invalid: the first thing found wrong (another mode, a missing, unexpected or malformed array, a
+                stage beyond the warm-up, statistics that cannot be folded, inconsistent accumulators).
+        """
         if "mode" in state and str(state["mode"]) != self.mode:
             raise Invalid(f"saved calibration state is for mode {state['mode']}, not {self.mode}")
         check_arrays(state, self.state_specs())
@@ -253,7 +333,14 @@ class StreamCalibrator:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()` after `check_state_dict`; all or nothing (a bad state raises `Invalid`
-        and leaves the calibrator as it was)."""
+        and leaves the calibrator as it was).
+
+        Args:
+            state: {key: array}, a `state_dict()` of a calibrator of the same BN layers and mode.
+
+        Raises:
+            Invalid: `state` fails `check_state_dict`.
+        """
         self.check_state_dict(state)
         applied = {bn: (np.asarray(state[f"applied/{bn}/mean"], np.float32),
                         np.asarray(state[f"applied/{bn}/var"], np.float32)) for bn in self.bns}

@@ -70,7 +70,11 @@ class CalibratedModelOptions:
     calibration: CalibrationOptions = dataclasses.field(default_factory=CalibrationOptions)
 
     def stream_options(self) -> StreamOptions:
-        """The same settings as `edge-cbn stream` options."""
+        """The same settings as `edge-cbn stream` options.
+
+        Returns:
+            The `StreamOptions` of these settings (quiet, no outputs).
+        """
         noise = self.noise
         return StreamOptions(
             num_threads=self.num_threads, max_results=self.max_results, score_threshold=self.score_threshold,
@@ -88,8 +92,11 @@ class CalibratedModel:
         engine: the stream engine to wrap (`edge-cbn stream` passes its own); built from `options` when None.
 
     Raises:
-        StreamError: noise or calibration that the bundle cannot do (no sidecar, no calibration variant).
-        ValueError: a noise level out of range.
+        StreamError: noise or calibration that the bundle cannot do (no sidecar, no calibration variant), or a
+            noise level or option out of range.
+        BadInput: the calibration variant's file cannot be used.
+        ValueError: a calibration option out of range (e.g. stages < 1, an unknown mode).
+        MissingDependency: no TFLite interpreter is installed.
     """
 
     def __init__(self, bundle, options: CalibratedModelOptions | None = None, *, engine: Engine | None = None):
@@ -111,7 +118,10 @@ class CalibratedModel:
             The model, serving its exported statistics until calibrated.
 
         Raises:
-            ModelNotFound: no such file or name.  BadInput: a file that is not a usable bundle.
+            ModelNotFound: no such file or name.
+            BadInput: a file that is not a usable bundle.
+            TypeError: an option that is not a `CalibratedModelOptions` field.
+            StreamError, ValueError: as the constructor raises them.
         """
         bundle, _ = load_model(str(path), echo=lambda *a, **k: None)
         return cls(bundle, CalibratedModelOptions(noise=noise, seed=seed, **options))
@@ -141,8 +151,8 @@ class CalibratedModel:
                 last frame's).
 
         Returns:
-            Classification: [(class id, label, probability)] best first; detection: [(box, class id,
-            label, score)]; segmentation: a class mask of the frame's size.
+            Classification: [(class id, label, probability)] best first; detection: [(class id, label,
+            score, (x1, y1, x2, y2) in frame pixels)] best first; segmentation: a class mask of the frame's size.
         """
         proc = self.engine.proc
         x, ctx = proc.preprocess(frame_bgr)
@@ -182,6 +192,10 @@ class CalibratedModel:
         """Stream mode: frame `index` (0, 1, 2, ... of a stream) served, and calibrated when its index
         says so, exactly as `edge-cbn stream` does.
 
+        Args:
+            frame_bgr: an image as OpenCV reads it (H x W x 3, uint8, BGR).
+            index: the frame's index in the stream, 0 for the first; it also draws the chip's temporal noise.
+
         Returns:
             A `FrameResult`: `.prediction`, `.latency_ms`, whether it calibrated or brought new statistics.
         """
@@ -192,8 +206,15 @@ class CalibratedModel:
         """Write the model with the statistics serving now as an exported bundle: `path` (.tflite) and its
         sidecar, each atomically; `edge-cbn stream --model PATH` serves it as is.
 
+        Args:
+            path: the `.tflite` to write (str or path); its sidecar `.cbn.npz` goes beside it.
+
         Returns:
-            `path`.
+            `path`, as a `Path`.
+
+        Raises:
+            ValueError: the bundle has no sidecar (no statistics to refold).
+            OSError: the files cannot be written there.
         """
         refolder = Refolder(self.bundle)
         stats = self.statistics

@@ -93,7 +93,22 @@ class CalibrationStatus:
 class Engine:
     """Serving model (under noise), calibration pipeline, state persistence and agreement sampling of a
     stream.  `process(frame_bgr, i)` handles stream frame `i`; `background=False` runs the calibration in
-    the serving thread (the same results, frame for frame)."""
+    the serving thread (the same results, frame for frame).
+
+    Args:
+        bundle: the exported `Bundle` to serve.
+        opts: the stream's `StreamOptions`.
+        echo: callable(message) for one-line notes (what was resumed); None: silent.
+        background: False runs the calibration in the serving thread instead of a worker thread.
+
+    Raises:
+        StreamError: noise for a bundle without its sidecar, a bad noise option or level, or --calibrate for a
+            bundle without a calibration variant.
+        BadInput: the calibration variant's file cannot be used, or --state points where it cannot be saved.
+        ValueError: a calibration option out of range (`StreamCalibrator`), or a letterboxing model that takes
+            uint8 input (`Processor`).
+        MissingDependency: no TFLite interpreter is installed.
+    """
 
     def __init__(self, bundle, opts: StreamOptions, *, echo=None, background: bool = True):
         self.bundle, self.opts = bundle, opts
@@ -162,6 +177,12 @@ class Engine:
         return serving
 
     def calibration_text(self) -> str:
+        """The calibration's state in one line, as the stream shows it.
+
+        Returns:
+            "off", "calibrated (frozen)" (resumed without calibrating), the warm-up's progress, or
+            "calibrated at frame N, tracking (K refolds)".
+        """
         if self.cal is None:
             return "calibrated (frozen)" if self.calibrated else "off"
         if not self.status.warm:
@@ -197,7 +218,19 @@ class Engine:
 
     def process(self, frame_bgr: np.ndarray, i: int) -> FrameResult:
         """Stream frame `i` (0-based in this run); every model of the frame uses the same noise frame
-        index."""
+        index.
+
+        Args:
+            frame_bgr: the frame, a BGR uint8 image (h, w, 3) of any size.
+            i: the frame's index in this run: 0, 1, 2, ... (the noise frame index adds the resumed frames).
+
+        Returns:
+            The `FrameResult`: `.prediction` (as `Processor.postprocess`), `.latency_ms`, `.calibrating`,
+            `.refolded` and the agreement `.sample` (None on frames not sampled).
+
+        Raises:
+            Exception: what the calibration worker raised, re-raised at the frame its result is due.
+        """
         t = time.perf_counter()
         if self._t0 is None:
             self._t0 = t
@@ -264,7 +297,14 @@ class Engine:
 
     # ------------------------------------------------------------------------------------- save, close
     def save(self, frames_done: int) -> None:
-        """Save now (at exit): waits for the calibration worker, then for the write."""
+        """Save now (at exit): waits for the calibration worker, then for the write.
+
+        Args:
+            frames_done: the frames processed in this run (the saved frame count adds the resumed ones).
+
+        Raises:
+            Exception: what the calibration worker raised, re-raised while waiting for it.
+        """
         if self.pipeline is not None:
             self.pipeline.drain()
         if self.persistence is not None and self.persistence.saver is not None:
@@ -272,9 +312,19 @@ class Engine:
             self.persistence.flush()
 
     def agreement_summary(self, frames_total: int) -> dict:
+        """The summary's agreement with the clean model (`agreement.agreement_summary`).
+
+        Args:
+            frames_total: the frames of the run; samples of its second half count.
+
+        Returns:
+            {"agreement_metric", "agreement_samples", "agreement_before", "agreement_after"}: the means in %,
+            None without samples.
+        """
         return agreement_summary(self.task, self.agreement, frames_total)
 
     def close(self) -> None:
+        """Stop the calibration worker and the state saver."""
         if self.pipeline is not None:
             self.pipeline.close()
         if self.persistence is not None:

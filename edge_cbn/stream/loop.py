@@ -16,7 +16,18 @@ from .outputs import Outputs, describe, draw_prediction, log_fields
 
 
 class StreamLoop:
-    """Drive `source` through `engine` into the outputs `opts` asks for; `run()` returns the summary."""
+    """Drive `source` through `engine` into the outputs `opts` asks for; `run()` returns the summary.
+
+    Args:
+        engine: the stream's `Engine`.
+        source: a frame source (`edge_cbn.stream.sources`): `read()` gives BGR uint8 frames, None at the end;
+            `fps` (a hint, or None) and `name`.
+        opts: the stream's `StreamOptions` (outputs, --frames, progress lines).
+        model_name: the model's name in the summary and the preview's status.
+        stop: a `threading.Event` that ends the loop after the frame in hand; None: a new one (`.stop`).
+        echo: callable(message) for progress lines; None: stderr.
+        until: optional callable; the loop ends once it returns True (benchmarks).
+    """
 
     def __init__(self, engine: Engine, source, opts: StreamOptions, *, model_name: str, stop=None, echo=None,
                  until=None):
@@ -29,6 +40,15 @@ class StreamLoop:
         self._start = time.perf_counter()  # of the first frame: the log's "t"
 
     def run(self) -> dict:
+        """Stream until the source ends, --frames, `stop`, `until` or the user quits; then save, close the
+        engine and the outputs, and summarise.  An error of the source or the engine propagates after that.
+
+        Returns:
+            The summary (`summary`), also written to the log.
+
+        Raises:
+            StreamError: an output cannot be opened (--serve, --log) or written (--record).
+        """
         outputs, frames, latency_sum = None, 0, 0.0
         start = time.perf_counter()
         try:
@@ -60,6 +80,12 @@ class StreamLoop:
             self.until and self.until())
 
     def draw(self, frame, result) -> None:
+        """Draw the prediction and the overlay (fps, noise, calibration) onto `frame`.
+
+        Args:
+            frame: the BGR uint8 frame, drawn on in place.
+            result: its `FrameResult`.
+        """
         e = self.engine
         draw_prediction(frame, e.task, result.prediction, e.proc.labels)
         progress, label = None, ""
@@ -69,6 +95,16 @@ class StreamLoop:
         overlay.draw_hud(frame, self.fps.fps, e.noise_text, progress, label)
 
     def log_line(self, frame_index: int, result) -> dict:
+        """One frame's line of the JSON log (--log).
+
+        Args:
+            frame_index: the frame's index in this run, 0-based.
+            result: its `FrameResult`.
+
+        Returns:
+            {"frame", "t" (seconds since the first frame), "latency_ms", "calibrating", "refolds", the
+            prediction's fields}, with "progress" when calibrating and "agreement" on sampled frames.
+        """
         e = self.engine
         line = {"frame": frame_index, "t": round(time.perf_counter() - self._start, 3),
                 "latency_ms": round(result.latency_ms, 3), "calibrating": result.calibrating,
@@ -80,12 +116,28 @@ class StreamLoop:
         return line
 
     def report(self, frames: int, result) -> None:
+        """One progress line through `echo`.
+
+        Args:
+            frames: the frames done.
+            result: the latest frame's `FrameResult`.
+        """
         e = self.engine
         cal = f"  calibration {e.calibration_text()}" if e.cal else ""
         self.echo(f"frames {frames}  fps {self.fps.fps:.1f}{cal}  refolds {e.refolds}  "
                   f"{describe(e.task, result.prediction)}")
 
     def status(self, frames, result) -> dict:
+        """The stream's status for the browser preview (its /status JSON).
+
+        Args:
+            frames: the frames done.
+            result: the latest frame's `FrameResult` (None before the first).
+
+        Returns:
+            {"model", "task", "source", "fps", "frames", "noise", "calibration", "calibration_progress",
+            "calibrated_at_frame", "calibrated_at_seconds", "noise_states", "refolds", "latency_ms", "result"}.
+        """
         e = self.engine
         return {"model": self.model_name, "task": e.task, "source": self.source.name,
                 "fps": round(self.fps.fps, 2), "frames": frames, "noise": e.noise_text,
@@ -98,12 +150,29 @@ class StreamLoop:
 
     def calibrated_at(self) -> dict:
         """The frame (of this run) and the second of the stream at which the warm-up's statistics began to
-        serve; None while warming up (and both 0 when resumed warm)."""
+        serve; None while warming up (and both 0 when resumed warm).
+
+        Returns:
+            {"calibrated_at_frame": int or None, "calibrated_at_seconds": float or None}.
+        """
         s = self.engine.status
         return {"calibrated_at_frame": s.calibrated_frame, "calibrated_at_seconds": s.calibrated_seconds}
 
     def finish(self, frames, elapsed, latency_sum, outputs) -> dict:
-        """Save the state, close the engine and the outputs, and write the summary to the log."""
+        """Save the state, close the engine and the outputs, and write the summary to the log.
+
+        Args:
+            frames: the frames processed.
+            elapsed: the run's duration, seconds.
+            latency_sum: the sum of the frames' latencies, ms.
+            outputs: the `Outputs` to close (None: none were opened).
+
+        Returns:
+            The summary (`summary`).
+
+        Raises:
+            Exception: what `Engine.save` raised (a calibration worker's error), after everything is closed.
+        """
         summary = None
         try:
             self.engine.save(frames)
@@ -116,6 +185,17 @@ class StreamLoop:
         return summary
 
     def summary(self, frames, elapsed, latency_sum) -> dict:
+        """The run's summary, as the command prints it and the log's last line holds it.
+
+        Args:
+            frames: the frames processed.
+            elapsed: the run's duration, seconds.
+            latency_sum: the sum of the frames' latencies, ms.
+
+        Returns:
+            {"frames", "fps", "seconds", "latency_ms" (mean), "refolds", "calibrated", "rollbacks", the
+            agreement figures, the calibration's state, counters and setup, the model, task and source}.
+        """
         e, opts = self.engine, self.opts
         return {"frames": frames, "fps": round(frames / elapsed, 2) if elapsed > 0 and frames else 0.0,
                 "seconds": round(elapsed, 2),

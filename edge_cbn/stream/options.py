@@ -11,7 +11,36 @@ from ..runtime.stream_calibrator import DEFAULTS as CALIBRATION_DEFAULTS
 @dataclasses.dataclass
 class StreamOptions:
     """Everything the stream's engine and loop can be told (defaults = the command's defaults); the
-    command's flags of the same names fill it."""
+    command's flags of the same names fill it.
+
+    Attributes:
+        num_threads: LiteRT threads (None: LiteRT's default).
+        max_results: classification: the classes shown.
+        score_threshold: detection: the lowest score shown.
+        noise: the noise preset (`noise.PRESETS`); "none" runs clean.
+        eta: the noise level η0 (unused without noise).
+        seed: the chip's seed.
+        noise_options: `make_noise` keywords (--noise-option KEY=VALUE).
+        noise_states: temporal-noise states served in turn (0: exact per-frame noise).
+        calibrate: re-estimate the BN statistics on the stream; None: when noise is on.
+        mode: the calibration mode: "shift", "absolute" or "prior".
+        window: the moments' window in calibration frames (cumulative average, then an EMA).
+        refold_every: warm-up: calibration frames per stage.
+        stages: warm-up stages, depth first (capped at the number of BN layers).
+        track_every: after the warm-up, refold every N calibration frames.
+        calibrate_every: every N-th frame calibrates through the warm-up (less often after it).
+        agreement_every: compare with the clean model every N-th frame (0: never; only with noise).
+        state: the calibration state file (--state) to resume from and save to; None: none.
+        save_interval: save after a refold at most every this many seconds (0: after every refold); always at exit.
+        frames: stop after this many frames (None: at the source's end).
+        headless: no window.
+        record: an .mp4 to write the annotated frames to (None: none).
+        serve: the browser preview's port (None: no preview).
+        host: the preview's address.
+        log: a JSON-lines log file (None: none).
+        quiet: no progress lines.
+        progress_every: seconds between progress lines.
+    """
     num_threads: int | None = None
     max_results: int = 3
     score_threshold: float = 0.25
@@ -41,15 +70,32 @@ class StreamOptions:
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "StreamOptions":
-        """The options among a command's parameters (same names), then `overrides`."""
+        """The options among a command's parameters (same names), then `overrides`.
+
+        Args:
+            params: the command's parameters {name: value}; names that are no field are left out.
+            **overrides: field values that replace those of `params`.
+
+        Returns:
+            The `StreamOptions`.
+
+        Raises:
+            TypeError: an override that is not a field.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{**{k: v for k, v in params.items() if k in names}, **overrides})
 
     @property
     def noise_on(self) -> bool:
+        """True unless `noise` is "none"."""
         return self.noise != "none"
 
     def calibrator_options(self) -> dict:
+        """The `StreamCalibrator` keywords among the options.
+
+        Returns:
+            {"mode", "window", "refold_every", "stages", "track_every"}.
+        """
         return dict(mode=self.mode, window=self.window, refold_every=self.refold_every, stages=self.stages,
                     track_every=self.track_every)
 
