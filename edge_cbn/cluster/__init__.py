@@ -12,14 +12,13 @@ each result to `on_done(unit, result)` in the driver, which may return follow-up
 evaluation shards).  Nothing a worker receives is a TensorFlow object: bytes, numpy arrays, JSON text."""
 from __future__ import annotations
 
+from .local import LocalPool
+from .ray_pool import RayPool
+
 
 def make_pool(workers: int | None = None, ray_address: str | None = None, *, retries: int = 3):
     """`RayPool(ray_address)` when an address is given (`auto`: the cluster this machine belongs to), else
     `LocalPool(workers)`."""
     if ray_address:
-        from .ray_pool import RayPool
-
         return RayPool(ray_address, retries=retries)
-    from .local import LocalPool
-
     return LocalPool(workers or 1, retries=retries)

@@ -37,7 +37,7 @@ class LocalRayCluster:
                                 start_new_session=True)
 
     def start(self) -> str:
-        import ray
+        import ray  # lazy: Ray is optional (the [cluster] extra)
 
         self.temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths live under it
         port = self.address.rsplit(":", 1)[1]
@@ -69,7 +69,7 @@ class LocalRayCluster:
 
     def stop(self) -> None:
         """Disconnect, then SIGTERM each node's `ray start --block` (SIGKILL to its group if it lingers)."""
-        import ray
+        import ray  # lazy: Ray is optional (the [cluster] extra)
 
         if ray.is_initialized():
             ray.shutdown()

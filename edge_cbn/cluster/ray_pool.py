@@ -16,7 +16,7 @@ def _call(fn: Callable, key: str, boxed_ref: list, unit):
     """The task body: the shared value from the object store once per worker process (the ref is boxed in
     a list so that Ray does not fetch it for every task), then the unit."""
     if not shared.installed(key):
-        import ray
+        import ray  # lazy: Ray is optional (the [cluster] extra)
 
         shared.install(key, ray.get(boxed_ref[0]))
     return fn(shared.value(key), unit)
@@ -24,6 +24,7 @@ def _call(fn: Callable, key: str, boxed_ref: list, unit):
 
 class RayPool:
     def __init__(self, address: str, *, retries: int = 3):
+        # lazy: Ray is optional (the [cluster] extra)
         import ray  # without it: ModuleNotFoundError('ray'), one line naming the extra at the CLI
         self.ray, self.address, self.retries = ray, address, retries
         if not ray.is_initialized():  # a driver that is connected already (a test) stays so

@@ -48,7 +48,7 @@ class BatchMoments:
     """`moments(batch)` -> [ChannelMoments per BN of `bns`] of `model` in train mode on `batch`."""
 
     def __init__(self, model, bns):
-        from .tf_import import tf
+        from .tf_import import tf  # lazy: TensorFlow, only when a calibration runs
 
         self.model, self.bns = model, list(bns)
         order = {id(bn): k for k, bn in enumerate(self.bns)}

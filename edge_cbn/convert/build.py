@@ -47,7 +47,7 @@ def build_model(name: str, weights: str | None = None, *, input_size=None, num_c
 def export_model(spec, model, out, *, quiet=True) -> Path:
     """Fold BN and export `model` (registered as `spec`) to `out` (.tflite) with its sidecar and
     calibration variant."""
-    from .export import export
+    from .export import export  # lazy: TensorFlow (the converter), only when exporting
 
     labels = list(spec.labels) if isinstance(spec.labels, tuple) else load_labels(spec.labels)
     if model.output_shape[-1] != len(labels) and spec.task != "detection":

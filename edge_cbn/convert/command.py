@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import click
 
+from ..cluster import make_pool
 from ..options import noise_flags, noise_options, verbose_option
 from ..runtime.errors import BadInput
+from . import models as zoo
 from .build import MissingWeights, build_model, export_model
+from .offline_calibration import calibrate_on_images, image_files
+from .parallel_calibration import calibrate_in_parallel
 
 
 @click.command("convert")
@@ -70,8 +74,6 @@ def main(model_name, weights, out, input_size, num_classes, random_weights, cali
 def calibrate(spec, model, calib_dir, *, quiet, max_images, workers=None, ray_address=None, **settings) -> None:
     """Algorithm 1 on the folder's images with a progress bar, in this process or on workers
     (`parallel_calibration`); problems as one line."""
-    from .offline_calibration import calibrate_on_images, image_files
-
     try:
         files = image_files(calib_dir, max_images)
     except ValueError as e:
@@ -81,9 +83,6 @@ def calibrate(spec, model, calib_dir, *, quiet, max_images, workers=None, ray_ad
     with click.progressbar(length=len(files), label=label, hidden=quiet) as bar:
         try:
             if workers or ray_address:
-                from ..cluster import make_pool
-                from .parallel_calibration import calibrate_in_parallel
-
                 calibrate_in_parallel(model, files, make_pool(workers, ray_address), preprocess=spec.preprocess,
                                       progress=bar.update, **settings)
             else:
@@ -95,8 +94,6 @@ def calibrate(spec, model, calib_dir, *, quiet, max_images, workers=None, ray_ad
 @click.command("models")
 def models():
     """List the registered models: input size, task, parameters, weight file."""
-    from . import models as zoo
-
     click.echo(f"{'name':<20} {'input':>5}  {'task':<14} {'params':>8}  published weights")
     for name in zoo.names():
         spec = zoo.get_spec(name)

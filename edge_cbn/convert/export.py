@@ -16,7 +16,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from .tf_import import keras
+from .tf_import import keras, tf
 import numpy as np
 import tflite
 
@@ -138,8 +138,6 @@ class _DropDeprecationNote(logging.Filter):
 def convert_keras(model, input_hw: tuple[int, int] | None = None) -> bytes:
     """Float32 TFLite flatbuffer of `model` with a fixed (1, H, W, C) input of the model's input dtype
     (no BN folding here)."""
-    from .tf_import import tf
-
     h, w = input_hw or model.input_shape[1:3]
     if h is None or w is None:
         raise ValueError("the model has a free spatial input size: pass input_size")

@@ -11,7 +11,7 @@ def model_spec(model) -> tuple:
 
 def model_from_spec(spec: tuple):
     """The Keras model of `model_spec`."""
-    from .tf_import import keras
+    from .tf_import import keras  # lazy: TensorFlow, only when a model is rebuilt from its spec
 
     architecture, weights = spec
     model = keras.models.model_from_json(architecture)

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
+import cv2
 import numpy as np
 
 from ..runtime.moments import BatchStatsTracker
@@ -165,8 +166,6 @@ def image_files(directory, max_images=None) -> list[Path]:
 def image_batches(files, preprocess: dict, input_size: int, batch_size: int):
     """Batches of normalised NHWC float32 images, resized (squashed) to the model input as the runtime
     does; an unreadable image is an OSError naming it."""
-    import cv2
-
     def load(path):
         bgr = read_image(path)  # a regular file, within the pixel bound
         if bgr is None:

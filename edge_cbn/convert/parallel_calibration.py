@@ -24,6 +24,7 @@ import math
 from ..cluster import shared
 from ..runtime.moments import EMA, BatchStatsTracker
 from ..runtime.noise import make_noise
+from .batch_moments import BatchMoments
 from .model_transfer import model_from_spec, model_spec
 from .offline_calibration import accumulate_bn, bn_layers, image_batches, keras_noise_targets, set_bn_statistics
 
@@ -76,8 +77,6 @@ def run_batches(payload: CalibrationPayload, run: BatchRun) -> dict:
 
 
 def batch_moments(model):
-    from .batch_moments import BatchMoments
-
     return BatchMoments(model, bn_layers(model))
 
 

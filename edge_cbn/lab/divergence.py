@@ -38,6 +38,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..convert import models as zoo
+from ..convert.offline_calibration import bn_layers, keras_noise_targets, set_kernels
 from ..options import model_option, noise_flags, noise_options, num_threads_option, verbose_option
 from ..runtime.bundle import load_bundle
 from ..runtime.device_calibration import DeviceCalibration
@@ -45,8 +47,10 @@ from ..runtime.errors import BadInput
 from ..runtime.noise import make_noise
 from ..runtime.noisy_model import noise_targets
 from ..runtime.processing import Processor, model_input, normalise
+from ..stream.resolve import resolve_model
 from .evaluate import datasets
 from .evaluate.command import EVAL_FRAME0, calibrator_flags, crops
+from .evaluate.labelled import frame_of
 from .scenes.photos import PHOTO_SETS
 
 CSV_FIELDS = ("layer", "kl_uncal", "kl_cal", "js_uncal", "js_cal", "ratio")
@@ -115,8 +119,6 @@ def keras_model_of(bundle):
     """The Keras model behind `bundle`: its registered architecture (meta "model") at the bundle's input
     size, holding the bundle's own unfolded kernels, biases and BN parameters, so that an export of other
     weights is measured as it is."""
-    from ..convert import models as zoo
-
     labels = bundle.meta.get("labels") or []
     try:
         model = zoo.build(bundle.meta.get("model", ""), input_size=bundle.input_size[0],
@@ -136,7 +138,7 @@ def keras_model_of(bundle):
 
 def bn_input_probe(model, bns):
     """A Keras model with the same layers whose outputs are the inputs of `bns`, in order."""
-    import keras
+    import keras  # lazy: TensorFlow/Keras, only when a measurement runs
 
     return keras.Model(model.inputs, [bn.input for bn in bns], name="bn_inputs")
 
@@ -221,8 +223,6 @@ def measure(bundle, model, eval_x: np.ndarray, cal_inputs, setting: Setting, pro
     """Per BN layer (graph order) {layer, kl_uncal, kl_cal, js_uncal, js_cal, ratio} on the evaluation
     inputs `eval_x` (device inputs, N×H×W×3), calibrating on `cal_inputs`; `model` (the Keras model of
     `bundle`) is left as it came."""
-    from ..convert.offline_calibration import bn_layers, keras_noise_targets, set_kernels
-
     bns = bn_layers(model)
     probe = bn_input_probe(model, bns)
     source_kernels = {name: k for name, (_, k) in keras_noise_targets(model).items()}
@@ -255,8 +255,6 @@ def measure(bundle, model, eval_x: np.ndarray, cal_inputs, setting: Setting, pro
 
 def folder_inputs(bundle, files) -> np.ndarray:
     """The device inputs of image files (the stream's preprocessing), stacked N×H×W×3."""
-    from .evaluate.labelled import frame_of
-
     processor = Processor(bundle)
     return np.concatenate([processor.preprocess(frame_of(f))[0] for f in files])
 
@@ -297,15 +295,16 @@ def plot(rows: list[dict], title: str, path) -> Path | None:
     """The paper's Fig. 1: (a) KL and (b) JS per BN layer, uncalibrated (green) and calibrated (blue) bars,
     their ratio (red line, right axis); None (and one warning) without matplotlib."""
     try:
+        # lazy: matplotlib is optional (the [eval] extra), only for the PNG
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: after the backend is chosen
     except ImportError:
         click.echo("warning: matplotlib is not installed, no PNG (pip install 'edge-cbn[eval]')", err=True)
         return None
     x = np.arange(1, len(rows) + 1)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib, as above
 
     width = max(8.0, 0.22 * len(rows) + 3)
     fig, axes = plt.subplots(2, 1, figsize=(width, 7.5))
@@ -401,8 +400,6 @@ def main(model, noise, eta, seed, noise_option, data, limit, photo_set, calib_di
     divergence shows what calibrating those did (the first BN's input is the same either way).  Writes a
     CSV and a PNG (bars and ratio line, matplotlib) to --out, prints a summary and ends with one JSON line.
     Needs TensorFlow."""
-    from ..stream.resolve import resolve_model
-
     bundle = load_bundle(resolve_model(model, echo=lambda *a, **k: click.echo(*a, err=True)))
     setting = Setting(noise, eta, seed, noise_options(noise, noise_option),
                       dict(mode=mode, window=window, refold_every=refold_every, stages=stages, shrink=shrink,

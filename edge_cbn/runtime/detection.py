@@ -7,6 +7,7 @@ Decoding follows darknet's `[yolo]` layer: a map `(1, H, W, A*(5+C))` holds, per
 (anchors in input pixels), score `sigmoid(obj) * sigmoid(class)`."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 PAD_VALUE = 127.5  # darknet letterboxes with 0.5 grey
@@ -81,8 +82,6 @@ def nms(boxes, scores, class_ids, iou_threshold: float = 0.45, max_candidates: i
 def letterbox(image_rgb: np.ndarray, size):
     """Resize keeping aspect ratio into a `size` (int or (h, w)) canvas of 127.5 grey, centred as darknet
     does.  Returns (float32 canvas in pixel units, scale, (pad_x, pad_y))."""
-    import cv2
-
     out_h, out_w = (size, size) if np.isscalar(size) else size
     h, w = image_rgb.shape[:2]
     scale = min(out_w / w, out_h / h)

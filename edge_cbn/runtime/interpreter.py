@@ -24,15 +24,15 @@ def interpreter_class():
     global _INTERPRETER_CLS
     if _INTERPRETER_CLS is None:
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            from ai_edge_litert.interpreter import Interpreter  # lazy: LiteRT, only once a model is run
         except ImportError:
             try:
-                from tflite_runtime.interpreter import Interpreter
+                from tflite_runtime.interpreter import Interpreter  # lazy: LiteRT's armv7l build, as above
             except ImportError:
                 if "tensorflow" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
                     raise MissingDependency("a TFLite interpreter", "pip install ai-edge-litert "
                                             "(x86_64/aarch64) or tflite-runtime (armv7l)") from None
-                import tensorflow as tf
+                import tensorflow as tf  # lazy: TensorFlow, the last resort (never on a device install)
                 Interpreter = tf.lite.Interpreter
         _INTERPRETER_CLS = Interpreter
     return _INTERPRETER_CLS

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import overlay
 from .options import StreamError, StreamOptions, warn
+from .preview import PreviewServer
 
 
 def describe(task: str, pred) -> str:
@@ -97,7 +98,6 @@ class Outputs:
         self.recorder = Recorder(opts.record, fps_hint) if opts.record else None
         self.preview = self.log = None
         if opts.serve is not None:
-            from .preview import PreviewServer
             try:
                 self.preview = PreviewServer(opts.host, opts.serve)
             except OSError as err:

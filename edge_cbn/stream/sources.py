@@ -36,6 +36,7 @@ import numpy as np
 
 from ..runtime.errors import BadInput
 from ..runtime.images import read_image
+from .sample import sample_path
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +503,5 @@ def open_source(camera: Union[int, str, None] = None, video: Union[str, os.PathL
     if images is not None:
         return ImageDirSource(images, loop=loop)
     if video is None:
-        from .sample import sample_path
-
         video = sample_path()
     return VideoSource(video, loop=loop, realtime=realtime)

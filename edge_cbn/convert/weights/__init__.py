@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import importlib
 
+from ..models import ignored_prefixes
+from . import torch_pickle
 from .assign import WeightMismatch, assign_state_dict
 from .checks import MismatchedWeightFile
+from .darknet import assign_darknet
 
 
 def default_weights(spec) -> str | None:
@@ -24,11 +27,8 @@ def load_weights(model, spec, path) -> None:
     """Fill `model` (built from `spec`) from the weight file at `path`; raises BadInput naming the file
     and the tensor or global at fault."""
     if spec.weights_format == "darknet":
-        from .darknet import assign_darknet
         assign_darknet(model, path)
         return
-    from . import torch_pickle
-    from ..models import ignored_prefixes
     # The model's float32 parameter bytes widen the reader's memory budget beyond the file's own size.
     state = torch_pickle.load(path, expected_bytes=4 * model.count_params())
     try:

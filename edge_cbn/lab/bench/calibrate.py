@@ -15,17 +15,20 @@ import sys
 import tempfile
 import time
 
+import cv2
 import numpy as np
 
+from ...convert import models as zoo
+from ...convert.offline_calibration import (bn_layers, calibrate_bn, calibrate_on_images, image_batches,
+                                            keras_noise_targets, set_kernels)
+from ...runtime.noise import make_noise
+from ..scenes.photos import load_photos, random_crops
 from .timing import peak_rss_mb, random_model
 from .statistics import relative_difference
 
+
 def write_images(folder, n: int, size: int = 256, seed: int = 0) -> list[str]:
     """`n` JPEG crops of the photos the data extra ships (the same files for every run)."""
-    import cv2
-
-    from ..scenes.photos import load_photos, random_crops
-
     crops, _ = random_crops(load_photos("natural"), n, size, seed=seed)
     paths = []
     for i, rgb in enumerate(crops):
@@ -53,13 +56,10 @@ class BatchTimer:
 
 
 def edge_cbn_side(model_name, files, batch_size, threads, noise, eta) -> dict:
-    from ...convert.tf_import import tf
+    from ...convert.tf_import import tf  # lazy: TensorFlow, only in the edge-cbn child process
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    from ...convert import models as zoo
-    from ...convert.offline_calibration import calibrate_on_images
-
     spec, model = zoo.get_spec(model_name), random_model(model_name)
     timer = BatchTimer()
     calibrate_on_images(spec, model, files, noise=noise, eta=eta, batch_size=batch_size, progress=timer.tick)
@@ -69,8 +69,7 @@ def edge_cbn_side(model_name, files, batch_size, threads, noise, eta) -> dict:
 def float64_statistics(model, batch) -> dict:
     """Train-mode BN input statistics the slow way, the path before the in-graph reduction: every
     activation comes back and is reduced in float64 numpy.  {bn: (mean, unbiased var)}."""
-    from ...convert.offline_calibration import bn_layers
-    from ...convert.tf_import import keras
+    from ...convert.tf_import import keras  # lazy: TensorFlow, only in the check child process
 
     bns = bn_layers(model)
     probe = keras.Model(model.inputs, [bn.input for bn in bns])
@@ -83,10 +82,6 @@ def float64_statistics(model, batch) -> dict:
 
 def check_side(model_name, files, batch_size, noise, eta) -> dict:
     """The fast path's statistics of the first batch against `float64_statistics`, same noise draw."""
-    from ...convert import models as zoo
-    from ...convert.offline_calibration import calibrate_bn, image_batches, keras_noise_targets, set_kernels
-    from ...runtime.noise import make_noise
-
     spec, model = zoo.get_spec(model_name), random_model(model_name)
     batch = next(image_batches(files, spec.preprocess, spec.input_size, batch_size))
     chip = make_noise(noise, eta, 0).instantiate(keras_noise_targets(model))
@@ -96,11 +91,8 @@ def check_side(model_name, files, batch_size, noise, eta) -> dict:
 
 
 def torch_side(model_name, files, batch_size, threads) -> dict:
-    import torch
-    import torchvision
-
-    from ...convert import models as zoo
-    from ...convert.offline_calibration import image_batches
+    import torch  # lazy: torch, only in the torch child process (--torch-python)
+    import torchvision  # lazy: likewise
 
     torch.set_num_threads(threads)
     model = getattr(torchvision.models, model_name)(weights=None)  # the zoo uses torchvision's names

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import copy
 import sys
+import tempfile
 import time
 
 import click
 import numpy as np
 
+from ...convert import models as zoo
 from ...options import model_option, noise_flags, num_threads_option, verbose_option
-from ...runtime.interpreter import available_cpus
+from ...runtime.interpreter import available_cpus, make_interpreter
+from .calibrate import bench_calibrate as measure
+from .converge import run
+from .refold import refold_figures
+from .soak import print_soak, soak
+from .stream import StreamBench
+from .sweep import TABLES, print_summary, run_bench
 from .timing import emit, invoke_fn, random_model, time_per_call
 
 
@@ -28,9 +36,7 @@ def bench():
 def bench_models(names, num_threads, input_size):
     """Per model: Keras ms/frame, TFLite (LiteRT) ms/frame and TFLiteConverter seconds, batch size 1,
     random weights (timings do not depend on the weight values)."""
-    from ...convert import models as zoo
-    from ...convert.export import convert_keras, fold_model
-    from ...runtime.interpreter import make_interpreter
+    from ...convert.export import convert_keras, fold_model  # lazy: TensorFlow, only for `bench models`
 
     rows = {}
     click.echo(f"{'model':<20} {'input':>5} {'keras ms':>9} {'tflite ms':>9} {'convert s':>9}")
@@ -70,8 +76,6 @@ def bench_stream(model, num_threads, frames, noise, eta, rounds, memory_frames, 
     invoke, the clean stream, the noisy stream (pooled and exact temporal noise), and calibrating over the
     warm-up and tracking after it, flat out and at a camera's rate; plus the per-frame cost of exact noise,
     the cost of one refold and the peak RSS per configuration."""
-    from .stream import StreamBench
-
     StreamBench(model, num_threads, frames, noise, eta, rounds, camera_fps or None).run(memory_frames)
 
 
@@ -94,8 +98,6 @@ def bench_converge(model, frames, agreement_every, presets, check, stream_args):
     \b
     edge-cbn bench converge
     edge-cbn bench converge --frames 1000 --no-check -- --calibrate-every 8 --stages 16"""
-    from .converge import run
-
     try:
         settings = [(p, float(e)) for p, _, e in (item.partition(":") for item in presets.split(","))]
     except ValueError:
@@ -116,8 +118,6 @@ def bench_soak(frames, every, warmup, stream_args):
 
     \b
     edge-cbn bench soak --frames 100000 -- --noise relative --eta 0.05"""
-    from .soak import print_soak, soak
-
     args = list(stream_args) or ["--noise", "relative", "--eta", "0.05"]
     print_soak(soak(args, frames, every, frames // 5 if warmup is None else warmup))
 
@@ -131,10 +131,6 @@ def bench_refold(names, num_threads):
     buffers, no TensorFlow) against reconversion (statistics set in Keras, fold_model + TFLiteConverter).
     Both produce model bytes; building an interpreter from them (XNNPACK packs the weights) costs the
     same after either and is reported beside them, with one invoke for scale."""
-    import tempfile
-
-    from .refold import refold_figures
-
     rows = {}
     click.echo(f"{'model':<20} {'refold ms':>10} {'reconvert s':>12} {'ratio':>8} {'build ms':>9} {'invoke ms':>10}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,8 +162,6 @@ def bench_calibrate(names, images, batch_size, large_batch, num_threads, noise, 
     """Offline calibration (Algorithm 1) per model against torch's update_bn on the torchvision model of
     the same architecture: the same images, threads and batch size; steady-state images/s, their ratio,
     and peak RSS at --batch-size and --large-batch.  Each run is a fresh process."""
-    from .calibrate import bench_calibrate as measure
-
     result = measure([n for n in names.split(",") if n], images, batch_size, large_batch, num_threads, noise, eta,
                      torch_python, echo=lambda msg: click.echo(msg, err=True))
     click.echo(f"{'model':<16} {'edge-cbn img/s':>14} {'torch img/s':>12} {'ratio':>6} "
@@ -199,8 +193,6 @@ def bench_sweep(model, images, seeds, noise, cal_frames, shard_size, rounds, ray
     two-node local Ray cluster (1 CPU a node), side by side, each a fresh process: wall times, speedups,
     per-image costs; then per-image costs of the paper's models and the projected CPU-hours and wall time
     of its Table 1 and Table 2 sweeps (docs/BENCHMARKS.md)."""
-    from .sweep import TABLES, print_summary, run_bench
-
     tables = [t for t in project.split(",") if t]
     unknown = [t for t in tables if t not in TABLES]
     if unknown:

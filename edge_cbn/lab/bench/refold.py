@@ -5,17 +5,17 @@ import itertools
 
 import numpy as np
 
+from ...convert import models as zoo
+from ...runtime.bundle import load_bundle
+from ...runtime.interpreter import make_interpreter
+from ...runtime.refold import Refolder
 from .timing import invoke_fn, perturbed_stats, random_model, time_per_call
 
 
 def refold_figures(name: str, tmp: str, num_threads: int) -> dict:
     """Refold, reconvert, interpreter build and invoke times of registered model `name` (random
     weights), exported into folder `tmp`."""
-    from ...convert import models as zoo
-    from ...convert.export import convert_keras, export, fold_model
-    from ...runtime.bundle import load_bundle
-    from ...runtime.interpreter import make_interpreter
-    from ...runtime.refold import Refolder
+    from ...convert.export import convert_keras, export, fold_model  # lazy: TensorFlow (the converter)
 
     spec, model = zoo.get_spec(name), random_model(name)
     bundle = load_bundle(export(model, f"{tmp}/{name}.tflite", name=name, task=spec.task,

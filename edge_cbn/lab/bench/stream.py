@@ -12,7 +12,7 @@ import click
 import numpy as np
 
 from ...runtime.device_calibration import DeviceCalibration
-from ...runtime.interpreter import make_interpreter
+from ...runtime.interpreter import interpreter_class, make_interpreter
 from ...runtime.noise import make_noise
 from ...runtime.noisy_model import NoisyModel, noise_targets
 from ...runtime.processing import Processor
@@ -229,10 +229,8 @@ def _sample_frames(camera_fps: float | None):
 def _no_xnnpack_invoke_ms(model_bytes, x, num_threads):
     """Invoke time with the builtin kernels only, which read weights in place (so a live buffer patch
     would need no rebuild); None where the interpreter has no such option."""
-    from ...runtime.interpreter import interpreter_class
-
     try:
-        from ai_edge_litert.interpreter import OpResolverType
+        from ai_edge_litert.interpreter import OpResolverType  # lazy: LiteRT is optional (None without it)
     except ImportError:
         return None
     it = interpreter_class()(model_content=bytes(model_bytes), num_threads=num_threads,

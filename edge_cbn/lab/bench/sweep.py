@@ -14,6 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from ...cluster.local_ray import LocalRayCluster
+from ..evaluate.datasets import imagenet_wnids
+from . import sweep_projection
 from .calibrate import write_images
 
 TABLES = {  # the paper's sweeps: images, noise levels, methods (original, offline, stream-calibrated)
@@ -27,8 +30,6 @@ OFFLINE_BATCH = {"classification": 32, "detection": 8}  # the timing batch (per-
 def synthetic_imagenet(root: Path, images: int, calibration: int, classes: int = 10, side: int = 400) -> tuple:
     """(val folder, calibration folder): JPEG crops of the bundled photos, `images` of them spread over the
     first `classes` ImageNet wnids (so `evaluate classification` reads them as it reads ImageNet's val)."""
-    from ..evaluate.datasets import imagenet_wnids
-
     wnids = imagenet_wnids()[:classes]
     for k, wnid in enumerate(wnids):
         (root / "val" / wnid).mkdir(parents=True, exist_ok=True)
@@ -75,8 +76,6 @@ def measure_speedups(model: str, val: Path, cal: Path, work: Path, *, seeds: str
     one when None), in `rounds` rounds of alternating order (1, 2, Ray, then Ray, 2, 1, …) so that a change
     of the shared machine's load falls on every configuration; {configuration: [runs]}."""
     if ray_address is None:
-        from ...cluster.local_ray import LocalRayCluster
-
         with LocalRayCluster(nodes=2, cpus_per_node=1) as address:
             return measure_speedups(model, val, cal, work, seeds=seeds, noise=noise, cal_frames=cal_frames,
                                     shard_size=shard_size, rounds=rounds, ray_address=address, echo=echo)
@@ -101,8 +100,6 @@ def same_metrics(runs: dict) -> bool:
 def run_bench(model: str, *, images: int, seeds: str, noise: str, cal_frames: int, shard_size: int, rounds: int,
               ray_address: str | None, project: list[str], echo) -> dict:
     """Every figure of `edge-cbn bench sweep` (see the module docstring)."""
-    from . import sweep_projection
-
     with tempfile.TemporaryDirectory(prefix="edge-cbn-bench-sweep-") as tmp:
         work = Path(tmp)
         val, cal = synthetic_imagenet(work / "data", images, max(cal_frames, 16))

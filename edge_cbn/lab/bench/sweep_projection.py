@@ -15,8 +15,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ...convert.build import build_model, export_model
+from ...runtime.bundle import load_bundle
+from ...runtime.processing import Processor
 from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS
 from ..evaluate import datasets, labelled
+from .calibrate import BatchTimer
 
 CAL_FRAMES = 192  # the harness's --cal-frames (and --offline-frames) default
 SEEDS = 3  # the harness's default chip seeds
@@ -36,10 +40,6 @@ class NullScorer:
 def model_setup(name: str, folder: Path, val: list, cal: list):
     """The harness's Setup of registered model `name`, random weights, exported; its Keras model kept for
     the offline method; one LiteRT thread."""
-    from ...convert.build import build_model, export_model
-    from ...runtime.bundle import load_bundle
-    from ...runtime.processing import Processor
-
     spec, model = build_model(name, allow_random=True)
     bundle = load_bundle(export_model(spec, model, folder / f"{name}.tflite"))
     options = labelled.DETECTION_THRESHOLDS if spec.task == "detection" else {}
@@ -53,7 +53,7 @@ def model_setup(name: str, folder: Path, val: list, cal: list):
 
 def one_tensorflow_thread() -> None:
     """TensorFlow at one thread, as a worker of one CPU (before it runs anything)."""
-    from ...convert.tf_import import tf
+    from ...convert.tf_import import tf  # lazy: TensorFlow, only when the models are timed (--project)
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -61,8 +61,6 @@ def one_tensorflow_thread() -> None:
 
 def model_costs(name: str, folder: Path, val: list, cal: list) -> dict:
     """Seconds per evaluation image, per streaming calibration frame and per offline image of `name`."""
-    from .calibrate import BatchTimer
-
     setup = model_setup(name, folder, val, cal)
     chip, noisy = labelled.chip_model(setup, "paper", 0.1, 0, {})
     t = time.process_time()

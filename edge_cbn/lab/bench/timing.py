@@ -8,6 +8,9 @@ import time
 import click
 import numpy as np
 
+from ...convert import models as zoo
+from ...convert.weights.assign import assign_state_dict, random_state_dict
+
 
 def time_per_call(fn, *, warmup=2, min_calls=5, min_seconds=1.0) -> float:
     """Median seconds per call of `fn()` over at least `min_calls` calls and `min_seconds`."""
@@ -55,9 +58,6 @@ def invoke_fn(interpreter, x):
 
 def random_model(name: str, input_size=None):
     """A registered Keras model with random weights (timings do not depend on the weight values)."""
-    from ...convert import models as zoo
-    from ...convert.weights.assign import assign_state_dict, random_state_dict
-
     model = zoo.build(name, input_size=input_size)
     assign_state_dict(model, random_state_dict(model))
     return model

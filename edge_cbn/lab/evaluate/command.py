@@ -15,6 +15,8 @@ import click
 import numpy as np
 
 from ...cli import LazyGroup
+from ...convert import build  # build.build_model looked up when called (a test replaces it)
+from ...convert.offline_calibration import offline_statistics
 from ...options import (IntList, NoiseSweep, noise_option_flag, noise_options, num_threads_option,
                          RenamedOption, refold_every_option, verbose_option)
 from ...runtime.bundle import load_bundle
@@ -23,7 +25,8 @@ from ...runtime.noise import make_noise
 from ...runtime.noisy_model import NoisyModel, noise_targets
 from ...runtime.processing import model_input, normalise
 from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES
-from ..scenes.photos import PHOTO_SETS
+from ...stream.resolve import resolve_model
+from ..scenes.photos import PHOTO_SETS, load_photos, random_crops, split_photos
 from .report import recovered_share
 
 EVAL_FRAME0 = 1 << 32  # temporal-noise frame indices of evaluation inferences (disjoint from calibration)
@@ -81,8 +84,6 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: CropAgreement,
 
     calibration.calibrate(cal_x[:, None], on_frame=check)
     if keras_model is not None:
-        from ...convert.offline_calibration import offline_statistics
-
         for estimator in ("cumulative", "ema"):
             noisy.set_stats(offline_statistics(keras_model, preset, eta, seed, keras_cal_x, estimator=estimator,
                                                batch_size=offline_batch_size, noise_options=noise_options))
@@ -94,8 +95,6 @@ def crops(bundle, split: str, n_cal: int, n_eval: int, seed: int = 0, scale=(0.1
     """(calibration crops, evaluation crops) as RGB uint8 at the model's input size; `scale`: the crop
     side as a fraction of the photo's shorter side (see `photos.random_crops`); `photos`: the photo set
     (`photos.PHOTO_SETS`)."""
-    from ..scenes.photos import load_photos, random_crops, split_photos
-
     photos = load_photos(photos)
     size = bundle.meta["input_size"][0]
     cal_photos, eval_photos = split_photos(photos) if split == "photos" else (photos, photos)
@@ -244,8 +243,6 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
             raise click.UsageError(f"{', '.join(given)} given before `{ctx.invoked_subcommand}`: the options of "
                                    f"`edge-cbn evaluate {ctx.invoked_subcommand}` go after it (see its --help)")
         return
-    from ...stream.resolve import resolve_model
-
     bundle = load_bundle(resolve_model(model, echo=click.echo))
     checkpoints = tuple(c for c in checkpoints if c <= cal_frames) or (cal_frames,)
     scale = parse_crop_scale(crop_scale)
@@ -256,9 +253,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
     options = dict(mode=mode, window=window, refold_every=refold_every, stages=stages, shrink=shrink, power=power)
     keras_model = keras_cal_x = None
     if offline:
-        from ...convert.build import build_model
-
-        keras_model = build_model(bundle.meta["model"])[1]
+        keras_model = build.build_model(bundle.meta["model"])[1]
         keras_cal_x = normalise(cal_rgb, bundle.meta["preprocess"])
     cols = ["uncalibrated"] + [f"calibrated@{c}" for c in checkpoints] + (
         ["offline_cumulative", "offline_ema"] if offline else [])

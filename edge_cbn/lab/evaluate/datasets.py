@@ -109,7 +109,7 @@ def coco_detection(annotations, images) -> Dataset:
 def load_coco(annotations):
     """pycocotools' COCO of `annotations`, its own progress messages kept off stdout (the JSON line)."""
     try:
-        from pycocotools.coco import COCO
+        from pycocotools.coco import COCO  # lazy: pycocotools is optional (the [eval] extra), detection only
     except ImportError:
         raise BadInput(annotations, "detection metrics need pycocotools: pip install 'edge-cbn[eval]'") from None
     with contextlib.redirect_stdout(io.StringIO()):
@@ -147,7 +147,7 @@ def voc_images(voc_root, split: str) -> list[Path]:
 def read_mask(path) -> np.ndarray:
     """A class-index mask: a palette ("P") or greyscale PNG's indices as they are (VOC's palette PNGs; an
     RGB rendering of the colours is refused, as its values are not class indices)."""
-    from PIL import Image
+    from PIL import Image  # lazy: PIL, only for segmentation masks
 
     with Image.open(path) as im:
         if im.mode not in ("P", "L"):

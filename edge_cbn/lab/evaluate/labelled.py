@@ -24,6 +24,7 @@ from typing import Callable
 import click
 import numpy as np
 
+from ...convert.offline_calibration import offline_statistics as algorithm_1
 from ...runtime.bundle import sidecar_path
 from ...runtime.device_calibration import DeviceCalibration
 from ...runtime.errors import BadInput
@@ -152,8 +153,6 @@ def offline_statistics(setup: Setup, preset, eta, seed, noise_options, estimator
     """The paper's Algorithm 1 in Keras under the same chip (same seed: the same spatial draws), at
     `setup.offline_batch` images per batch and momentum `setup.momentum` (`estimator` "ema"), or the
     cumulative average ("cumulative")."""
-    from ...convert.offline_calibration import offline_statistics as algorithm_1
-
     return algorithm_1(setup.keras_model, preset, eta, seed, KerasInputs(setup, progress), estimator=estimator,
                        batch_size=setup.offline_batch, momentum=setup.momentum, noise_options=noise_options)
 

@@ -148,7 +148,7 @@ class CocoDetection:
 def coco_map_mar50(coco, detections: list[dict], image_ids: list[int]) -> dict:
     """COCOeval (bbox) on `image_ids`: AP at IoU 0.5 (its stats[1]) and recall at IoU 0.5 with 100
     detections per image over all areas, averaged over the categories that have ground truth."""
-    from pycocotools.cocoeval import COCOeval
+    from pycocotools.cocoeval import COCOeval  # lazy: pycocotools is optional (the [eval] extra), detection only
 
     if not detections:  # loadRes refuses an empty list; nothing detected is 0 / 0
         return {"map50": 0.0, "mar50": 0.0}

@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from ...cluster.shard_cache import ShardCache, unit_key
+from ...convert.model_transfer import model_spec
 from ...runtime.bundle import sidecar_path
 from . import labelled
 from .sweep_worker import Setting, Shard, Statistics, SweepPayload, run_unit
@@ -138,8 +139,6 @@ def payload_of(setup) -> SweepPayload:
         files[variant] = (bundle.path.parent / variant).read_bytes()
     keras = None
     if setup.keras_model is not None:
-        from ...convert.model_transfer import model_spec
-
         keras = model_spec(setup.keras_model)
     key = hashlib.sha1(labelled.model_sha1(bundle).encode())
     key.update(repr((setup.options, setup.center_crop, setup.noise_states, setup.num_threads, setup.calibration,

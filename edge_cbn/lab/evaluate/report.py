@@ -117,10 +117,11 @@ def plot(rows: list[dict], metrics: tuple, method_titles: dict[str, str], title:
     """One panel per metric, the metric against eta, a line per (preset, method) with the seeds' std as
     error bars; None (and one warning) without matplotlib."""
     try:
+        # lazy: matplotlib is optional (the [eval] extra), only for the PNG
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: after the backend is chosen
     except ImportError:
         click.echo("warning: matplotlib is not installed, no PNG (pip install 'edge-cbn[eval]')", err=True)
         return None

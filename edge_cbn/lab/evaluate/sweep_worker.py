@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ...cluster import shared
+from ...convert.model_transfer import model_from_spec
 from ...runtime.bundle import load_bundle
 from ...runtime.processing import Processor
 from . import datasets, labelled
@@ -90,8 +91,6 @@ def run_unit(payload: SweepPayload, unit) -> dict:
     s = unit.setting
     if isinstance(unit, Statistics):
         if unit.method.startswith("offline_"):
-            from ...convert.model_transfer import model_from_spec
-
             setup.keras_model = shared.memo("keras", payload.key, lambda: model_from_spec(payload.keras))
         chip = labelled.chip_of(setup, s.preset, s.eta, s.seed, s.noise_options)
         stats = labelled.method_statistics(setup, unit.method, chip, s.preset, s.eta, s.seed, s.noise_options,

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import click
 
+from ...cluster import make_pool
+from ...convert.build import MissingWeights, build_model
 from ...options import (IntList, NoiseSweep, max_image_pixels_option, model_option, noise_option_flag, noise_options,
                         num_threads_option, RenamedOption, verbose_option)
 from ...runtime.bundle import load_bundle
 from ...runtime.processing import Processor
-from . import datasets
+from ...stream.resolve import resolve_model
+from . import datasets, parallel_sweep
 from .command import calibrator_flags
 from .labelled import (CAL_OPTIONS, DETECTION_THRESHOLDS, OFFLINE_BATCH, PAPER_ETAS, ResultCache, Setup, model_sha1,
                        scorer_factory, sweep, write_report)
@@ -77,8 +80,6 @@ def sweep_flags(task: str):
 
 def offline_model(bundle, weights):
     """The registered Keras model behind `bundle`, with its weights, for --offline."""
-    from ...convert.build import MissingWeights, build_model
-
     try:
         return build_model(bundle.meta["model"], weights, input_size=bundle.input_size[0])[1]
     except (KeyError, MissingWeights) as e:
@@ -107,8 +108,6 @@ def make_setup(bundle, dataset, calib_files, kw, *, center_crop=1.0, processor_o
 def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     """One `evaluate TASK` run: model, dataset (`dataset_of()`), calibration images (`calib_of()`), the sweep,
     the report; prints the table and ends with one JSON line, which it returns as a dict."""
-    from ...stream.resolve import resolve_model
-
     seeds = list(kw["seeds"])
     options = {preset: noise_options(preset, kw["noise_option"]) for preset, _ in kw["settings"]}
     bundle = load_bundle(resolve_model(kw["model"], echo=lambda *a, **k: click.echo(*a, err=True)))
@@ -116,9 +115,6 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     cache = ResultCache(kw["cache"] or Path(kw["out_dir"]) / "cache.jsonl")
     started = time.perf_counter()
     if kw["workers"] or kw["ray_address"]:
-        from ...cluster import make_pool
-        from . import parallel_sweep
-
         records = parallel_sweep.sweep(setup, kw["settings"], seeds, options, cache,
                                        make_pool(kw["workers"], kw["ray_address"]),
                                        shard_size=kw["shard_size"] or parallel_sweep.SHARD_SIZE)

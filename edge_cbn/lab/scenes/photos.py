@@ -4,6 +4,7 @@ crops of them: the evaluation and calibration data of this project, since no dat
 Needs the `data` extra (`pip install edge-cbn[data]`)."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 # Colour photographs first, then greyscale ones (replicated to RGB).
@@ -21,8 +22,8 @@ def load_photos(which: str = "all") -> dict[str, np.ndarray]:
     """name -> RGB uint8 image, for the photo set `which` (PHOTO_SETS)."""
     if which not in PHOTO_SETS:
         raise ValueError(f"unknown photo set {which!r}; expected one of {PHOTO_SETS}")
-    import skimage.data
-    from sklearn.datasets import load_sample_image
+    import skimage.data  # lazy: scikit-image (the [data] extra), only when the photos are loaded
+    from sklearn.datasets import load_sample_image  # lazy: scikit-learn (the [data] extra), likewise
 
     photos = {n: getattr(skimage.data, n)() for n in SKIMAGE_COLOUR}
     photos["motorcycle"] = skimage.data.stereo_motorcycle()[0]
@@ -37,8 +38,6 @@ def random_crops(photos: dict[str, np.ndarray], n: int, size: int, seed: int,
                  scale=(0.15, 1.0)) -> tuple[np.ndarray, list[str]]:
     """`n` square crops (side a random fraction `scale` of the shorter photo side, random position, random
     horizontal flip) resized to size×size RGB uint8, cycling through the photos; returns (crops, names)."""
-    import cv2
-
     rng = np.random.default_rng(seed)
     names = sorted(photos)
     out = np.empty((n, size, size, 3), np.uint8)

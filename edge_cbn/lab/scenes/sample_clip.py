@@ -16,9 +16,11 @@ import re
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+import cv2
 import numpy as np
 
 from ...stream.sample import STATIC
+from .photos import load_photos as all_photos
 SIZE = (320, 240)  # width, height
 FPS = 10
 SECONDS_PER_PHOTO = 2.0
@@ -55,8 +57,6 @@ CREDITS = {
 
 def load_photos() -> Dict[str, np.ndarray]:
     """The clip's source photos as RGB uint8 arrays by name (needs the `data` extra)."""
-    from .photos import load_photos as all_photos
-
     photos = all_photos()
     return {name: photos[name] for name, *_ in PHOTOS}
 
@@ -80,8 +80,6 @@ def _crop_box(photo_wh, move, t: float, aspect: float):
 
 def _render(photo_bgr: np.ndarray, box, size) -> np.ndarray:
     """The crop ``box`` of the photo resampled to ``size`` (sub-pixel, so the motion is smooth)."""
-    import cv2
-
     x0, y0, x1, y1 = box
     s = (x1 - x0) / size[0]
     m = np.array([[1 / s, 0, -x0 / s], [0, 1 / s, -y0 / s]])
@@ -101,8 +99,6 @@ def make_sample(out: Path, fps: int = FPS, size=SIZE, seconds_per_photo: float =
     """Write the clip to ``out`` (mp4v) and its description to ``out.with_suffix('.json')``; checks that
     OpenCV reads every frame back. Returns the description.  `held_out_seed`: the photos in a seeded order
     with seeded moves (`held_out_moves`)."""
-    import cv2
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     photos = photos or load_photos()
@@ -142,8 +138,6 @@ def make_sample(out: Path, fps: int = FPS, size=SIZE, seconds_per_photo: float =
 
 
 def _check_readback(path: Path, expected: int) -> None:
-    import cv2
-
     cap = cv2.VideoCapture(str(path))
     count = 0
     while cap.read()[0]:

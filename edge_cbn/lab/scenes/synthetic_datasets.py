@@ -50,7 +50,7 @@ def coco_document(split: str, seed: int, images: list, annotations: list) -> dic
 
 def write_palette_png(path: Path, labels: np.ndarray) -> None:
     """A VOC-style indexed PNG: pixel values are class ids, the palette is VOC's."""
-    from PIL import Image
+    from PIL import Image  # lazy: PIL, only when the segmentation masks are written
 
     image = Image.fromarray(labels)
     image.putpalette(voc_palette().reshape(-1).tolist())  # turns the "L" image into a "P" one
