@@ -131,3 +131,30 @@ def test_a_planted_cycle_is_caught(tmp_path):
     root = planted_package(tmp_path, {"lab/a.py": "from . import b\n",
                                       "lab/b.py": "def later():\n    from .a import x\n"})
     assert import_cycles(import_graph(root)) == [["edge_cbn.lab.a", "edge_cbn.lab.b"]]
+
+
+def unexplained_lazy_imports(root: Path) -> list[str]:
+    """"path:line" of every import inside a function without a `# lazy: why` comment on its line or the
+    line above: a function-level import stays only to keep a heavy optional dependency (TensorFlow, Ray,
+    torch, matplotlib, ...) off a path that does not need it, and says so."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    here = lines[node.lineno - 1] + (lines[node.lineno - 2] if node.lineno > 1 else "")
+                    if "# lazy" not in here:
+                        found.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    return sorted(set(found))
+
+
+def test_every_function_level_import_says_why_it_is_lazy(tmp_path):
+    assert not unexplained_lazy_imports(ROOT)
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "m.py").write_text("def f():\n    import json\n    # lazy: TensorFlow only here\n"
+                                  "    import tensorflow\n    return json, tensorflow\n")
+    assert unexplained_lazy_imports(package) == ["pkg/m.py:2"]
