@@ -21,8 +21,8 @@ import numpy as np
 import tflite
 
 from ..runtime import fold
-from ..runtime.bundle import (Bundle, LayerRecord, atomic_write, buffer_span, calibration_path, sidecar_path,
-                              write_sidecar)
+from ..runtime.bundle import (Bundle, LayerRecord, atomic_write, buffer_span, calibration_path, sha256,
+                              sidecar_path, write_sidecar)
 from ..runtime.interpreter import io_indices, make_interpreter, run_interpreter
 from ..runtime.processing import normalise
 from ..runtime.native_log import silenced
@@ -287,8 +287,9 @@ def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, h
         calib_bytes, calib_buffers = _convert_folded(moments_model(folded, records), records, hw, meta)
         calib_path = calibration_path(out_path)
         meta["calibration"] = {"file": calib_path.name, "buffers": calib_buffers,
-                               "bns": [rec.bn for rec in records if rec.bn]}
+                               "bns": [rec.bn for rec in records if rec.bn], "sha256": sha256(calib_bytes)}
         atomic_write(calib_path, lambda f: f.write(calib_bytes))
+    meta["model_sha256"] = sha256(model_bytes)  # checked at load: a flipped bit is refused, not served
     write_sidecar(sidecar_path(out_path), meta, records)
     atomic_write(out_path, lambda f: f.write(model_bytes))
     return out_path

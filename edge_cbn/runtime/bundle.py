@@ -11,6 +11,7 @@ values.  An unusable file is a `BadInput` naming it; what loaded can be served a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -136,6 +137,7 @@ class Bundle:
         cal = self.meta["calibration"]
         path = self.path.with_name(cal["file"])
         model_bytes, facts = read_model(path)
+        check_sha256(path, model_bytes, cal.get("sha256"), sidecar_path(self.path))
         layers = [dataclasses.replace(rec, w_buffer=cal["buffers"][rec.name][0],
                                       b_buffer=cal["buffers"][rec.name][1]) for rec in self.layers]
         with refusing(path, f"not the calibration variant of {self.path.name}"):
@@ -261,6 +263,29 @@ def _record(entry: dict, arrays: dict) -> LayerRecord:
     return LayerRecord(**entry, **own, **bn)
 
 
+def sha256(data) -> str:
+    """Hex sha256 of `data` (model bytes): what a sidecar records of its model and calibration variant."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_sha256(path: Path, model_bytes, recorded, sidecar: Path) -> None:
+    """The model at `path` against the sha256 its sidecar records (bundles exported before sidecars
+    recorded one have none, and pass): a bit flipped in a weight would otherwise serve changed outputs
+    with nothing to say so, when no noise runs.
+
+    Raises:
+        BadInput: the bytes do not match (naming the model), or the recorded value is no sha256 (naming
+            the sidecar).
+    """
+    if recorded is None:
+        return
+    if not (isinstance(recorded, str) and len(recorded) == 64 and all(c in "0123456789abcdef" for c in recorded)):
+        raise BadInput(sidecar, f"its recorded sha256 {str(recorded)[:70]!r} is not a sha256")
+    if sha256(model_bytes) != recorded:
+        raise BadInput(path, f"its bytes do not match the sha256 {sidecar.name} records: damaged or altered "
+                             "since it was exported")
+
+
 def _calibration_problem(path: Path, meta: dict) -> str:
     """Why the calibration variant the meta names cannot be used: its file is not beside the model."""
     if "calibration" not in meta:
@@ -294,6 +319,7 @@ def load_bundle(tflite_path, *, require_sidecar: bool = False) -> Bundle:
     side = sidecar_path(path)
     if side.exists():
         meta, layers = read_sidecar(side, facts)
+        check_sha256(path, model_bytes, meta.get("model_sha256"), side)
         return Bundle(path, model_bytes, meta, layers, calibration_problem=_calibration_problem(path, meta))
     msg = (f"{side} not found: the sidecar is written by `tools/convert.py` (edge_cbn.convert.export) next to the "
            ".tflite and is needed to refold BatchNorm statistics")

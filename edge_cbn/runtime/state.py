@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, atomic_write, load_bundle, sidecar_path, write_sidecar
+from .bundle import sha256 as sha256_of
 from .errors import BadInput
 from .validation import (ArraySpec, Invalid, check_bn_stats, check_count, one_line, open_npz, read_members,
                          refusing)
@@ -141,6 +142,7 @@ def write_calibrated_bundle(bundle, stats: dict, model_bytes: bytes, path, info:
               if rec.bn in stats else rec for rec in bundle.layers]
     meta = {k: v for k, v in bundle.meta.items() if k not in ("layers", "calibration", "format")}
     meta["calibrated"] = {**info, "source": bundle.path and bundle.path.name, "saved_at": time.time()}
+    meta["model_sha256"] = sha256_of(model_bytes)
     write_sidecar(sidecar_path(path), meta, layers)
     atomic_write(path, _slow(lambda f: f.write(model_bytes)))
     return path

@@ -4,6 +4,7 @@ the file that is wrong, and nothing in them executes.  Then a few through the re
 exactly one line on stderr; a partial copy without `X.calib.tflite` streams uncalibrated with one warning,
 or is one error line when calibration is asked for."""
 import collections
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from edge_cbn.runtime.bundle import load_bundle
+from edge_cbn.runtime.flatbuffer import buffer_span
 from edge_cbn.runtime.errors import BadInput
 
 from .bundle_corpus import CALIBRATION_CASES, MODEL_CASES, SIDECAR_CASES, load_case
@@ -121,3 +123,50 @@ def test_cli_refuses_hostile_bundles_in_one_line(genuine, tmp_path_factory):
             continue
         assert proc.returncode == 1 and len(lines) == 1, (name, err)
         assert str(named.name) in lines[0] and "Traceback" not in err, (name, err)
+
+
+def _sidecar_meta_changed(sidecar, change):
+    """Rewrite the sidecar at `sidecar` with its meta changed by `change(meta)`."""
+    with np.load(sidecar) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    change(meta)
+    arrays["meta"] = np.array(json.dumps(meta))
+    with open(sidecar, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_a_flipped_bit_in_a_weight_is_refused_by_the_recorded_sha256(genuine, tmp_path):
+    """Without noise a flipped weight bit served changed outputs with nothing to say so; the sidecar now
+    records the model's and the calibration variant's sha256, checked at load."""
+    for src in (genuine.model, genuine.sidecar, genuine.calib):
+        shutil.copy(src, tmp_path / src.name)
+    model, calib = tmp_path / genuine.model.name, tmp_path / genuine.calib.name
+    for path in (model, calib):  # a bit in the middle of a layer's kernel buffer: a valid model, other outputs
+        bundle = load_bundle(genuine.model)
+        index = bundle.layers[-1].w_buffer if path == model else bundle.meta["calibration"]["buffers"][
+            bundle.layers[-1].name][0]
+        start, size = buffer_span(path.read_bytes(), index)
+        data = bytearray(path.read_bytes())
+        data[start + size // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        if path == model:
+            with pytest.raises(BadInput, match="do not match the sha256 tiny.cbn.npz records") as error:
+                load_bundle(model)
+            assert str(model) in str(error.value)
+            shutil.copy(genuine.model, model)
+    with pytest.raises(BadInput, match="do not match the sha256") as error:
+        load_bundle(model).calibration_variant()
+    assert str(calib) in str(error.value)
+
+
+def test_a_bundle_exported_before_sidecars_recorded_a_sha256_still_loads(genuine, tmp_path):
+    for src in (genuine.model, genuine.sidecar, genuine.calib):
+        shutil.copy(src, tmp_path / src.name)
+    sidecar = tmp_path / genuine.sidecar.name
+    _sidecar_meta_changed(sidecar, lambda m: (m.pop("model_sha256"), m["calibration"].pop("sha256")))
+    assert load_bundle(tmp_path / genuine.model.name).calibration_variant().path.name == genuine.calib.name
+    _sidecar_meta_changed(sidecar, lambda m: m.update(model_sha256="not a sha256"))
+    with pytest.raises(BadInput, match="is not a sha256") as error:
+        load_bundle(tmp_path / genuine.model.name)
+    assert str(sidecar) in str(error.value)

@@ -1,4 +1,5 @@
-"""Load published weight files into the Keras ports: torchvision / lukemelas `.pth`, Darknet `.weights`.
+"""Load published weight files into the Keras ports: torchvision / lukemelas `.pth`, `.safetensors` of the
+same names, Darknet `.weights`.
 Every file that cannot be used, or does not fit the model, raises `BadInput` naming the file and the
 reason (`MismatchedWeightFile`, also a `WeightMismatch`, when it does not fit)."""
 from __future__ import annotations
@@ -6,9 +7,10 @@ from __future__ import annotations
 import importlib
 
 from ..models import ignored_prefixes
-from . import torch_pickle
+from ...runtime.validation import regular_file
+from . import safetensors_file, torch_pickle
 from .assign import WeightMismatch, assign_state_dict
-from .checks import MismatchedWeightFile
+from .checks import MismatchedWeightFile, check_published_hash
 from .darknet import assign_darknet
 
 
@@ -24,13 +26,29 @@ def default_weights(spec) -> str | None:
 
 
 def load_weights(model, spec, path) -> None:
-    """Fill `model` (built from `spec`) from the weight file at `path`; raises BadInput naming the file
-    and the tensor or global at fault."""
+    """Fill `model` (built from `spec`) from the weight file at `path`: Darknet `.weights` for a Darknet
+    model, else a torch `.pth` or a `.safetensors` file of the same state-dict names (told apart by their
+    first bytes).  A file under a published name that carries its sha256 prefix must match it.
+
+    Args:
+        model: the Keras model built from `spec`.
+        spec: its registry entry (`convert.models.get_spec`).
+        path: the weight file.
+
+    Raises:
+        BadInput: the file cannot be used (naming the file and the tensor or global at fault), or does not
+            fit the model (`MismatchedWeightFile`).
+    """
+    check_published_hash(regular_file(path))
     if spec.weights_format == "darknet":
         assign_darknet(model, path)
         return
-    # The model's float32 parameter bytes widen the reader's memory budget beyond the file's own size.
-    state = torch_pickle.load(path, expected_bytes=4 * model.count_params())
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if safetensors_file.looks_like_safetensors(head):
+        state = safetensors_file.load(path)
+    else:  # the model's float32 parameter bytes widen the reader's memory budget beyond the file's own size
+        state = torch_pickle.load(path, expected_bytes=4 * model.count_params())
     try:
         assign_state_dict(model, state, ignore_prefixes=ignored_prefixes(spec.name))
     except WeightMismatch as e:

@@ -95,7 +95,7 @@ def _format(path: str, head: bytes) -> str:
     elif head.lstrip()[:1] == b"<":
         what = "an HTML or XML page (a failed download?)"
     elif head[8:9] == b"{":
-        what = "a safetensors file (use its own loader)"
+        what = "a safetensors file (`load_weights` reads it: safetensors_file)"
     elif head[257:262] == b"ustar":
         what = "a tar archive (torch < 0.4's format, unsupported)"
     elif head[:2] == b"\x1f\x8b":

@@ -3,7 +3,10 @@ folder or a folder plus a labels CSV (classification), COCO `instances_*.json` p
 VOC2012 (segmentation); and the calibration images, which must never be evaluation images.
 
 A `Sample` is an image path and its truth: a class index, a COCO image id, or the path of a class mask.
-Nothing here runs a model; a problem with the data is a `BadInput` naming the file (one line on the CLI)."""
+Nothing here runs a model; a problem with the data is a `BadInput` naming the file (one line on the CLI),
+found when the dataset is read, before a sweep starts: every image and mask is checked without decoding
+(a regular file, not truncated, within the pixel bound: `runtime.images.check_image`), text files must be
+UTF-8, and a COCO file is checked field by field (`coco_file`)."""
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +20,10 @@ import numpy as np
 
 from ...convert.offline_calibration import IMAGE_SUFFIXES, image_files  # light: imports no TensorFlow
 from ...runtime.errors import BadInput
+from ...runtime.images import check_image, header_size, read_image
 from ...runtime.labels import load_labels
-from ...runtime.images import read_image
+from ...runtime.validation import regular_file
+from .coco_file import read_coco
 
 VOC_IGNORE = 255  # VOC's "void" label: object borders and difficult regions, never scored
 
@@ -66,7 +71,7 @@ def class_folder(root) -> Dataset:
     samples = [Sample(f, index[d.name]) for d in folders for f in _images_in(d)]
     if not samples:
         raise BadInput(root, "no images in <wnid>/ folders")
-    return Dataset("classification", root.name, samples)
+    return _checked(Dataset("classification", root.name, samples))
 
 
 def class_csv(root, labels_csv) -> Dataset:
@@ -74,8 +79,10 @@ def class_csv(root, labels_csv) -> Dataset:
     whose class is neither is a header)."""
     root, labels_csv = Path(root), Path(labels_csv)
     index = {w: i for i, w in enumerate(imagenet_wnids())}
-    with open(labels_csv, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    try:
+        rows = [r for r in csv.reader(io.StringIO(_text(labels_csv), newline="")) if r and any(c.strip() for c in r)]
+    except csv.Error as e:
+        raise BadInput(labels_csv, f"not a CSV file ({e})") from None
     samples = []
     for n, row in enumerate(rows):
         name, label = (row + [""])[:2]
@@ -87,7 +94,28 @@ def class_csv(root, labels_csv) -> Dataset:
     missing = [s.path for s in samples if not s.path.is_file()]
     if missing or not samples:
         raise BadInput(labels_csv, f"names images that are not in {root}: {missing[0]}" if missing else "no rows")
-    return Dataset("classification", root.name, samples, source=labels_csv)
+    return _checked(Dataset("classification", root.name, samples, source=labels_csv))
+
+
+def _text(path) -> str:
+    """A text file's content; `BadInput` when it is not a readable UTF-8 text file."""
+    try:
+        return regular_file(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadInput(path, "not a text file (not UTF-8)") from None
+    except OSError as e:
+        raise BadInput(path, f"cannot be read: {e.strerror or e}") from None
+
+
+def _checked(dataset: Dataset) -> Dataset:
+    """`dataset` once every image and mask passed `check_image` (before a sweep starts, not after it)."""
+    for sample in dataset.samples:
+        check_image(sample.path)
+        if dataset.task == "segmentation":
+            check_image(sample.truth)
+            if (header_size(sample.truth) or ("",))[0] != "png":
+                raise BadInput(sample.truth, "a class mask must be a PNG (VOC's palette PNGs)")
+    return dataset
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -103,20 +131,22 @@ def coco_detection(annotations, images) -> Dataset:
     missing = [s.path for s in samples if not s.path.is_file()]
     if missing or not samples:
         raise BadInput(annotations, f"lists images missing from {images}: {missing[0]}" if missing else "no images")
-    return Dataset("detection", Path(annotations).stem, samples, coco=coco, source=Path(annotations))
+    return _checked(Dataset("detection", Path(annotations).stem, samples, coco=coco, source=Path(annotations)))
 
 
 def load_coco(annotations):
-    """pycocotools' COCO of `annotations`, its own progress messages kept off stdout (the JSON line)."""
+    """pycocotools' COCO of `annotations`, checked field by field first (`coco_file.read_coco`: one line
+    naming the file and the field), its own progress messages kept off stdout (the JSON line)."""
     try:
         from pycocotools.coco import COCO  # lazy: pycocotools is optional (the [eval] extra), detection only
     except ImportError:
         raise BadInput(annotations, "detection metrics need pycocotools: pip install 'edge-cbn[eval]'") from None
+    data = read_coco(annotations)  # every field pycocotools and the metric rely on, checked first
     with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            return COCO(str(annotations))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise BadInput(annotations, f"not a COCO annotation file ({type(e).__name__}: {e})") from None
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    return coco
 
 
 def voc_split_ids(voc_root, split: str) -> list[str]:
@@ -124,7 +154,7 @@ def voc_split_ids(voc_root, split: str) -> list[str]:
     path = Path(voc_root) / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not path.is_file():
         raise BadInput(path, "no such split file (VOC2012 layout: ImageSets/Segmentation/<split>.txt)")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return [line.split()[0] for line in _text(path).splitlines() if line.strip()]
 
 
 def voc_segmentation(voc_root, split: str = "val") -> Dataset:
@@ -136,7 +166,7 @@ def voc_segmentation(voc_root, split: str = "val") -> Dataset:
     if missing or not samples:
         raise BadInput(root, f"split {split!r} names files that are missing: {missing[0]}" if missing
                        else f"split {split!r} is empty")
-    return Dataset("segmentation", f"{root.name}/{split}", samples)
+    return _checked(Dataset("segmentation", f"{root.name}/{split}", samples))
 
 
 def voc_images(voc_root, split: str) -> list[Path]:
@@ -149,10 +179,14 @@ def read_mask(path) -> np.ndarray:
     RGB rendering of the colours is refused, as its values are not class indices)."""
     from PIL import Image  # lazy: PIL, only for segmentation masks
 
-    with Image.open(path) as im:
-        if im.mode not in ("P", "L"):
-            raise BadInput(path, f"a class mask must be a palette or greyscale PNG, not mode {im.mode}")
-        return np.asarray(im, np.uint8)
+    check_image(path)  # a regular file, not truncated, within the pixel bound: before PIL decodes it
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise BadInput(path, f"a class mask must be a palette or greyscale PNG, not mode {im.mode}")
+            return np.asarray(im, np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadInput(path, f"not a readable mask ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def read_bgr(path) -> np.ndarray:
@@ -166,7 +200,7 @@ def read_bgr(path) -> np.ndarray:
 def listed_images(list_file) -> list[Path]:
     """A split file: one image path per line, relative to the file's folder unless absolute."""
     list_file = Path(list_file)
-    files = [list_file.parent / line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    files = [list_file.parent / line.strip() for line in _text(list_file).splitlines() if line.strip()]
     missing = [f for f in files if not f.is_file()]
     if missing or not files:
         raise BadInput(list_file, f"names an image that does not exist: {missing[0]}" if missing else "lists no images")
