@@ -1,5 +1,7 @@
 """`edge-cbn evaluate classification` end to end on a tiny exported model and a tiny ImageNet-style folder:
 known answers through the whole harness, the TFLite path against Keras on clean weights, the cache."""
+import json
+
 import numpy as np
 import pytest
 
@@ -68,14 +70,20 @@ def test_sweep_reports_and_resumes_from_the_cache(tiny, tmp_path, monkeypatch):
     cache = tmp_path / "cache.jsonl"
     lines = cache.read_text().splitlines()
     assert len(lines) == 8
-    cache.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # interrupted while writing line 6
+    forged = json.loads(lines[6])
+    forged["record"]["metrics"] = {k: 99.0 for k in forged["record"]["metrics"]}  # a planted result, its MAC stale
+    lines[6] = json.dumps(forged)
+    cache.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20] + "\n" + "\n".join(lines[6:]) + "\n")  # line 6 cut
     ran = []
     real = labelled.evaluate_setting
     monkeypatch.setattr(labelled, "evaluate_setting", lambda *a: (ran.append(a[1:4] + (a[5],)), real(*a))[1])
     res2, out2 = run_cli("classification", path, tmp_path, *args)
     assert res2.exit_code == 0, res2.output
-    assert ran == [("paper", 0.3, 0, ["calibrated"]), ("paper", 0.3, 1, ["original", "calibrated"])]
+    assert ran == [("paper", 0.3, 0, ["calibrated"]), ("paper", 0.3, 1, ["original"])]  # the cut and the forged
     assert out2["rows"] == out["rows"]
+    # A rerun says what it read back instead of computing, and which lines failed their check.
+    assert out2["from_cache"] == 6 and out2["cache_rejected"] == 2
+    assert f"6 of 8 results read back from {cache}" in res2.stderr and "2 line(s)" in res2.stderr
 
 
 def test_offline_algorithm_1_beside_the_stream(tiny, tmp_path, monkeypatch):

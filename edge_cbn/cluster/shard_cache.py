@@ -28,6 +28,47 @@ def unit_key(what: dict) -> str:
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class FolderSecret:
+    """A folder's own secret (`.cache-secret`, owner-only, made on first use) and the HMAC-SHA256 under it
+    that vouches for an entry written there: a file edited, truncated or planted by someone without the
+    secret fails `holds`.
+
+    Args:
+        folder: the cache's folder (made when the secret is).
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self._secret: bytes | None = None
+
+    def mac(self, key: str, data: bytes) -> bytes:
+        """The hex HMAC of `data` stored under `key` (making the secret when there is none)."""
+        return hmac.new(self._load(), key.encode() + b"\0" + data, hashlib.sha256).hexdigest().encode()
+
+    def holds(self, key: str, data: bytes, mac: bytes) -> bool:
+        """Whether `mac` vouches for `data` under `key`; False when the folder has no secret (yet)."""
+        if self._secret is None and not (self.folder / SECRET_NAME).is_file():
+            return False
+        return hmac.compare_digest(mac, self.mac(key, data))
+
+    def _load(self) -> bytes:
+        if self._secret is None:
+            path = self.folder / SECRET_NAME
+            try:
+                self._secret = path.read_bytes()
+            except FileNotFoundError:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:  # another process made it first
+                    self._secret = path.read_bytes()
+                else:
+                    self._secret = secrets.token_bytes(32)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(self._secret)
+        return self._secret
+
+
 class ShardCache:
     """JSON results (`put` / `get`) and BN statistics ({bn: (mean, var)}, `put_stats` / `get_stats`, an
     .npz beside them, exact float arrays).
@@ -39,7 +80,7 @@ class ShardCache:
     def __init__(self, folder):
         self.folder = Path(folder)
         self.rejected = 0  # entries found on disk that failed their check (computed again)
-        self._secret: bytes | None = None
+        self.secret = FolderSecret(folder)
 
     def get(self, key: str):
         """The result stored under `key`, or None (none, or one that fails its check)."""
@@ -75,27 +116,6 @@ class ShardCache:
         self._write(f"{key}.npz", key, buf.getvalue())
 
     # ------------------------------------------------------------------------------ integrity
-    def _mac(self, key: str, data: bytes) -> bytes:
-        return hmac.new(self._folder_secret(), key.encode() + b"\0" + data, hashlib.sha256).hexdigest().encode()
-
-    def _folder_secret(self) -> bytes:
-        """The folder's secret, made (owner-only) on first use."""
-        if self._secret is None:
-            path = self.folder / SECRET_NAME
-            try:
-                self._secret = path.read_bytes()
-            except FileNotFoundError:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                except FileExistsError:  # another process made it first
-                    self._secret = path.read_bytes()
-                else:
-                    self._secret = secrets.token_bytes(32)
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(self._secret)
-        return self._secret
-
     def _read(self, name: str, key: str) -> bytes | None:
         """The content of entry `name` when its MAC holds; None when there is none or it fails."""
         path = self.folder / name
@@ -103,11 +123,10 @@ class ShardCache:
             return None
         try:
             raw = path.read_bytes()
-            secret_known = (self.folder / SECRET_NAME).is_file()
         except OSError:
             return self._reject()
         mac, data = raw[:_MAC_HEX], raw[_MAC_HEX + 1:]
-        if not secret_known or raw[_MAC_HEX:_MAC_HEX + 1] != b"\n" or not hmac.compare_digest(mac, self._mac(key, data)):
+        if raw[_MAC_HEX:_MAC_HEX + 1] != b"\n" or not self.secret.holds(key, data, mac):
             return self._reject()
         return data
 
@@ -118,7 +137,7 @@ class ShardCache:
     def _write(self, name: str, key: str, data: bytes) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_bytes(self._mac(key, data) + b"\n" + data)
+        tmp.write_bytes(self.secret.mac(key, data) + b"\n" + data)
         os.replace(tmp, self.folder / name)
 
 

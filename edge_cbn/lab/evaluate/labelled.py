@@ -24,6 +24,7 @@ from typing import Callable
 import click
 import numpy as np
 
+from ...cluster.shard_cache import FolderSecret
 from ...convert.offline_calibration import offline_statistics as algorithm_1
 from ...runtime.bundle import sidecar_path
 from ...runtime.device_calibration import DeviceCalibration
@@ -201,28 +202,56 @@ def work(setup: Setup, method: str) -> int:
 # ---------------------------------------------------------------------------------------- the cache
 
 class ResultCache:
-    """One JSON line per finished (setting, seed, method), appended and flushed as it finishes; a line cut
-    short by an interruption is skipped when the cache is read again."""
+    """One JSON line per finished (setting, seed, method), appended and flushed as it finishes, with an
+    HMAC under the folder's own secret (`cluster.shard_cache.FolderSecret`): a line cut short by an
+    interruption, edited or planted is skipped when the cache is read again (`rejected` counts them) and
+    that result is computed again.  `hits` counts the results taken from the file in this run.
+
+    Args:
+        path: the JSON-lines file (OUT/cache.jsonl).
+    """
 
     def __init__(self, path):
         self.path = Path(path)
+        self.secret = FolderSecret(self.path.parent)
         self.records: dict[str, dict] = {}
+        self.rejected = self.hits = 0
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
+            for line in self.path.read_bytes().splitlines():
+                rec = self._checked(line)
+                if rec is None:
+                    self.rejected += 1
+                else:
                     self.records[rec["key"]] = rec
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
+        self._read = set(self.records)
+
+    def _checked(self, line: bytes) -> dict | None:
+        try:
+            entry = json.loads(line)
+            record, mac = entry["record"], entry["mac"].encode()
+            key = record["key"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return record if self.secret.holds(key, _canonical(record), mac) else None
 
     def get(self, key: str) -> dict | None:
+        """The finished result of `key`, or None."""
+        if key in self._read:
+            self._read.discard(key)
+            self.hits += 1
         return self.records.get(key)
 
     def put(self, record: dict) -> None:
+        """Append `record` (with its "key")."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        mac = self.secret.mac(record["key"], _canonical(record)).decode()
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"record": record, "mac": mac}) + "\n")
         self.records[record["key"]] = record
+
+
+def _canonical(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True).encode()
 
 
 def model_sha1(bundle) -> str:

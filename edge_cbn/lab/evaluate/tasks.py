@@ -121,6 +121,7 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     else:
         records = sweep(setup, kw["settings"], seeds, options, cache)
     sweep_s = round(time.perf_counter() - started, 2)
+    say_what_came_from_the_cache(cache, len(records))
     title = (f"{dataset_title(setup)}; noise {', '.join(p for p, _ in kw['settings'])} "
              f"{' '.join(kw['noise_option']) or '(preset defaults)'}; chip seeds {','.join(map(str, seeds))}")
     rows, recovered, files, table = write_report(setup, records, kw["out_dir"], title)
@@ -132,9 +133,20 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
               "noise_options": list(kw["noise_option"]), "seeds": seeds, **setup.cal_options,
               **({"offline_batch_size": setup.offline_batch, "momentum": setup.momentum} if kw["offline"] else {}),
               "rows": rows, "recovery": recovered, "records": [{k: v for k, v in r.items() if k != "key"} for r in records], "files": files,
-              "sweep_s": sweep_s}
+              "sweep_s": sweep_s, "from_cache": cache.hits, "cache_rejected": cache.rejected}
     click.echo(json.dumps(result))
     return result
+
+
+def say_what_came_from_the_cache(cache: ResultCache, total: int) -> None:
+    """A rerun into the same --out reads finished results back instead of computing them: say so, so that
+    a fast run is not mistaken for a new measurement."""
+    if cache.hits:
+        click.echo(f"{cache.hits} of {total} results read back from {cache.path}, not computed in this run "
+                   "(another --out, or delete that file, to compute them again)", err=True)
+    if cache.rejected:
+        click.echo(f"warning: {cache.rejected} line(s) of {cache.path} failed their check (edited, cut short or "
+                   "not written here) and were computed again", err=True)
 
 
 def dataset_title(setup: Setup) -> str:
