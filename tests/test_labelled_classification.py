@@ -84,6 +84,9 @@ def test_sweep_reports_and_resumes_from_the_cache(tiny, tmp_path, monkeypatch):
     # A rerun says what it read back instead of computing, and which lines failed their check.
     assert out2["from_cache"] == 6 and out2["cache_rejected"] == 2
     assert f"6 of 8 results read back from {cache}" in res2.stderr and "2 line(s)" in res2.stderr
+    ran.clear()
+    res3, out3 = run_cli("classification", path, tmp_path, *args, "--no-cache")
+    assert res3.exit_code == 0 and out3["from_cache"] == 0 and len(ran) == 4 and out3["rows"] == out["rows"]
 
 
 def test_offline_algorithm_1_beside_the_stream(tiny, tmp_path, monkeypatch):

@@ -227,3 +227,26 @@ def test_the_command_line_refuses_such_levels_as_usage_errors():
                         (["--noise-option", "temporal_level=nan"], "temporal_level=nan must be a finite number")):
         result = CliRunner().invoke(main, ["stream", "--noise", "relative", *args, "--frames", "1"])
         assert result.exit_code == 2 and named in result.output, result.output
+
+
+def test_the_unit_mean_reading_at_eta0_is_the_preset_at_its_square_root():
+    """docs/NOISE.md: eq. 2 with N_S ~ N(1, 0.1^2) at the paper's eta0 is the `paper` preset's default
+    (relative) reading at sqrt(eta0), draw for draw: the same chip to float32 rounding."""
+    import math
+
+    rng = np.random.default_rng(0)
+    layers = {f"l{i}": ("conv", rng.standard_normal((3, 3, 8, 16)).astype(np.float32)) for i in range(3)}
+    layers["fc"] = ("dense", rng.standard_normal((16, 10)).astype(np.float32))
+    for eta0 in (0.1, 0.16, 0.25):
+        unit = make_noise("paper", eta0, 5, spatial_reading="unit-mean").instantiate(layers)
+        preset = make_noise("paper", math.sqrt(eta0), 5).instantiate(layers)
+        for name in layers:
+            for mine, theirs in ((unit.layers[name].base, preset.layers[name].base),
+                                 (unit.layers[name].dev, preset.layers[name].dev)):
+                np.testing.assert_array_max_ulp(mine, theirs, maxulp=4)
+            assert unit.xi(name, 7) == preset.xi(name, 7)
+        # and not the literal reading at the same number: that one is a different, much weaker chip
+        literal = make_noise("paper", eta0, 5).instantiate(layers)
+        assert not np.allclose(literal.layers["fc"].base, unit.layers["fc"].base, rtol=1e-3)
+    with pytest.raises(ValueError, match="spatial_reading must be one of"):
+        make_noise("paper", 0.1, spatial_reading="unit")

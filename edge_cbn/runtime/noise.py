@@ -35,6 +35,9 @@ from .fold import KINDS, channel_shape, fold_kernel, out_channels, to_keras, to_
 
 PRESETS = ("none", "paper", "relative", "additive-max", "pcm")
 GRANULARITIES = ("weight", "channel", "tensor")
+# The `paper` preset's readings of eq. 2's spatial factor N_S: mean eta0 with sd level*eta0 ("relative") or
+# level ("absolute"), or mean 1 with sd level ("unit-mean", the paper's eta0 scale; docs/NOISE.md).
+SPATIAL_READINGS = ("relative", "absolute", "unit-mean")
 # eta0 at most this: at 10 the noise is ten times the weights (relative) or aihwkit's PCM noise tenfold, and
 # far beyond it float32 weights and activations overflow to Inf and NaN.
 ETA_MAX = 10.0
@@ -239,10 +242,13 @@ def make_noise(preset: str, eta: float = 0.0, seed: int = 0, *, temporal: bool =
         return PCMNoise(**common, **options)
     o = {**PRESET_OPTIONS[preset], **options}
     if preset == "paper":
-        if o["spatial_reading"] not in ("relative", "absolute"):
-            raise ValueError(f"spatial_reading must be 'relative' or 'absolute', not {o['spatial_reading']!r}")
-        s_std = o["spatial_level"] * eta if o["spatial_reading"] == "relative" else o["spatial_level"]
-        factors = dict(s_mean=eta, s_std=s_std, ref="weight")
+        if o["spatial_reading"] not in SPATIAL_READINGS:
+            raise ValueError(f"spatial_reading must be one of {SPATIAL_READINGS}, not {o['spatial_reading']!r}")
+        if o["spatial_reading"] == "unit-mean":  # N_S ~ N(1, level^2): the paper's eta0 scale (docs/NOISE.md)
+            factors = dict(s_mean=1.0, s_std=o["spatial_level"], ref="weight")
+        else:
+            s_std = o["spatial_level"] * eta if o["spatial_reading"] == "relative" else o["spatial_level"]
+            factors = dict(s_mean=eta, s_std=s_std, ref="weight")
     else:
         factors = dict(s_mean=0.0, s_std=1.0, ref="weight" if preset == "relative" else "max")
     return FactorNoise(**common, **factors, t_mean=eta, t_std=o["temporal_level"] * eta,

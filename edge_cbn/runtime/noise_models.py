@@ -94,14 +94,16 @@ class Paper(FactorModel):
 
     Attributes:
         eta: η0, the mean of both factors.
-        spatial_level: σ_S = spatial_level · η0 (`spatial_reading="relative"`) or spatial_level ("absolute").
-        spatial_reading: "relative" or "absolute" (the text literally says σ_S = 0.1).
+        spatial_level: σ_S = spatial_level · η0 (`spatial_reading="relative"`) or spatial_level ("absolute",
+            "unit-mean").
+        spatial_reading: "relative" or "absolute" (the text literally says σ_S = 0.1), or "unit-mean":
+            N_S ~ N(1, σ_S²), the paper's η0 scale, equal to the "relative" reading at √η0 (docs/NOISE.md).
         temporal_level, s_granularity, t_granularity: as in `FactorModel`.
     """
     preset: ClassVar[str] = "paper"
     eta: float = 0.3
     spatial_level: float = 0.1
-    spatial_reading: Literal["relative", "absolute"] = "relative"
+    spatial_reading: Literal["relative", "absolute", "unit-mean"] = "relative"
 
 
 @dataclass(frozen=True)

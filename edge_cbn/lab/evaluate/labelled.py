@@ -24,6 +24,7 @@ from typing import Callable
 import click
 import numpy as np
 
+from ... import __version__
 from ...cluster.shard_cache import FolderSecret
 from ...convert.offline_calibration import offline_statistics as algorithm_1
 from ...runtime.bundle import sidecar_path
@@ -209,14 +210,15 @@ class ResultCache:
 
     Args:
         path: the JSON-lines file (OUT/cache.jsonl).
+        read: False starts empty (`--no-cache`: every result computed again, and appended).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, *, read: bool = True):
         self.path = Path(path)
         self.secret = FolderSecret(self.path.parent)
         self.records: dict[str, dict] = {}
         self.rejected = self.hits = 0
-        if self.path.is_file():
+        if read and self.path.is_file():
             for line in self.path.read_bytes().splitlines():
                 rec = self._checked(line)
                 if rec is None:
@@ -266,7 +268,7 @@ def model_sha1(bundle) -> str:
 def fingerprints(setup: Setup) -> dict:
     """What every cached result of this setup depends on, once per sweep (hashing reads the sidecar and
     the annotation file)."""
-    return {"model": model_sha1(setup.bundle), "dataset": setup.dataset.fingerprint(),
+    return {"version": __version__, "model": model_sha1(setup.bundle), "dataset": setup.dataset.fingerprint(),
             "center_crop": setup.center_crop, "noise_states": setup.noise_states, **setup.options}
 
 

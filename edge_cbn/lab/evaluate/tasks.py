@@ -58,6 +58,9 @@ def sweep_flags(task: str):
                      help="Folder for the table (.md), the CSV, the PNG and the cache."),
         click.option("--cache", type=click.Path(dir_okay=False),
                      help="JSON-lines result cache [default: OUT/cache.jsonl]."),
+        click.option("--no-cache", is_flag=True,
+                     help="Compute every result again instead of reading finished ones back from the cache (the "
+                          "new results are still written to it)."),
         click.option("--workers", type=click.IntRange(1), default=None,
                      help="Run the sweep in N local worker processes (LiteRT 1 thread each unless --num-threads); "
                           "the same results as one process (docs/DESIGN.md, 'Sweeps on several processes')."),
@@ -112,7 +115,7 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
     options = {preset: noise_options(preset, kw["noise_option"]) for preset, _ in kw["settings"]}
     bundle = load_bundle(resolve_model(kw["model"], echo=lambda *a, **k: click.echo(*a, err=True)))
     setup = make_setup(bundle, dataset_of(), calib_of(), kw, **setup_options)
-    cache = ResultCache(kw["cache"] or Path(kw["out_dir"]) / "cache.jsonl")
+    cache = ResultCache(kw["cache"] or Path(kw["out_dir"]) / "cache.jsonl", read=not kw["no_cache"])
     started = time.perf_counter()
     if kw["workers"] or kw["ray_address"]:
         records = parallel_sweep.sweep(setup, kw["settings"], seeds, options, cache,
