@@ -158,3 +158,22 @@ def test_every_function_level_import_says_why_it_is_lazy(tmp_path):
     (package / "m.py").write_text("def f():\n    import json\n    # lazy: TensorFlow only here\n"
                                   "    import tensorflow\n    return json, tensorflow\n")
     assert unexplained_lazy_imports(package) == ["pkg/m.py:2"]
+
+
+def long_functions(root: Path, limit: int = 60) -> list[str]:
+    """"path:line name (N lines)" of every function longer than `limit` lines (decorators aside)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= limit:
+                found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} "
+                             f"({node.end_lineno - node.lineno + 1} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_sixty_lines(tmp_path):
+    assert not long_functions(ROOT)
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "m.py").write_text("def f():\n" + "    x = 1\n" * 60 + "    return x\n")
+    assert long_functions(package) == ["pkg/m.py:1 f (62 lines)"]

@@ -18,7 +18,20 @@ from .ray_pool import RayPool
 
 def make_pool(workers: int | None = None, ray_address: str | None = None, *, retries: int = 3):
     """`RayPool(ray_address)` when an address is given (`auto`: the cluster this machine belongs to), else
-    `LocalPool(workers)`."""
+    `LocalPool(workers)`.
+
+    Args:
+        workers: local worker processes (None: 1), when there is no `ray_address`.
+        ray_address: a Ray cluster's address, or "auto".
+        retries: how often a unit whose worker died runs again.
+
+    Returns:
+        The pool: `.run(fn, shared_value, units, on_done)` runs `fn(shared_value, unit)` for every unit and
+        every follow-up unit `on_done(unit, result)` returns; `.describe()` names it.
+
+    Raises:
+        MissingDependency: a Ray address without Ray installed (the [cluster] extra), when the pool starts.
+    """
     if ray_address:
         return RayPool(ray_address, retries=retries)
     return LocalPool(workers or 1, retries=retries)

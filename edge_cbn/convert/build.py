@@ -25,7 +25,24 @@ def _say(msg: str, quiet: bool) -> None:
 def build_model(name: str, weights: str | None = None, *, input_size=None, num_classes=None,
                 allow_random=False, quiet=True):
     """(spec, Keras model) for registered `name` with weights from `weights`, or from the file a package
-    ships; KeyError for an unknown name, MissingWeights when there is no weight file."""
+    ships.
+
+    Args:
+        name: a registered model (`edge-cbn models` lists them).
+        weights: the weight file (.pth, .safetensors, .weights, .npz); None: the one a package ships.
+        input_size: build at this input size instead of the model's own.
+        num_classes: build with this many classes instead of the model's own.
+        allow_random: with no weight file, keep the random initial weights instead of raising.
+        quiet: no progress lines on stderr.
+
+    Returns:
+        (the registry's `ModelSpec`, the Keras model).
+
+    Raises:
+        KeyError: an unknown name.
+        MissingWeights: no weight file and not `allow_random`.
+        BadInput: a weight file that cannot be used or does not fit (naming the file).
+    """
     spec = zoo.get_spec(name)
     weights = weights or default_weights(spec) or shipped_weights(spec)
     if weights is None and not allow_random:

@@ -271,8 +271,27 @@ def _convert_folded(keras_model, records, hw, meta) -> tuple[bytearray, dict]:
 def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, head=None,
            input_size=None, calibration: bool = True) -> Path:
     """Fold, convert and write `out_path` (.tflite), its sidecar (.cbn.npz) and, with `calibration`, the
-    calibration variant `X.calib.tflite` (see `moments_model`); returns the .tflite path.
-    `input_size`: int or (H, W), needed only if the model's input size is free."""
+    calibration variant `X.calib.tflite` (see `moments_model`).
+
+    Args:
+        model: a functional Keras model whose every BatchNormalization directly follows a Conv2D,
+            DepthwiseConv2D or Dense layer.
+        out_path: the .tflite to write (its sidecar and calibration variant go beside it).
+        name: the model's name in the sidecar.
+        task: "classification", "detection" or "segmentation".
+        preprocess: `{"mean": [3], "std": [3], "letterbox": bool}`, what the graph's input normalisation does.
+        labels: the class names.
+        head: a detector's head spec (anchors, strides), or None.
+        input_size: int or (H, W), needed only if the model's input size is free.
+        calibration: also write the calibration variant (when the model has BN layers).
+
+    Returns:
+        The .tflite path.
+
+    Raises:
+        FoldError: a BN that cannot be folded (not directly after a conv or dense layer, shared, nested).
+        ValueError: a free input size without `input_size`.
+    """
     hw = (input_size, input_size) if isinstance(input_size, int) else input_size or model.input_shape[1:3]
     folded, records = _fold(model)
     meta = {"model": name, "task": task, "input_size": [int(hw[0]), int(hw[1])], "preprocess": dict(preprocess),

@@ -45,10 +45,23 @@ def bn_layers(model) -> list:
 
 def calibrate_bn(model, batches: Iterable[np.ndarray], *, chip=None, estimator: str = "ema", momentum: float = 0.999,
                  progress: Callable[[int], None] | None = None, micro_batch: int | None = None) -> dict:
-    """Re-estimate BN statistics of `model` in place over `batches` (preprocessed NHWC float32 arrays).
-    `chip` is an instantiated noise source (None: clean), drawn afresh per batch; `micro_batch`: run
-    larger batches in pieces of this many images (exact, one pass per BN layer: see `batch_moments`).
-    Returns {bn_name: (mean, var)}."""
+    """The paper's Algorithm 1: re-estimate the BN statistics of `model` in place over `batches`.
+
+    Args:
+        model: a Keras model with BatchNormalization layers (its kernels are clean again afterwards).
+        batches: preprocessed NHWC float32 arrays, one calibration batch each.
+        chip: an instantiated noise source (None: clean), drawn afresh per batch (the batch index).
+        estimator: "ema" (BN's own running average, `momentum`) or "cumulative" (the mean over batches).
+        momentum: the EMA's momentum.
+        progress: optional callable, given the number of batches done after each one.
+        micro_batch: run larger batches in pieces of this many images (exact: `batch_moments`).
+
+    Returns:
+        {bn name: (mean, var)}, what the model's BN layers now hold.
+
+    Raises:
+        ValueError: an unknown estimator.
+    """
     bns = bn_layers(model)
     trackers = {bn.name: BatchStatsTracker(bn.moving_mean.numpy(), bn.moving_variance.numpy(),
                                            estimator=estimator, momentum=momentum) for bn in bns}

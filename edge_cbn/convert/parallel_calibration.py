@@ -97,8 +97,28 @@ def batch_runs(batches: int, max_units: int = MAX_UNITS) -> list[BatchRun]:
 def calibrate_in_parallel(model, files, pool, *, preprocess: dict, noise="none", eta=0.0, seed=0, batch_size=32,
                           micro_batch=None, momentum=0.999, estimator="cumulative", noise_options=None,
                           progress=None, max_units: int = MAX_UNITS) -> dict:
-    """Algorithm 1 over the image `files` on `pool` (`cluster.make_pool`), in place on `model` as
-    `offline_calibration.calibrate_on_images` does it in one process; {bn: (mean, var)}."""
+    """Algorithm 1 over the image `files` on `pool` (`cluster.make_pool`), in place on `model`, merged in
+    batch order: the statistics `offline_calibration.calibrate_on_images` computes in one process.
+
+    Args:
+        model: the Keras model (sent to the workers as architecture JSON and weight arrays).
+        files: the calibration images, in order.
+        pool: a `LocalPool` or `RayPool`.
+        preprocess: the model's preprocessing (`{"mean", "std", "letterbox"}`).
+        noise, eta, seed, noise_options: the chip (`make_noise`), drawn per batch index.
+        batch_size: images per calibration batch (the paper's batch size).
+        micro_batch: run a batch in pieces of this many images (exact).
+        momentum, estimator: as for `calibrate_bn`.
+        progress: optional callable, given the number of batches done.
+        max_units: at most this many units of work (batches are grouped into runs).
+
+    Returns:
+        {bn name: (mean, var)}, what the model's BN layers now hold.
+
+    Raises:
+        BadInput: an unreadable calibration image.
+        WorkerDied: a unit's worker died more often than the pool's retries allow.
+    """
     spec = model_spec(model)
     key = hashlib.sha1(spec[0].encode())
     for w in spec[1]:
