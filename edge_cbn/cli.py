@@ -95,6 +95,7 @@ def one_line_error(e: Exception) -> int:
     "bench": "edge_cbn.lab.bench.command:bench",
     "evaluate": "edge_cbn.lab.evaluate.command:main",
     "divergence": "edge_cbn.lab.divergence:main",
+    "plot": "edge_cbn.lab.plot:main",
     "models": "edge_cbn.convert.command:models",
 })
 @click.version_option(package_name="edge-cbn")
@@ -108,6 +109,7 @@ def main():
     edge-cbn evaluate          recovery under noise on natural photos (workstation)
     edge-cbn evaluate TASK     top-1 / mAP@0.5 / mIoU on ImageNet, COCO or VOC data (the paper's tables)
     edge-cbn divergence        per-BN-layer KL/JS of noisy vs clean activations, calibrated or not (Fig. 1)
+    edge-cbn plot LOG.jsonl    charts of a stream's --log: agreement, fps, calibration (PNG)
     edge-cbn bench …           benchmarks (models, refold, stream)
 
     An input edge-cbn cannot use is one line on stderr and exit status 1 (a usage error: status 2);
