@@ -209,3 +209,27 @@ def test_slow_client_does_not_block_producer_and_close_ends_streams(server):
     with pytest.raises(OSError):
         urllib.request.urlopen(server.url, timeout=2)
     sock.close()
+
+
+def test_history_keeps_the_whole_stream_in_bounded_memory():
+    """/history: chart points thinned evenly as the stream goes on (never more than HISTORY_POINTS), the
+    newest HISTORY_SAMPLES agreement samples, and the frame the model became calibrated."""
+    import json
+    import urllib.request
+
+    from edge_cbn.stream.preview import HISTORY_POINTS, HISTORY_SAMPLES, PreviewServer
+
+    with PreviewServer(port=0) as server:
+        for n in range(1, 5001):
+            server.update_status({"frames": n, "fps": 30.0, "latency_ms": 9.5, "refolds": n // 100,
+                                  "calibrated_at_frame": 104 if n >= 104 else None,
+                                  "agreement": {"frame": n, "before": 40.0, "after": 80.0} if n % 2 == 0 else None})
+        with urllib.request.urlopen(f"{server.url}history", timeout=2) as response:
+            history = json.loads(response.read())
+    frames = [p[0] for p in history["points"]]
+    assert HISTORY_POINTS // 2 <= len(frames) < HISTORY_POINTS and frames == sorted(frames)
+    gaps = {b - a for a, b in zip(frames, frames[1:])}
+    assert len(gaps) == 1  # evenly thinned
+    assert frames[-1] > 4500 and frames[0] < 500  # the whole stream, start to end
+    assert len(history["samples"]) == HISTORY_SAMPLES and history["samples"][-1] == [5000, 40.0, 80.0]
+    assert history["calibrated_at_frame"] == 104

@@ -33,6 +33,16 @@ return sum;
 """
 
 
+# Pixels of a canvas that are not transparent: what the chart code drew.
+CANVAS_INK_JS = """
+const canvas = document.getElementById(arguments[0]);
+const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+let ink = 0;
+for (let i = 3; i < data.length; i += 4) if (data[i] > 0) ink++;
+return ink;
+"""
+
+
 @pytest.fixture
 def live_server():
     """A preview server with a producer thread publishing changing frames and statuses."""
@@ -51,7 +61,8 @@ def live_server():
                                   "noise": "noise relative eta=0.05 seed 0",
                                   "calibration": f"calibrating {n % 64}/64",
                                   "calibration_progress": (n % 64) / 64, "calibrated_at_frame": 208,
-                                  "calibrated_at_seconds": 2.9})
+                                  "calibrated_at_seconds": 2.9, "latency_ms": 8.0 + n % 5, "refolds": n // 5,
+                                  "agreement": {"frame": n, "before": 40.0, "after": 80.0} if n % 3 == 0 else None})
             time.sleep(0.05)
 
     producer = threading.Thread(target=produce, daemon=True)
@@ -102,4 +113,11 @@ def test_page_shows_live_stream_and_status(live_server, browser, tmp_path):
     assert text("calibration").startswith("calibrating ")
     assert text("calibrated-at") == "frame 208 (2.9 s)"
     assert '"model": "demo"' in text("status-json")
+
+    # The charts draw /history: points and samples arrive, and each canvas holds drawn pixels.
+    charts = lambda key: browser.execute_script(f"return Number(document.getElementById('charts').dataset.{key} || 0)")  # noqa: E731
+    wait.until(lambda d: charts("points") > 5 and charts("samples") > 2)
+    for canvas in ("agreement-chart", "speed-chart"):
+        drawn = browser.execute_script(CANVAS_INK_JS, canvas)
+        assert drawn > 100, (canvas, drawn)
     browser.save_screenshot(str(tmp_path / "preview.png"))

@@ -136,7 +136,8 @@ class StreamLoop:
 
         Returns:
             {"model", "task", "source", "fps", "frames", "noise", "calibration", "calibration_progress",
-            "calibrated_at_frame", "calibrated_at_seconds", "noise_states", "refolds", "latency_ms", "result"}.
+            "calibrated_at_frame", "calibrated_at_seconds", "noise_states", "refolds", "latency_ms", "result",
+            "agreement"} ("agreement": this frame's sample {"frame", "before", "after"}, or None).
         """
         e = self.engine
         return {"model": self.model_name, "task": e.task, "source": self.source.name,
@@ -146,7 +147,9 @@ class StreamLoop:
                 **self.calibrated_at(),
                 "noise_states": self.opts.noise_states if self.opts.noise_on else None,
                 "refolds": e.refolds, "latency_ms": round(result.latency_ms, 2) if result else None,
-                "result": describe(e.task, result.prediction) if result else None}
+                "result": describe(e.task, result.prediction) if result else None,
+                "agreement": {k: result.sample[k] for k in ("frame", "before", "after")}
+                if result is not None and result.sample is not None else None}
 
     def calibrated_at(self) -> dict:
         """The frame (of this run) and the second of the stream at which the warm-up's statistics began to

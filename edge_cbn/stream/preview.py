@@ -6,11 +6,15 @@ The producer (the streaming loop) calls :meth:`PreviewServer.publish` with each 
 * ``GET /``            the page (``static/index.html``): the stream and the status, polled every 0.5 s;
 * ``GET /stream.mjpg`` ``multipart/x-mixed-replace`` MJPEG, each client gets frames as they are published;
 * ``GET /frame.jpg``   the latest frame (503 before the first one);
-* ``GET /status``      JSON of the latest status plus ``published`` (frames published so far).
+* ``GET /status``      JSON of the latest status plus ``published`` (frames published so far);
+* ``GET /history``     JSON of the stream over time, for the page's charts: ``points`` [frame, fps,
+  latency_ms, refolds] (at most ``HISTORY_POINTS``, thinned evenly as the stream goes on), ``samples``
+  [frame, before, after] of the agreement samples (the last ``HISTORY_SAMPLES``), ``calibrated_at_frame``.
 
 The page shows these status keys when present: ``model``, ``task``, ``source``, ``fps``, ``frames``,
 ``noise``, ``calibration`` (text), ``calibration_progress`` (0..1), ``result``; the whole dict is shown
-as JSON too. Device side: stdlib, numpy and OpenCV only. Serve on loopback unless you mean to expose it.
+as JSON too, and ``frames``, ``fps``, ``latency_ms``, ``refolds``, ``agreement`` and ``calibrated_at_frame``
+feed ``/history``.  The page draws its charts itself (no external assets: the board may be offline). Device side: stdlib, numpy and OpenCV only. Serve on loopback unless you mean to expose it.
 
 Limits, so clients cannot hold the board's threads or memory: at most ``max_clients`` connections are
 served at once (each holds a thread).  When they are all taken, a new connection takes the slot of the
@@ -24,6 +28,7 @@ the listen backlog (``BACKLOG``) lets 50 clients connect at once.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -52,6 +57,8 @@ HEAD_LIMIT = 65536  # bytes of request line and headers (cookies for 127.0.0.1 a
 SEND_TIMEOUT_S = 10.0  # a client that reads nothing for this long is dropped
 HEAD_GRACE_S = 0.5  # a connection still sending its request after this long gives its slot to a new one
 STALL_S = 2.0  # a stream client blocked on one send this long gives its slot to a new one
+HISTORY_POINTS = 600  # chart points kept: when full, every other one is dropped (even thinning)
+HISTORY_SAMPLES = 500  # agreement samples kept (the newest)
 _BUSY_TEXT = b"too many preview clients, retry\r\n"
 BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
         b"Retry-After: 5\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT))
@@ -133,6 +140,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(preview.page, "text/html; charset=utf-8")
             elif path == "/status":
                 self._send(preview.status_json().encode(), "application/json")
+            elif path == "/history":
+                self._send(preview.history_json().encode(), "application/json")
             elif path == "/frame.jpg":
                 jpeg = preview.latest()[1]
                 if jpeg is None:
@@ -249,6 +258,34 @@ class _Server(ThreadingHTTPServer):
         log.debug("preview: error serving %s", client_address, exc_info=True)  # not a traceback on stderr
 
 
+class _History:
+    """The stream over time, bounded: chart points thinned evenly (every `step`-th status once full, the
+    kept ones halved), the newest agreement samples, the frame the model became calibrated."""
+
+    def __init__(self):
+        self.points: list[list] = []
+        self.samples: collections.deque = collections.deque(maxlen=HISTORY_SAMPLES)
+        self.step, self.seen, self.calibrated_at = 1, 0, None
+
+    def add(self, status: dict) -> None:
+        frame = status.get("frames")
+        if not isinstance(frame, (int, float)):
+            return
+        sample = status.get("agreement")
+        if isinstance(sample, dict):
+            self.samples.append([sample.get("frame"), sample.get("before"), sample.get("after")])
+        self.calibrated_at = status.get("calibrated_at_frame", self.calibrated_at)
+        self.seen += 1
+        if self.seen % self.step:
+            return
+        self.points.append([frame, status.get("fps"), status.get("latency_ms"), status.get("refolds")])
+        if len(self.points) >= HISTORY_POINTS:
+            self.points, self.step = self.points[1::2], self.step * 2
+
+    def as_dict(self) -> dict:
+        return {"points": self.points, "samples": list(self.samples), "calibrated_at_frame": self.calibrated_at}
+
+
 class PreviewServer:
     """HTTP preview on ``host:port`` (``port=0``: a free port; see ``.port`` and ``.url``), served by a
     daemon thread from construction until :meth:`close`. Also a context manager.  ``clients`` is the
@@ -264,6 +301,7 @@ class PreviewServer:
         self._seq = 0
         self._jpeg: Optional[bytes] = None
         self._status: dict = {}
+        self._history = _History()
         self.closed = False
         self._httpd = _Server((host, port), self, max_clients, head_deadline_s, send_timeout_s, stall_s)
         self.host, self.port = self._httpd.server_address[:2]
@@ -308,10 +346,16 @@ class PreviewServer:
         clean = json.loads(json.dumps(dict(status), default=_jsonable))
         with self._cond:
             self._status = clean
+            self._history.add(clean)
 
     def status_json(self) -> str:
         with self._cond:
             return json.dumps({**self._status, "published": self._seq})
+
+    def history_json(self) -> str:
+        """``/history``: the stream over time (see the module)."""
+        with self._cond:
+            return json.dumps(self._history.as_dict())
 
     def latest(self):
         """``(sequence number, JPEG bytes or None)`` of the latest frame."""
