@@ -132,17 +132,29 @@ def _slow(write):
     return lambda f: write(Half(f))
 
 
-def write_calibrated_bundle(bundle, stats: dict, model_bytes: bytes, path, info: dict) -> Path:
+def write_calibrated_bundle(bundle, stats: dict, model_bytes: bytes, path, info: dict, *,
+                            record_sha256: bool = True) -> Path:
     """Write the calibrated model `path` (`model_bytes`: `bundle` with `stats` refolded) and its sidecar,
     each atomically, sidecar first: an ordinary exported bundle without a calibration variant, whose meta
-    records `info` under "calibrated".  Returns `path`."""
+    records `info` under "calibrated".
+
+    Args:
+        record_sha256: record the model's sha256 in the sidecar (checked at load).  The stream's saves do
+            not: they rewrite the pair every few seconds, a kill between the two writes would leave a pair
+            that fails the check, and the state file's own sha1 of the model decides whether it is used.
+
+    Returns:
+        `path`.
+    """
     path = Path(path)
     layers = [dataclasses.replace(rec, mean=np.asarray(stats[rec.bn][0], np.float32),
                                   var=np.asarray(stats[rec.bn][1], np.float32))
               if rec.bn in stats else rec for rec in bundle.layers]
     meta = {k: v for k, v in bundle.meta.items() if k not in ("layers", "calibration", "format")}
     meta["calibrated"] = {**info, "source": bundle.path and bundle.path.name, "saved_at": time.time()}
-    meta["model_sha256"] = sha256_of(model_bytes)
+    meta.pop("model_sha256", None)  # the source model's
+    if record_sha256:
+        meta["model_sha256"] = sha256_of(model_bytes)
     write_sidecar(sidecar_path(path), meta, layers)
     atomic_write(path, _slow(lambda f: f.write(model_bytes)))
     return path
@@ -175,7 +187,8 @@ class StateStore:
     def save(self, snap: Snapshot) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         model = snap.model_bytes
-        write_calibrated_bundle(self.bundle, snap.stats, model, self.model_path, self.fingerprint)
+        write_calibrated_bundle(self.bundle, snap.stats, model, self.model_path, self.fingerprint,
+                                record_sha256=False)
         state_meta = {"format": FORMAT, **self.fingerprint, **snap.counters, "saved_at": time.time(),
                       "calibrated_model": self.model_path.name, "calibrated_sha1": sha1(model)}
         arrays = {"meta": np.array(json.dumps(state_meta))}
