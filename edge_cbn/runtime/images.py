@@ -27,6 +27,8 @@ from .validation import regular_file
 ENV = "EDGE_CBN_MAX_IMAGE_PIXELS"
 
 _REDUCED = ((2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8))
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk a complete PNG ends with
+_TAIL_BYTES = 1 << 16  # where a JPEG's end-of-image marker is looked for first
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # JPEG frame headers
 
 
@@ -55,50 +57,41 @@ def header_size(path) -> tuple[str, int, int] | None:
     return None
 
 
-def _jpeg_size(f) -> tuple[str, int, int] | None:
-    """The size in the first frame header (SOFn) of a JPEG stream positioned after its SOI marker."""
-    for _ in range(10_000):  # segments before the frame header: a bounded walk
+def _jpeg_segments(f):
+    """(marker, payload bytes) of each segment of a JPEG stream positioned after its SOI marker, with `f`
+    at the payload's start when yielded; ends at the end-of-image marker, or at anything that is no segment
+    (a bounded walk: a hostile file cannot make it loop)."""
+    for _ in range(10_000):
         marker = f.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            return None
-        while marker[1] == 0xFF:  # fill bytes
+        while len(marker) == 2 and marker[0] == 0xFF and marker[1] == 0xFF:  # fill bytes
             marker = marker[1:] + f.read(1)
-        if marker[1] == 0xD9:  # the end of the image, and no frame header
-            return None
+        if len(marker) < 2 or marker[0] != 0xFF or marker[1] == 0xD9:
+            return
         if marker[1] in (0xD8, 0x01) or 0xD0 <= marker[1] <= 0xD7:
             continue  # markers without a length
         length = f.read(2)
         if len(length) < 2:
-            return None
-        size = struct.unpack(">H", length)[0]
-        if marker[1] in _SOF:
+            return
+        start, size = f.tell(), struct.unpack(">H", length)[0] - 2
+        yield marker[1], size
+        f.seek(start + size)
+
+
+def _jpeg_size(f) -> tuple[str, int, int] | None:
+    """The size in the first frame header (SOFn) of a JPEG stream positioned after its SOI marker."""
+    for marker, _ in _jpeg_segments(f):
+        if marker in _SOF:
             frame = f.read(5)
             return ("jpeg", *struct.unpack(">HH", frame[1:5])[::-1]) if len(frame) == 5 else None
-        f.seek(size - 2, os.SEEK_CUR)
     return None
-
-
-_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-_TAIL_BYTES = 1 << 16
 
 
 def _sos_offset(f) -> int | None:
     """The offset just after the first start-of-scan segment of a JPEG positioned after its SOI marker
     (APPn segments, an EXIF thumbnail with its own markers among them, are skipped by their length)."""
-    for _ in range(10_000):
-        marker = f.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            return None
-        while marker[1] == 0xFF:
-            marker = marker[1:] + f.read(1)
-        if marker[1] in (0xD8, 0x01) or 0xD0 <= marker[1] <= 0xD7:
-            continue
-        length = f.read(2)
-        if len(length) < 2 or marker[1] == 0xD9:
-            return None
-        f.seek(struct.unpack(">H", length)[0] - 2, os.SEEK_CUR)
-        if marker[1] == 0xDA:
-            return f.tell()
+    for marker, size in _jpeg_segments(f):
+        if marker == 0xDA:
+            return f.tell() + size
     return None
 
 
