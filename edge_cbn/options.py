@@ -65,6 +65,12 @@ def refold_every_option(default: int, help: str):
                         type=click.IntRange(1), default=default, show_default=True, metavar="N", help=help)
 
 
+def noise_states_option(default: int, help: str, old: str):
+    """`--noise-states K` (the temporal noise states a noisy model serves in turn), formerly `old`."""
+    return click.option("--noise-states", "noise_states", cls=RenamedOption, old=[old], type=click.IntRange(0),
+                        default=default, show_default=True, metavar="K", help=help)
+
+
 def _apply(decorators):
     def wrap(f):
         for decorator in reversed(decorators):

@@ -9,7 +9,7 @@ import threading
 import click
 
 from ..options import (max_image_pixels_option, model_option, noise_flags, noise_options, num_threads_option,
-                       RenamedOption, refold_every_option, verbose_option)
+                       noise_states_option, refold_every_option, verbose_option)
 from ..runtime.interpreter import available_cpus
 from ..runtime.memory import return_freed_memory
 from ..runtime.stream_calibrator import MODES
@@ -19,9 +19,9 @@ from .options import StreamOptions, warn
 from .resolve import load_model, open_frames
 
 NOISE_STATES_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seeded pick each frame): no "
-             "per-frame cost, but frames see only K variants, rebuilt at each refold (a refold costs K "
-             "interpreter builds). 0 = exact: every frame draws its own noise and builds its interpreter "
-             "(faithful but slow: the build costs more than the invoke).")
+                     "per-frame cost, but frames see only K variants, rebuilt at each refold (a refold costs K "
+                     "interpreter builds). 0 = exact: every frame draws its own noise and builds its "
+                     "interpreter (faithful but slow: the build costs more than the invoke).")
 CALIBRATE_EVERY_HELP = (
     f"Calibrate on every N-th frame through the warm-up, on every {SECOND_PASS_SLOWDOWN}N-th until "
     f"{CONVERGED_WARMUPS} times its calibration frames are in, then on every {TRACKING_SLOWDOWN}N-th. "
@@ -58,8 +58,7 @@ def _budget_gone() -> None:
 @click.option("--score-threshold", type=float, default=D.score_threshold, show_default=True,
               help="Detection: min score.")
 @noise_flags()
-@click.option("--noise-states", "noise_states", cls=RenamedOption, old=["--noise-pool"], type=click.IntRange(0),
-              default=D.noise_states, show_default=True, metavar="K", help=NOISE_STATES_HELP)
+@noise_states_option(D.noise_states, NOISE_STATES_HELP, old="--noise-pool")
 @click.option("--calibrate/--no-calibrate", default=None,
               help="Re-estimate BN statistics on the stream (default: when --noise is not none).")
 @click.option("--mode", type=click.Choice(MODES), default=D.mode, show_default=True,

@@ -18,7 +18,7 @@ from ...cli import LazyGroup
 from ...convert import build  # build.build_model looked up when called (a test replaces it)
 from ...convert.offline_calibration import offline_statistics
 from ...options import (IntList, NoiseSweep, noise_option_flag, noise_options, num_threads_option,
-                         RenamedOption, refold_every_option, verbose_option)
+                         noise_states_option, refold_every_option, verbose_option)
 from ...runtime.bundle import load_bundle
 from ...runtime.device_calibration import DeviceCalibration
 from ...runtime.noise import make_noise
@@ -198,10 +198,9 @@ def calibrator_flags():
 @noise_option_flag("Override an option of every --noise preset, repeatable, e.g. t_granularity=weight "
                    "(docs/NOISE.md).")
 @calibrator_flags()
-@click.option("--noise-states", "noise_states", cls=RenamedOption, old=["--pool"], type=click.IntRange(0), default=8,
-              show_default=True, metavar="K",
-              help="Temporal noise states of the evaluated noisy models (0: a fresh draw and interpreter every "
-                   "inference); calibration always draws afresh per frame, as the stream does.")
+@noise_states_option(8, "Temporal noise states of the evaluated noisy models (0: a fresh draw and interpreter "
+                        "every inference); calibration always draws afresh per frame, as the stream does.",
+                     old="--pool")
 @click.option("--cal-frames", type=click.IntRange(1), default=192, show_default=True)
 @click.option("--eval-crops", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--checkpoints", type=IntList(1), default="16,32,64,128,192", show_default=True,

@@ -12,7 +12,7 @@ import click
 from ...cluster import make_pool
 from ...convert.build import MissingWeights, build_model
 from ...options import (IntList, NoiseSweep, max_image_pixels_option, model_option, noise_option_flag, noise_options,
-                        num_threads_option, RenamedOption, verbose_option)
+                        noise_states_option, num_threads_option, verbose_option)
 from ...runtime.bundle import load_bundle
 from ...runtime.processing import Processor
 from ...stream.resolve import resolve_model
@@ -39,9 +39,8 @@ def sweep_flags(task: str):
         click.option("--cal-frames", type=click.IntRange(1), default=192, show_default=True,
                      help="Streaming calibration frames (the calibration images shuffled, cycled if fewer)."),
         calibrator_flags(),
-        click.option("--noise-states", "noise_states", cls=RenamedOption, old=["--pool"], type=click.IntRange(0),
-                     default=8, show_default=True, metavar="K",
-                     help="Temporal noise states of the evaluated model (0: a fresh draw every inference)."),
+        noise_states_option(8, "Temporal noise states of the evaluated model (0: a fresh draw every inference).",
+                            old="--pool"),
         click.option("--limit", type=click.IntRange(1), default=None,
                      help="Evaluate a seeded random subset of N images (the same N every run)."),
         click.option("--offline", is_flag=True, help="Also the paper's offline Algorithm 1 in Keras (needs "
