@@ -39,6 +39,7 @@ CASES = {  # name: (the file's JSON, or raw bytes; the reason expected)
     "missing-bbox": (changed(lambda d: d["annotations"][0].pop("bbox")), "annotations[0].bbox"),
     "missing-area": (changed(lambda d: d["annotations"][0].pop("area")), "annotations[0].area"),
     "three-number-box": (changed(lambda d: d["annotations"][0].update(bbox=[1, 2, 3])), "4 finite numbers"),
+    "huge-integer-box": (changed(lambda d: d["annotations"][0].update(bbox=[1, 2, 10 ** 400, 3])), "4 finite numbers"),
     "string-box": (changed(lambda d: d["annotations"][0].update(bbox=["1", "2", "3", "4"])), "4 finite numbers"),
     "string-image-ids": (changed(lambda d: [i.update(id=str(i["id"])) for i in d["images"]]), "images[0].id"),
     "mixed-image-ids": (changed(lambda d: d["images"][1].update(id="2")), "images[1].id"),

@@ -5,11 +5,10 @@ ids, a top-level list, a file nested 100,000 deep) is one `BadInput` naming the 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from ...runtime.errors import BadInput
-from ...runtime.validation import regular_file
+from ...runtime.validation import is_int, is_number, regular_file
 
 MAX_BYTES = 2 << 30  # COCO 2017's instances_train is 450 MB
 
@@ -41,8 +40,8 @@ def check_coco(path: Path, data) -> None:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise BadInput(path, f"{key}: missing or not a list")
-    images = _unique_ids(path, "images", data["images"], {"id": int, "file_name": str})
-    categories = _unique_ids(path, "categories", data["categories"], {"id": int, "name": str})
+    images = _unique_ids(path, "images", data["images"], "file_name")
+    categories = _unique_ids(path, "categories", data["categories"], "name")
     names = [c["name"] for c in data["categories"]]
     if len(set(names)) != len(names):
         raise BadInput(path, f"categories: the name {_first_repeat(names)!r} is given twice")
@@ -52,15 +51,17 @@ def check_coco(path: Path, data) -> None:
         _check_annotation(path, f"annotations[{n}]", ann, images, categories)
 
 
-def _unique_ids(path, key: str, items: list, fields: dict) -> set:
+def _unique_ids(path, key: str, items: list, text_field: str) -> set:
+    """The ids of `items`, each an object with an integer "id", unique, and a string `text_field`."""
     ids = set()
     for n, item in enumerate(items):
         where = f"{key}[{n}]"
         if not isinstance(item, dict):
             raise BadInput(path, f"{where}: not an object")
-        for field, kind in fields.items():
-            if not _is(item.get(field), kind):
-                raise BadInput(path, f"{where}.{field}: missing or not {'an integer' if kind is int else 'a string'}")
+        if not is_int(item.get("id")):
+            raise BadInput(path, f"{where}.id: missing or not an integer")
+        if not isinstance(item.get(text_field), str):
+            raise BadInput(path, f"{where}.{text_field}: missing or not a string")
         if item["id"] in ids:
             raise BadInput(path, f"{where}.id: {item['id']} is given twice")
         ids.add(item["id"])
@@ -71,27 +72,19 @@ def _check_annotation(path, where: str, ann, images: set, categories: set) -> No
     if not isinstance(ann, dict):
         raise BadInput(path, f"{where}: not an object")
     for field, known, what in (("image_id", images, "image"), ("category_id", categories, "category")):
-        if not _is(ann.get(field), int):
+        if not is_int(ann.get(field)):
             raise BadInput(path, f"{where}.{field}: missing or not an integer")
         if ann[field] not in known:
             raise BadInput(path, f"{where}.{field}: no {what} has id {ann[field]}")
     box = ann.get("bbox")
-    if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
+    if not (isinstance(box, list) and len(box) == 4 and all(is_number(v) for v in box)):
         raise BadInput(path, f"{where}.bbox: {str(box)[:60]} is not [x, y, width, height] of 4 finite numbers")
     if box[2] < 0 or box[3] < 0:
         raise BadInput(path, f"{where}.bbox: negative width or height {box[2:]}")
-    if not (_number(ann.get("area")) and ann["area"] >= 0):
+    if not (is_number(ann.get("area")) and ann["area"] >= 0):
         raise BadInput(path, f"{where}.area: missing or not a finite number >= 0")
     if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd", 0), bool):
         raise BadInput(path, f"{where}.iscrowd: {str(ann.get('iscrowd'))[:20]} is not 0 or 1")
-
-
-def _is(value, kind) -> bool:
-    return isinstance(value, kind) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _first_repeat(values: list):
