@@ -89,7 +89,6 @@ class CalibratedModel:
     Args:
         bundle: an exported model (`load_bundle`): X.tflite with X.cbn.npz and X.calib.tflite beside it.
         options: what it runs with (default: clean, calibration defaults).
-        engine: the stream engine to wrap (`edge-cbn stream` passes its own); built from `options` when None.
 
     Raises:
         StreamError: noise or calibration that the bundle cannot do (no sidecar, no calibration variant), or a
@@ -99,9 +98,9 @@ class CalibratedModel:
         MissingDependency: no TFLite interpreter is installed.
     """
 
-    def __init__(self, bundle, options: CalibratedModelOptions | None = None, *, engine: Engine | None = None):
+    def __init__(self, bundle, options: CalibratedModelOptions | None = None):
         self.bundle, self.options = bundle, options or CalibratedModelOptions()
-        self.engine = engine or Engine(bundle, self.options.stream_options(), background=False)
+        self.engine = Engine(bundle, self.options.stream_options(), background=False)
         self._next_frame = 0  # the inference index of the next frame without one
 
     @classmethod
