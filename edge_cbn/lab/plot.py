@@ -14,8 +14,9 @@ import numpy as np
 
 from ..runtime.errors import BadInput, MissingDependency
 from ..runtime.validation import regular_file
+from .bench.converge import CLIP_FRAMES
 
-RUNNING_MEAN_FRAMES = 140  # one loop of the bundled clip, as `bench converge` averages
+RUNNING_MEAN_FRAMES = CLIP_FRAMES  # one loop of the bundled clip, as `bench converge` averages
 MAX_LINE_BYTES = 1 << 20
 
 
