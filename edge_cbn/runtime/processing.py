@@ -1,5 +1,6 @@
 """A bundle's pre- and postprocessing on the device: BGR frame -> model input, model outputs -> task
-results (classification top-k, YOLO detections, segmentation masks).  numpy + OpenCV only."""
+results (classification top-k, YOLO detections, segmentation masks, a raw model's outputs as they are).
+numpy + OpenCV only."""
 from __future__ import annotations
 
 import math
@@ -55,6 +56,18 @@ def top_k(logits, labels, k: int = 5) -> list[tuple[int, str, float]]:
         z = float(np.exp(v - top[0]).sum())
         probs = [math.exp(t - top[0]) / z for t in top]
     return [(i, labels[i] if i < len(labels) else str(i), p) for i, p in zip(ids, probs)]
+
+
+def flat_outputs(outputs) -> np.ndarray:
+    """A raw model's outputs as one vector: each flattened, concatenated in order, as float64.
+
+    Args:
+        outputs: the model's output arrays (any shapes).
+
+    Returns:
+        A new 1-d float64 array (empty for no outputs).
+    """
+    return np.concatenate([np.asarray(o, np.float64).reshape(-1) for o in outputs] or [np.zeros(0)])
 
 
 class Processor:
@@ -126,7 +139,8 @@ class Processor:
 
         Returns:
             classification: [(class_id, label, score)] best first; segmentation: (h, w) class-id mask at
-            frame size; detection: [(class_id, label, score, (x1, y1, x2, y2) in frame pixels)] best first.
+            frame size; detection: [(class_id, label, score, (x1, y1, x2, y2) in frame pixels)] best first;
+            raw: the output arrays, float32 copies (an interpreter overwrites its own at the next invoke).
 
         Raises:
             ValueError: the meta names an unknown task.
@@ -139,6 +153,8 @@ class Processor:
             return cv2.resize(mask, (ow, oh), interpolation=cv2.INTER_NEAREST)
         if self.task == "detection":
             return self._detections(outputs, ctx)
+        if self.task == "raw":
+            return [np.array(o, np.float32) for o in outputs]
         raise ValueError(f"unknown task {self.task!r}")
 
     def _detections(self, outputs, ctx):

@@ -151,7 +151,8 @@ class CalibratedModel:
 
         Returns:
             Classification: [(class id, label, probability)] best first; detection: [(class id, label,
-            score, (x1, y1, x2, y2) in frame pixels)] best first; segmentation: a class mask of the frame's size.
+            score, (x1, y1, x2, y2) in frame pixels)] best first; segmentation: a class mask of the frame's size;
+            raw: the model's output arrays (float32 copies).
         """
         proc = self.engine.proc
         x, ctx = proc.preprocess(frame_bgr)

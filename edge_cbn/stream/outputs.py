@@ -9,35 +9,75 @@ import cv2
 import numpy as np
 
 from . import overlay
+from .agreement import output_norm, short_prediction
 from .options import StreamError, StreamOptions, warn
 from .preview import PreviewServer
 
 
 def describe(task: str, pred) -> str:
+    """A prediction in a few words (progress lines, the preview's "result", a raw model's overlay).
+
+    Args:
+        task: the bundle's task.
+        pred: what `Processor.postprocess` returned.
+
+    Returns:
+        E.g. "cat 0.87", "3 objects: car, dog", "classes [15]", "raw: 2 outputs, |y| 12.3" (ASCII: the
+        overlay draws it with cv2.putText).
+    """
     if task == "classification":
         return f"{pred[0][1]} {pred[0][2]:.2f}" if pred else "-"
     if task == "detection":
         names = sorted({d[1] for d in pred})
         return f"{len(pred)} objects" + (f": {', '.join(names[:5])}" if names else "")
+    if task == "raw":
+        norm = output_norm(pred)
+        return f"raw: {len(pred)} output{'s' if len(pred) != 1 else ''}, |y| " + (
+            "not finite" if norm is None else f"{norm:.3g}")
     classes = sorted(int(c) for c in np.unique(pred) if c)
     return f"classes {classes}" if classes else "background"
 
 
 def log_fields(task: str, pred) -> dict:
+    """A prediction's fields in a frame's log line.
+
+    Args:
+        task: the bundle's task.
+        pred: what `Processor.postprocess` returned.
+
+    Returns:
+        {"top": [label, score]}, {"detections": n}, {"classes": [ids]} or, for a raw model, {"norm": its
+        outputs' L2 norm} (as in the agreement samples, `short_prediction`).
+    """
     if task == "classification":
         return {"top": [pred[0][1], round(pred[0][2], 4)] if pred else None}
     if task == "detection":
         return {"detections": len(pred)}
+    if task == "raw":
+        return {"norm": short_prediction(task, pred)}
     return {"classes": sorted(int(c) for c in np.unique(pred) if c)}
 
 
 def draw_prediction(frame, task, pred, labels):
+    """Draw a prediction on a frame, in place.
+
+    Args:
+        frame: the BGR uint8 frame.
+        task: the bundle's task.
+        pred: what `Processor.postprocess` returned.
+        labels: the class names (detection tags; may be empty).
+
+    Returns:
+        `frame`, with top-k lines, boxes, the class mask or (raw) the `describe` line drawn on it.
+    """
     if task == "classification":
         overlay.draw_classification(frame, [(label, score) for _, label, score in pred])
     elif task == "detection":
         if pred:
             overlay.draw_detections(frame, [d[3] for d in pred], [d[2] for d in pred], [d[0] for d in pred],
                                     labels or None)
+    elif task == "raw":
+        overlay.draw_text_lines(frame, [describe(task, pred)])
     else:
         overlay.draw_segmentation(frame, pred)
     return frame

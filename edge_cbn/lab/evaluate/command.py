@@ -3,9 +3,10 @@ batch size 1): `edge-cbn evaluate`.
 
 No labelled dataset installs offline, so accuracy is measured as agreement with the clean model: the top-1
 class of the noisy model (uncalibrated, and after streaming calibration) against the clean model's top-1
-on evaluation crops of the photos scikit-image and scikit-learn ship.  Calibration crops come from
-different random crops (`--split crops`) or from disjoint photos (`--split photos`); `--split same`
-calibrates on the evaluation crops themselves, a diagnostic, not a fair result."""
+on evaluation crops of the photos scikit-image and scikit-learn ship (a model of task "raw", whose outputs
+edge-cbn does not interpret: the cosine similarity of its outputs with the clean model's, `CropCosine`).
+Calibration crops come from different random crops (`--split crops`) or from disjoint photos (`--split
+photos`); `--split same` calibrates on the evaluation crops themselves, a diagnostic, not a fair result."""
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ from ...runtime.bundle import load_bundle
 from ...runtime.device_calibration import DeviceCalibration
 from ...runtime.noise import make_noise
 from ...runtime.noisy_model import NoisyModel, noise_targets
-from ...runtime.processing import model_input, normalise
+from ...runtime.processing import flat_outputs, model_input, normalise
 from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES
+from ...stream.agreement import AGREEMENT_METRICS, cosine_similarity
 from ...stream.resolve import resolve_model
 from ..scenes.photos import PHOTO_SETS, load_photos, random_crops, split_photos
 from .report import recovered_share
@@ -44,6 +46,7 @@ class CropAgreement:
     """Agreement (%) of a model's top-1 with the clean model's, on all evaluation crops and on the
     confident ones (clean top-1 probability >= `confident`): an unconfident crop's top-1 flips between
     near-equal classes at the smallest perturbation, so it says little about recovery."""
+    metric = AGREEMENT_METRICS["classification"]
 
     def __init__(self, clean_model: NoisyModel, xs: np.ndarray, confident: float = 0.5):
         self.xs = xs
@@ -54,11 +57,67 @@ class CropAgreement:
         same = top1(model, self.xs, EVAL_FRAME0)[0] == self.clean
         return float(same.mean() * 100), float(same[self.mask].mean() * 100) if self.mask.any() else float("nan")
 
+    def legend(self) -> str:
+        """The line above the table: how many crops are confident, what the cells hold."""
+        return f"{int(self.mask.sum())} of {len(self.xs)} evaluation crops are confident; " \
+               "cells: all crops / confident crops"
 
-def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: CropAgreement, *, checkpoints, num_threads=None,
-                     noise_states=8, keras_model=None, keras_cal_x=None, noise_options=None, static_calibration=False,
-                     offline_batch_size=32, **calibrator_options) -> dict:
-    """One noise setting: agreement uncalibrated, after streaming calibration at each checkpoint and,
+
+def flat_outputs_per_input(model: NoisyModel, xs: np.ndarray, frame0: int) -> list[np.ndarray]:
+    """Each input's outputs flattened and concatenated (`processing.flat_outputs`), kept as float32: the
+    model's own precision, half the memory of float64 (the cosine is computed in float64)."""
+    return [flat_outputs(model.run(x[None], frame0 + i)).astype(np.float32) for i, x in enumerate(xs)]
+
+
+class CropCosine:
+    """A raw model's agreement: the mean over the evaluation crops of the cosine similarity (%) of a
+    model's outputs with the clean model's (`stream.agreement.cosine_similarity`: every output flattened,
+    all concatenated, float64 math; 100 = the same direction).  A raw output carries no confidence, so
+    every crop counts: `mask` is all true and the "confident" figure is the same mean.
+
+    Args:
+        clean_model: the clean model; its outputs on every crop are kept (crops x output size x 4 bytes).
+        xs: the evaluation crops as the model takes them.
+    """
+    metric = AGREEMENT_METRICS["raw"]
+
+    def __init__(self, clean_model: NoisyModel, xs: np.ndarray):
+        self.xs = xs
+        self.clean = flat_outputs_per_input(clean_model, xs, EVAL_FRAME0)
+        self.mask = np.ones(len(xs), bool)
+
+    def __call__(self, model: NoisyModel) -> tuple[float, float]:
+        outputs = flat_outputs_per_input(model, self.xs, EVAL_FRAME0)
+        mean = float(np.mean([cosine_similarity(c, o) for c, o in zip(self.clean, outputs)]))
+        return mean, mean
+
+    def legend(self) -> str:
+        """The line above the table: the measure, and that every crop counts."""
+        return f"agreement: {self.metric} (%) of the outputs with the clean model's, mean over all {len(self.xs)} " \
+               "evaluation crops (a raw output has no confidence: both figures of a cell are this mean)"
+
+
+def crop_agreement(bundle, clean_model: NoisyModel, xs: np.ndarray):
+    """The agreement measure for `bundle`'s task.
+
+    Args:
+        bundle: the evaluated bundle.
+        clean_model: its clean model.
+        xs: the evaluation crops as the model takes them.
+
+    Returns:
+        `CropCosine` for a raw model, else `CropAgreement` (top-1 of the first output).
+    """
+    if bundle.meta["task"] == "raw":
+        return CropCosine(clean_model, xs)
+    return CropAgreement(clean_model, xs)
+
+
+def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: CropAgreement | CropCosine, *, checkpoints,
+                     num_threads=None, noise_states=8, keras_model=None, keras_cal_x=None, noise_options=None,
+                     static_calibration=False, offline_batch_size=32, **calibrator_options) -> dict:
+    """One noise setting: agreement (`crop_agreement`: top-1, or a raw model's cosine) uncalibrated, after
+    streaming calibration at each checkpoint and,
     given the Keras model and `keras_cal_x` (the calibration frames normalised for Keras), after offline
     Algorithm 1 (cumulative and EMA 0.999); keys `X` (all crops) and `X_confident`.  `noise_options`:
     make_noise keywords; `static_calibration`: calibrate on the same chip with its temporal factor held
@@ -231,8 +290,9 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
          eval_crops, checkpoints, split, photo_set, crop_scale, static_calibration, offline, batch_size, num_threads,
          json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's (on all evaluation crops and on
-    the confident ones, clean top-1 probability >= 0.5), uncalibrated and after streaming batch-size-1
-    calibration on LiteRT, for each noise setting; ends with one JSON line.  The proxy for when no labelled
+    the confident ones, clean top-1 probability >= 0.5; a raw model: the mean cosine similarity of the
+    outputs, every crop counted), uncalibrated and after streaming batch-size-1 calibration on LiteRT,
+    for each noise setting; ends with one JSON line.  The proxy for when no labelled
     data is at hand; with a dataset, `edge-cbn evaluate classification|detection|segmentation` measures
     the paper's metrics (top-1, mAP@0.5, mIoU) on the same device path."""
     if ctx.invoked_subcommand is not None:  # the group's own options belong to this mode only
@@ -248,7 +308,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
     options_by_preset = {preset: noise_options(preset, noise_option) for preset, _ in settings}
     cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale, photos=photo_set)
     cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
-    agreement = CropAgreement(NoisyModel(bundle, None, num_threads=num_threads), eval_x)
+    agreement = crop_agreement(bundle, NoisyModel(bundle, None, num_threads=num_threads), eval_x)
     options = dict(mode=mode, window=window, refold_every=refold_every, stages=stages, shrink=shrink, power=power)
     keras_model = keras_cal_x = None
     if offline:
@@ -256,8 +316,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
         keras_cal_x = normalise(cal_rgb, bundle.meta["preprocess"])
     cols = ["uncalibrated"] + [f"calibrated@{c}" for c in checkpoints] + (
         ["offline_cumulative", "offline_ema"] if offline else [])
-    click.echo(f"{int(agreement.mask.sum())} of {len(eval_x)} evaluation crops are confident; "
-               "cells: all crops / confident crops")
+    click.echo(agreement.legend())
     rows = sweep(bundle, settings, list(seeds), cal_x, agreement, cols,
                  checkpoints=checkpoints, num_threads=num_threads, noise_states=noise_states, keras_model=keras_model,
                  keras_cal_x=keras_cal_x, noise_options=options_by_preset, static_calibration=static_calibration,
@@ -265,7 +324,8 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
                  **options)
     means = seed_means(rows, cols)
     print_seed_means(means, cols)
-    result = {"evaluate": "agreement", "model": bundle.meta["model"], "noise_options": list(noise_option),
+    result = {"evaluate": "agreement", "agreement_metric": agreement.metric, "model": bundle.meta["model"],
+              "noise_options": list(noise_option),
               "static_calibration": static_calibration, **options,
               **({"offline_batch_size": batch_size} if offline else {}), "noise_states": noise_states, "split": split, "photos": photo_set,
               "crop_scale": list(scale), "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
