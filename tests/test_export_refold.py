@@ -7,7 +7,8 @@ from keras import layers  # noqa: E402
 
 from edge_cbn.runtime import fold  # noqa: E402
 from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
-from edge_cbn.convert.export import FoldError, _fix_outputs, convert_keras, export, fold_model, with_raw_input  # noqa: E402
+from edge_cbn.convert.export import _fix_outputs, convert_keras, export, with_raw_input  # noqa: E402
+from edge_cbn.convert.keras_fold import FoldError, fold_model, fold_plan  # noqa: E402
 from edge_cbn.runtime.refold import Refolder  # noqa: E402
 from edge_cbn.runtime.interpreter import io_indices, make_interpreter, run_interpreter
 from edge_cbn.runtime.processing import normalise  # noqa: E402
@@ -81,15 +82,25 @@ def test_fold_model_matches_keras(x):
 
 
 @pytest.mark.parametrize("where", ["after_add", "activation", "shared"])
-def test_unfoldable_bn_raises(where):
+def test_a_bn_that_cannot_fold_becomes_its_own_affine(where):
     inp = keras.Input((8, 8, 3))
     c = layers.Conv2D(4, 1, activation="relu" if where == "activation" else None, name="c")(inp)
     t = layers.Add()([c, c]) if where == "after_add" else c
     out = layers.BatchNormalization(name="bn")(t)
     if where == "shared":
         out = layers.Add()([out, c])
-    with pytest.raises(FoldError, match="'bn'"):
-        fold_model(keras.Model(inp, out))
+    plan = {layer.name: (kind, bn and bn.name) for layer, kind, bn in fold_plan(keras.Model(inp, out))}
+    assert plan == {"c": ("conv", None), "bn": ("affine", "bn")}
+
+
+def test_a_bn_called_twice_or_across_channels_first_is_refused():
+    inp = keras.Input((8, 8, 3))
+    bn = layers.BatchNormalization(name="bn")
+    c = layers.Conv2D(4, 1, name="c")(inp)
+    with pytest.raises(FoldError, match="'bn' must be called exactly once"):
+        fold_model(keras.Model(inp, layers.Add()([bn(c), bn(layers.ReLU()(c))])))
+    with pytest.raises(FoldError, match="'bn2' normalises axis 1"):
+        fold_model(keras.Model(inp, layers.BatchNormalization(axis=1, name="bn2")(c)))
 
 
 def test_export_matches_keras(exported, x):

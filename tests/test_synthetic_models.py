@@ -9,7 +9,7 @@ from PIL import Image
 
 from edge_cbn.convert import models
 from edge_cbn.convert.build import build_model, export_model
-from edge_cbn.convert.export import fold_plan
+from edge_cbn.convert.keras_fold import fold_plan
 from edge_cbn.convert.models.shape_classes import SEGMENTATION_CLASSES, SHAPE_CLASSES
 from edge_cbn.convert.models.shapes import HEAD
 from edge_cbn.convert.weights.checks import MismatchedWeightFile

@@ -17,7 +17,8 @@ class MissingWeights(ValueError):
     """A model needs its weight file and none was given (nothing is downloaded at run time)."""
 
 
-def _say(msg: str, quiet: bool) -> None:
+def say(msg: str, quiet: bool) -> None:
+    """A progress line on stderr, unless `quiet`."""
     if not quiet:
         click.echo(msg, err=True)
 
@@ -49,11 +50,11 @@ def build_model(name: str, weights: str | None = None, *, input_size=None, num_c
         raise MissingWeights(
             f"{name} needs its weight file ({spec.weights_file or 'the published weights'}): pass --weights FILE "
             "(no weights are downloaded at run time)")
-    _say(f"building {name}", quiet)
+    say(f"building {name}", quiet)
     model = zoo.build(name, num_classes=num_classes, input_size=input_size)
     if weights is not None:
         regular_file(weights)  # a FIFO given as --weights would block the reader forever
-        _say(f"loading weights from {weights}", quiet)
+        say(f"loading weights from {weights}", quiet)
         if spec.weights_format == "npz":  # the models trained here (tools/train_synthetic.py)
             load_npz(model, weights)
         else:
@@ -61,14 +62,19 @@ def build_model(name: str, weights: str | None = None, *, input_size=None, num_c
     return spec, model
 
 
-def export_model(spec, model, out, *, quiet=True) -> Path:
-    """Fold BN and export `model` (registered as `spec`) to `out` (.tflite) with its sidecar and
-    calibration variant."""
+def export_model(spec, model, out, *, quiet=True, noise_layers=None, input_as_conv=False) -> Path:
+    """Fold BN and export `model` (described by `spec`) to `out` (.tflite) with its sidecar and
+    calibration variant; `noise_layers` names the noise targets (None: every weight layer);
+    `input_as_conv` as `export.export` (a model of one's own, whose first layer may be a conv)."""
     from .export import export  # lazy: TensorFlow (the converter), only when exporting
 
     labels = list(spec.labels) if isinstance(spec.labels, tuple) else load_labels(spec.labels)
-    if model.output_shape[-1] != len(labels) and spec.task != "detection":
+    if spec.task in ("classification", "segmentation") and model.output_shape[-1] != len(labels):
         labels = [f"class {i}" for i in range(model.output_shape[-1])]
-    _say(f"folding BatchNorm and converting to TFLite (about 5-15 s) -> {out}", quiet)
-    return Path(export(model, out, name=spec.name, task=spec.task, preprocess=spec.preprocess,
-                       labels=labels, head=spec.head))
+    say(f"folding BatchNorm and converting to TFLite (about 5-15 s) -> {out}", quiet)
+    path = Path(export(model, out, name=spec.name, task=spec.task, preprocess=spec.preprocess, labels=labels,
+                       head=spec.head, noise_layers=noise_layers, input_as_conv=input_as_conv))
+    if not any(type(layer).__name__ == "BatchNormalization" for layer in model.layers):
+        say(f"note: {spec.name} has no BatchNormalization layer: there is nothing to calibrate, and it streams "
+            "under noise as it is", quiet)
+    return path

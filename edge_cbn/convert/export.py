@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,110 +22,18 @@ import numpy as np
 import tflite
 
 from ..runtime import fold
-from ..runtime.bundle import (Bundle, LayerRecord, atomic_write, buffer_span, calibration_path, sha256,
+from ..runtime.bundle import (Bundle, atomic_write, buffer_span, calibration_path, sha256,
                               sidecar_path, write_sidecar)
 from ..runtime.interpreter import io_indices, make_interpreter, run_interpreter
 from ..runtime.processing import normalise
 from ..runtime.native_log import silenced
 from ..runtime.refold import Refolder
-from .weights.assign import layer_kind
+from .keras_fold import ChannelAffine, fold_keras
+from .keras_graph import flat_model, needs_flattening
 
-_WEIGHT_KINDS = ("conv", "depthwise", "dense")
-
-
-class FoldError(ValueError):
-    """A BatchNormalization that cannot be folded into the layer before it."""
-
-
-class FoldedBN(keras.layers.Layer):
-    """Identity standing in for a BatchNormalization folded into the layer before it (takes the BN's
-    call arguments)."""
-
-    def call(self, inputs, training=None, mask=None):
-        return inputs
-
-
-def _parent(layer):
-    nodes = layer._inbound_nodes
-    if len(nodes) != 1 or len(nodes[0].parent_nodes) != 1:
-        raise FoldError(f"BatchNormalization {layer.name!r} must be called exactly once on one tensor")
-    return nodes[0].parent_nodes[0].operation
-
-
-def fold_plan(model) -> list[tuple]:
-    """[(layer, kind, bn layer or None)] for every conv/depthwise/dense layer of `model`, in layer
-    order; raises FoldError for a BN that does not directly and solely follow such a layer."""
-    bn_of = {}
-    output_ops = {t._keras_history.operation.name for t in model.outputs}
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            raise FoldError(f"nested model {layer.name!r}: build the model flat (one functional graph)")
-        if layer_kind(layer) != "bn":
-            continue
-        prev = _parent(layer)
-        where = f"BatchNormalization {layer.name!r} after {prev.name!r} ({type(prev).__name__})"
-        if layer_kind(prev) not in _WEIGHT_KINDS:
-            raise FoldError(f"{where}: only BN directly after Conv2D/DepthwiseConv2D/Dense can be folded")
-        if prev.get_config().get("activation", "linear") != "linear":
-            raise FoldError(f"{where}: the layer has an activation before the BN")
-        if len(prev._outbound_nodes) != 1 or prev.name in output_ops or prev.name in bn_of:
-            raise FoldError(f"{where}: the layer's output is also used elsewhere")
-        if layer.axis not in (-1, len(layer.input.shape) - 1):
-            raise FoldError(f"{where}: BN must normalise the last (channel) axis, not axis {layer.axis}")
-        bn_of[prev.name] = layer
-    return [(layer, layer_kind(layer), bn_of.get(layer.name)) for layer in model.layers
-            if layer_kind(layer) in _WEIGHT_KINDS]
-
-
-def _record(layer, kind, bn) -> LayerRecord:
-    """The sidecar record of one layer (buffer indices filled in later)."""
-    weights = layer.get_weights()
-    rec = LayerRecord(layer.name, kind, bn and bn.name, bn and float(bn.epsilon), -1, None,
-                      kernel=weights[0], bias=weights[1] if len(weights) > 1 else None)
-    if bn is not None:
-        rec.gamma = None if bn.gamma is None else np.asarray(bn.gamma.numpy(), np.float32)
-        rec.beta = None if bn.beta is None else np.asarray(bn.beta.numpy(), np.float32)
-        rec.mean = np.asarray(bn.moving_mean.numpy(), np.float32)
-        rec.var = np.asarray(bn.moving_variance.numpy(), np.float32)
-    return rec
-
-
-def _folded_weights(rec: LayerRecord, layer) -> list[np.ndarray]:
-    if rec.bn is None:
-        return layer.get_weights()
-    k, b = fold.fold(rec.kind, rec.kernel, rec.bias, rec.gamma, rec.beta, rec.mean, rec.var, rec.eps)
-    return [fold.to_keras(rec.kind, k, getattr(layer, "depth_multiplier", 1)), b]
-
-
-def _fold(model):
-    plan = fold_plan(model)
-    records = [_record(*p) for p in plan]
-    folded_bns = {bn.name for _, _, bn in plan if bn is not None}
-    with_bn = {layer.name for layer, _, bn in plan if bn is not None}
-
-    def clone(layer):
-        if layer.name in folded_bns:
-            return FoldedBN(name=layer.name)
-        cfg = layer.get_config()
-        if layer.name in with_bn:
-            cfg["use_bias"] = True
-        return layer.__class__.from_config(cfg)
-
-    folded = keras.models.clone_model(model, clone_function=clone)
-    originals = {layer.name: layer for layer in model.layers}
-    by_name = {rec.name: rec for rec in records}
-    for layer in folded.layers:
-        if layer.weights:
-            src = originals[layer.name]
-            layer.set_weights(_folded_weights(by_name[layer.name], src) if layer.name in by_name
-                              else src.get_weights())
-    return folded, records
-
-
-def fold_model(model) -> keras.Model:
-    """A copy of `model` with every BN folded into the conv/depthwise/dense layer before it (which
-    gains a bias) and replaced by an identity layer of the same name."""
-    return _fold(model)[0]
+class ExportError(ValueError):
+    """A model the TFLite converter cannot convert, or whose folded tensors it rewrote; the message names
+    the layer."""
 
 
 class _DropDeprecationNote(logging.Filter):
@@ -149,31 +58,87 @@ def convert_keras(model, input_hw: tuple[int, int] | None = None) -> bytes:
         converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         with silenced():  # the converter's MLIR notices
-            return converter.convert()
+            try:
+                return converter.convert()
+            except Exception as e:  # ConverterError and friends: one line naming the op and its layer
+                raise ExportError(f"LiteRT cannot run this model: {converter_problem(e, model)}") from None
     finally:
         logging.getLogger("absl").removeFilter(quiet)
 
 
-def with_raw_input(model, preprocess: dict) -> keras.Model:
+def converter_problem(error: Exception, model) -> str:
+    """The converter's complaint in one line: the TensorFlow op LiteRT lacks and the layer that uses it."""
+    text = str(error)
+    missing = re.search(r"'tf\.(\w+)' op is neither a custom op nor a flex op", text)
+    if missing:
+        op = missing.group(1)
+        layer = layer_using_op(model, op)
+        where = f"layer {layer.name!r} ({type(layer).__name__})" if layer else "a layer"
+        return f"{where} uses the TensorFlow op {op}, which is not among LiteRT's built-in ops"
+    errors = [line.split("error:", 1)[1].strip() for line in text.splitlines() if "error:" in line]
+    return (errors[0] if errors else text.strip().splitlines()[0] if text.strip() else type(error).__name__)[:300]
+
+
+def layer_using_op(model, op_type: str):
+    """The first layer of `model` (nested models searched inside) whose computation holds a TensorFlow op of
+    type `op_type` (traced one layer at a time, so only when a conversion failed), or None."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            inner = layer_using_op(layer, op_type)
+            if inner is not None:
+                return inner
+            continue
+        nodes = getattr(layer, "_inbound_nodes", [])
+        if not nodes or not nodes[0].input_tensors or isinstance(layer, keras.layers.InputLayer):
+            continue
+        node = nodes[0]
+        specs = [tf.TensorSpec((1, *t.shape[1:]), t.dtype) for t in node.input_tensors]
+
+        def run(*xs, node=node, layer=layer):
+            args, kwargs = node.arguments.fill_in({id(t): x for t, x in zip(node.input_tensors, xs)})
+            return layer(*args, **kwargs)
+        try:
+            graph = tf.function(run).get_concrete_function(*specs).graph
+        except Exception:  # a layer that does not trace alone: not the one to name
+            continue
+        if any(op.type == op_type for op in graph.get_operations()):
+            return layer
+    return None
+
+
+def with_raw_input(model, preprocess: dict, as_conv: bool = False) -> keras.Model:
     """`model` behind an RGB uint8 input normalised in the graph, (x - mean) / std as
     `runtime.normalise` does: the device then feeds resized camera pixels as they are (a quarter of
-    the bytes of float input, no normalisation pass in Python)."""
+    the bytes of float input, no normalisation pass in Python).  `as_conv` computes it as a 1x1
+    depthwise convolution instead, x * (1/std) - mean/std: the converter fuses a multiply into a first
+    convolution that follows it directly (no padding layer between), whose kernel then holds no longer
+    the weights the sidecar locates."""
     inp = keras.Input(model.input_shape[1:], dtype="uint8", name="rgb")
     x = keras.ops.cast(inp, "float32")
-    x = (x - np.float32(preprocess["mean"])) / np.float32(preprocess["std"])
-    return keras.Model(inp, model(x))
+    mean, std = np.float32(preprocess["mean"]), np.float32(preprocess["std"])
+    if not as_conv:
+        return keras.Model(inp, model((x - mean) / std))
+    normalise_layer = ChannelAffine(name="input_normalisation")
+    out = model(normalise_layer(x))
+    normalise_layer.set_weights([(1 / std).reshape(1, 1, -1, 1), -mean / std])
+    return keras.Model(inp, out)
 
 
 def _convert_with_sentinels(folded, records, input_hw, graph=None) -> tuple[bytes, dict]:
     """Convert `graph` (default `folded`, whose layers it uses) with unique random weights in every
     recorded layer of `folded`, locate each layer's kernel and bias buffers by exact byte match and
-    restore the real weights; returns the sentinel model and {layer name: (w_buffer, b_buffer)}."""
+    restore the real weights; returns the sentinel model and {layer name: (w_buffer, b_buffer)}.  A layer
+    without BN keeps its real bias and no bias buffer is located for it (b_buffer None: refold never
+    writes it, and the converter may have fused a constant that follows into it, as MobileNetV3's
+    hard-sigmoid `+ 3` after a squeeze-excite conv)."""
     rng = np.random.default_rng(0)
     real, sentinels = {}, {}
     for rec in records:
         layer = folded.get_layer(rec.name)
         real[rec.name] = layer.get_weights()
-        sentinels[rec.name] = [rng.standard_normal(w.shape).astype(np.float32) for w in real[rec.name]]
+        kernel, *bias = real[rec.name]
+        sentinels[rec.name] = [rng.standard_normal(kernel.shape).astype(np.float32)] + (
+            [rng.standard_normal(b.shape).astype(np.float32) for b in bias] if rec.bn else bias)
         layer.set_weights(sentinels[rec.name])
     try:
         model_bytes = convert_keras(folded if graph is None else graph, input_hw)
@@ -193,15 +158,15 @@ def _convert_with_sentinels(folded, records, input_hw, graph=None) -> tuple[byte
         needle = np.ascontiguousarray(arr, np.float32).tobytes()
         hits = [i for i, start in by_size[len(needle)] if data[start:start + len(needle)] == needle]
         if len(hits) != 1:
-            raise RuntimeError(f"{what}: found in {len(hits)} TFLite buffers, expected exactly one (the "
-                               "converter rewrote or fused this tensor; it cannot be refolded)")
+            raise ExportError(f"{what}: found in {len(hits)} TFLite buffers, expected exactly one (the "
+                              "converter rewrote or fused this tensor; it cannot be refolded)")
         return hits[0]
 
     buffers = {}
     for rec in records:
         kernel, *bias = sentinels[rec.name]
         buffers[rec.name] = (find(fold.to_tflite(rec.kind, kernel), f"layer {rec.name!r} kernel"),
-                             find(bias[0], f"layer {rec.name!r} bias") if bias else None)
+                             find(bias[0], f"layer {rec.name!r} bias") if bias and rec.bn else None)
     return model_bytes, buffers
 
 
@@ -233,15 +198,15 @@ def _fix_outputs(model_bytes: bytearray, probe: np.ndarray, keras_outs: list[np.
     it = make_interpreter(model_content=bytes(model_bytes))
     tfl = run_interpreter(it, *io_indices(it), probe)
     if len(tfl) != len(keras_outs):
-        raise RuntimeError(f"the .tflite has {len(tfl)} outputs, the Keras model {len(keras_outs)}")
+        raise ExportError(f"the .tflite has {len(tfl)} outputs, the Keras model {len(keras_outs)}")
     perm, free = [], set(range(len(tfl)))
     for ref in keras_outs:
         errs = {j: float(np.max(np.abs(tfl[j] - ref))) for j in free if tfl[j].shape == ref.shape}
         if not errs:
-            raise RuntimeError(f"no TFLite output has the Keras output shape {ref.shape}")
+            raise ExportError(f"no TFLite output has the Keras output shape {ref.shape}")
         j = min(errs, key=errs.get)
         if not errs[j] <= 1e-3 * max(1.0, float(np.max(np.abs(ref)))):
-            raise RuntimeError(f"exported TFLite disagrees with the folded Keras model (max abs diff {errs[j]:.3g})")
+            raise ExportError(f"exported TFLite disagrees with the folded Keras model (max abs diff {errs[j]:.3g})")
         perm.append(j)
         free.remove(j)
     if perm != sorted(perm):
@@ -250,18 +215,18 @@ def _fix_outputs(model_bytes: bytearray, probe: np.ndarray, keras_outs: list[np.
         vec[:] = vec[perm].copy()
 
 
-def _convert_folded(keras_model, records, hw, meta) -> tuple[bytearray, dict]:
+def _convert_folded(keras_model, records, hw, meta, input_as_conv=False) -> tuple[bytearray, dict]:
     """Convert (behind an RGB uint8 input unless the model letterboxes: a letterbox's 127.5 grey is not
     a uint8 value), locate the buffers, write the real folded tensors exactly as on-device refold
     writes them, and check/fix the outputs against Keras."""
     pre = meta["preprocess"]
-    graph = None if pre.get("letterbox") else with_raw_input(keras_model, pre)
+    graph = None if pre.get("letterbox") else with_raw_input(keras_model, pre, input_as_conv)
     sentinel_bytes, buffers = _convert_with_sentinels(keras_model, records, hw, graph)
     located = [dataclasses.replace(rec, w_buffer=buffers[rec.name][0], b_buffer=buffers[rec.name][1])
                for rec in records]
-    refolder = Refolder(Bundle(None, sentinel_bytes, meta, located))
-    refolder.reset()
-    model_bytes = bytearray(refolder.model_bytes())
+    # A model without conv or dense layers has nothing to write (and a Refolder would refuse it).
+    model_bytes = bytearray(Refolder(Bundle(None, sentinel_bytes, meta, located)).model_bytes() if located
+                            else sentinel_bytes)
     rgb = np.random.default_rng(1).integers(0, 256, (1, *hw, keras_model.input_shape[-1]), np.uint8)
     x = normalise(rgb, pre)
     _fix_outputs(model_bytes, x if graph is None else rgb, _outputs(keras_model, x))
@@ -269,13 +234,14 @@ def _convert_folded(keras_model, records, hw, meta) -> tuple[bytearray, dict]:
 
 
 def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, head=None,
-           input_size=None, calibration: bool = True) -> Path:
+           input_size=None, calibration: bool = True, noise_layers=None, input_as_conv: bool = False) -> Path:
     """Fold, convert and write `out_path` (.tflite), its sidecar (.cbn.npz) and, with `calibration`, the
     calibration variant `X.calib.tflite` (see `moments_model`).
 
     Args:
-        model: a functional Keras model whose every BatchNormalization directly follows a Conv2D,
-            DepthwiseConv2D or Dense layer.
+        model: a functional or Sequential Keras model (nested models and SeparableConv2D are flattened
+            first, `keras_graph`); every BatchNormalization folds into the layer before it or becomes an
+            affine of its own (`keras_fold`).
         out_path: the .tflite to write (its sidecar and calibration variant go beside it).
         name: the model's name in the sidecar.
         task: "classification", "detection" or "segmentation".
@@ -284,26 +250,32 @@ def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, h
         head: a detector's head spec (anchors, strides), or None.
         input_size: int or (H, W), needed only if the model's input size is free.
         calibration: also write the calibration variant (when the model has BN layers).
+        noise_layers: the names of the layers noise acts on, into the sidecar (None: every weight layer).
+        input_as_conv: normalise the uint8 input with a 1x1 depthwise convolution (`with_raw_input`), for
+            a model whose first layer is a convolution without padding before it.
 
     Returns:
         The .tflite path.
 
     Raises:
-        FoldError: a BN that cannot be folded (not directly after a conv or dense layer, shared, nested).
+        FoldError: a BN that cannot be exported (shared, or not on the channel axis), naming it.
+        GraphError: a model that cannot be flattened (subclassed, unbuilt, a layer that cannot be copied).
         ValueError: a free input size without `input_size`.
     """
     hw = (input_size, input_size) if isinstance(input_size, int) else input_size or model.input_shape[1:3]
-    folded, records = _fold(model)
+    folded, records = fold_keras(flat_model(model) if needs_flattening(model) else model)
     meta = {"model": name, "task": task, "input_size": [int(hw[0]), int(hw[1])], "preprocess": dict(preprocess),
             "labels": list(labels), "head": head}
-    model_bytes, buffers = _convert_folded(folded, records, hw, meta)
+    if noise_layers is not None:
+        meta["noise_layers"] = list(noise_layers)
+    model_bytes, buffers = _convert_folded(folded, records, hw, meta, input_as_conv)
     for rec in records:
         rec.w_buffer, rec.b_buffer = buffers[rec.name]
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if calibration and any(rec.bn for rec in records):
-        calib_bytes, calib_buffers = _convert_folded(moments_model(folded, records), records, hw, meta)
+        calib_bytes, calib_buffers = _convert_folded(moments_model(folded, records), records, hw, meta, input_as_conv)
         calib_path = calibration_path(out_path)
         meta["calibration"] = {"file": calib_path.name, "buffers": calib_buffers,
                                "bns": [rec.bn for rec in records if rec.bn], "sha256": sha256(calib_bytes)}

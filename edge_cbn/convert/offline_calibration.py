@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import cv2
 import numpy as np
 
+from ..runtime.fold import WEIGHT_KINDS
 from ..runtime.moments import BatchStatsTracker
 from ..runtime.noise import make_noise
 from ..runtime.processing import normalise
@@ -27,11 +28,12 @@ from .weights.assign import layer_kind
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def keras_noise_targets(model) -> dict:
-    """{name: (kind, Keras-layout kernel)} of every conv/depthwise/dense layer of a Keras model: what
-    noise applies to, the argument of `Noise.instantiate` (`runtime.noise_targets` for a bundle)."""
-    return {l.name: (layer_kind(l), np.asarray(l.weights[0].numpy()))
-            for l in model.layers if layer_kind(l) in ("conv", "depthwise", "dense")}
+def keras_noise_targets(model, chosen=None) -> dict:
+    """{name: (kind, Keras-layout kernel)} of every conv/depthwise/dense/transposed-conv layer of a Keras
+    model, or of those named in `chosen`: what noise applies to, the argument of `Noise.instantiate`
+    (`runtime.noise_targets` for a bundle)."""
+    return {l.name: (layer_kind(l), np.asarray(l.weights[0].numpy())) for l in model.layers
+            if layer_kind(l) in WEIGHT_KINDS and (chosen is None or l.name in chosen)}
 
 
 def set_kernels(model, kernels: dict) -> None:
@@ -176,14 +178,16 @@ def image_files(directory, max_images=None) -> list[Path]:
     return files
 
 
-def image_batches(files, preprocess: dict, input_size: int, batch_size: int):
-    """Batches of normalised NHWC float32 images, resized (squashed) to the model input as the runtime
-    does; an unreadable image is an OSError naming it."""
+def image_batches(files, preprocess: dict, input_size, batch_size: int):
+    """Batches of normalised NHWC float32 images, resized (squashed) to the model input (`input_size`: a
+    side or (H, W)) as the runtime does; an unreadable image is an OSError naming it."""
+    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+
     def load(path):
         bgr = read_image(path)  # a regular file, within the pixel bound
         if bgr is None:
             raise OSError(f"cannot read image {path}")
-        rgb = cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (input_size, input_size),
+        rgb = cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (w, h),
                          interpolation=cv2.INTER_AREA)
         return normalise(rgb, preprocess)
 
@@ -192,11 +196,13 @@ def image_batches(files, preprocess: dict, input_size: int, batch_size: int):
 
 
 def calibrate_on_images(spec, model, files, *, noise="none", eta=0.0, seed=0, batch_size=32, micro_batch=None,
-                        momentum=0.999, estimator="cumulative", noise_options=None, progress=None) -> dict:
-    """Algorithm 1 over the image `files` (see `image_files`) under the given noise, in place on `model`
-    (the registered model `spec` says how to preprocess); {bn: (mean, var)}."""
+                        momentum=0.999, estimator="cumulative", noise_options=None, progress=None,
+                        noise_layers=None) -> dict:
+    """Algorithm 1 over the image `files` (see `image_files`) under the given noise on the layers
+    `noise_layers` names (None: every weight layer), in place on `model` (the registered model `spec` says
+    how to preprocess); {bn: (mean, var)}."""
     chip = None if noise == "none" else make_noise(noise, eta, seed, **(noise_options or {})).instantiate(
-        keras_noise_targets(model))
-    batches = image_batches(files, spec.preprocess, model.input_shape[1], batch_size)
+        keras_noise_targets(model, noise_layers))
+    batches = image_batches(files, spec.preprocess, tuple(model.input_shape[1:3]), batch_size)
     return calibrate_bn(model, batches, chip=chip, estimator=estimator, momentum=momentum, progress=progress,
                         micro_batch=micro_batch)

@@ -38,7 +38,7 @@ class CalibrationPayload:
     keras: tuple  # (architecture JSON, weight arrays)
     files: tuple  # the calibration images, in order (paths)
     preprocess: dict
-    input_size: int
+    input_size: tuple  # (H, W)
     batch_size: int
     micro_batch: int | None
     noise: str
@@ -47,6 +47,7 @@ class CalibrationPayload:
     noise_options: dict
     estimator: str
     momentum: float
+    noise_layers: tuple | None = None  # the noise targets (None: every weight layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,7 @@ def noise_chip(payload: CalibrationPayload, model):
     if payload.noise == "none":
         return None
     return make_noise(payload.noise, payload.eta, payload.seed, **payload.noise_options).instantiate(
-        keras_noise_targets(model))
+        keras_noise_targets(model, payload.noise_layers))
 
 
 def batch_runs(batches: int, max_units: int = MAX_UNITS) -> list[BatchRun]:
@@ -96,7 +97,7 @@ def batch_runs(batches: int, max_units: int = MAX_UNITS) -> list[BatchRun]:
 
 def calibrate_in_parallel(model, files, pool, *, preprocess: dict, noise="none", eta=0.0, seed=0, batch_size=32,
                           micro_batch=None, momentum=0.999, estimator="cumulative", noise_options=None,
-                          progress=None, max_units: int = MAX_UNITS) -> dict:
+                          progress=None, max_units: int = MAX_UNITS, noise_layers=None) -> dict:
     """Algorithm 1 over the image `files` on `pool` (`cluster.make_pool`), in place on `model`, merged in
     batch order: the statistics `offline_calibration.calibrate_on_images` computes in one process.
 
@@ -106,6 +107,7 @@ def calibrate_in_parallel(model, files, pool, *, preprocess: dict, noise="none",
         pool: a `LocalPool` or `RayPool`.
         preprocess: the model's preprocessing (`{"mean", "std", "letterbox"}`).
         noise, eta, seed, noise_options: the chip (`make_noise`), drawn per batch index.
+        noise_layers: the names of the layers noise acts on (None: every weight layer).
         batch_size: images per calibration batch (the paper's batch size).
         micro_batch: run a batch in pieces of this many images (exact).
         momentum, estimator: as for `calibrate_bn`.
@@ -124,10 +126,11 @@ def calibrate_in_parallel(model, files, pool, *, preprocess: dict, noise="none",
     for w in spec[1]:
         key.update(w.tobytes())
     key.update(repr((list(map(str, files)), preprocess, batch_size, micro_batch, noise, eta, seed, noise_options,
-                     estimator, momentum)).encode())
+                     estimator, momentum, noise_layers)).encode())
     payload = CalibrationPayload(key.hexdigest(), spec, tuple(map(str, files)), dict(preprocess),
-                                 int(model.input_shape[1]), batch_size, micro_batch, noise, float(eta), int(seed),
-                                 dict(noise_options or {}), estimator, momentum)
+                                 tuple(model.input_shape[1:3]), batch_size, micro_batch, noise, float(eta), int(seed),
+                                 dict(noise_options or {}), estimator, momentum,
+                                 None if noise_layers is None else tuple(noise_layers))
     states = {}
 
     def on_done(run: BatchRun, state: dict):

@@ -25,7 +25,7 @@ from .errors import BadInput
 # buffer_span, input_shape and input_dtype are imported from here by export and refold.
 from .flatbuffer import ModelFacts, buffer_span, check_identifier, check_model, input_dtype, input_shape  # noqa: F401
 from .validation import (Invalid, check_calibration_entry, check_layer_arrays, check_layer_buffers,
-                         check_layer_entries, check_meta, kernel_shape, open_npz, read_members, refusing,
+                         check_layer_entries, check_meta, check_noise_layers, kernel_shape, open_npz, read_members, refusing,
                          regular_file, sidecar_specs)
 
 FORMAT = 1
@@ -249,6 +249,7 @@ def read_sidecar(path, facts: ModelFacts) -> tuple[dict, list[LayerRecord]]:
         entries = check_layer_entries(meta.get("layers"))
         if "calibration" in meta:
             check_calibration_entry(meta["calibration"], entries)
+        check_noise_layers(meta.get("noise_layers"), entries)
         shapes = {e["name"]: kernel_shape(members, e) for e in entries}
         check_layer_buffers([(e["name"], e["kind"], shapes[e["name"]], e["w_buffer"], e["b_buffer"])
                              for e in entries], facts)

@@ -9,8 +9,8 @@ standard normal drawn per inference from (seed, layer name, frame index), one pe
 channel or per weight (`t_granularity`).  A temporal factor N_T ~ N(m, sd^2) multiplying a direction D is
 written `base = W + m*D`, `dev = sd*D`, so all presets share the per-frame code.
 
-Layers: `{name: (kind, kernel)}` with kind "conv" | "depthwise" | "dense" and the kernel in Keras layout
-(conv HWIO, depthwise HWC1, dense IO).  Internally everything (draws included) is in TFLite layout
+Layers: `{name: (kind, kernel)}` with kind "conv" | "depthwise" | "dense" | "transpose" and the kernel in
+Keras layout (conv HWIO, depthwise HWC1, dense IO, transposed conv HWOI).  Internally everything (draws included) is in TFLite layout
 (conv OHWI, depthwise 1HWC, dense OI, see `edge_cbn.runtime.fold`), so the on-device fast path writes straight
 into the flatbuffer without a transpose, and the Keras path gives the same numbers transposed.
 
@@ -31,7 +31,7 @@ from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from .fold import KINDS, channel_shape, fold_kernel, out_channels, to_keras, to_tflite
+from .fold import WEIGHT_KINDS, channel_shape, fold_kernel, out_channels, to_keras, to_tflite
 
 PRESETS = ("none", "paper", "relative", "additive-max", "pcm")
 GRANULARITIES = ("weight", "channel", "tensor")
@@ -98,8 +98,9 @@ class Noise:
     def instantiate(self, layers: Mapping[str, tuple]) -> "Chip":
         chip = {}
         for name, (kind, kernel) in layers.items():
-            if kind not in KINDS:
-                raise ValueError(f"{name}: unknown layer kind {kind!r}; expected one of {KINDS}")
+            if kind not in WEIGHT_KINDS:
+                raise ValueError(f"{name}: layer kind {kind!r} holds no weight noise can act on; expected one of "
+                                 f"{WEIGHT_KINDS}")
             kernel = np.asarray(kernel)
             w = np.ascontiguousarray(to_tflite(kind, kernel), np.float64)
             base, dev = self.spatial(kind, w, _rng(self.seed, name, _SPATIAL))

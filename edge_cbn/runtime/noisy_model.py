@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .fold import WEIGHT_KINDS
 from .interpreter import io_indices, make_interpreter, run_interpreter
 from .refold import Refolder
 
@@ -22,17 +23,21 @@ _STATE_FRAME0 = 1 << 40
 
 
 def noise_targets(bundle) -> dict:
-    """{name: (kind, Keras-layout kernel)} of an exported bundle: the layers noise applies to (every
-    conv/depthwise/dense), the argument of `Noise.instantiate`.
+    """{name: (kind, Keras-layout kernel)} of an exported bundle: the layers noise applies to, the argument
+    of `Noise.instantiate`.  They are the ones the sidecar's meta "noise_layers" names (chosen at export,
+    `convert --noise-layers`), or, when it names none, every conv, depthwise, dense and transposed-conv
+    layer; a BatchNorm exported as its own affine (kind "affine") is never one.
 
     Args:
         bundle: an exported `Bundle` (without its sidecar it has no layers and the result is empty).
 
     Returns:
-        {layer name: (kind, kernel)}: kind "conv", "depthwise" or "dense", the unfolded kernel in Keras layout
-        (conv HWIO, depthwise HWC1, dense IO).
+        {layer name: (kind, kernel)}: kind "conv", "depthwise", "dense" or "transpose", the unfolded kernel in
+        Keras layout (conv HWIO, depthwise HWC1, dense IO, transposed conv HWOI).
     """
-    return {rec.name: (rec.kind, rec.kernel) for rec in bundle.layers}
+    chosen = bundle.meta.get("noise_layers")
+    return {rec.name: (rec.kind, rec.kernel) for rec in bundle.layers
+            if rec.kind in WEIGHT_KINDS and (chosen is None or rec.name in chosen)}
 
 
 class NoisyModel:
@@ -63,7 +68,8 @@ class NoisyModel:
         # interpreter copy of it) only when something is refolded.
         self.refolder = Refolder(bundle) if chip is not None else None
         self.folded = None if chip is None else chip.folded(
-            {name: slot.scale() if slot.rec.bn else None for name, slot in self.refolder.layers.items()})
+            {name: slot.scale() if slot.rec.bn else None for name, slot in self.refolder.layers.items()
+             if name in chip.layers})
         self._io = None
         self._interpreters: list = []
         if build:
@@ -202,7 +208,7 @@ class NoisyModel:
     def _refold(self, stats: dict) -> None:
         for name in self.refolder.refold(stats):
             slot = self.refolder.layers[name]
-            if self.folded is not None and slot.rec.bn:
+            if self.folded is not None and slot.rec.bn and name in self.chip.layers:
                 self.folded.rescale(name, slot.scale())
 
     def _first_interpreter(self):
@@ -235,8 +241,14 @@ class NoisyModel:
         return self._noisy_interpreter(_STATE_FRAME0 + j)
 
     def _noisy_interpreter(self, frame: int):
-        """An interpreter of the chip's kernels for inference `frame`, written straight into its bytes."""
-        return self.refolder.interpreter(self.num_threads, lambda name, out: self.folded.write(frame, {name: out}))
+        """An interpreter of the chip's kernels for inference `frame`, written straight into its bytes (the
+        layers that are no noise target, e.g. a BN's own affine, folded as they are)."""
+        def write(name, out):
+            if name in self.chip.layers:
+                self.folded.write(frame, {name: out})
+            else:
+                self.refolder.layers[name].fold_kernel(out)
+        return self.refolder.interpreter(self.num_threads, write)
 
     def interpreter(self, frame: int):
         """The interpreter that simulates inference number `frame`.

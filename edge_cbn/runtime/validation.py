@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
+from .fold import KINDS, WEIGHT_KINDS
 
 MAX_META_CHARS = 1 << 22      # a JSON meta string (ImageNet labels and layer records take ~100 K)
-TASKS = ("classification", "detection", "segmentation")
-KINDS = ("conv", "depthwise", "dense")
+TASKS = ("classification", "detection", "segmentation", "raw")  # raw: outputs edge-cbn does not interpret
 
 
 class Invalid(ValueError):
@@ -249,13 +249,14 @@ def read_members(members: NpzMembers, specs: dict, prefix: str = "") -> dict:
 
 # ------------------------------------------------------------------------------------ sidecar meta
 _LAYER_KEYS = {"name", "kind", "bn", "eps", "w_buffer", "b_buffer"}
-_KERNEL_NDIM = {"conv": 4, "depthwise": 4, "dense": 2}
+_KERNEL_NDIM = {"conv": 4, "depthwise": 4, "dense": 2, "transpose": 4, "affine": 4}
 
 
 def check_meta(meta, facts, fmt: int) -> None:
     """The sidecar meta against its model's `flatbuffer.ModelFacts` (docs/DESIGN.md has the schema):
     format, task, input size (= the model's input tensor: sizes are never taken from meta alone),
-    preprocessing, labels (as many as the model has classes, when that is knowable), the detection head."""
+    preprocessing, labels (as many as the model has classes, when that is knowable; a raw model's may be
+    empty), the detection head."""
     if not isinstance(meta, dict):
         raise Invalid("meta is not a JSON object")
     if meta.get("format") != fmt:
@@ -295,7 +296,10 @@ def _check_preprocess(pre, facts) -> None:
 
 
 def _classes(task: str, head, facts) -> int | None:
-    """The number of classes the model's outputs imply, when they say."""
+    """The number of classes the model's outputs imply, when they say (a raw model's never do: its labels,
+    if any, are not checked against its outputs)."""
+    if task == "raw":
+        return None
     first = facts.output_shapes[0]
     if task == "detection":
         return _detection_classes(head, facts)
@@ -346,10 +350,22 @@ def check_layer_entries(entries) -> list[dict]:
             raise Invalid(f"layer {name!r}: w_buffer/b_buffer must be buffer indices")
         if bn is not None and (not is_number(e["eps"]) or e["eps"] <= 0 or e["b_buffer"] is None):
             raise Invalid(f"layer {name!r}: a layer with a BN needs eps > 0 and a bias buffer")
-        names += [name] + ([bn] if bn else [])
+        if e["kind"] == "affine" and bn != name:
+            raise Invalid(f"layer {name!r}: an affine record is its BN (name and bn must be the same)")
+        names += [name] + ([bn] if bn and bn != name else [])
     if len(set(names)) != len(names):
         raise Invalid("meta layers: a layer or BN name is used twice")
     return entries
+
+
+def check_noise_layers(chosen, entries: list[dict]) -> None:
+    """meta["noise_layers"] (optional): the layers noise targets, each a layer record holding a weight."""
+    if chosen is None:
+        return
+    weights = {e["name"] for e in entries if e["kind"] in WEIGHT_KINDS}
+    if not (isinstance(chosen, list) and all(isinstance(n, str) and n in weights for n in chosen)):
+        raise Invalid(f"meta noise_layers {one_line(repr(chosen), 120)}: expected names of conv, depthwise, "
+                      "dense or transposed-conv layers of the sidecar")
 
 
 def check_calibration_entry(cal, entries: list[dict]) -> None:
@@ -370,8 +386,11 @@ def check_calibration_entry(cal, entries: list[dict]) -> None:
 
 # -------------------------------------------------------------------------------- sidecar arrays
 def kernel_out_channels(kind: str, shape: tuple) -> int:
-    """Output channels of a Keras-layout kernel: conv HWIO, depthwise HWCM (C*M), dense IO."""
-    return shape[-2] * shape[-1] if kind == "depthwise" else shape[-1]
+    """Output channels of a Keras-layout kernel: conv HWIO, depthwise/affine HWCM (C*M), dense IO,
+    transposed conv HWOI."""
+    if kind in ("depthwise", "affine"):
+        return shape[-2] * shape[-1]
+    return shape[-2] if kind == "transpose" else shape[-1]
 
 
 def kernel_shape(members: NpzMembers, entry: dict) -> tuple:

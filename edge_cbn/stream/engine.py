@@ -61,6 +61,9 @@ def make_chip(bundle, opts: StreamOptions):
 def wants_calibration(bundle, opts: StreamOptions) -> bool:
     """--calibrate (default: with noise), when the bundle can: a warning, or an error if asked for."""
     calibrate = opts.noise_on if opts.calibrate is None else opts.calibrate
+    if calibrate and bundle.has_sidecar and not any(rec.bn for rec in bundle.layers):
+        warn(f"{bundle.path.name} has no BatchNorm layer: there is nothing to calibrate; streaming it as it is")
+        return False
     if calibrate and not bundle.can_calibrate:
         msg = bundle.calibration_problem or (
             f"{bundle.path.name} has no calibration variant ({bundle.path.stem}.calib.tflite + sidecar): "

@@ -27,9 +27,9 @@ def torch_to_keras(kind: str, w: np.ndarray) -> np.ndarray:
 
 
 def layer_kind(layer) -> str | None:
-    """'conv' | 'depthwise' | 'dense' | 'bn' | None, by Keras class."""
+    """'conv' | 'depthwise' | 'dense' | 'transpose' | 'bn' | None, by Keras class."""
     cls = type(layer).__name__
-    return {"Conv2D": "conv", "DepthwiseConv2D": "depthwise", "Dense": "dense",
+    return {"Conv2D": "conv", "DepthwiseConv2D": "depthwise", "Dense": "dense", "Conv2DTranspose": "transpose",
             "BatchNormalization": "bn"}.get(cls)
 
 

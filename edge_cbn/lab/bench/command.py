@@ -36,7 +36,8 @@ def bench():
 def bench_models(names, num_threads, input_size):
     """Per model: Keras ms/frame, TFLite (LiteRT) ms/frame and TFLiteConverter seconds, batch size 1,
     random weights (timings do not depend on the weight values)."""
-    from ...convert.export import convert_keras, fold_model  # lazy: TensorFlow, only for `bench models`
+    from ...convert.export import convert_keras  # lazy: TensorFlow, only for `bench models`
+    from ...convert.keras_fold import fold_model  # lazy: TensorFlow, only for `bench models`
 
     rows = {}
     click.echo(f"{'model':<20} {'input':>5} {'keras ms':>9} {'tflite ms':>9} {'convert s':>9}")

@@ -15,7 +15,8 @@ from .timing import invoke_fn, perturbed_stats, random_model, time_per_call
 def refold_figures(name: str, tmp: str, num_threads: int) -> dict:
     """Refold, reconvert, interpreter build and invoke times of registered model `name` (random
     weights), exported into folder `tmp`."""
-    from ...convert.export import convert_keras, export, fold_model  # lazy: TensorFlow (the converter)
+    from ...convert.export import convert_keras, export  # lazy: TensorFlow (the converter)
+    from ...convert.keras_fold import fold_model  # lazy: TensorFlow (the converter)
 
     spec, model = zoo.get_spec(name), random_model(name)
     bundle = load_bundle(export(model, f"{tmp}/{name}.tflite", name=name, task=spec.task,
