@@ -13,6 +13,7 @@ The Python API (docs/API.md), imported on first use so that `import edge_cbn` st
     DeviceCalibration(bundle, chip)          streaming batch-size-1 calibration (`.step`, `.calibrate`)
     Refolder(bundle)                         new statistics into the .tflite bytes (`.refold`, `.model_bytes`)
     export(keras_model, path, ...)           fold BN and export a bundle (workstation: TensorFlow)
+    export_own_model(model, path, labels=...)  your own Keras model (or .keras file) as a bundle (workstation)
     calibrate_bn(keras_model, batches, ...)  the paper's offline Algorithm 1 (workstation: TensorFlow)
     make_pool(workers, ray_address)          local worker processes or a Ray cluster (workstation)
     calibrate_in_parallel(model, files, pool, ...)  Algorithm 1's batches on a pool (workstation)
@@ -45,6 +46,7 @@ _API = {
     "Refolder": "edge_cbn.runtime.refold",
     "Engine": "edge_cbn.stream.engine", "StreamLoop": "edge_cbn.stream.loop", "StreamOptions": "edge_cbn.stream.options",
     "export": "edge_cbn.convert.export", "build_model": "edge_cbn.convert.build",
+    "export_own_model": "edge_cbn.convert.own_model",
     "calibrate_bn": "edge_cbn.convert.offline_calibration",
     "make_pool": "edge_cbn.cluster", "calibrate_in_parallel": "edge_cbn.convert.parallel_calibration",
 }
@@ -55,6 +57,7 @@ if TYPE_CHECKING:  # what editors and type checkers resolve; at run time __getat
     from .convert.build import build_model
     from .convert.export import export
     from .convert.offline_calibration import calibrate_bn
+    from .convert.own_model import export_own_model
     from .convert.parallel_calibration import calibrate_in_parallel
     from .runtime.bundle import Bundle, load_bundle
     from .runtime.device_calibration import DeviceCalibration

@@ -128,3 +128,22 @@ def test_the_noise_classes_are_the_presets_bit_for_bit(exported):
         noise_model("relative", 0.05, g_max=3.0)
     with pytest.raises(ValueError, match="eta"):
         Relative(eta=float("nan")).noise()
+
+
+def test_the_own_model_example_exports_calibrates_and_predicts(tmp_path):
+    pytest.importorskip("tensorflow")
+    from own_models import every_bn_kind
+
+    text = API_DOC.read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index("## Your own Keras model"):], re.S).group(1)
+    assert len(code.strip().splitlines()) <= 8
+    (tmp_path / "own_model.py").write_text(code)
+    every_bn_kind().save(tmp_path / "mine.keras")
+    rng = np.random.default_rng(1)
+    frames = [str(tmp_path / f"{i}.jpg") for i in range(6)]
+    for f in frames:
+        cv2.imwrite(f, rng.integers(0, 256, (40, 56, 3), np.uint8))
+    out = subprocess.run([sys.executable, "own_model.py", "mine.keras", "a,b,c,d,e", *frames], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    top = eval(out.strip().splitlines()[-1])
+    assert top[0][1] in "abcde" and (tmp_path / "mine.cbn.npz").exists() and (tmp_path / "mine.calib.tflite").exists()

@@ -1,5 +1,6 @@
 """A CNN a user trains in Keras for a few seconds goes from its .keras file to a calibrating stream with
-two commands (README 'Your own model')."""
+two commands (README 'Your own model'), and `evaluate classification` measures it on folders named by its
+labels."""
 import json
 
 import cv2
@@ -49,3 +50,17 @@ def test_trained_cnn_converts_predicts_as_keras_and_calibrates_in_a_stream(tmp_p
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     named = [line["top"][0] for line in lines if "top" in line]
     assert len(named) == 400 and set(named) <= set(SHAPES)  # every frame's top class, by the --labels names
+
+    val, val_truth = shapes(30, seed=3)
+    for i, (img, c) in enumerate(zip(val, val_truth)):
+        (tmp_path / "val" / SHAPES[c]).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "val" / SHAPES[c] / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    r = CliRunner().invoke(cli, ["evaluate", "classification", "--model", str(tmp_path / "shapes.tflite"),
+                                 "--data", str(tmp_path / "val"), "--calib-dir", str(frames), "--center-crop", "1",
+                                 "--noise", "relative:0,0.1", "--seeds", "0", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output.strip().splitlines()[-1])
+    assert result["images"] == 30
+    clean = next(row for row in result["rows"] if row["eta"] == 0 and row["method"] == "original")
+    keras_top1 = 100 * np.mean(np.argmax(model.predict(val.astype(np.float32), verbose=0), 1) == val_truth)
+    assert abs(clean["top1_mean"] - keras_top1) <= 100 / 30 + 1e-9  # the converted model, as Keras, within one image

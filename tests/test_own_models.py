@@ -12,7 +12,6 @@ keras = pytest.importorskip("keras")
 from edge_cbn.cli import main as cli  # noqa: E402
 from edge_cbn.convert import own_model  # noqa: E402
 from edge_cbn.convert.command import main as convert  # noqa: E402
-from edge_cbn.convert.export import export  # noqa: E402
 from edge_cbn.convert.keras_fold import fold_plan  # noqa: E402
 from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
 from edge_cbn.runtime.device_calibration import DeviceCalibration  # noqa: E402
@@ -35,10 +34,9 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(np.max(np.abs(b)), 1e-12))
 
 
-def convert_own(model, path, **flags) -> Path:
-    """What `convert --keras` does with a model in memory."""
-    own = own_model.describe(own_model._flat(model, model.name), name=model.name, **flags)
-    return export(own.model, path, input_as_conv=True, **own.export_args())
+def convert_own(model, path, **facts) -> Path:
+    """What `convert --keras` does, with a model in memory."""
+    return own_model.export_own_model(model, path, **facts)
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +225,54 @@ def test_raw_outputs_when_the_task_is_not_known(tmp_path):
     r = run(convert, ["--keras", str(path), "-o", str(tmp_path / "feat.tflite")])
     assert r.exit_code == 0 and "task: raw" in r.output and "cosine similarity" in r.output
     assert load_bundle(tmp_path / "feat.tflite").meta["task"] == "raw"
+
+
+def test_per_pixel_classes_read_as_segmentation_and_stream(tmp_path):
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Rescaling(1 / 255)(inp)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(8, 3, padding="same", name="c")(x)))
+    path = tmp_path / "seg.h5"  # the legacy HDF5 format loads too
+    keras.Model(inp, keras.layers.Conv2D(4, 1, name="logits")(x)).save(path)
+    r = run(convert, ["--keras", str(path), "-o", str(tmp_path / "seg.tflite")])
+    assert r.exit_code == 0 and "task: segmentation" in r.output, r.output
+    assert load_bundle(tmp_path / "seg.tflite").meta["labels"] == [f"class {i}" for i in range(4)]
+    r = run(cli, ["stream", "--model", str(tmp_path / "seg.tflite"), "--noise", "relative", "--frames", "12", "--quiet"])
+    assert r.exit_code == 0 and json.loads(r.output.strip().splitlines()[-1])["summary"]["frames"] == 12
+
+
+def yolo_like(tmp_path) -> Path:
+    """Two raw YOLO head maps (strides 16 and 8 on a 32x32 input, 3 anchors x (5 + 2 classes) each)."""
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(inp)
+    x = keras.layers.BatchNormalization(name="bn1")(keras.layers.Conv2D(8, 3, strides=8, padding="same", name="c1")(x))
+    x = keras.layers.LeakyReLU(0.1)(x)
+    fine = keras.layers.Conv2D(21, 1, name="head8")(x)
+    y = keras.layers.BatchNormalization(name="bn2")(keras.layers.Conv2D(8, 3, strides=2, padding="same", name="c2")(x))
+    coarse = keras.layers.Conv2D(21, 1, name="head16")(keras.layers.LeakyReLU(0.1)(y))
+    path = tmp_path / "yolo.keras"
+    keras.Model(inp, [coarse, fine]).save(path)
+    return path
+
+
+def test_a_detector_with_a_yolo_head_spec(tmp_path):
+    path = yolo_like(tmp_path)
+    head = {"anchors": [[4, 5], [6, 8], [9, 7], [10, 12], [14, 16], [20, 18]], "masks": [[3, 4, 5], [0, 1, 2]],
+            "strides": [16, 8]}
+    (tmp_path / "head.json").write_text(json.dumps(head))
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    r = run(convert, ["--keras", str(path), "-o", str(tmp_path / "d.tflite"), "--task", "detection"])
+    assert r.exit_code == 1 and "--head FILE" in r.output
+    r = run(convert, ["--keras", str(path), "-o", str(tmp_path / "d.tflite"), "--head", str(tmp_path / "head.json"),
+                      "--labels", str(tmp_path / "labels.txt")])
+    assert r.exit_code == 0 and "task: detection" in r.output, r.output
+    bundle = load_bundle(tmp_path / "d.tflite")
+    assert bundle.meta["head"] == head and bundle.meta["labels"] == ["cat", "dog"]
+    r = run(cli, ["stream", "--model", str(tmp_path / "d.tflite"), "--noise", "relative", "--frames", "12", "--quiet"])
+    assert r.exit_code == 0 and json.loads(r.output.strip().splitlines()[-1])["summary"]["frames"] == 12
+
+
+def test_a_head_spec_that_does_not_fit_the_outputs_is_one_line(tmp_path):
+    (tmp_path / "head.json").write_text(json.dumps({"anchors": [[4, 5]], "masks": [[0], [0]], "strides": [32, 8]}))
+    r = run(convert, ["--keras", str(yolo_like(tmp_path)), "-o", str(tmp_path / "d.tflite"), "--head",
+                      str(tmp_path / "head.json")])
+    assert r.exit_code == 1 and "does not fit stride 32" in r.output and not (tmp_path / "d.tflite").exists()

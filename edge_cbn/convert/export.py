@@ -22,12 +22,14 @@ import numpy as np
 import tflite
 
 from ..runtime import fold
-from ..runtime.bundle import (Bundle, atomic_write, buffer_span, calibration_path, sha256,
+from ..runtime.bundle import (FORMAT, Bundle, atomic_write, buffer_span, calibration_path, sha256,
                               sidecar_path, write_sidecar)
+from ..runtime.flatbuffer import model_facts
 from ..runtime.interpreter import io_indices, make_interpreter, run_interpreter
 from ..runtime.processing import normalise
 from ..runtime.native_log import silenced
 from ..runtime.refold import Refolder
+from ..runtime.validation import Invalid, check_meta
 from .keras_fold import ChannelAffine, fold_keras
 from .keras_graph import flat_model, needs_flattening
 
@@ -269,6 +271,10 @@ def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, h
     if noise_layers is not None:
         meta["noise_layers"] = list(noise_layers)
     model_bytes, buffers = _convert_folded(folded, records, hw, meta, input_as_conv)
+    try:  # what loading will check, before anything is written: a head or labels that do not fit the outputs
+        check_meta({**meta, "format": FORMAT}, model_facts(bytes(model_bytes)), FORMAT)
+    except Invalid as e:
+        raise ExportError(f"{name}: {e}") from None
     for rec in records:
         rec.w_buffer, rec.b_buffer = buffers[rec.name]
 

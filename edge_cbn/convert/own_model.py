@@ -139,7 +139,7 @@ class OwnModel:
 
 def describe(model, *, name: str, preprocess: dict | None = None, task: str | None = None, labels_file=None,
              head_file=None, input_size=None, mean=None, std=None, input_range=None,
-             need_preprocess: bool = True) -> OwnModel:
+             need_preprocess: bool = True, labels: list | None = None, head: dict | None = None) -> OwnModel:
     """What using flat `model` needs: each fact from the flags when given, else from the model.
 
     Args:
@@ -154,6 +154,7 @@ def describe(model, *, name: str, preprocess: dict | None = None, task: str | No
             (rgb - mean) / std.
         input_range: (low, high), the range the model wants the pixels 0..255 mapped to.
         need_preprocess: False leaves an unknown preprocessing None (a note says so) instead of raising.
+        labels, head: the class names and the head spec themselves, instead of their files.
 
     Returns:
         The `OwnModel`.
@@ -174,9 +175,9 @@ def describe(model, *, name: str, preprocess: dict | None = None, task: str | No
         notes.append(f"preprocessing: unknown ({str(e).split(': ', 1)[1]})")
     if taken:
         model = _flat(model, name, hw, skip=taken)
-    task = _task(model, hw, task, head_file, notes)
-    head = _head(head_file) if task == "detection" else None
-    labels = _labels(model, task, labels_file, notes)
+    task = _task(model, hw, task, head_file or head, notes)
+    head = (head or _head(head_file)) if task == "detection" else None
+    labels = _labels(model, task, labels_file, notes, labels)
     return OwnModel(name, model, hw, preprocess, task, labels, head, notes)
 
 
@@ -326,9 +327,14 @@ def _head(head_file) -> dict:
     return {k: head[k] for k in ("anchors", "masks", "strides")}
 
 
-def _labels(model, task, labels_file, notes) -> list:
+def _labels(model, task, labels_file, notes, given=None) -> list:
     shape = _outputs(model)[0]
     count = shape[-1] if task in ("classification", "segmentation") else None
+    if given is not None:
+        if count is not None and len(given) != count:
+            raise OwnModelError(f"{len(given)} labels for the model's {count} classes")
+        notes.append(f"labels: {len(given)} given")
+        return [str(x) for x in given]
     if labels_file is not None:
         regular_file(labels_file)
         try:
@@ -397,3 +403,33 @@ def spec_of(own: OwnModel):
 
     return ModelSpec(own.name, None, own.input_hw[0], own.task, "keras", own.preprocess, tuple(own.labels),
                      len(own.labels), head=own.head)
+
+
+def export_own_model(model, path, *, name: str | None = None, noise_layers: str | None = None, **facts) -> Path:
+    """Convert a Keras model of your own (in memory, or a .keras/.h5 file) into a bundle that `edge-cbn
+    stream` and `CalibratedModel` run and calibrate: what `tools/convert.py --keras FILE` does.
+
+    Args:
+        model: a functional or Sequential Keras model, or the path of one saved.
+        path: the .tflite to write (its sidecar and calibration variant go beside it).
+        name: the model's name in the sidecar (default: the model's).
+        noise_layers: which layers noise acts on, as `--noise-layers` (None: every conv and dense kernel).
+        **facts: what the model does not say itself, as `describe` takes them: `labels=[...]`, `task=`,
+            `input_range=(low, high)`, `mean=`/`std=`, `input_size=`, `head={...}`.
+
+    Returns:
+        The .tflite path.
+
+    Raises:
+        OwnModelError: a model or fact that cannot be used (the message names it).
+        FoldError, GraphError, ExportError: a layer that cannot be exported (the message names it).
+    """
+    from .export import export  # lazy: the converter (TensorFlow), once the model is known to be usable
+
+    if isinstance(model, (str, Path)):
+        model, name = load_keras_file(model), name or Path(model).stem
+    else:
+        model = _flat(model, model.name)
+    own = describe(model, name=name or model.name, **facts)
+    return export(own.model, path, noise_layers=select_noise_layers(own.model, noise_layers), input_as_conv=True,
+                  **own.export_args())

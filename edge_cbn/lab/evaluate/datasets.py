@@ -58,19 +58,22 @@ def imagenet_wnids() -> list[str]:
     return load_labels("imagenet_wnids")
 
 
-def class_folder(root) -> Dataset:
-    """`root/<wnid>/*.JPEG`: each folder's images labelled with its wnid's index among the 1000 (not with
-    the folder's rank among those present, which is wrong for a subset of the classes)."""
+def class_folder(root, labels=()) -> Dataset:
+    """`root/<class>/*.JPEG`: each folder's images labelled with its class's index, the folder name being
+    one of the model's `labels` (a model of your own: `circle/`, `square/`) or else an ImageNet wnid (the
+    index among the 1000, not the folder's rank among those present, which is wrong for a subset)."""
     root = Path(root)
-    index = {w: i for i, w in enumerate(imagenet_wnids())}
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    own = {name: i for i, name in enumerate(labels)}
+    index = own if folders and all(p.name in own for p in folders) else {
+        w: i for i, w in enumerate(imagenet_wnids())}
     unknown = [p.name for p in folders if p.name not in index]
     if unknown:
-        raise BadInput(root, f"folders that are no ImageNet wnid: {', '.join(unknown[:5])} (use --labels CSV "
-                             "for other class names)")
+        raise BadInput(root, f"folders that are neither the model's labels nor ImageNet wnids: {', '.join(unknown[:5])} "
+                             "(use --labels CSV for other class names)")
     samples = [Sample(f, index[d.name]) for d in folders for f in _images_in(d)]
     if not samples:
-        raise BadInput(root, "no images in <wnid>/ folders")
+        raise BadInput(root, "no images in <class>/ folders")
     return _checked(Dataset("classification", root.name, samples))
 
 

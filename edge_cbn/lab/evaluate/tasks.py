@@ -108,12 +108,12 @@ def make_setup(bundle, dataset, calib_files, kw, *, center_crop=1.0, processor_o
 
 
 def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
-    """One `evaluate TASK` run: model, dataset (`dataset_of()`), calibration images (`calib_of()`), the sweep,
+    """One `evaluate TASK` run: model, dataset (`dataset_of(bundle)`), calibration images (`calib_of()`), the sweep,
     the report; prints the table and ends with one JSON line, which it returns as a dict."""
     seeds = list(kw["seeds"])
     options = {preset: noise_options(preset, kw["noise_option"]) for preset, _ in kw["settings"]}
     bundle = load_bundle(resolve_model(kw["model"], echo=lambda *a, **k: click.echo(*a, err=True)))
-    setup = make_setup(bundle, dataset_of(), calib_of(), kw, **setup_options)
+    setup = make_setup(bundle, dataset_of(bundle), calib_of(), kw, **setup_options)
     cache = ResultCache(kw["cache"] or Path(kw["out_dir"]) / "cache.jsonl", read=not kw["no_cache"])
     started = time.perf_counter()
     if kw["workers"] or kw["ray_address"]:
@@ -158,7 +158,8 @@ def dataset_title(setup: Setup) -> str:
 
 @click.command("classification")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
-              help="ImageNet-style folder <wnid>/*.JPEG (any subset of the 1000 classes), or the images of --labels.")
+              help="A folder <class>/*.jpg, the classes named as the model's labels (your own model) or ImageNet "
+                   "wnids (any subset of the 1000), or the images of --labels.")
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False),
               help="CSV of file,class (a class index or a wnid), files relative to --data.")
 @click.option("--center-crop", type=click.FloatRange(0, 1, min_open=True), default=0.875, show_default=True,
@@ -168,7 +169,8 @@ def dataset_title(setup: Setup) -> str:
 def classification(data, labels_csv, center_crop, **kw):
     """Top-1 and top-5 accuracy (%) per noise level: original, streaming-calibrated on LiteRT (and with
     --offline the paper's Algorithm 1), mean ± std over chip seeds; the paper's Table 1."""
-    run_task(lambda: datasets.class_csv(data, labels_csv) if labels_csv else datasets.class_folder(data),
+    run_task(lambda bundle: datasets.class_csv(data, labels_csv) if labels_csv
+             else datasets.class_folder(data, bundle.meta.get("labels", ())),
              lambda: datasets.calibration_images(calib_dir=kw["calib_dir"], calib_list=kw["calib_list"]), kw,
              center_crop=center_crop)
 
@@ -195,7 +197,7 @@ def detection(annotations, images, category_ids, conf_threshold, iou_threshold, 
             ids = [int(c) for c in category_ids.split(",")]
         except ValueError:
             raise click.BadParameter(f"{category_ids!r}: expected integers", param_hint="--category-ids") from None
-    run_task(lambda: datasets.coco_detection(annotations, images),
+    run_task(lambda bundle: datasets.coco_detection(annotations, images),
              lambda: datasets.calibration_images(calib_dir=kw["calib_dir"], calib_list=kw["calib_list"]), kw,
              processor_options={"conf_threshold": conf_threshold, "iou_threshold": iou_threshold}, category_ids=ids)
 
@@ -213,6 +215,6 @@ def segmentation(voc_root, split, calib_split, **kw):
     chip seeds; the paper's Table 3."""
     if not (calib_split or kw["calib_dir"] or kw["calib_list"]):
         calib_split = "train"
-    run_task(lambda: datasets.voc_segmentation(voc_root, split),
+    run_task(lambda bundle: datasets.voc_segmentation(voc_root, split),
              lambda: datasets.calibration_images(calib_dir=kw["calib_dir"], calib_list=kw["calib_list"],
                                                  voc_root=voc_root, calib_split=calib_split), kw)
