@@ -57,9 +57,14 @@ def check(name, tmp_path):
              for rec in bundle.layers if rec.bn}
     refolder = Refolder(bundle)
     refolder.refold(stats)
-    for bn, (mean, var) in stats.items():
-        original.get_layer(bn).moving_mean.assign(mean)
-        original.get_layer(bn).moving_variance.assign(var)
+    # The original's BN of each record: by its (random, so unique) statistics, since Keras numbers unnamed
+    # layers anew in each model it builds.
+    by_mean = {np.asarray(layer.moving_mean).tobytes(): layer for layer in original.layers
+               if isinstance(layer, keras.layers.BatchNormalization)}
+    for rec in bundle.layers:
+        if rec.bn:
+            by_mean[rec.mean.tobytes()].moving_mean.assign(stats[rec.bn][0])
+            by_mean[rec.mean.tobytes()].moving_variance.assign(stats[rec.bn][1])
     assert rel_err(tflite(refolder.model_bytes(), x), keras_output()) <= 1e-4
     return bundle
 

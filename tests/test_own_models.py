@@ -276,3 +276,22 @@ def test_a_head_spec_that_does_not_fit_the_outputs_is_one_line(tmp_path):
     r = run(convert, ["--keras", str(yolo_like(tmp_path)), "-o", str(tmp_path / "d.tflite"), "--head",
                       str(tmp_path / "head.json")])
     assert r.exit_code == 1 and "does not fit stride 32" in r.output and not (tmp_path / "d.tflite").exists()
+
+
+def test_offline_calibration_of_an_own_model_under_noise_on_chosen_layers(tmp_path):
+    import cv2
+
+    path = tmp_path / "mine.keras"
+    backbone_in_sequential().save(path)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(images / f"{i}.png"), pixels(20 + i)[0])
+    r = run(convert, ["--keras", str(path), "--calibrate", str(images), "--noise", "relative", "--eta", "0.1",
+                      "--noise-layers", "stem", "--batch-size", "3", "-o", str(tmp_path / "cal.tflite")])
+    assert r.exit_code == 0, r.output
+    calibrated = {rec.bn: rec.mean for rec in load_bundle(tmp_path / "cal.tflite").layers if rec.bn}
+    source = own_model._flat(backbone_in_sequential(), "m")
+    for bn, mean in calibrated.items():  # re-estimated on the images: no longer the source statistics
+        assert not np.allclose(mean, source.get_layer(bn).moving_mean.numpy())
+    assert noise_targets(load_bundle(tmp_path / "cal.tflite")).keys() == {"stem"}

@@ -3,10 +3,6 @@ streams (agreement = cosine similarity of the outputs with the clean model's, th
 it, the preview's status intact) and runs `edge-cbn evaluate`; the labelled `evaluate TASK` refuses it."""
 import json
 import math
-import socket
-import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +16,7 @@ from edge_cbn.runtime.processing import Processor, flat_outputs
 from edge_cbn.runtime.validation import Invalid, check_meta
 from edge_cbn.stream.agreement import AGREEMENT_METRICS, agreement, cosine_similarity, short_prediction
 from edge_cbn.stream.outputs import describe, draw_prediction, log_fields
+from preview_poll import free_port, polled
 
 PRE = {"mean": [127.5] * 3, "std": [127.5] * 3, "letterbox": False}
 NOISY = ["--noise", "relative", "--eta", "0.3", "--refold-every", "2", "--stages", "2", "--track-every", "1",
@@ -122,31 +119,9 @@ def test_stream_reports_cosine_similarity(raw_model, tmp_path):
 
 
 def test_preview_status_of_a_raw_stream(raw_model):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    seen, done = [], threading.Event()
-
-    def poll():
-        while not done.is_set():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as resp:
-                    status = json.loads(resp.read())
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/history", timeout=2) as resp:
-                    history = json.loads(resp.read())
-                if status.get("frames"):
-                    seen.append((status, history))
-            except OSError:
-                pass
-            time.sleep(0.01)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-        r = run_stream(["--model", raw_model, "--headless", "--serve", str(port), "--frames", "300", *NOISY])
-    finally:
-        done.set()
-        poller.join()
+    port = free_port()
+    r, seen = polled(port, lambda: run_stream(["--model", raw_model, "--headless", "--serve", str(port), "--frames",
+                                                "300", *NOISY]), paths=("status", "history"))
     assert r.exit_code == 0, r.output
     status, history = seen[-1]
     assert status["task"] == "raw" and status["result"].startswith("raw: 2 outputs, |y| ")

@@ -5,12 +5,9 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import cv2
@@ -23,6 +20,7 @@ from edge_cbn.runtime.interpreter import make_interpreter
 from edge_cbn.runtime.state import StateStore, calibrated_model_path, fingerprint
 from edge_cbn.stream.agreement import agreement
 from edge_cbn.stream.command import main
+from preview_poll import free_port, polled
 
 SUMMARY_KEYS = {"frames", "fps", "refolds", "agreement_before", "agreement_after", "agreement_metric", "calibrated"}
 NOISY = ["--noise", "relative", "--eta", "0.05", "--refold-every", "2", "--stages", "2", "--track-every", "1",
@@ -226,29 +224,10 @@ def test_video_with_corrupt_frame_still_streams(tiny, tmp_path):
 
 
 def test_preview_status_updates_during_run(tiny, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    seen, done = [], threading.Event()
-
-    def poll():
-        while not done.is_set():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as resp:
-                    status = json.loads(resp.read())
-                if status.get("frames"):
-                    seen.append(status)
-            except OSError:
-                pass
-            time.sleep(0.01)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    try:
-        r = run(["--model", tiny, "--headless", "--serve", str(port), "--frames", "300", *NOISY])
-    finally:
-        done.set()
-        poller.join()
+    port = free_port()
+    r, seen = polled(port, lambda: run(["--model", tiny, "--headless", "--serve", str(port), "--frames", "300",
+                                         *NOISY]))
+    seen = [status for status, in seen]
     assert r.exit_code == 0, r.output
     counts = [s["frames"] for s in seen]
     assert len(set(counts)) >= 2 and counts == sorted(counts)

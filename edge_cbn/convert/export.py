@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -126,13 +127,14 @@ def with_raw_input(model, preprocess: dict, as_conv: bool = False) -> keras.Mode
     return keras.Model(inp, out)
 
 
-def _convert_with_sentinels(folded, records, input_hw, graph=None) -> tuple[bytes, dict]:
+def _convert_with_sentinels(folded, records, input_hw, graph=None) -> tuple[bytes, dict, list]:
     """Convert `graph` (default `folded`, whose layers it uses) with unique random weights in every
     recorded layer of `folded`, locate each layer's kernel and bias buffers by exact byte match and
-    restore the real weights; returns the sentinel model and {layer name: (w_buffer, b_buffer)}.  A layer
-    without BN keeps its real bias and no bias buffer is located for it (b_buffer None: refold never
-    writes it, and the converter may have fused a constant that follows into it, as MobileNetV3's
-    hard-sigmoid `+ 3` after a squeeze-excite conv)."""
+    restore the real weights; returns the sentinel model, {layer name: (w_buffer, b_buffer)} and the
+    layers without BN whose kernel the converter rewrote (a constant multiply after the conv fused into
+    it, as InceptionResNetV2's residual scale).  A layer without BN keeps its real bias and no bias buffer
+    is located for it (b_buffer None: refold never writes it, and the converter may have fused a
+    constant that follows into it, as MobileNetV3's hard-sigmoid `+ 3` after a squeeze-excite conv)."""
     rng = np.random.default_rng(0)
     real, sentinels = {}, {}
     for rec in records:
@@ -156,20 +158,23 @@ def _convert_with_sentinels(folded, records, input_hw, graph=None) -> tuple[byte
         if size:
             by_size[size].append((i, start))
 
-    def find(arr, what):
+    def find(arr, what, needed=True):
         needle = np.ascontiguousarray(arr, np.float32).tobytes()
         hits = [i for i, start in by_size[len(needle)] if data[start:start + len(needle)] == needle]
-        if len(hits) != 1:
+        if len(hits) != 1 and needed:
             raise ExportError(f"{what}: found in {len(hits)} TFLite buffers, expected exactly one (the "
                               "converter rewrote or fused this tensor; it cannot be refolded)")
-        return hits[0]
+        return hits[0] if len(hits) == 1 else None
 
-    buffers = {}
+    buffers, rewritten = {}, []
     for rec in records:
         kernel, *bias = sentinels[rec.name]
-        buffers[rec.name] = (find(fold.to_tflite(rec.kind, kernel), f"layer {rec.name!r} kernel"),
-                             find(bias[0], f"layer {rec.name!r} bias") if bias and rec.bn else None)
-    return model_bytes, buffers
+        w = find(fold.to_tflite(rec.kind, kernel), f"layer {rec.name!r} kernel", needed=bool(rec.bn))
+        if w is None:
+            rewritten.append(rec.name)
+            continue
+        buffers[rec.name] = (w, find(bias[0], f"layer {rec.name!r} bias") if bias and rec.bn else None)
+    return model_bytes, buffers, rewritten
 
 
 def moments_model(folded, records) -> keras.Model:
@@ -217,13 +222,23 @@ def _fix_outputs(model_bytes: bytearray, probe: np.ndarray, keras_outs: list[np.
         vec[:] = vec[perm].copy()
 
 
-def _convert_folded(keras_model, records, hw, meta, input_as_conv=False) -> tuple[bytearray, dict]:
+def _convert_folded(keras_model, records, hw, meta, input_as_conv=False) -> tuple[bytearray, dict, list]:
     """Convert (behind an RGB uint8 input unless the model letterboxes: a letterbox's 127.5 grey is not
     a uint8 value), locate the buffers, write the real folded tensors exactly as on-device refold
-    writes them, and check/fix the outputs against Keras."""
+    writes them, and check/fix the outputs against Keras; returns the bytes, the buffers and the records
+    kept.  A layer without BN whose kernel the converter rewrote is converted again as it is and leaves
+    the records (it then holds no noise: a warning names it)."""
     pre = meta["preprocess"]
     graph = None if pre.get("letterbox") else with_raw_input(keras_model, pre, input_as_conv)
-    sentinel_bytes, buffers = _convert_with_sentinels(keras_model, records, hw, graph)
+    sentinel_bytes, buffers, rewritten = _convert_with_sentinels(keras_model, records, hw, graph)
+    if rewritten:
+        warnings.warn(f"{len(rewritten)} layer(s) without BN had a multiply that follows them fused into their "
+                      f"kernel by the converter ({', '.join(rewritten[:3])}{', ...' if len(rewritten) > 3 else ''}): "
+                      "exported as they are, without noise on them", stacklevel=2)
+        records = [rec for rec in records if rec.name not in rewritten]
+        sentinel_bytes, buffers, rewritten = _convert_with_sentinels(keras_model, records, hw, graph)
+        if rewritten:
+            raise ExportError(f"layer {rewritten[0]!r} kernel: the converter rewrote it; it cannot be refolded")
     located = [dataclasses.replace(rec, w_buffer=buffers[rec.name][0], b_buffer=buffers[rec.name][1])
                for rec in records]
     # A model without conv or dense layers has nothing to write (and a Refolder would refuse it).
@@ -232,7 +247,7 @@ def _convert_folded(keras_model, records, hw, meta, input_as_conv=False) -> tupl
     rgb = np.random.default_rng(1).integers(0, 256, (1, *hw, keras_model.input_shape[-1]), np.uint8)
     x = normalise(rgb, pre)
     _fix_outputs(model_bytes, x if graph is None else rgb, _outputs(keras_model, x))
-    return model_bytes, buffers
+    return model_bytes, buffers, records
 
 
 def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, head=None,
@@ -270,7 +285,9 @@ def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, h
             "labels": list(labels), "head": head}
     if noise_layers is not None:
         meta["noise_layers"] = list(noise_layers)
-    model_bytes, buffers = _convert_folded(folded, records, hw, meta, input_as_conv)
+    model_bytes, buffers, records = _convert_folded(folded, records, hw, meta, input_as_conv)
+    if "noise_layers" in meta:  # less any layer the converter rewrote
+        meta["noise_layers"] = [name for name in meta["noise_layers"] if name in buffers]
     try:  # what loading will check, before anything is written: a head or labels that do not fit the outputs
         check_meta({**meta, "format": FORMAT}, model_facts(bytes(model_bytes)), FORMAT)
     except Invalid as e:
@@ -281,7 +298,8 @@ def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, h
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if calibration and any(rec.bn for rec in records):
-        calib_bytes, calib_buffers = _convert_folded(moments_model(folded, records), records, hw, meta, input_as_conv)
+        calib_bytes, calib_buffers, _ = _convert_folded(moments_model(folded, records), records, hw, meta,
+                                                        input_as_conv)
         calib_path = calibration_path(out_path)
         meta["calibration"] = {"file": calib_path.name, "buffers": calib_buffers,
                                "bns": [rec.bn for rec in records if rec.bn], "sha256": sha256(calib_bytes)}
