@@ -6,7 +6,6 @@ the converter is imported only then.  On a board, copy a converted model over in
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -14,14 +13,13 @@ import sys
 from pathlib import Path
 
 import click
-import cv2
 
 from ..runtime.bundle import calibration_path, load_bundle, sidecar_path
 from ..runtime.errors import BadInput
 from ..runtime.validation import regular_file
 from ..runtime.paths import cache_dir
 from .options import StreamError
-from .sources import Prefetched, SourceError, open_source
+from .sources import Prefetched, SourceError, open_source, opencv_quiet
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -70,22 +68,11 @@ def open_frames(camera=None, video=None, images=None, loop=False, width=640, hei
     if (camera is not None and str(camera).isdigit() and sys.platform.startswith("linux")
             and not (picamera2 and int(camera) == 0) and not os.path.exists(f"/dev/video{int(camera)}")):
         raise StreamError(f"camera {camera} not found: /dev/video{int(camera)} does not exist")
-    quiet_opencv = contextlib.nullcontext()
-    with contextlib.suppress(Exception):
-        quiet_opencv = _opencv_log_level(cv2.utils.logging.LOG_LEVEL_ERROR)  # its own warnings at open
     try:
-        with quiet_opencv:
+        with opencv_quiet():  # OpenCV's own warnings at open
             return Prefetched(open_source(camera=camera, video=video, images=images, loop=loop, width=width,
                                           height=height, picamera2=picamera2))
     except (SourceError, ValueError, FileNotFoundError) as e:
         raise StreamError(str(e)) from None
 
 
-@contextlib.contextmanager
-def _opencv_log_level(level):
-    old = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(level)
-    try:
-        yield
-    finally:
-        cv2.utils.logging.setLogLevel(old)

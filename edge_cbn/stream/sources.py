@@ -1,4 +1,4 @@
-"""Frame sources: camera, video file, image folder, or the bundled sample clip.
+"""Frame sources: camera, video file, network stream, image folder, or the bundled sample clip.
 
 Every source yields BGR ``uint8`` frames (``H x W x 3``), is an iterable and a context manager, has
 ``close()``, ``read()`` (the next frame, or ``None`` at the end), a ``name``, an ``fps`` hint (``None``
@@ -11,9 +11,14 @@ the stream goes on:
 * a stretch of undecodable video frames, of any length, is skipped with one warning and counted; the end
   of the file is where the frames the container declares run out (see :class:`VideoSource`);
 * an image file that cannot be read is skipped with one warning and counted (not tried again when looping);
-* a camera whose read fails is reopened with exponential backoff (0.5 s doubling up to 8 s by default)
-  until it comes back or the source is closed; a camera read that does not return is reported by
-  :class:`Prefetched` (``stall_warning_s``).
+* a camera or a network stream whose read fails is reopened with exponential backoff (0.5 s doubling up
+  to 8 s by default) until it comes back or the source is closed, and the frames the outage cost are
+  counted (:class:`LiveSource`); a read that does not return is reported by :class:`Prefetched`
+  (``stall_warning_s``).
+
+A network stream (``rtsp://``, ``rtsps://``, ``http(s)://``: MJPEG over HTTP, HLS) is named by its URL's
+scheme; anything else is a path.  Its password never leaves :func:`mask_url` (``user:***@host``): the
+source's ``name`` and every message carry the masked URL.
 
 FFmpeg's own log (hundreds of "error while decoding MB" lines for one damaged stretch) is kept off the
 terminal unless ``--debug`` (``EDGE_CBN_DEBUG``): the warnings above say what was skipped.
@@ -22,10 +27,12 @@ Device side: numpy and OpenCV only. ``picamera2`` is imported lazily, only when 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -45,16 +52,25 @@ __all__ = [
     "FrameSource",
     "CameraSource",
     "VideoSource",
+    "LiveSource",
+    "NetworkSource",
     "ImageDirSource",
     "Prefetched",
     "open_source",
     "debug_enabled",
+    "is_url",
+    "mask_url",
 ]
 
 # A declared frame count is believed only up to one frame per this many bytes of the file (the smallest
 # framing a video frame has: an MP4 size entry, an Annex-B start code), so a forged header cannot make the
 # end of a file look like an endless corrupt stretch (failed reads at the end cost about 1 us each).
 MIN_FRAME_BYTES = 4
+
+# The schemes read as network streams, through OpenCV's FFmpeg backend.
+NETWORK_SCHEMES = ("rtsp", "rtsps", "http", "https")
+# "scheme://": a URL (two letters at least, so a Windows drive "C://" stays a path).
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 
 
 class SourceError(BadInput):
@@ -72,6 +88,47 @@ def _quiet_ffmpeg() -> None:
     capture opens (the stream opens its source before anything else that uses FFmpeg)."""
     if not debug_enabled():
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+
+def is_url(value) -> bool:
+    """Whether ``value`` names a network stream rather than a path: a string starting ``scheme://``.
+
+    Args:
+        value: a ``--video``/``--camera`` value (a string, a number or a path).
+
+    Returns:
+        True for a ``str`` that starts with a URL scheme (supported or not: :class:`NetworkSource` says which
+        it reads); False otherwise (a ``Path`` is never a URL).
+    """
+    return isinstance(value, str) and _URL.match(value) is not None
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user info replaced by ``***`` (``rtsp://user:***@host/x``).
+
+    Args:
+        url: a URL, as given (nothing else in it is changed: no normalisation).
+
+    Returns:
+        The URL to print: unchanged when it carries no password.
+    """
+    match = _URL.match(url)
+    if not match:
+        return url
+    start = match.end()
+    end = min((i for i in (url.find(c, start) for c in "/?#") if i >= 0), default=len(url))
+    userinfo, at, host = url[start:end].rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    if not (at and colon):
+        return url
+    return f"{url[:start]}{user}:***@{host}{url[end:]}"
+
+
+def _refuse_url(value, what: str) -> None:
+    """A URL given to a path or device source: one line saying what opens it."""
+    if is_url(value):
+        raise SourceError(mask_url(value), f"a network stream, not a {what}: open it with NetworkSource "
+                                           "(or open_source(video=URL), `--video URL`)")
 
 
 class FrameSource:
@@ -93,8 +150,8 @@ class FrameSource:
     def _release(self) -> None:
         pass
 
-    def _take_first(self, nothing: str) -> None:
-        self._first = self._next()
+    def _take_first(self, nothing: str, read: Optional[Callable[[], Optional[np.ndarray]]] = None) -> None:
+        self._first = (read or self._next)()
         if self._first is None:
             self.close()
             raise SourceError(self.name, nothing)
@@ -168,6 +225,7 @@ class VideoSource(FrameSource):
     def __init__(self, path: Union[str, os.PathLike], loop: bool = False, *, realtime: bool | float = False,
                  max_bad_frames: int = 25, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic):
+        _refuse_url(path, "video file")  # Path() would fold its "//" and look for a file
         self.path = Path(path)
         self.name = str(self.path)
         self.loop = loop
@@ -328,28 +386,120 @@ class _Picamera2Capture:
         self._cam.close()
 
 
-class CameraSource(FrameSource):
-    """A live camera: OpenCV ``VideoCapture`` (V4L2 on Linux) or, with ``picamera2=True`` and index 0,
-    a Raspberry Pi camera module through ``picamera2``.
+class LiveSource(FrameSource):
+    """A live source, camera or network stream: it has no end, and a failed read is an outage.
 
-    ``index`` is a device number or a device path such as ``/dev/video2``. If a read fails the camera is
-    released and reopened after ``backoff[0]`` seconds, doubling up to ``backoff[1]``, for as long as it
-    takes (``read`` blocks meanwhile; ``close()`` from another thread ends the wait). ``sleep`` is
-    injectable for tests.
+    On a failed read the capture is released and reopened after ``backoff[0]`` seconds, doubling up to
+    ``backoff[1]``, for as long as it takes (``read`` blocks meanwhile; ``close()`` from another thread
+    ends the wait).  Each outage adds the frames it cost to ``skipped``: its length (from the read that
+    failed to the frame back) times ``fps``, at least one (one when the fps is unknown); ``reconnects``
+    counts the outages that ended.  Subclasses set ``name`` and implement :meth:`_open`; ``sleep`` and
+    ``clock`` are injectable for tests.
     """
 
     live = True
 
+    def _start_live(self, backoff: tuple, sleep: Callable[[float], None], clock: Callable[[], float]) -> None:
+        self.backoff, self._sleep, self._clock = backoff, sleep, clock
+        self.reconnects, self.skipped, self._cap = 0, 0, None
+        # Held while the reader uses the capture: a close() from another thread (SIGTERM) must not release
+        # it under a read or an open in progress (FFmpeg would crash); the reader releases it after.
+        self._in_use = threading.Lock()
+
+    def _open(self):
+        """An opened capture, or None (may raise)."""
+        raise NotImplementedError
+
+    def _grab(self) -> Optional[np.ndarray]:
+        with self._in_use:
+            if self._cap is None or self.closed:
+                return None
+            try:
+                ok, frame = self._cap.read()
+            except Exception as exc:  # a vanished device may raise instead of returning False
+                log.debug("%s: read raised %r", self.name, exc)
+                return None
+        return _as_bgr(frame) if ok and frame is not None else None
+
+    def _reopen(self) -> None:
+        try:
+            cap = self._open()
+        except Exception as exc:
+            log.debug("%s: reopen failed: %r", self.name, exc)
+            return
+        with self._in_use:
+            if self.closed and cap is not None:  # closed while it opened
+                cap.release()
+            elif not self.closed:
+                self._cap = cap
+
+    def _next(self) -> Optional[np.ndarray]:
+        started = self._clock()
+        frame = self._grab()
+        if frame is None and not self.closed:
+            frame = self._reconnect(started)
+        if self.closed:
+            self._release()
+            return None
+        return frame
+
+    def _reconnect(self, started: float) -> Optional[np.ndarray]:
+        """Reopen with backoff until a frame comes (it is returned) or the source is closed (None)."""
+        delay, attempt, frame = self.backoff[0], 0, None
+        while frame is None and not self.closed:
+            attempt += 1
+            self._announce(delay, attempt)
+            self._release()
+            self._sleep(delay)
+            delay = min(delay * 2, self.backoff[1])
+            if self.closed:  # closed (from another thread) while we slept
+                break
+            self._reopen()
+            frame = self._grab()
+        if frame is not None:
+            self._count_outage(self._clock() - started, attempt)
+        return frame
+
+    def _announce(self, delay: float, attempt: int) -> None:
+        """Say that a reconnect is coming (a camera: a warning each attempt)."""
+        log.warning("%s: no frame; reconnecting in %.1f s (attempt %d)", self.name, delay, attempt)
+
+    def _count_outage(self, seconds: float, attempts: int) -> None:
+        lost = max(1, round(seconds * self.fps)) if self.fps else 1
+        self.skipped += lost
+        self.reconnects += 1
+        log.warning("%s: reconnected after %d attempt(s), %.1f s without frames (%d frame(s) lost)",
+                    self.name, attempts, seconds, lost)
+
+    def _release(self) -> None:
+        if not self._in_use.acquire(blocking=False):
+            return  # the reader is in a read or an open: it releases the capture when it sees closed
+        try:
+            cap, self._cap = self._cap, None
+            if cap is not None:
+                cap.release()
+        finally:
+            self._in_use.release()
+
+
+class CameraSource(LiveSource):
+    """A live camera: OpenCV ``VideoCapture`` (V4L2 on Linux) or, with ``picamera2=True`` and index 0,
+    a Raspberry Pi camera module through ``picamera2``.
+
+    ``index`` is a device number or a device path such as ``/dev/video2`` (a URL is a
+    :class:`NetworkSource`). A failed read reconnects with backoff (:class:`LiveSource`), one warning per
+    attempt.
+    """
+
     def __init__(self, index: Union[int, str] = 0, width: int = 640, height: int = 480, *,
                  picamera2: bool = False, backoff: tuple = (0.5, 8.0),
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        _refuse_url(index, "camera device")
         self.index = int(index) if str(index).isdigit() else index
         self.width, self.height = width, height
         self.use_picamera2 = picamera2 and self.index == 0
-        self.backoff = backoff
-        self._sleep = sleep
         self.name = f"camera {self.index}" + (" (picamera2)" if self.use_picamera2 else "")
-        self.reconnects = 0
+        self._start_live(backoff, sleep, clock)
         if isinstance(self.index, str) and not os.path.exists(self.index):
             raise SourceError(self.index, "camera device not found")
         try:
@@ -373,42 +523,92 @@ class CameraSource(FrameSource):
         cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
         return cap
 
-    def _grab(self) -> Optional[np.ndarray]:
+
+class NetworkSource(LiveSource):
+    """A network stream through OpenCV's FFmpeg backend: ``rtsp://``, ``rtsps://``, ``http(s)://`` (MJPEG
+    over HTTP, HLS ``.m3u8``).  The URL reaches FFmpeg as given; ``name`` is it with the password masked.
+
+    It is live, like a camera: no end; a failed read or a dropped connection reconnects with backoff
+    (:class:`LiveSource`), with one warning when the stream is lost ("lost URL, reconnecting in 0.5 s"),
+    one when it is back, and the outage counted in ``skipped``.  At open the first connection and the
+    first frame must come (``open_timeout``, then ``read_timeout`` seconds) or it is one
+    :class:`SourceError` ("URL: cannot connect (why)"); a read that gets nothing for ``read_timeout``
+    seconds is an outage.  Frames come at the stream's own size.
+
+    Args:
+        url: the stream's URL, passed to FFmpeg unchanged (``rtsp://user:pass@host/path`` carries credentials).
+        open_timeout: seconds a connection may take (OpenCV's ``CAP_PROP_OPEN_TIMEOUT_MSEC``), at open and
+            at each reconnect.
+        read_timeout: seconds a read may wait for a frame (``CAP_PROP_READ_TIMEOUT_MSEC``).
+        backoff: (first, longest) wait before a reconnect, seconds; it doubles per attempt.
+        sleep, clock: injectable for tests.
+
+    Raises:
+        SourceError: an unsupported scheme, or no connection or no frame at open.
+    """
+
+    def __init__(self, url: str, *, open_timeout: float = 10.0, read_timeout: float = 5.0,
+                 backoff: tuple = (0.5, 8.0), sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
+        self.url, self.name = url, mask_url(url)
+        self.open_timeout, self.read_timeout = open_timeout, read_timeout
+        self._start_live(backoff, sleep, clock)
+        scheme = _URL.match(url).group(1).lower() if is_url(url) else ""
+        if scheme not in NETWORK_SCHEMES:
+            raise SourceError(self.name, f"not a network stream URL (read: {', '.join(NETWORK_SCHEMES)})")
+        started = clock()
         try:
-            ok, frame = self._cap.read()
-        except Exception as exc:  # a vanished device may raise instead of returning False
-            log.debug("%s: read raised %r", self.name, exc)
-            return None
-        return _as_bgr(frame) if ok and frame is not None else None
+            self._cap = self._open()
+        except Exception as exc:  # cv2.error; its text may quote the URL
+            raise SourceError(self.name, f"cannot connect ({self._masked(str(exc))})") from None
+        if self._cap is None:
+            raise SourceError(self.name, f"cannot connect ({self._why(clock() - started)})")
+        self.fps = _fps_of(self._cap)
+        self._take_first(f"cannot connect (connected, but no frame within {read_timeout:g} s)", self._grab)
 
-    def _next(self) -> Optional[np.ndarray]:
-        frame = None if self._cap is None else self._grab()
-        delay, attempt = self.backoff[0], 0
-        while frame is None and not self.closed:
-            attempt += 1
-            log.warning("%s: no frame; reconnecting in %.1f s (attempt %d)", self.name, delay, attempt)
-            self._release()
-            self._sleep(delay)
-            delay = min(delay * 2, self.backoff[1])
-            if self.closed:  # closed (from another thread) while we slept
-                break
-            try:
-                self._cap = self._open()
-            except Exception as exc:
-                log.debug("%s: reopen failed: %r", self.name, exc)
-            frame = self._grab() if self._cap is not None else None
-            if frame is not None:
-                self.reconnects += 1
-                log.warning("%s: reconnected after %d attempt(s)", self.name, attempt)
-        if self.closed:
-            self._release()
-            return None
-        return frame
-
-    def _release(self) -> None:
-        cap, self._cap = getattr(self, "_cap", None), None
-        if cap is not None:
+    def _open(self):
+        """An opened capture, or None."""
+        _quiet_ffmpeg()
+        # One decoder thread, as for a file (VideoSource._open): decoding runs beside inference.
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, round(self.open_timeout * 1000),
+                  cv2.CAP_PROP_READ_TIMEOUT_MSEC, round(self.read_timeout * 1000), cv2.CAP_PROP_N_THREADS, 1]
+        with opencv_quiet():  # "backend ... can't be used to capture by name" at every failed reconnect
+            cap = cv2.VideoCapture(self.url, cv2.CAP_FFMPEG, params)
+        if not cap.isOpened():
             cap.release()
+            return None
+        return cap
+
+    def _why(self, waited: float) -> str:
+        """Why a first connection failed, as far as OpenCV lets us tell."""
+        if waited >= 0.9 * self.open_timeout:
+            return f"no answer within {self.open_timeout:g} s"
+        return "connection refused, no such stream, not authorised, or not a stream FFmpeg reads"
+
+    def _masked(self, text: str) -> str:
+        return text.replace(self.url, self.name)
+
+    def _announce(self, delay: float, attempt: int) -> None:
+        """One warning per outage; the attempts after the first are debug (Prefetched warns of a long wait)."""
+        if attempt == 1:
+            log.warning("lost %s, reconnecting in %.1f s", self.name, delay)
+        else:
+            log.debug("%s: still unreachable; reconnecting in %.1f s (attempt %d)", self.name, delay, attempt)
+
+
+@contextlib.contextmanager
+def opencv_quiet():
+    """OpenCV's own log at ERROR for the block, unless --debug (`debug_enabled`)."""
+    logging_ = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging_ is None or debug_enabled():
+        yield
+        return
+    old = logging_.getLogLevel()
+    logging_.setLogLevel(logging_.LOG_LEVEL_ERROR)
+    try:
+        yield
+    finally:
+        logging_.setLogLevel(old)
 
 
 class Prefetched(FrameSource):
@@ -492,12 +692,33 @@ def open_source(camera: Union[int, str, None] = None, video: Union[str, os.PathL
                 realtime: bool | float = False) -> FrameSource:
     """Open at most one of ``camera`` / ``video`` / ``images``; with none of them, the bundled sample clip.
 
-    ``width``/``height`` are the capture size asked of a camera; files are delivered at their own size.
+    A ``video`` or ``camera`` that is a URL (:func:`is_url`) opens a :class:`NetworkSource` (``loop`` does
+    not apply: it has no end).  ``width``/``height`` are the capture size asked of a camera device; files
+    and network streams are delivered at their own size.
+
+    Args:
+        camera: a camera index, device path or stream URL.
+        video: a video file or stream URL.
+        images: a folder of images.
+        loop: start a file or folder again at its end.
+        width, height: the capture size asked of a camera device.
+        picamera2: camera 0 through picamera2.
+        realtime: pace a video file to its fps (True) or to this fps (`VideoSource`).
+
+    Returns:
+        The opened source (its first frame read, for a file or a network stream).
+
+    Raises:
+        SourceError: a source that cannot be used (one line naming it, a URL's password masked).
+        ValueError: more than one source given.
     """
     given = [name for name, value in (("camera", camera), ("video", video), ("images", images))
              if value is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one frame source, not {' and '.join(given)}")
+    url = next((value for value in (camera, video) if is_url(value)), None)
+    if url is not None:
+        return NetworkSource(url)
     if camera is not None:
         return CameraSource(camera, width, height, picamera2=picamera2)
     if images is not None:
