@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .fold import WEIGHT_KINDS
-from .interpreter import io_indices, make_interpreter, run_interpreter
+from .interpreter import Delegate, io_indices, make_interpreter, run_interpreter
 from .refold import Refolder
 
 # Noise-state indices live far from real frame indices so the two never share draws.
@@ -52,15 +52,19 @@ class NoisyModel:
             K > 0 draws K noise states per statistics update and serves them in turn.
         seed: seeds which noise state serves a frame.
         build: False makes a builder twin that serves nothing until told (`prepare`, `build_state`).
+        delegate: where its interpreters run (`interpreter.open_delegate`: loaded once, shared by all of them,
+            twins included); None: XNNPACK on the CPU.
 
     Raises:
         ValueError: a chip for a bundle without its sidecar.
+        BadInput: `delegate` cannot run the model.
         MissingDependency: no TFLite interpreter is installed.
     """
 
     def __init__(self, bundle, chip=None, *, num_threads: int | None = None, noise_states: int = 0, seed: int = 0,
-                 build: bool = True):
+                 build: bool = True, delegate: Delegate | None = None):
         self.bundle, self.num_threads, self.noise_states, self.seed = bundle, num_threads, noise_states, seed
+        self.delegate = delegate
         self.chip = chip
         if chip is not None and not bundle.has_sidecar:
             raise ValueError(f"{bundle.path}: noise needs the model's sidecar (.cbn.npz)")
@@ -133,10 +137,11 @@ class NoisyModel:
         refolder of its own, so it works beside this model while this one serves.
 
         Returns:
-            A `NoisyModel` of the same bundle, chip, threads, noise states and seed, built with `build=False`.
+            A `NoisyModel` of the same bundle, chip, threads, noise states, seed and delegate, built with
+            `build=False`.
         """
         return NoisyModel(self.bundle, self.chip, num_threads=self.num_threads, noise_states=self.noise_states, seed=self.seed,
-                          build=False)
+                          build=False, delegate=self.delegate)
 
     def prepare(self, stats: dict) -> None:
         """Refold `stats` without building anything (`build_state` builds).
@@ -215,13 +220,12 @@ class NoisyModel:
         """The first interpreter of the current statistics (pool state 0 when pooled)."""
         if self.folded is not None and self.per_frame:
             return self._noise_state(0)
-        return self.refolder.interpreter(self.num_threads) if self.folded is None else self._noisy_interpreter(0)
+        return self._make(self.refolder.model_bytes()) if self.folded is None else self._noisy_interpreter(0)
 
     def _build(self, first=None) -> None:
         """Build what serves: `first` (from `_first_interpreter`) is used as is when given."""
         if self.refolder is None:
-            self._interpreters = [make_interpreter(model_content=self.bundle.model_bytes,
-                                                   num_threads=self.num_threads)]
+            self._interpreters = [self._make(self.bundle.model_bytes)]
             return
         if not (self.folded is not None and self.per_frame):
             self._interpreters = [first or self._first_interpreter()]
@@ -248,7 +252,11 @@ class NoisyModel:
                 self.folded.write(frame, {name: out})
             else:
                 self.refolder.layers[name].fold_kernel(out)
-        return self.refolder.interpreter(self.num_threads, write)
+        return self._make(self.refolder.model_bytes(write))
+
+    def _make(self, model_content: bytes):
+        """An interpreter of `model_content` with this model's threads, on its delegate."""
+        return make_interpreter(model_content=model_content, num_threads=self.num_threads, delegate=self.delegate)
 
     def interpreter(self, frame: int):
         """The interpreter that simulates inference number `frame`.

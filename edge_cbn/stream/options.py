@@ -5,6 +5,7 @@ import dataclasses
 
 import click
 
+from ..runtime.interpreter import CPU_DELEGATE
 from ..runtime.stream_calibrator import DEFAULTS as CALIBRATION_DEFAULTS
 
 
@@ -15,6 +16,9 @@ class StreamOptions:
 
     Attributes:
         num_threads: LiteRT threads (None: LiteRT's default).
+        delegate: where serving runs: "xnnpack" (LiteRT's CPU default), "gpu", "edgetpu", a delegate library's
+            path, or "auto" (edgetpu, then gpu, else xnnpack); calibration stays on the CPU.
+        delegate_options: the delegate's options (--delegate-option KEY=VALUE, LiteRT's `load_delegate`).
         max_results: classification: the classes shown.
         score_threshold: detection: the lowest score shown.
         noise: the noise preset (`noise.PRESETS`); "none" runs clean.
@@ -42,6 +46,8 @@ class StreamOptions:
         progress_every: seconds between progress lines.
     """
     num_threads: int | None = None
+    delegate: str = CPU_DELEGATE  # serving only (runtime.interpreter.open_delegate)
+    delegate_options: dict = dataclasses.field(default_factory=dict)
     max_results: int = 3
     score_threshold: float = 0.25
     noise: str = "none"
