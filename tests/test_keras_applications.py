@@ -49,7 +49,8 @@ def check(name, tmp_path):
 
     def keras_output():
         return original(preprocess_input(x.astype(np.float32)), training=False)
-    assert rel_err(tflite(bundle.model_bytes, x), keras_output()) <= 1e-4
+    exported_err = rel_err(tflite(bundle.model_bytes, x), keras_output())
+    assert exported_err <= 1e-4
 
     rng = np.random.default_rng(5)
     stats = {rec.bn: (rec.mean + rng.normal(0, 0.1, rec.mean.shape).astype(np.float32),
@@ -65,7 +66,11 @@ def check(name, tmp_path):
         if rec.bn:
             by_mean[rec.mean.tobytes()].moving_mean.assign(stats[rec.bn][0])
             by_mean[rec.mean.tobytes()].moving_variance.assign(stats[rec.bn][1])
-    assert rel_err(tflite(refolder.model_bytes(), x), keras_output()) <= 1e-4
+    refolded_err = rel_err(tflite(refolder.model_bytes(), x), keras_output())
+    assert refolded_err <= 1e-4
+    bns = [rec for rec in bundle.layers if rec.bn]
+    print(f"\n{name} {side}px: {len(bns)} BN ({sum(rec.kind == 'affine' for rec in bns)} as affines), "
+          f"{len(bundle.layers)} layers; TFLite vs Keras {exported_err:.1e}, refolded {refolded_err:.1e}")
     return bundle
 
 

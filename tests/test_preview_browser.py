@@ -62,7 +62,10 @@ def live_server():
                                   "calibration": f"calibrating {n % 64}/64",
                                   "calibration_progress": (n % 64) / 64, "calibrated_at_frame": 208,
                                   "calibrated_at_seconds": 2.9, "latency_ms": 8.0 + n % 5, "refolds": n // 5,
-                                  "agreement": {"frame": n, "before": 40.0, "after": 80.0} if n % 3 == 0 else None})
+                                  "agreement": {"frame": n, "before": 40.0, "after": 80.0} if n % 3 == 0 else None,
+                                  "layer_shift": {"layers": [f"bn{i}" for i in range(12)], "samples": n,
+                                                  "uncalibrated": [0.01 * (i + 1) for i in range(12)],
+                                                  "calibrated": [0.001 * (i + 1) for i in range(12)]}})
             time.sleep(0.05)
 
     producer = threading.Thread(target=produce, daemon=True)
@@ -116,8 +119,8 @@ def test_page_shows_live_stream_and_status(live_server, browser, tmp_path):
 
     # The charts draw /history: points and samples arrive, and each canvas holds drawn pixels.
     charts = lambda key: browser.execute_script(f"return Number(document.getElementById('charts').dataset.{key} || 0)")  # noqa: E731
-    wait.until(lambda d: charts("points") > 5 and charts("samples") > 2)
-    for canvas in ("agreement-chart", "speed-chart"):
+    wait.until(lambda d: charts("points") > 5 and charts("samples") > 2 and charts("layers") == 12)
+    for canvas in ("agreement-chart", "speed-chart", "shift-chart"):
         drawn = browser.execute_script(CANVAS_INK_JS, canvas)
         assert drawn > 100, (canvas, drawn)
     browser.save_screenshot(str(tmp_path / "preview.png"))

@@ -223,6 +223,23 @@ def test_video_with_corrupt_frame_still_streams(tiny, tmp_path):
     assert len(frames) == summary["frames"] == 11
 
 
+def test_preview_draws_a_live_fig1_of_the_calibration(tiny):
+    """Per BN layer, the shift of its input statistics under noise: the first layer's is the same with and
+    without calibration (nothing before it is calibrated); after calibration the layers behind it shift
+    less than uncalibrated."""
+    port = free_port()
+    r, seen = polled(port, lambda: run(["--model", tiny, "--headless", "--serve", str(port), "--frames", "200",
+                                        "--agreement-every", "5", *NOISY]), paths=("status", "history"))
+    assert r.exit_code == 0, r.output
+    shift = seen[-1][1]["layer_shift"]
+    bns = [rec.bn for rec in load_bundle(tiny).layers if rec.bn]
+    assert shift["layers"] == bns and shift["samples"] >= 10
+    unc, cal = np.array(shift["uncalibrated"]), np.array(shift["calibrated"])
+    assert np.isfinite(unc).all() and np.isfinite(cal).all() and (unc >= 0).all() and (cal >= 0).all()
+    assert cal[0] == unc[0] and unc[1:].mean() > 0
+    assert cal[1:].mean() < unc[1:].mean()
+
+
 def test_preview_status_updates_during_run(tiny, tmp_path):
     port = free_port()
     r, seen = polled(port, lambda: run(["--model", tiny, "--headless", "--serve", str(port), "--frames", "300",

@@ -10,7 +10,7 @@ import click
 
 from ..options import (max_image_pixels_option, model_option, noise_flags, noise_options, num_threads_option,
                        noise_states_option, refold_every_option, verbose_option)
-from ..runtime.interpreter import available_cpus
+from ..runtime.interpreter import CPU_DELEGATE, DELEGATE_LIBRARIES, available_cpus
 from ..runtime.memory import return_freed_memory
 from ..runtime.stream_calibrator import MODES
 from .engine import CONVERGED_WARMUPS, SECOND_PASS_SLOWDOWN, TRACKING_SLOWDOWN, Engine
@@ -31,7 +31,37 @@ CALIBRATE_EVERY_HELP = (
 AGREEMENT_HELP = ("With noise: every N-th frame (frames N-1, 2N-1, ...) also run the clean model and the uncalibrated "
                   "noisy model (only on those sampled frames) and report the served prediction's agreement with the "
                   "clean one, before and after calibration. 0: off (saves the memory of those two models).")
+DELEGATE_HELP = (
+    "Where serving runs: xnnpack (LiteRT's CPU default, with --num-threads), gpu "
+    f"({DELEGATE_LIBRARIES['gpu']['Linux']}), edgetpu ({DELEGATE_LIBRARIES['edgetpu']['Linux']}), the path of a "
+    "LiteRT delegate library, or auto (edgetpu, then gpu, else xnnpack with a notice). Calibration, the clean "
+    "model and agreement sampling stay on the CPU.")
 D = StreamOptions  # the defaults
+
+
+def delegate_options(spec: str, items) -> dict:
+    """`--delegate-option KEY=VALUE` items -> the delegate's options.
+
+    Args:
+        spec: the --delegate value.
+        items: the KEY=VALUE strings.
+
+    Returns:
+        {key: value}, both strings (LiteRT's `load_delegate` takes strings).
+
+    Raises:
+        click.BadParameter: an item that is not KEY=VALUE, or options for xnnpack (built in: nothing takes them).
+    """
+    if items and spec == CPU_DELEGATE:
+        raise click.BadParameter(f"--delegate {CPU_DELEGATE} is built into LiteRT and takes no options",
+                                 param_hint="--delegate-option")
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--delegate-option")
+        options[key.strip()] = value
+    return options
 
 
 def _budget_gone() -> None:
@@ -41,8 +71,12 @@ def _budget_gone() -> None:
 
 
 @click.command("stream")
-@click.option("--camera", help="Camera index or device path (e.g. 0 or /dev/video2).")
-@click.option("--video", type=click.Path(dir_okay=False), help="Video file.")
+@click.option("--camera", help="Camera index or device path (e.g. 0 or /dev/video2); a stream URL works as with "
+              "--video.")
+# click.Path leaves the value as typed (no resolve_path): a URL reaches `open_source` unchanged.
+@click.option("--video", type=click.Path(dir_okay=False),
+              help="Video file, or a network stream URL: rtsp://, rtsps://, http(s):// (MJPEG, HLS .m3u8); a "
+                   "stream reconnects when it drops, its outages counted in skipped_frames.")
 @click.option("--images", type=click.Path(file_okay=False), help="Folder of images (sorted by name).")
 @click.option("--loop", is_flag=True, help="Start the video/image folder again at its end (the bundled sample "
               "clip used without a source always loops).")
@@ -53,6 +87,9 @@ def _budget_gone() -> None:
 @model_option("Registered name or exported FILE.tflite (with FILE.cbn.npz and FILE.calib.tflite beside it). "
               "Default: efficientnet_lite0 (converted once on first use; needs TensorFlow).")
 @num_threads_option()
+@click.option("--delegate", default=D.delegate, show_default=True, metavar="NAME|LIBRARY", help=DELEGATE_HELP)
+@click.option("--delegate-option", "delegate_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the --delegate library, repeatable (e.g. device=usb for the Edge TPU).")
 @click.option("--max-results", type=click.IntRange(0), default=D.max_results, show_default=True,
               help="Classification: classes shown.")
 @click.option("--score-threshold", type=float, default=D.score_threshold, show_default=True,
@@ -98,8 +135,9 @@ def _budget_gone() -> None:
 @max_image_pixels_option()
 @verbose_option()
 def main(**params):
-    """Live inference on a camera, video or image folder (default: the bundled sample clip) under
-    simulated analog weight noise, with Calibrated BatchNorm re-estimated on the device at batch size 1.
+    """Live inference on a camera, a video file or stream URL, or an image folder (default: the bundled
+    sample clip) under simulated analog weight noise, with Calibrated BatchNorm re-estimated on the device
+    at batch size 1.
 
     \b
     edge-cbn stream                                   sample clip, clean model, window or headless
@@ -111,7 +149,8 @@ def main(**params):
     has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     opts = StreamOptions.from_params(
         params, num_threads=params["num_threads"] or available_cpus(), headless=params["headless"] or not has_display,
-        noise_options=noise_options(params["noise"], params["noise_option"]))
+        noise_options=noise_options(params["noise"], params["noise_option"]),
+        delegate_options=delegate_options(params["delegate"], params["delegate_option"]))
     quiet = opts.quiet
     echo = (lambda *a, **k: None) if quiet else (lambda msg, **k: click.echo(msg, err=True))
     source = open_frames(*(params[k] for k in ("camera", "video", "images", "loop", "width", "height", "picamera2")))

@@ -12,11 +12,14 @@ import time
 import numpy as np
 
 from ..runtime.device_calibration import DeviceCalibration
+from ..runtime.errors import BadInput
+from ..runtime.interpreter import DELEGATE_NAMES, Delegate, open_delegate
 from ..runtime.noise import make_noise
 from ..runtime.noisy_model import NoisyModel, noise_targets
 from ..runtime.processing import Processor
 from . import overlay
 from .agreement import AgreementSampler, agreement_summary
+from .layer_shift import LayerShift
 from .options import StreamError, StreamOptions, warn
 from .persistence import Persistence
 from .pipeline import CalibrationPipeline, CalibrationResult
@@ -56,6 +59,31 @@ def make_chip(bundle, opts: StreamOptions):
         return make_noise(opts.noise, opts.eta, opts.seed, **opts.noise_options).instantiate(noise_targets(bundle))
     except ValueError as e:
         raise StreamError(f"--noise-option: {e}") from None
+
+
+def serving_delegate(bundle, opts: StreamOptions) -> Delegate:
+    """--delegate: where serving runs, loaded once and checked on the model; with auto, a notice when it
+    falls back to the CPU.
+
+    Args:
+        bundle: the exported `Bundle` to serve.
+        opts: the stream's `StreamOptions` (`delegate`, `delegate_options`).
+
+    Returns:
+        The `Delegate` every serving interpreter is built with.
+
+    Raises:
+        StreamError: the delegate cannot be loaded or cannot run the model (one line naming the library).
+    """
+    try:
+        delegate = open_delegate(opts.delegate, opts.delegate_options, model_content=bundle.model_bytes)
+    except BadInput as e:  # a path names itself once; a name says which library it tried
+        typo = not any(c in opts.delegate for c in "./\\") and opts.delegate not in DELEGATE_NAMES
+        hint = f" (--delegate takes {', '.join(DELEGATE_NAMES)} or a delegate library)" if typo else ""
+        raise StreamError(f"--delegate{'' if e.path == opts.delegate else ' ' + opts.delegate}: {e}{hint}") from None
+    if delegate.notice:
+        warn(delegate.notice)
+    return delegate
 
 
 def wants_calibration(bundle, opts: StreamOptions) -> bool:
@@ -105,8 +133,8 @@ class Engine:
         background: False runs the calibration in the serving thread instead of a worker thread.
 
     Raises:
-        StreamError: noise for a bundle without its sidecar, a bad noise option or level, or --calibrate for a
-            bundle without a calibration variant.
+        StreamError: noise for a bundle without its sidecar, a bad noise option or level, --calibrate for a
+            bundle without a calibration variant, or a --delegate that cannot be loaded or cannot run the model.
         BadInput: the calibration variant's file cannot be used, or --state points where it cannot be saved.
         ValueError: a calibration option out of range (`StreamCalibrator`), or a letterboxing model that takes
             uint8 input (`Processor`).
@@ -120,6 +148,8 @@ class Engine:
         self.task = self.proc.task
         self.noise_text = overlay.noise_text(opts.noise if opts.noise_on else None, opts.eta, opts.seed)
         self.chip = make_chip(bundle, opts)
+        # Only serving runs on the delegate: calibration, the clean model and agreement sampling stay on the CPU.
+        self.delegate = serving_delegate(bundle, opts)
         # Calibration runs on a core of its own, one thread; while it warms up, serving keeps the others.
         self.calibration = DeviceCalibration(bundle, self.chip, num_threads=CALIBRATION_THREADS, seed=opts.seed,
                                              **opts.calibrator_options()) if wants_calibration(bundle, opts) else None
@@ -156,6 +186,11 @@ class Engine:
             seed=opts.seed, clean_variant=self.calibration and self.calibration.clean,
             lock=self.model_lock
         ) if opts.noise_on and opts.agreement_every else None
+        # The preview's live Fig. 1, on the sampled frames: three variant runs each, so only when watched.
+        self.layer_shift = LayerShift(
+            bundle, self.chip, num_threads=opts.num_threads, seed=opts.seed,
+            clean_variant=self.calibration and self.calibration.clean
+        ) if self.agreement is not None and opts.serve is not None and bundle.can_calibrate else None
         self._t0 = None
 
     def _serving_threads(self) -> int | None:
@@ -169,7 +204,7 @@ class Engine:
         """The calibrated model on disk when resuming from it, else the source model (with the saved
         statistics refolded when resuming without the model)."""
         opts = self.opts
-        kwargs = dict(num_threads=num_threads, noise_states=opts.noise_states, seed=opts.seed)
+        kwargs = dict(num_threads=num_threads, noise_states=opts.noise_states, seed=opts.seed, delegate=self.delegate)
         if resumed and resumed.model_path is not None:
             self.echo(f"resumed from {resumed.model_path} ({self.refolds} refolds, {self.frame0} frames)")
             return NoisyModel(resumed.model_bundle, self.chip, **kwargs)
@@ -250,6 +285,9 @@ class Engine:
         sample = None
         if self.agreement is not None and self.agreement.due(i):
             sample = self.agreement.sample(x, ctx, fi, i, pred)
+            if self.layer_shift is not None:
+                with self.model_lock:
+                    self.layer_shift.measure(x, fi, self.serving.stats())
         return FrameResult(pred, latency, calibrating, refolded, sample)
 
     def _take_results(self, i: int, now: float) -> bool:

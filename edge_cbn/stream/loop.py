@@ -135,12 +135,13 @@ class StreamLoop:
             result: the latest frame's `FrameResult` (None before the first).
 
         Returns:
-            {"model", "task", "source", "fps", "frames", "noise", "calibration", "calibration_progress",
+            {"model", "task", "source", "delegate", "fps", "frames", "noise", "calibration", "calibration_progress",
             "calibrated_at_frame", "calibrated_at_seconds", "noise_states", "refolds", "latency_ms", "result",
-            "agreement"} ("agreement": this frame's sample {"frame", "before", "after"}, or None).
+            "agreement", "layer_shift"} ("agreement": this frame's sample {"frame", "before", "after"}, or None;
+            "layer_shift": on a sampled frame with the preview on, the live Fig. 1, `LayerShift.snapshot`).
         """
         e = self.engine
-        return {"model": self.model_name, "task": e.task, "source": self.source.name,
+        return {"model": self.model_name, "task": e.task, "source": self.source.name, "delegate": e.delegate.name,
                 "fps": round(self.fps.fps, 2), "frames": frames, "noise": e.noise_text,
                 "calibration": e.calibration_text(),
                 "calibration_progress": round(e.status.progress, 4) if e.cal else (1.0 if e.calibrated else None),
@@ -149,7 +150,9 @@ class StreamLoop:
                 "refolds": e.refolds, "latency_ms": round(result.latency_ms, 2) if result else None,
                 "result": describe(e.task, result.prediction) if result else None,
                 "agreement": {k: result.sample[k] for k in ("frame", "before", "after")}
-                if result is not None and result.sample is not None else None}
+                if result is not None and result.sample is not None else None,
+                "layer_shift": e.layer_shift.snapshot() if e.layer_shift is not None and result is not None
+                and result.sample is not None else None}
 
     def calibrated_at(self) -> dict:
         """The frame (of this run) and the second of the stream at which the warm-up's statistics began to
@@ -197,7 +200,8 @@ class StreamLoop:
 
         Returns:
             {"frames", "fps", "seconds", "latency_ms" (mean), "refolds", "calibrated", "rollbacks", the
-            agreement figures, the calibration's state, counters and setup, the model, task and source}.
+            agreement figures, the calibration's state, counters and setup, the model, task and source, and
+            "delegate": where serving ran ("xnnpack" or the delegate library)}.
         """
         e, opts = self.engine, self.opts
         return {"frames": frames, "fps": round(frames / elapsed, 2) if elapsed > 0 and frames else 0.0,
@@ -213,7 +217,8 @@ class StreamLoop:
                 "skipped_frames": getattr(self.source, "skipped", 0),
                 "noise": opts.noise, "eta": opts.eta if opts.noise_on else None, "seed": opts.seed,
                 "noise_options": opts.noise_options, "noise_states": opts.noise_states,
-                "mode": opts.mode if e.cal else None, "state": opts.state, "resumed": e.resumed}
+                "mode": opts.mode if e.cal else None, "state": opts.state, "resumed": e.resumed,
+                "delegate": e.delegate.name}
 
 
 @contextlib.contextmanager

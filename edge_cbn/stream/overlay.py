@@ -192,6 +192,7 @@ def draw_hud(frame: np.ndarray, fps: float, noise: str = "noise off", progress: 
     top = h - 8 - step * len(lines) - (bar_h + 6 if bar_h else 0)
     draw_text_lines(frame, lines, (8, top), scale=scale)
     if progress is not None:
-        bar_w = min(w - 16, max(w // 2, 160))
+        label_w = cv2.getTextSize(progress_label, FONT, bar_h / 30, 1)[0][0]  # the bar holds its label
+        bar_w = min(w - 16, max(w // 2, 160, label_w + 10))
         draw_progress(frame, progress, progress_label, (8, h - 8 - bar_h), (bar_w, bar_h))
     return frame

@@ -9,7 +9,8 @@ The producer (the streaming loop) calls :meth:`PreviewServer.publish` with each 
 * ``GET /status``      JSON of the latest status plus ``published`` (frames published so far);
 * ``GET /history``     JSON of the stream over time, for the page's charts: ``points`` [frame, fps,
   latency_ms, refolds] (at most ``HISTORY_POINTS``, thinned evenly as the stream goes on), ``samples``
-  [frame, before, after] of the agreement samples (the last ``HISTORY_SAMPLES``), ``calibrated_at_frame``.
+  [frame, before, after] of the agreement samples (the last ``HISTORY_SAMPLES``), ``calibrated_at_frame``,
+  and ``layer_shift``, the latest live Fig. 1 (per BN layer, uncalibrated and calibrated; `layer_shift`).
 
 The page shows these status keys when present: ``model``, ``task``, ``source``, ``fps``, ``frames``,
 ``noise``, ``calibration`` (text), ``calibration_progress`` (0..1), ``result``; the whole dict is shown
@@ -265,7 +266,7 @@ class _History:
     def __init__(self):
         self.points: list[list] = []
         self.samples: collections.deque = collections.deque(maxlen=HISTORY_SAMPLES)
-        self.step, self.seen, self.calibrated_at = 1, 0, None
+        self.step, self.seen, self.calibrated_at, self.layer_shift = 1, 0, None, None
 
     def add(self, status: dict) -> None:
         frame = status.get("frames")
@@ -275,6 +276,7 @@ class _History:
         if isinstance(sample, dict):
             self.samples.append([sample.get("frame"), sample.get("before"), sample.get("after")])
         self.calibrated_at = status.get("calibrated_at_frame", self.calibrated_at)
+        self.layer_shift = status.get("layer_shift") or self.layer_shift
         self.seen += 1
         if self.seen % self.step:
             return
@@ -283,7 +285,8 @@ class _History:
             self.points, self.step = self.points[1::2], self.step * 2
 
     def as_dict(self) -> dict:
-        return {"points": self.points, "samples": list(self.samples), "calibrated_at_frame": self.calibrated_at}
+        return {"points": self.points, "samples": list(self.samples), "calibrated_at_frame": self.calibrated_at,
+                "layer_shift": self.layer_shift}
 
 
 class PreviewServer:
