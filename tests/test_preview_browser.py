@@ -1,14 +1,19 @@
 """The preview page in a real headless Chromium: the MJPEG stream shows and keeps moving, the status
 updates. Needs Debian's ``chromium`` and ``chromium-driver`` and ``pip install selenium``."""
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import cv2
 import numpy as np
 import pytest
 
 from edge_cbn.stream.overlay import draw_hud
+from preview_poll import free_port
 from edge_cbn.stream.preview import PreviewServer
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -124,3 +129,43 @@ def test_page_shows_live_stream_and_status(live_server, browser, tmp_path):
         drawn = browser.execute_script(CANVAS_INK_JS, canvas)
         assert drawn > 100, (canvas, drawn)
     browser.save_screenshot(str(tmp_path / "preview.png"))
+
+
+def test_the_main_command_s_preview_shows_the_agreement_rising(browser, tmp_path):
+    """The README's main command with --serve, on the bundled clip and the real default model: the page,
+    never reloaded, shows the agreement samples arrive, the served model agreeing with the clean one far
+    more often than the uncalibrated one once calibrated, and the live Fig. 1 drawn."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    env = dict(os.environ, EDGE_CBN_CACHE=str(tmp_path))
+    port = free_port()
+    stream = subprocess.Popen([sys.executable, "-m", "edge_cbn.cli", "stream", "--noise", "relative", "--eta", "0.05",
+                               "--frames", "3000", "--agreement-every", "5", "--headless", "--serve", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait = WebDriverWait(browser, 300, poll_frequency=1)
+        wait.until(lambda d: _up(d, port))
+        charts = lambda key: browser.execute_script(f"return Number(document.getElementById('charts').dataset.{key} || 0)")  # noqa: E731
+        wait.until(lambda d: charts("samples") >= 60 and charts("layers") > 0)
+        history = json.loads(browser.execute_script(
+            "return fetch('/history').then(r => r.text())"))
+        after_calibration = [s for s in history["samples"] if s[0] > history["calibrated_at_frame"]]
+        before = sum(s[1] for s in after_calibration) / len(after_calibration)
+        served = sum(s[2] for s in after_calibration) / len(after_calibration)
+        assert served >= before + 20, (before, served)
+        for canvas in ("agreement-chart", "shift-chart"):
+            assert browser.execute_script(CANVAS_INK_JS, canvas) > 100, canvas
+    finally:
+        stream.terminate()
+        stream.wait(timeout=60)
+
+
+def _up(driver, port) -> bool:
+    """Load the page once the server answers (the first run converts the default model first)."""
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=1).close()
+    except OSError:
+        return False
+    if not driver.current_url.startswith(f"http://127.0.0.1:{port}"):
+        driver.get(f"http://127.0.0.1:{port}/")
+    return True
