@@ -8,7 +8,8 @@ and write their evaluation sets (`edge_cbn/lab/scenes/synthetic_scenes.py` draws
 
 `train` fits on a fixed set of scenes from the `fit` stream (never the `val` or `train` splits that `make-data`
 writes), with flips and quarter turns, then saves the weights into the package
-(`edge_cbn/convert/models/weights/<model>.npz`, what `edge-cbn stream --model <model>` loads) and runs `check`.
+(`edge_cbn/convert/models/weights/<model>.npz`, what `edge-cbn stream --model <model>` loads) with their
+model card beside them (`<model>.card.json`: command, seed, commit, data, clean metrics, sha256) and runs `check`.
 `check` exports the model to TFLite and runs it through the device code (`Processor`, LiteRT) on the COCO or
 VOC files of `--data`: a sanity figure (mAP@0.5 through pycocotools, or mIoU / pixel accuracy); the paper's
 tables come from `edge-cbn evaluate`."""
@@ -295,17 +296,31 @@ def make_data(out, seed, count, calibration_count, size):
 @click.option("--out", type=click.Path(dir_okay=False), help="Weights file (default: the package's).")
 @click.option("--data", type=click.Path(file_okay=False, exists=True), help="make-data folder to check on.")
 def train_command(name, steps, batch_size, scene_count, lr, seed, out, data):
-    """Train NAME from scratch, save its weights, check it on --data."""
+    """Train NAME from scratch, save its weights and their model card, check it on --data."""
     from edge_cbn.convert import models
+    from edge_cbn.convert.weights.cards import code_commit, write_card
     from edge_cbn.convert.weights.npz import SHIPPED_DIR, save_npz
 
+    commit = code_commit(Path(__file__).resolve().parents[1])  # the code as it trains, not as it is later
     start = time.time()
     model = train(name, steps=steps, batch_size=batch_size, scene_count=scene_count, seed=seed, lr=lr)
     path = save_npz(model, out or SHIPPED_DIR / models.get_spec(name).weights_file)
     minutes = (time.time() - start) / 60
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) after {minutes:.1f} min", err=True)
+    metrics = check(name, Path(data), path) if data else {}
+    options = {"steps": steps, "batch_size": batch_size, "scenes": scene_count, "lr": lr, "seed": seed}
+    card = write_card(path, model=name, training={
+        "command": f"python tools/train_synthetic.py train {name} " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in options.items()),
+        "options": options, "seed": seed, "commit": commit, "minutes": round(minutes, 1)},
+        data={"training": f"{scene_count} scenes of the seeded 'fit' stream (seed {seed}), flips and quarter turns; "
+                          "never the val or train splits of make-data",
+              "clean_metrics_on": f"the val split of {data}" if data else None},
+        clean_metrics={**metrics, "command": f"python tools/train_synthetic.py check {name} --data {data}"}
+        if data else {})
+    click.echo(f"wrote {card}", err=True)
     if data:
-        click.echo(json.dumps({"model": name, "train_minutes": round(minutes, 1), **check(name, Path(data), path)}))
+        click.echo(json.dumps({"model": name, "train_minutes": round(minutes, 1), **metrics}))
 
 
 @cli.command("check")
