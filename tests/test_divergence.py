@@ -99,6 +99,11 @@ def test_divergence_end_to_end(model_path, tmp_path, monkeypatch):
     assert out["mean"]["kl_cal"] < out["mean"]["kl_uncal"]
     assert all(0 <= r[k] <= math.log(2) for r in out["rows"] for k in ("js_uncal", "js_cal"))
     assert "KL(clean‖noisy)" in res.output
+    # The outputs, normalised with the statistics in force: calibration brings every layer's close to the
+    # clean one, the first layer's too (its own statistics act there), and far closer than its input.
+    assert all(r["kl_cal_out"] < r["kl_uncal_out"] for r in out["rows"])
+    assert out["mean"]["kl_cal_out"] < out["mean"]["kl_cal"] and out["ratio_of_means_out"] > out["ratio_of_means"]
+    assert "BN outputs (normalised, the paper's Fig. 1)" in res.output
     if "png" in out["files"]:
         assert open(out["files"]["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

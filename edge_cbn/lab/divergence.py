@@ -24,6 +24,13 @@ when a channel has few values per bin: a 7×7 layer gives 49 values per image an
 EfficientNet-Lite0 its two bars at 32 images are about twice those at 96 (the default).  Compare runs of
 equal `--limit` and `--bins`.
 
+Two places are measured per layer: its input (panels a, b), which keeps the layer's own noisy weights,
+so calibration cannot bring it near the clean one; and its output, normalised with the statistics in force
+((z - mean) / sqrt(var + eps), before γ and β, which are the same in every model compared; panels c, d),
+where the layer's own calibrated statistics act.  The paper's Fig. 1, whose calibrated activations come
+"close to the clean ones", corresponds to the outputs.  Output bins are the input bins carried through the
+clean normalisation.
+
 Temporal noise is drawn once per batch of `--batch-size` images (the paper's N_T per inference batch;
 `--batch-size 1`: per image, as on the device).  Workstation only: TensorFlow is imported when it runs."""
 from __future__ import annotations
@@ -53,7 +60,8 @@ from .evaluate.command import EVAL_FRAME0, calibrator_flags, crops
 from .evaluate.labelled import frame_of
 from .scenes.photos import PHOTO_SETS
 
-CSV_FIELDS = ("layer", "kl_uncal", "kl_cal", "js_uncal", "js_cal", "ratio")
+CSV_FIELDS = ("layer", "kl_uncal", "kl_cal", "js_uncal", "js_cal", "ratio",
+              "kl_uncal_out", "kl_cal_out", "js_uncal_out", "js_cal_out", "ratio_out")
 
 
 # --------------------------------------------------------------------------------- the estimator
@@ -176,13 +184,31 @@ def clean_bins(layer_batches, count: int) -> list[ChannelBins]:
     return [ChannelBins(a, b, count) for a, b in zip(lo, hi)]
 
 
-def layer_histograms(layer_batches, bins: list[ChannelBins]) -> list[np.ndarray]:
-    """Per layer, the channel histograms (C, count + 2) summed over what `layer_batches` yields."""
-    totals = None
+def normalised(z: np.ndarray, stats: tuple, eps: float) -> np.ndarray:
+    """A BN's output before its scale and shift, (z - mean) / sqrt(var + eps), per channel (last axis):
+    what the layer passes on; its γ and β are the same in every model compared, and KL and JS do not change
+    under one invertible affine map of both distributions."""
+    mean, var = (np.asarray(a, np.float64) for a in stats)
+    return (z - mean) / np.sqrt(var + eps)
+
+
+def output_bins(bins: list[ChannelBins], stats: list[tuple], eps: list[float]) -> list[ChannelBins]:
+    """The clean input bins carried through the clean normalisation (increasing, so the same bins)."""
+    return [ChannelBins(normalised(b.lo, st, e), normalised(b.hi, st, e), b.count) for b, st, e in zip(bins, stats, eps)]
+
+
+def layer_histograms(layer_batches, bins: list[ChannelBins], out_bins=None, out_stats=None, eps=None):
+    """Per layer, the channel histograms (C, count + 2) of the inputs summed over what `layer_batches` yields,
+    and, given `out_bins`, of the outputs normalised with `out_stats` ({one (mean, var) per layer}): a
+    list, or (inputs, outputs)."""
+    totals = outs = None
     for zs in layer_batches:
         counts = [channel_histograms(z, b) for z, b in zip(zs, bins)]
         totals = counts if totals is None else [t + c for t, c in zip(totals, counts)]
-    return totals
+        if out_bins is not None:
+            counts = [channel_histograms(normalised(z, st, e), b) for z, st, e, b in zip(zs, out_stats, eps, out_bins)]
+            outs = counts if outs is None else [t + c for t, c in zip(outs, counts)]
+    return totals if out_bins is None else (totals, outs)
 
 
 # ------------------------------------------------------------------------------------- one setting
@@ -220,9 +246,10 @@ def keras_batches(bundle, xs: np.ndarray, batch_size: int):
 
 
 def measure(bundle, model, eval_x: np.ndarray, cal_inputs, setting: Setting, progress=lambda n: None) -> list[dict]:
-    """Per BN layer (graph order) {layer, kl_uncal, kl_cal, js_uncal, js_cal, ratio} on the evaluation
-    inputs `eval_x` (device inputs, N×H×W×3), calibrating on `cal_inputs`; `model` (the Keras model of
-    `bundle`) is left as it came."""
+    """Per BN layer (graph order) {layer, kl_uncal, kl_cal, js_uncal, js_cal, ratio} of its inputs and the
+    same keys with "_out" of its outputs (normalised with the statistics in force) on the evaluation inputs
+    `eval_x` (device inputs, N×H×W×3), calibrating on `cal_inputs`; `model` (the Keras model of `bundle`) is
+    left as it came."""
     bns = bn_layers(model)
     probe = bn_input_probe(model, bns)
     source_kernels = {name: k for name, (_, k) in keras_noise_targets(model).items()}
@@ -235,20 +262,31 @@ def measure(bundle, model, eval_x: np.ndarray, cal_inputs, setting: Setting, pro
         return activations(probe, batches, noise, progress)
 
     bins = clean_bins(passes(False), setting.bins)
-    clean = layer_histograms(passes(False), bins)
+    eps = [float(bn.epsilon) for bn in bns]
+    source = [source_stats[bn.name] for bn in bns]
+    out_bins = output_bins(bins, source, eps)
+    clean = layer_histograms(passes(False), bins, out_bins, source, eps)
     try:
-        uncalibrated = layer_histograms(passes(True), bins)
-        set_bn_statistics(bns, device_statistics(bundle, setting, cal_inputs, progress))
-        calibrated = layer_histograms(passes(True), bins)
+        uncalibrated = layer_histograms(passes(True), bins, out_bins, source, eps)
+        calibrated_stats = device_statistics(bundle, setting, cal_inputs, progress)
+        set_bn_statistics(bns, calibrated_stats)
+        calibrated = layer_histograms(passes(True), bins, out_bins, [calibrated_stats[bn.name] for bn in bns], eps)
     finally:
         set_kernels(model, source_kernels)
         set_bn_statistics(bns, source_stats)
-    rows = []
-    for bn, c, u, k in zip(bns, clean, uncalibrated, calibrated):
-        (kl_u, js_u), (kl_c, js_c) = divergences(c, u, setting.epsilon), divergences(c, k, setting.epsilon)
-        rows.append({"layer": bn.name, "kl_uncal": kl_u, "kl_cal": kl_c, "js_uncal": js_u, "js_cal": js_c,
-                     "ratio": ratio(kl_u, kl_c)})
-    return rows
+    return [layer_row(bn.name, [h[0][i] for h in (clean, uncalibrated, calibrated)],
+                      [h[1][i] for h in (clean, uncalibrated, calibrated)], setting.epsilon)
+            for i, bn in enumerate(bns)]
+
+
+def layer_row(name: str, inputs: list, outputs: list, epsilon: float) -> dict:
+    """One layer's row from its (clean, uncalibrated, calibrated) histograms of inputs and of outputs."""
+    row = {"layer": name}
+    for suffix, (c, u, k) in (("", inputs), ("_out", outputs)):
+        (kl_u, js_u), (kl_c, js_c) = divergences(c, u, epsilon), divergences(c, k, epsilon)
+        row.update({f"kl_uncal{suffix}": kl_u, f"kl_cal{suffix}": kl_c, f"js_uncal{suffix}": js_u,
+                    f"js_cal{suffix}": js_c, f"ratio{suffix}": ratio(kl_u, kl_c)})
+    return row
 
 
 # ---------------------------------------------------------------------------------------- the images
@@ -292,8 +330,9 @@ def write_csv(rows: list[dict], path) -> Path:
 
 
 def plot(rows: list[dict], title: str, path) -> Path | None:
-    """The paper's Fig. 1: (a) KL and (b) JS per BN layer, uncalibrated (green) and calibrated (blue) bars,
-    their ratio (red line, right axis); None (and one warning) without matplotlib."""
+    """The paper's Fig. 1: KL and JS per BN layer of its inputs (a, b) and of its outputs (c, d: what the
+    paper's figure shows), uncalibrated (green) and calibrated (blue) bars, their ratio (red line, right
+    axis); None (and one warning) without matplotlib."""
     try:
         # lazy: matplotlib is optional (the [eval] extra), only for the PNG
         import matplotlib
@@ -307,12 +346,14 @@ def plot(rows: list[dict], title: str, path) -> Path | None:
     from matplotlib.ticker import MaxNLocator  # lazy: matplotlib, as above
 
     width = max(8.0, 0.22 * len(rows) + 3)
-    fig, axes = plt.subplots(2, 1, figsize=(width, 7.5))
-    for ax, (key, name) in zip(axes, (("kl", "(a) KL(clean‖noisy)"), ("js", "(b) JS divergence"))):
-        uncal, cal = [np.array([r[f"{key}_{s}"] for r in rows]) for s in ("uncal", "cal")]
+    fig, axes = plt.subplots(4, 1, figsize=(width, 14))
+    panels = (("kl", "", "(a) KL(clean‖noisy), BN inputs"), ("js", "", "(b) JS, BN inputs"),
+              ("kl", "_out", "(c) KL, BN outputs (normalised)"), ("js", "_out", "(d) JS, BN outputs (normalised)"))
+    for ax, (key, where, name) in zip(axes, panels):
+        uncal, cal = [np.array([r[f"{key}_{s}{where}"] for r in rows]) for s in ("uncal", "cal")]
         ax.bar(x - 0.2, uncal, 0.4, color="tab:green", label="uncalibrated")
         ax.bar(x + 0.2, cal, 0.4, color="tab:blue", label="calibrated")
-        ax.set(xlabel="BatchNorm layer (input)", ylabel=name, xlim=(0.3, len(rows) + 0.7))
+        ax.set(xlabel=f"BatchNorm layer ({'output' if where else 'input'})", ylabel=name, xlim=(0.3, len(rows) + 0.7))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are counted, not measured
         twin = ax.twinx()
         twin.plot(x, [ratio(u, c) for u, c in zip(uncal, cal)], color="tab:red", marker=".", label="ratio")
@@ -329,9 +370,11 @@ def plot(rows: list[dict], title: str, path) -> Path | None:
 def summary(rows: list[dict]) -> dict:
     """Means over the layers, where the uncalibrated KL is largest, and in how many layers calibration
     lowers it."""
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in CSV_FIELDS[1:5]}
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in CSV_FIELDS[1:] if not k.startswith("ratio")}
     worst = max(range(len(rows)), key=lambda i: rows[i]["kl_uncal"])
     return {"mean": mean, "ratio_of_means": ratio(mean["kl_uncal"], mean["kl_cal"]),
+            "ratio_of_means_out": ratio(mean["kl_uncal_out"], mean["kl_cal_out"]),
+            "layers_lowered_out": sum(r["kl_cal_out"] < r["kl_uncal_out"] for r in rows),
             "median_ratio": float(np.nanmedian([r["ratio"] for r in rows])),
             "largest_kl_uncal": {"index": worst + 1, **rows[worst]},
             "layers_lowered": sum(r["kl_cal"] < r["kl_uncal"] for r in rows), "layers": len(rows)}
@@ -344,6 +387,9 @@ def summary_text(title: str, s: dict) -> str:
             f"{m['kl_cal']:.4g} calibrated ({s['ratio_of_means']:.3g}x; median per-layer ratio "
             f"{s['median_ratio']:.3g}x); lower in {s['layers_lowered']} of {s['layers']} layers\n"
             f"JS, mean: {m['js_uncal']:.4g} -> {m['js_cal']:.4g}\n"
+            f"BN outputs (normalised, the paper's Fig. 1): KL {m['kl_uncal_out']:.4g} -> {m['kl_cal_out']:.4g} "
+            f"({s['ratio_of_means_out']:.3g}x), lower in {s['layers_lowered_out']} of {s['layers']} layers; "
+            f"JS {m['js_uncal_out']:.4g} -> {m['js_cal_out']:.4g}\n"
             f"largest uncalibrated KL: layer {w['index']} {w['layer']}, {w['kl_uncal']:.4g} -> {w['kl_cal']:.4g}")
 
 
@@ -411,7 +457,7 @@ def main(model, noise, eta, seed, noise_option, data, limit, photo_set, calib_di
         rows = measure(bundle, keras_model, eval_x, cal_inputs, setting, bar.update)
     name = bundle.meta.get("model") or Path(bundle.path).stem
     noise_text = " ".join([noise, f"η0 = {eta:g}", *noise_option])
-    title = (f"{name}, noise {noise_text} (chip {seed}): BN input divergence on "
+    title = (f"{name}, noise {noise_text} (chip {seed}): BN input and output divergence on "
              f"{len(eval_x)} images ({eval_name}); calibration: {cal_frames} frames, batch 1, LiteRT ({cal_name})")
     files = write_outputs(rows, title, Path(out_dir) / f"divergence-{name}-{noise}-{eta:g}-seed{seed}")
     stats = summary(rows)
