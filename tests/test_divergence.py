@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from edge_cbn.lab.divergence import (CSV_FIELDS, ChannelBins, channel_histograms, divergences, js_divergence,
+from edge_cbn.lab.divergence import (CSV_FIELDS, ChannelBins, bootstrap_spread, channel_histograms, divergences,
+                                     image_groups, js_divergence,
                                      kl_divergence, smoothed)
 
 
@@ -104,6 +105,9 @@ def test_divergence_end_to_end(model_path, tmp_path, monkeypatch):
     assert all(r["kl_cal_out"] < r["kl_uncal_out"] for r in out["rows"])
     assert out["mean"]["kl_cal_out"] < out["mean"]["kl_cal"] and out["ratio_of_means_out"] > out["ratio_of_means"]
     assert "BN outputs (normalised, the paper's Fig. 1)" in res.output
+    # 16 images in 2 groups: the spread over image samples is measured and printed, per layer
+    assert all(r["kl_uncal_spread"] >= 0 for r in out["rows"]) and out["median_spread"]["kl_cal_spread"] >= 0
+    assert "spread over image samples" in res.output
     if "png" in out["files"]:
         assert open(out["files"]["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -158,3 +162,13 @@ def test_no_matplotlib_no_png_one_warning(tmp_path, monkeypatch, capsys):
     rows = [{"layer": "a", "kl_uncal": 0.2, "kl_cal": 0.1, "js_uncal": 0.05, "js_cal": 0.02, "ratio": 2.0}]
     assert plot(rows, "t", tmp_path / "x.png") is None and not (tmp_path / "x.png").exists()
     assert capsys.readouterr().err.count("warning: matplotlib is not installed") == 1
+
+
+def test_the_spread_over_image_groups_is_zero_for_alike_groups_and_grows_with_their_differences():
+    rng = np.random.default_rng(0)
+    clean = [np.tile(rng.integers(1, 50, (1, 3, 6)), (4, 1, 1))]  # 4 groups of images, 3 channels, 6 bins
+    alike = [np.tile(rng.integers(1, 50, (1, 3, 6)), (4, 1, 1))]
+    assert np.allclose(bootstrap_spread(clean, alike, 1e-6), 0, atol=1e-9)
+    unlike = [rng.integers(1, 50, (4, 3, 6))]
+    assert bootstrap_spread(clean, unlike, 1e-6)[0] > 0.01
+    assert image_groups(96, 8) == 6 and image_groups(16, 8) == 2 and image_groups(5, 8) == 1

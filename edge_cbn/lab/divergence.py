@@ -21,7 +21,9 @@ probabilities are smoothed, p = (h/n + ε) / (1 + Kε) over the K bins.  KL(clea
 JS = ½KL(p‖m) + ½KL(q‖m), m = (p+q)/2 (natural log, so JS ≤ ln 2), each averaged over the layer's
 channels.  `ratio` = KL uncalibrated / KL calibrated.  A plug-in histogram estimate is biased upwards
 when a channel has few values per bin: a 7×7 layer gives 49 values per image and channel, and on
-EfficientNet-Lite0 its two bars at 32 images are about twice those at 96 (the default).  Compare runs of
+EfficientNet-Lite0 its two bars at 32 images are about twice those at 96.  The default, 192 images, is
+chosen by the per-layer spread over image samples that the summary prints (groups of the images drawn
+with replacement; docs/RESULTS.md, "Fig. 1").  Compare runs of
 equal `--limit` and `--bins`.
 
 Two places are measured per layer: its input (panels a, b), which keeps the layer's own noisy weights,
@@ -61,7 +63,8 @@ from .evaluate.labelled import frame_of
 from .scenes.photos import PHOTO_SETS
 
 CSV_FIELDS = ("layer", "kl_uncal", "kl_cal", "js_uncal", "js_cal", "ratio",
-              "kl_uncal_out", "kl_cal_out", "js_uncal_out", "js_cal_out", "ratio_out")
+              "kl_uncal_out", "kl_cal_out", "js_uncal_out", "js_cal_out", "ratio_out",
+              "kl_uncal_spread", "kl_cal_spread", "kl_cal_out_spread")
 
 
 # --------------------------------------------------------------------------------- the estimator
@@ -197,18 +200,40 @@ def output_bins(bins: list[ChannelBins], stats: list[tuple], eps: list[float]) -
     return [ChannelBins(normalised(b.lo, st, e), normalised(b.hi, st, e), b.count) for b, st, e in zip(bins, stats, eps)]
 
 
-def layer_histograms(layer_batches, bins: list[ChannelBins], out_bins=None, out_stats=None, eps=None):
-    """Per layer, the channel histograms (C, count + 2) of the inputs summed over what `layer_batches` yields,
-    and, given `out_bins`, of the outputs normalised with `out_stats` ({one (mean, var) per layer}): a
-    list, or (inputs, outputs)."""
-    totals = outs = None
-    for zs in layer_batches:
-        counts = [channel_histograms(z, b) for z, b in zip(zs, bins)]
-        totals = counts if totals is None else [t + c for t, c in zip(totals, counts)]
+def layer_histograms(layer_batches, bins: list[ChannelBins], out_bins=None, out_stats=None, eps=None,
+                     groups: int = 1):
+    """Per layer, the channel histograms of the inputs over what `layer_batches` yields, kept per group of
+    batches (batch i in group i mod `groups`): arrays (groups, C, count + 2); and, given `out_bins`, those of
+    the outputs normalised with `out_stats` ({one (mean, var) per layer}). A list, or (inputs, outputs)."""
+    totals, outs = None, None
+    for i, zs in enumerate(layer_batches):
+        g = i % groups
+        if totals is None:
+            totals = [np.zeros((groups, *b.lo.shape, b.count + 2), np.int64) for b in bins]
+            outs = [np.zeros_like(t) for t in totals] if out_bins is not None else None
+        for t, z, b in zip(totals, zs, bins):
+            t[g] += channel_histograms(z, b)
         if out_bins is not None:
-            counts = [channel_histograms(normalised(z, st, e), b) for z, st, e, b in zip(zs, out_stats, eps, out_bins)]
-            outs = counts if outs is None else [t + c for t, c in zip(outs, counts)]
+            for t, z, st, e, b in zip(outs, zs, out_stats, eps, out_bins):
+                t[g] += channel_histograms(normalised(z, st, e), b)
     return totals if out_bins is None else (totals, outs)
+
+
+def bootstrap_spread(clean: list, noisy: list, epsilon: float, draws: int = 200, seed: int = 0) -> np.ndarray:
+    """Per layer, the relative half-width of the 95 % interval of KL(clean‖noisy) over image samples: the
+    groups of images (the first axis of each histogram array) drawn with replacement `draws` times, the
+    same draw for the clean and the noisy histograms (they come from the same images)."""
+    groups = clean[0].shape[0]
+    rng = np.random.default_rng(seed)
+    weights = np.stack([np.bincount(rng.integers(0, groups, groups), minlength=groups) for _ in range(draws)])
+    values = np.empty((draws, len(clean)))
+    for j, (c, n) in enumerate(zip(clean, noisy)):
+        cw, nw = np.tensordot(weights, c, axes=1), np.tensordot(weights, n, axes=1)  # (draws, C, K)
+        values[:, j] = kl_divergence(smoothed(cw, epsilon), smoothed(nw, epsilon)).mean(axis=-1)
+    full = np.array([divergences(c.sum(0), n.sum(0), epsilon)[0] for c, n in zip(clean, noisy)])
+    low, high = np.percentile(values, [2.5, 97.5], axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (high - low) / 2 / full
 
 
 # ------------------------------------------------------------------------------------- one setting
@@ -265,18 +290,33 @@ def measure(bundle, model, eval_x: np.ndarray, cal_inputs, setting: Setting, pro
     eps = [float(bn.epsilon) for bn in bns]
     source = [source_stats[bn.name] for bn in bns]
     out_bins = output_bins(bins, source, eps)
-    clean = layer_histograms(passes(False), bins, out_bins, source, eps)
+    groups = image_groups(len(eval_x), setting.batch_size)
+    clean = layer_histograms(passes(False), bins, out_bins, source, eps, groups)
     try:
-        uncalibrated = layer_histograms(passes(True), bins, out_bins, source, eps)
+        uncalibrated = layer_histograms(passes(True), bins, out_bins, source, eps, groups)
         calibrated_stats = device_statistics(bundle, setting, cal_inputs, progress)
         set_bn_statistics(bns, calibrated_stats)
-        calibrated = layer_histograms(passes(True), bins, out_bins, [calibrated_stats[bn.name] for bn in bns], eps)
+        calibrated = layer_histograms(passes(True), bins, out_bins, [calibrated_stats[bn.name] for bn in bns], eps,
+                                      groups)
     finally:
         set_kernels(model, source_kernels)
         set_bn_statistics(bns, source_stats)
-    return [layer_row(bn.name, [h[0][i] for h in (clean, uncalibrated, calibrated)],
-                      [h[1][i] for h in (clean, uncalibrated, calibrated)], setting.epsilon)
+    rows = [layer_row(bn.name, [h[0][i].sum(0) for h in (clean, uncalibrated, calibrated)],
+                      [h[1][i].sum(0) for h in (clean, uncalibrated, calibrated)], setting.epsilon)
             for i, bn in enumerate(bns)]
+    if groups > 1:
+        spreads = {"kl_uncal_spread": bootstrap_spread(clean[0], uncalibrated[0], setting.epsilon),
+                   "kl_cal_spread": bootstrap_spread(clean[0], calibrated[0], setting.epsilon),
+                   "kl_cal_out_spread": bootstrap_spread(clean[1], calibrated[1], setting.epsilon)}
+        for i, row in enumerate(rows):
+            row.update({k: float(v[i]) for k, v in spreads.items()})
+    return rows
+
+
+def image_groups(images: int, batch_size: int, most: int = 8) -> int:
+    """How many equal groups of batches the evaluation images fall into for the spread (at most `most`)."""
+    batches = -(-images // batch_size)
+    return max(d for d in range(1, most + 1) if batches % d == 0)
 
 
 def layer_row(name: str, inputs: list, outputs: list, epsilon: float) -> dict:
@@ -325,7 +365,7 @@ def write_csv(rows: list[dict], path) -> Path:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, CSV_FIELDS)
         writer.writeheader()
-        writer.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
+        writer.writerows({k: r.get(k) for k in CSV_FIELDS} for r in rows)  # no spread from one group of images
     return Path(path)
 
 
@@ -370,9 +410,11 @@ def plot(rows: list[dict], title: str, path) -> Path | None:
 def summary(rows: list[dict]) -> dict:
     """Means over the layers, where the uncalibrated KL is largest, and in how many layers calibration
     lowers it."""
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in CSV_FIELDS[1:] if not k.startswith("ratio")}
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in CSV_FIELDS[1:]
+            if not k.startswith("ratio") and not k.endswith("_spread")}
+    spread = {k: float(np.nanmedian([r[k] for r in rows])) for k in CSV_FIELDS if k.endswith("_spread") and k in rows[0]}
     worst = max(range(len(rows)), key=lambda i: rows[i]["kl_uncal"])
-    return {"mean": mean, "ratio_of_means": ratio(mean["kl_uncal"], mean["kl_cal"]),
+    return {"mean": mean, "median_spread": spread, "ratio_of_means": ratio(mean["kl_uncal"], mean["kl_cal"]),
             "ratio_of_means_out": ratio(mean["kl_uncal_out"], mean["kl_cal_out"]),
             "layers_lowered_out": sum(r["kl_cal_out"] < r["kl_uncal_out"] for r in rows),
             "median_ratio": float(np.nanmedian([r["ratio"] for r in rows])),
@@ -390,7 +432,18 @@ def summary_text(title: str, s: dict) -> str:
             f"BN outputs (normalised, the paper's Fig. 1): KL {m['kl_uncal_out']:.4g} -> {m['kl_cal_out']:.4g} "
             f"({s['ratio_of_means_out']:.3g}x), lower in {s['layers_lowered_out']} of {s['layers']} layers; "
             f"JS {m['js_uncal_out']:.4g} -> {m['js_cal_out']:.4g}\n"
-            f"largest uncalibrated KL: layer {w['index']} {w['layer']}, {w['kl_uncal']:.4g} -> {w['kl_cal']:.4g}")
+            f"largest uncalibrated KL: layer {w['index']} {w['layer']}, {w['kl_uncal']:.4g} -> {w['kl_cal']:.4g}"
+            + spread_text(s["median_spread"]))
+
+
+def spread_text(spread: dict) -> str:
+    """The per-layer spread over image samples, as the summary's last line ("" without one)."""
+    if not spread:
+        return ""
+    return ("\nspread over image samples (groups of images drawn with replacement, 200 draws): median per-layer "
+            f"95 % half-width of KL, relative: inputs uncalibrated ±{100 * spread['kl_uncal_spread']:.0f} %, "
+            f"calibrated ±{100 * spread['kl_cal_spread']:.0f} %; outputs calibrated "
+            f"±{100 * spread['kl_cal_out_spread']:.0f} %")
 
 
 def finite(value):
@@ -409,9 +462,10 @@ def finite(value):
 @noise_flags(default="relative")
 @click.option("--data", type=click.Path(exists=True, file_okay=False),
               help="Folder of evaluation images (recursive) [default: random crops of the bundled sample photos].")
-@click.option("--limit", type=click.IntRange(1), default=96, show_default=True,
+@click.option("--limit", type=click.IntRange(1), default=192, show_default=True,
               help="Evaluation images: crops of the photos, or a seeded random subset of --data (few images bias "
-                   "the histogram estimate of small feature maps upwards).")
+                   "the histogram estimate of small feature maps upwards; the summary prints the per-layer spread "
+                   "over image samples, docs/RESULTS.md 'Fig. 1').")
 @click.option("--photos", "photo_set", type=click.Choice(PHOTO_SETS), default="all", show_default=True,
               help="The sample photo set, when --data or --calib-dir is not given.")
 @click.option("--calib-dir", type=click.Path(exists=True, file_okay=False),
@@ -434,8 +488,10 @@ def finite(value):
 def main(model, noise, eta, seed, noise_option, data, limit, photo_set, calib_dir, cal_frames, mode, window,
          refold_every, stages, shrink, power, bins, epsilon, batch_size, out_dir, num_threads):
     """The paper's Fig. 1: per BatchNorm layer, the KL and JS divergence between the clean and the noisy
-    distributions of the layer's input, uncalibrated and after streaming batch-size-1 calibration on
-    LiteRT (on separate calibration images), on a folder of images or crops of the sample photos.
+    distributions of the layer's input and of its output (normalised with the statistics in force: what
+    the paper's figure shows), uncalibrated and after streaming batch-size-1 calibration on LiteRT (on
+    separate calibration images), on a folder of images or crops of the sample photos, with each layer's
+    spread over image samples (groups of the evaluation images drawn with replacement).
 
     Estimator: per channel, a histogram over all images and positions with edges from the clean
     activations (--bins equal bins over the clean [min, max] plus an open bin each side), bin probabilities
