@@ -31,7 +31,10 @@ so calibration cannot bring it near the clean one; and its output, normalised wi
 ((z - mean) / sqrt(var + eps), before γ and β, which are the same in every model compared; panels c, d),
 where the layer's own calibrated statistics act.  The paper's Fig. 1, whose calibrated activations come
 "close to the clean ones", corresponds to the outputs.  Output bins are the input bins carried through the
-clean normalisation.
+clean normalisation.  A channel whose clean values pile up at one point (most likely zeros: a window of
+zeros into a depthwise conv gives zero out) puts that point mass on the first bin's edge: the smallest change of the statistics in force
+moves it into the open bin below, and the KL of that channel jumps (`tools/divergence_diagnose.py` shows
+it per channel; docs/RESULTS.md, "Fig. 1").
 
 Temporal noise is drawn once per batch of `--batch-size` images (the paper's N_T per inference batch;
 `--batch-size 1`: per image, as on the device).  Workstation only: TensorFlow is imported when it runs."""
