@@ -71,3 +71,40 @@ def jpeg_header(width, height):
     data = bytearray(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
     struct.pack_into(">HH", data, data.find(b"\xff\xc0") + 5, height, width)
     return bytes(data)
+
+
+class FakeCapture:
+    """Stands in for cv2.VideoCapture (shared by the camera and network source tests). Each open takes the
+    next plan of the script: None fails to open, a number n delivers n frames (valued by the open's serial
+    number) and then fails every read. `opened_with` keeps the arguments it was opened with."""
+
+    plans, opened, instances = [], 0, []
+
+    @classmethod
+    def script(cls, *plans):
+        cls.plans, cls.opened, cls.instances = list(plans), 0, []
+
+    def __init__(self, index, *args):
+        FakeCapture.opened += 1
+        self.serial, self.opened_with = FakeCapture.opened, (index, *args)
+        self.left = FakeCapture.plans.pop(0) if FakeCapture.plans else 10 ** 9
+        self.released = False
+        FakeCapture.instances.append(self)
+
+    def isOpened(self):
+        return self.left is not None
+
+    def set(self, prop, value):
+        return True
+
+    def get(self, prop):
+        return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
+
+    def read(self):
+        if not self.left:
+            return False, None
+        self.left -= 1
+        return True, np.full((4, 4, 3), self.serial, np.uint8)
+
+    def release(self):
+        self.released = True

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from edge_cbn.stream.command import main
 from edge_cbn.stream.sources import NetworkSource, SourceError, VideoSource, is_url, mask_url, open_source
+from media import FakeCapture
 from preview_poll import free_port
 from test_stream import export_tiny
 
@@ -123,34 +124,16 @@ def test_a_dropped_stream_reconnects_and_counts_the_outage(server, caplog):
 
 def test_outage_is_its_length_times_the_fps(monkeypatch, caplog):
     """Deterministic: a fake capture (3 frames, two failed reopens, then frames) and a fake clock."""
-    plans, now = [3, None, None, 10 ** 6], [0.0]
-
-    class FakeCapture:
-        def __init__(self, url, api, params):
-            assert api == cv2.CAP_FFMPEG and url == "rtsp://cam.local:554//live"  # as given, "//" kept
-            self.left = plans.pop(0)
-
-        def isOpened(self):
-            return self.left is not None
-
-        def get(self, prop):
-            return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
-
-        def read(self):
-            if not self.left:
-                return False, None
-            self.left -= 1
-            return True, np.zeros((H, W, 3), np.uint8)
-
-        def release(self):
-            pass
-
+    now = [0.0]
+    FakeCapture.script(3, None, None, 10 ** 6)
     monkeypatch.setattr(cv2, "VideoCapture", FakeCapture)
     src = NetworkSource("rtsp://cam.local:554//live", sleep=lambda s: now.__setitem__(0, now[0] + s),
                         clock=lambda: now[0])
     assert len([src.read() for _ in range(5)]) == 5 and src.fps == 30.0
     assert now[0] == 0.5 + 1.0 + 2.0 and src.skipped == 105 and src.reconnects == 1  # 3.5 s at 30 fps
     assert len(messages(caplog, "lost rtsp")) == 1 and len(messages(caplog, "reconnected")) == 1
+    for capture in FakeCapture.instances:  # the URL as given ("//" kept), through FFmpeg
+        assert capture.opened_with[:2] == ("rtsp://cam.local:554//live", cv2.CAP_FFMPEG)
 
 
 def test_passwords_are_masked_and_an_unreachable_stream_is_one_line(server):

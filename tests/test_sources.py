@@ -14,7 +14,7 @@ import pytest
 from edge_cbn.runtime.errors import BadInput
 from edge_cbn.stream import sample
 from edge_cbn.stream.sources import CameraSource, ImageDirSource, Prefetched, SourceError, VideoSource, open_source
-from media import H, W, corrupt_mjpeg_frames, forge_avi_frame_count, number_of, numbered_frame, write_video
+from media import H, W, FakeCapture, corrupt_mjpeg_frames, forge_avi_frame_count, number_of, numbered_frame, write_video
 
 
 def warnings_in(caplog, text):
@@ -188,42 +188,6 @@ def test_unopenable_inputs(tmp_path, monkeypatch):
         open_source(camera="7")
     with pytest.raises(ValueError, match="camera and video"):
         open_source(camera=0, video="x.mp4")
-
-
-class FakeCapture:
-    """Stands in for cv2.VideoCapture. Each open takes the next plan of the script: None fails to open,
-    a number n delivers n frames (valued by the open's serial number) and then fails every read."""
-
-    plans, opened, instances = [], 0, []
-
-    @classmethod
-    def script(cls, *plans):
-        cls.plans, cls.opened, cls.instances = list(plans), 0, []
-
-    def __init__(self, index, *args):
-        FakeCapture.opened += 1
-        self.serial = FakeCapture.opened
-        self.left = FakeCapture.plans.pop(0) if FakeCapture.plans else 10 ** 9
-        self.released = False
-        FakeCapture.instances.append(self)
-
-    def isOpened(self):
-        return self.left is not None
-
-    def set(self, prop, value):
-        return True
-
-    def get(self, prop):
-        return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
-
-    def read(self):
-        if not self.left:
-            return False, None
-        self.left -= 1
-        return True, np.full((4, 4, 3), self.serial, np.uint8)
-
-    def release(self):
-        self.released = True
 
 
 @pytest.fixture
