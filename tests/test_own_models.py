@@ -295,3 +295,18 @@ def test_offline_calibration_of_an_own_model_under_noise_on_chosen_layers(tmp_pa
     for bn, mean in calibrated.items():  # re-estimated on the images: no longer the source statistics
         assert not np.allclose(mean, source.get_layer(bn).moving_mean.numpy())
     assert noise_targets(load_bundle(tmp_path / "cal.tflite")).keys() == {"stem"}
+
+
+def test_a_free_input_size_and_input_layers_are_fixed_and_taken_out_in_one_rebuild(tmp_path):
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 255, name="to_unit")(inp)
+    x = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(4, 3, padding="same", name="c")(x))
+    model = keras.Model(inp, keras.layers.Dense(3, name="fc")(keras.layers.GlobalAveragePooling2D()(x)))
+    with pytest.raises(own_model.OwnModelError, match="free .*--input-size"):
+        own_model.describe(own_model._flat(model, "m"), name="m")
+    own = own_model.describe(own_model._flat(model, "m"), name="m", input_size=24)
+    assert own.model.input_shape == (None, 24, 24, 3) and "to_unit" not in [layer.name for layer in own.model.layers]
+    assert own.preprocess["std"] == pytest.approx([255.0] * 3)
+    bundle = load_bundle(convert_own(model, tmp_path / "free.tflite", input_size=24))
+    x = pixels(5)[:, :24, :24]
+    assert rel_err(tflite_outputs(bundle.model_bytes, x)[0], model(x.astype(np.float32))) <= 1e-4

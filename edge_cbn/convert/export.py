@@ -261,7 +261,7 @@ def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, h
             affine of its own (`keras_fold`).
         out_path: the .tflite to write (its sidecar and calibration variant go beside it).
         name: the model's name in the sidecar.
-        task: "classification", "detection" or "segmentation".
+        task: "classification", "detection", "segmentation" or "raw".
         preprocess: `{"mean": [3], "std": [3], "letterbox": bool}`, what the graph's input normalisation does.
         labels: the class names.
         head: a detector's head spec (anchors, strides), or None.

@@ -164,8 +164,6 @@ def describe(model, *, name: str, preprocess: dict | None = None, task: str | No
     """
     notes = []
     hw = _input_hw(model, input_size)
-    if tuple(model.input_shape[1:3]) != hw:  # a free input size, fixed for the converter and calibration
-        model = _flat(model, name, hw)
     try:
         preprocess, taken = _preprocess(model, preprocess, mean, std, input_range, notes)
     except OwnModelError as e:
@@ -173,8 +171,9 @@ def describe(model, *, name: str, preprocess: dict | None = None, task: str | No
             raise
         preprocess, taken = None, []
         notes.append(f"preprocessing: unknown ({str(e).split(': ', 1)[1]})")
-    if taken:
-        model = _flat(model, name, hw, skip=taken)
+    free = tuple(model.input_shape[1:3]) != hw  # a free input size, fixed for the converter and calibration
+    if free or taken:  # one rebuild for both
+        model = _flat(model, name, hw if free else None, skip=taken)
     task = _task(model, hw, task, head_file or head, notes)
     head = (head or _head(head_file)) if task == "detection" else None
     labels = _labels(model, task, labels_file, notes, labels)
