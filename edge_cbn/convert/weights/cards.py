@@ -6,10 +6,11 @@ clean metrics with the command that measures them.  `tools/train_synthetic.py tr
 weight file it saves."""
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from pathlib import Path
+
+from .checks import file_sha256
 
 CARD_SUFFIX = ".card.json"
 FIELDS = ("model", "weights_file", "sha256", "training", "data", "clean_metrics")
@@ -19,14 +20,6 @@ def card_path(weights) -> Path:
     """`X.npz` -> `X.card.json`."""
     weights = Path(weights)
     return weights.with_name(weights.stem + CARD_SUFFIX)
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def code_commit(root) -> str:

@@ -39,6 +39,15 @@ def check_values(path, name: str, array: np.ndarray, *, variance: bool = False) 
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.(?:pth|pt)$")
 
 
+def file_sha256(path) -> str:
+    """Hex sha256 of the file at `path`, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_published_hash(path) -> None:
     """Refuse the file at `path` when its name carries a sha256 prefix (torchvision's `name-<hash>.pth`)
     that its content does not match: a damaged or altered download.  Files named otherwise pass.
@@ -49,10 +58,7 @@ def check_published_hash(path) -> None:
     match = _HASH_IN_NAME.search(Path(path).name)
     if match is None:
         return
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if not digest.hexdigest().startswith(match.group(1)):
-        raise BadInput(path, f"sha256 {digest.hexdigest()[:len(match.group(1))]}... does not match the "
+    digest = file_sha256(path)
+    if not digest.startswith(match.group(1)):
+        raise BadInput(path, f"sha256 {digest[:len(match.group(1))]}... does not match the "
                              f"{match.group(1)} its published name carries: a damaged or altered download")
