@@ -203,23 +203,22 @@ def output_bins(bins: list[ChannelBins], stats: list[tuple], eps: list[float]) -
     return [ChannelBins(normalised(b.lo, st, e), normalised(b.hi, st, e), b.count) for b, st, e in zip(bins, stats, eps)]
 
 
-def layer_histograms(layer_batches, bins: list[ChannelBins], out_bins=None, out_stats=None, eps=None,
-                     groups: int = 1):
-    """Per layer, the channel histograms of the inputs over what `layer_batches` yields, kept per group of
-    batches (batch i in group i mod `groups`): arrays (groups, C, count + 2); and, given `out_bins`, those of
-    the outputs normalised with `out_stats` ({one (mean, var) per layer}). A list, or (inputs, outputs)."""
-    totals, outs = None, None
+def layer_histograms(layer_batches, bins: list[ChannelBins], out_bins: list[ChannelBins], out_stats: list,
+                     eps: list, groups: int = 1) -> tuple[list, list]:
+    """Per layer, the channel histograms of the inputs over what `layer_batches` yields and of the outputs
+    normalised with `out_stats` (one (mean, var) per layer), kept per group of batches (batch i in group
+    i mod `groups`): (inputs, outputs), each a list of arrays (groups, C, count + 2)."""
+    inputs = outputs = None
     for i, zs in enumerate(layer_batches):
         g = i % groups
-        if totals is None:
-            totals = [np.zeros((groups, *b.lo.shape, b.count + 2), np.int64) for b in bins]
-            outs = [np.zeros_like(t) for t in totals] if out_bins is not None else None
-        for t, z, b in zip(totals, zs, bins):
+        if inputs is None:
+            inputs = [np.zeros((groups, *b.lo.shape, b.count + 2), np.int64) for b in bins]
+            outputs = [np.zeros_like(t) for t in inputs]
+        for t, z, b in zip(inputs, zs, bins):
             t[g] += channel_histograms(z, b)
-        if out_bins is not None:
-            for t, z, st, e, b in zip(outs, zs, out_stats, eps, out_bins):
-                t[g] += channel_histograms(normalised(z, st, e), b)
-    return totals if out_bins is None else (totals, outs)
+        for t, z, st, e, b in zip(outputs, zs, out_stats, eps, out_bins):
+            t[g] += channel_histograms(normalised(z, st, e), b)
+    return inputs, outputs
 
 
 def bootstrap_spread(clean: list, noisy: list, epsilon: float, draws: int = 200, seed: int = 0) -> np.ndarray:
