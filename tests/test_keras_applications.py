@@ -11,7 +11,6 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from edge_cbn.convert import own_model  # noqa: E402
-from edge_cbn.convert.export import export  # noqa: E402
 from edge_cbn.runtime.bundle import load_bundle  # noqa: E402
 from edge_cbn.runtime.interpreter import io_indices, make_interpreter, run_interpreter  # noqa: E402
 from edge_cbn.runtime.refold import Refolder  # noqa: E402
@@ -42,8 +41,7 @@ def check(name, tmp_path):
     original.save_weights(weights)  # stands in for the file Keras publishes
     model, known = own_model.keras_application(f"keras.applications.{name}", weights=weights, input_size=side,
                                                num_classes=7)
-    own = own_model.describe(model, name=name, preprocess=known)
-    bundle = load_bundle(export(own.model, tmp_path / f"{name}.tflite", input_as_conv=True, **own.export_args()))
+    bundle = load_bundle(own_model.export_own_model(model, tmp_path / f"{name}.tflite", name=name, preprocess=known))
     preprocess_input = importlib.import_module(builder.__module__).preprocess_input
     x = np.random.default_rng(0).integers(0, 256, (1, side, side, 3)).astype(np.uint8)
 

@@ -2,8 +2,7 @@
 needs: the input size, the preprocessing, the task and the labels, read from the model where it says
 them and from flags otherwise (`tools/convert.py --keras`, `edge-cbn models --keras`).
 
-    own = describe(load_keras_file("mine.keras"), name="mine", labels_file="classes.txt")
-    export(own.model, "mine.tflite", **own.export_args())
+    export_own_model("mine.keras", "mine.tflite", labels=["circle", "square", "triangle"])
 """
 from __future__ import annotations
 
@@ -17,8 +16,10 @@ import numpy as np
 from ..runtime import fold
 from ..runtime.labels import load_labels
 from ..runtime.validation import regular_file
+from .build import export_model
 from .keras_fold import fold_plan
 from .keras_graph import GraphError, flat_model
+from .models import ModelSpec
 from .tf_import import keras
 from .weights.assign import layer_kind
 
@@ -130,11 +131,6 @@ class OwnModel:
     labels: list
     head: dict | None = None
     notes: list = dataclasses.field(default_factory=list)  # how each fact was found, for the user
-
-    def export_args(self) -> dict:
-        """The keyword arguments of `export.export` for this model."""
-        return {"name": self.name, "task": self.task, "preprocess": self.preprocess, "labels": self.labels,
-                "head": self.head, "input_size": self.input_hw}
 
 
 def describe(model, *, name: str, preprocess: dict | None = None, task: str | None = None, labels_file=None,
@@ -398,8 +394,6 @@ def report(own: OwnModel, noise_layers: list | None = None) -> list[str]:
 
 def spec_of(own: OwnModel):
     """The registry's `ModelSpec` for `own`, as `build.export_model` and offline calibration read it."""
-    from .models import ModelSpec  # lazy: the registry, only when a model of one's own is converted
-
     return ModelSpec(own.name, None, own.input_hw[0], own.task, "keras", own.preprocess, tuple(own.labels),
                      len(own.labels), head=own.head)
 
@@ -423,12 +417,10 @@ def export_own_model(model, path, *, name: str | None = None, noise_layers: str 
         OwnModelError: a model or fact that cannot be used (the message names it).
         FoldError, GraphError, ExportError: a layer that cannot be exported (the message names it).
     """
-    from .export import export  # lazy: the converter (TensorFlow), once the model is known to be usable
-
     if isinstance(model, (str, Path)):
         model, name = load_keras_file(model), name or Path(model).stem
     else:
         model = _flat(model, model.name)
     own = describe(model, name=name or model.name, **facts)
-    return export(own.model, path, noise_layers=select_noise_layers(own.model, noise_layers), input_as_conv=True,
-                  **own.export_args())
+    return export_model(spec_of(own), own.model, path, noise_layers=select_noise_layers(own.model, noise_layers),
+                        input_as_conv=True)
