@@ -25,7 +25,7 @@ import importlib
 import os
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 # Image decoding's pixel bound (runtime/images.py).  OpenCV reads its own when it loads, so it is set here,
 # before any module of the package imports cv2, for the formats whose size edge-cbn does not read itself.
 MAX_IMAGE_PIXELS = 50_000_000

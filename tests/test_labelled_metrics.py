@@ -158,8 +158,9 @@ def test_report_table_csv_and_png(tmp_path):
     assert rows[2]["top1_mean"] == 11.0 and rows[2]["top1_std"] == pytest.approx(np.sqrt(2))
     table = report.markdown_table(rows, ("top1", "top5"), {"original": "Original model"})
     lines = table.splitlines()
-    assert lines[0] == "| noise | method | η0 = 0 top-1 | η0 = 0 top-5 | η0 = 0.1 top-1 | η0 = 0.1 top-5 |"
-    assert lines[2] == "| paper | Original model | 71.00 ± 1.41 | 70.00 ± 0.00 | 11.00 ± 1.41 | 10.00 ± 0.00 |"
+    assert lines[0] == "Cells: the mean ± std over 2 chip(s)."  # records without resamples: no interval
+    assert lines[2] == "| noise | method | η0 = 0 top-1 | η0 = 0 top-5 | η0 = 0.1 top-1 | η0 = 0.1 top-5 |"
+    assert lines[4] == "| paper | Original model | 71.00 ± 1.41 | 70.00 ± 0.00 | 11.00 ± 1.41 | 10.00 ± 0.00 |"
     report.write_csv(rows, ("top1", "top5"), tmp_path / "t.csv")
     back = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert back[2]["method"] == "original" and float(back[2]["top1_mean"]) == 11.0 and back[2]["seeds"] == "0 2"

@@ -3,6 +3,7 @@ process (counts, summed confusion matrices, concatenated detections evaluated on
 workers and on a real two-node Ray cluster; a worker killed mid-shard is retried to the same result; the
 shard cache resumes an interrupted sweep."""
 import functools
+import json
 import threading
 from pathlib import Path
 
@@ -50,7 +51,11 @@ def metrics_of(task, tasks, out, *extra):
     path, flags, _ = tasks[task]
     res, line = run_cli(task, path, out, *flags, *NOISE, *extra)
     assert res.exit_code == 0, res.output
-    return [(r["preset"], r["eta"], r["seed"], r["method"], r["metrics"]) for r in line["records"]]
+    # the metrics on the bootstrap's resamples, from the cache: the merged per-image results agree too
+    cached = [json.loads(x)["record"] for x in (Path(out) / "cache.jsonl").read_text().splitlines()]
+    resampled = {(r["preset"], r["eta"], r["seed"], r["method"]): r["resampled"] for r in cached}
+    return [(r["preset"], r["eta"], r["seed"], r["method"], r["metrics"],
+             resampled[r["preset"], r["eta"], r["seed"], r["method"]]) for r in line["records"]]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +67,7 @@ def test_the_fixture_set_is_not_trivial(one_process):
     """Noise changes the detector's and the segmenter's metrics, and calibration changes them again, so
     equality below is not that of constant numbers."""
     for task in ("detection", "segmentation"):
-        by = {(eta, seed, method): m for _, eta, seed, method, m in one_process[task]}
+        by = {(eta, seed, method): m for _, eta, seed, method, m, _ in one_process[task]}
         assert by[0.5, 0, "original"] != by[0.0, 0, "original"]
         assert by[0.5, 0, "original"] != by[0.5, 0, "calibrated"]
 
@@ -85,7 +90,7 @@ def test_offline_methods_on_ray_equal_one_process(ray_cluster, tasks, tmp_path, 
     monkeypatch.setattr("edge_cbn.lab.evaluate.tasks.offline_model", lambda bundle, weights: model)
     offline = ("--offline", "--batch-size", "2")
     here = metrics_of("classification", tasks, tmp_path / "one", *offline)
-    assert {method for *_, method, _ in here} == set(labelled.METHODS)
+    assert {method for *_, method, _, _ in here} == set(labelled.METHODS)
     assert metrics_of("classification", tasks, tmp_path / "ray", *offline, "--ray", ray_cluster) == here
 
 
@@ -105,7 +110,7 @@ def sharded(tasks, pool, out, unit=run_unit):
                        processor_options={"conf_threshold": 0.005, "iou_threshold": 0.45})
     sweep = parallel_sweep.ShardedSweep(setup, pool, ShardCache(Path(out) / "shards"), 2, unit)
     records = sweep.run([("paper", [0.0, 0.5])], [0, 1], {"paper": {}}, labelled.ResultCache(Path(out) / "cache.jsonl"))
-    return [(r["preset"], r["eta"], r["seed"], r["method"], r["metrics"]) for r in records], sweep
+    return [(r["preset"], r["eta"], r["seed"], r["method"], r["metrics"], r["resampled"]) for r in records], sweep
 
 
 def killed_mid_shard(tasks, pool, tmp_path):

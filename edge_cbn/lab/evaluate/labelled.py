@@ -89,11 +89,16 @@ def predict(setup: Setup, run, sample, frame: int):
 
 
 def score(setup: Setup, run, progress=lambda n: None) -> dict:
-    """The task's metrics of `run` over the evaluation samples; sample i is inference EVAL_FRAME0 + i, so
-    every method meets the same temporal noise."""
+    """The task's metrics of `run` over the evaluation samples (`scored`)."""
+    return scored(setup, run, progress).result()
+
+
+def scored(setup: Setup, run, progress=lambda n: None):
+    """The task's scorer filled with `run`'s predictions on the evaluation samples; sample i is inference
+    EVAL_FRAME0 + i, so every method meets the same temporal noise."""
     scorer = setup.new_scorer()
     score_into(scorer, setup, run, setup.dataset.samples, 0, progress)
-    return scorer.result()
+    return scorer
 
 
 def score_into(scorer, setup: Setup, run, samples, start: int, progress=lambda n: None) -> None:
@@ -180,16 +185,16 @@ def method_statistics(setup: Setup, method, chip, preset, eta, seed, noise_optio
 
 
 def evaluate_setting(setup: Setup, preset, eta, seed, noise_options, methods, progress):
-    """Yield (method, metrics, seconds) for each of `methods` (in `METHODS` order) under one chip: `original` is
-    scored before any statistics are refolded; each calibration then replaces all of them."""
+    """Yield (method, filled scorer, seconds) for each of `methods` (in `METHODS` order) under one chip:
+    `original` is scored before any statistics are refolded; each calibration then replaces all of them."""
     chip, noisy = chip_model(setup, preset, eta, seed, noise_options)
     for method in (m for m in METHODS if m in methods):
         t = time.perf_counter()
         stats = method_statistics(setup, method, chip, preset, eta, seed, noise_options, progress)
         if stats is not None:
             noisy.set_stats(stats)
-        result = score(setup, noisy.run, progress)
-        yield method, result, round(time.perf_counter() - t, 2)
+        scorer = scored(setup, noisy.run, progress)
+        yield method, scorer, round(time.perf_counter() - t, 2)
 
 
 def work(setup: Setup, method: str) -> int:
@@ -316,16 +321,17 @@ def sweep(setup: Setup, settings, seeds, noise_options: dict, cache: ResultCache
                            hidden=total == 0) as bar:
         for preset, eta, seed, keys, missing in plan:
             if missing:
-                for method, result, seconds in evaluate_setting(setup, preset, eta, seed, noise_options[preset],
+                for method, scorer, seconds in evaluate_setting(setup, preset, eta, seed, noise_options[preset],
                                                                 missing, bar.update):
-                    cache.put(result_record(keys[method], preset, eta, seed, method, result, seconds))
+                    cache.put(result_record(keys[method], preset, eta, seed, method, scorer, seconds))
     return planned_records(setup, plan, cache)
 
 
-def result_record(key, preset, eta, seed, method, metrics: dict, seconds: float) -> dict:
-    """The cache's record of one (setting, seed, method)."""
-    return {"key": key, "preset": preset, "eta": eta, "seed": seed, "method": method, "metrics": metrics,
-            "seconds": seconds}
+def result_record(key, preset, eta, seed, method, scorer, seconds: float) -> dict:
+    """The cache's record of one (setting, seed, method) from its filled scorer: the metrics, and the
+    metrics on the bootstrap's resamples of the images (`metrics.bootstrap_replicates`)."""
+    return {"key": key, "preset": preset, "eta": eta, "seed": seed, "method": method,
+            "metrics": scorer.result(), "resampled": metrics.bootstrap_replicates(scorer), "seconds": seconds}
 
 
 def method_titles(setup: Setup) -> dict:
@@ -347,8 +353,8 @@ def write_report(setup: Setup, records: list[dict], out_dir, title: str) -> tupl
     stem = out_dir / f"{task}-{model}"
     recovered = report.recovery(rows, names[0])
     table = f"{title}\n\n" + report.markdown_table(rows, names, titles)
-    if recovered:
-        table += "\n" + report.recovery_table(recovered, titles)
+    for part in (report.recovery_table(recovered, titles), report.differences_table(report.differences(rows, names[0]), titles)):
+        table += "\n" + part if part else ""
     Path(f"{stem}.md").write_text(table)
     files = {"markdown": f"{stem}.md", "csv": str(report.write_csv(rows, names, f"{stem}.csv"))}
     png = report.plot(rows, names, titles, title, f"{stem}.png")

@@ -10,9 +10,9 @@ Units (`sweep_worker`): per (model, noise preset, eta, chip seed) and method,
 A calibration's shards are queued when it finishes (the pool's follow-ups), behind the units already
 waiting, so the workers stay busy with other settings' shards meanwhile.
 
-Merge (`metrics`): a result's shard states are merged in evaluation order: top-1 / top-5 counts added,
-confusion matrices summed, detections concatenated and evaluated once by pycocotools; the metrics are
-those of one scorer over all samples.  Every finished unit is on disk (`cluster.ShardCache`: statistics
+Merge (`metrics`): a result's shard states are merged in evaluation order: per-image top-1 / top-5 hits and
+confusion matrices concatenated, detections concatenated and evaluated once by pycocotools; the metrics
+and their bootstrap resamples are those of one scorer over all samples.  Every finished unit is on disk (`cluster.ShardCache`: statistics
 and shard states, keyed by the result's cache key and the shard's range), every merged result in the
 sweep's JSON-lines cache as one process writes it, so an interrupted sweep resumes where it stopped."""
 from __future__ import annotations
@@ -118,7 +118,7 @@ class ShardedSweep:
         for begin in sorted(result.states):  # evaluation order: detections concatenate as one process adds them
             scorer.merge(result.states[begin])
         s = result.setting
-        self.cache.put(labelled.result_record(result.key, s.preset, s.eta, s.seed, result.method, scorer.result(),
+        self.cache.put(labelled.result_record(result.key, s.preset, s.eta, s.seed, result.method, scorer,
                                               round(result.seconds, 2)))
 
 

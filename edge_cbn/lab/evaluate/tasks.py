@@ -16,7 +16,7 @@ from ...options import (IntList, NoiseSweep, max_image_pixels_option, model_opti
 from ...runtime.bundle import load_bundle
 from ...runtime.processing import Processor
 from ...stream.resolve import resolve_model
-from . import datasets, parallel_sweep
+from . import datasets, metrics, parallel_sweep, report
 from .command import calibrator_flags
 from .labelled import (CAL_OPTIONS, DETECTION_THRESHOLDS, OFFLINE_BATCH, PAPER_ETAS, ResultCache, Setup, model_sha1,
                        scorer_factory, sweep, write_report)
@@ -31,7 +31,7 @@ def sweep_flags(task: str):
                                              "spatial 10 % (docs/NOISE.md)."),
         noise_option_flag("Override an option of every --noise preset, repeatable, e.g. temporal_level=0.2."),
         click.option("--seeds", type=IntList(0), default="0,1,2", show_default=True,
-                     help="Comma-separated chip seeds (mean ± std)."),
+                     help="Comma-separated chip seeds (cells: their mean, with a 95 % interval over images and chips)."),
         click.option("--calib-dir", type=click.Path(exists=True, file_okay=False),
                      help="Calibration images (recursive); never evaluation images."),
         click.option("--calib-list", type=click.Path(exists=True, dir_okay=False),
@@ -54,7 +54,8 @@ def sweep_flags(task: str):
         click.option("--weights", type=click.Path(exists=True, dir_okay=False),
                      help="--offline: the registered model's weight file (default: the one a package ships)."),
         click.option("--out", "out_dir", default="edge-cbn-evaluate", show_default=True,
-                     help="Folder for the table (.md), the CSV, the PNG and the cache."),
+                     help="Folder for the table (.md), the CSV, the PNG, the JSON (every result with its bootstrap "
+                     "resamples; tools/goal_table.py reads it) and the cache."),
         click.option("--cache", type=click.Path(dir_okay=False),
                      help="JSON-lines result cache [default: OUT/cache.jsonl]."),
         click.option("--no-cache", is_flag=True,
@@ -134,8 +135,13 @@ def run_task(dataset_of, calib_of, kw, **setup_options) -> dict:
               "noise": [f"{p}:{','.join(f'{e:g}' for e in etas)}" for p, etas in kw["settings"]],
               "noise_options": list(kw["noise_option"]), "seeds": seeds, **setup.cal_options,
               **({"offline_batch_size": setup.offline_batch, "momentum": setup.momentum} if kw["offline"] else {}),
-              "rows": rows, "recovery": recovered, "records": [{k: v for k, v in r.items() if k != "key"} for r in records], "files": files,
+              "rows": [{k: v for k, v in r.items() if k != "replicates"} for r in rows], "recovery": recovered,
+              "differences": report.differences(rows, metrics.METRICS[setup.dataset.task][0]),
+              "records": [{k: v for k, v in r.items() if k not in ("key", "resampled")} for r in records], "files": files,
               "sweep_s": sweep_s, "from_cache": cache.hits, "cache_rejected": cache.rejected}
+    files["json"] = str(Path(files["markdown"]).with_suffix(".json"))
+    Path(files["json"]).write_text(json.dumps({**result, "records": [{k: v for k, v in r.items() if k != "key"}
+                                                                     for r in records]}))
     click.echo(json.dumps(result))
     return result
 

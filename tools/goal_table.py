@@ -1,0 +1,120 @@
+"""RESULTS' goal table from `edge-cbn evaluate` runs: per task and model, the clean and uncalibrated metric
+and every calibration method the runs hold (streaming `shift`, streaming `absolute`, Algorithm 1), each with
+its 95 % interval over the evaluation images and the chips and its recovered share, then the paired
+differences between the methods.
+
+    python tools/goal_table.py --eta 0.4 OUT_SHIFT/detection-yolo_shapes.json OUT_ABSOLUTE/detection-yolo_shapes.json
+
+Each FILE is the `<task>-<model>.json` that `edge-cbn evaluate detection|segmentation|classification`
+writes into its --out.  The runs of one task and model must share the evaluation images and chip seeds (the
+bootstrap's resamples then pair across runs; checked).  The clean and uncalibrated columns come from the
+first run of each.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from edge_cbn.lab.evaluate import bootstrap, report  # noqa: E402
+from edge_cbn.lab.evaluate.labelled import METHODS  # noqa: E402
+from edge_cbn.lab.evaluate.metrics import METRICS, TITLES  # noqa: E402
+
+
+ORDER = ("shift", "absolute", "prior", "cumulative", "ema")  # the columns, left to right
+
+
+def method_columns(run: dict, eta: float) -> list[tuple[str, str, dict]]:
+    """(header, note for the cell, aggregated row) of each calibration method of one run at `eta`."""
+    rows = report.aggregate(run["records"], METRICS[run["evaluate"]], list(METHODS))
+    out = []
+    for row in rows:
+        if row["eta"] != eta or row["method"] == "original":
+            continue
+        if row["method"] == "calibrated":
+            out.append((f"streaming `{run.get('mode', 'shift')}`, batch 1, {run['cal_frames']} frames", "", row))
+        else:
+            estimator = row["method"].split("_", 1)[1]
+            out.append((f"Algorithm 1, {estimator}", f" (batch {run.get('offline_batch_size')})", row))
+    return out
+
+
+def column_order(header: str) -> int:
+    return next((i for i, word in enumerate(ORDER) if word in header), len(ORDER))
+
+
+def reference_rows(run: dict, eta: float) -> tuple[dict, dict]:
+    """(clean, uncalibrated) rows of a run: `original` at eta 0 and at `eta`."""
+    rows = report.aggregate(run["records"], METRICS[run["evaluate"]], list(METHODS))
+    pick = {(r["eta"], r["method"]): r for r in rows}
+    if (0.0, "original") not in pick or (eta, "original") not in pick:
+        raise click.ClickException(f"{run['model']} {run['evaluate']}: the run needs noise levels 0 and {eta:g}")
+    return pick[0.0, "original"], pick[eta, "original"]
+
+
+def share(metric: str, clean: dict, uncal: dict, row: dict) -> str:
+    value = report.recovered_share(clean[f"{metric}_mean"], uncal[f"{metric}_mean"], row[f"{metric}_mean"])
+    lo, hi = bootstrap.interval(report.share_replicates(*(r["replicates"][metric] for r in (clean, uncal, row))))
+    return report.share_cell({"recovered_pct": value, "recovered_lo": lo, "recovered_hi": hi})
+
+
+def check_paired(runs: list[dict]) -> None:
+    first = runs[0]
+    for run in runs[1:]:
+        if (run["images"], run["seeds"], run["dataset"]) != (first["images"], first["seeds"], first["dataset"]):
+            raise click.ClickException(f"{run['model']} {run['evaluate']}: the runs differ in images or chip seeds, "
+                                       "so their resamples do not pair")
+
+
+def group_table(runs: list[dict], eta: float) -> tuple[dict, list[str]]:
+    """({column: cell} of the goal table, the differences' lines) for the runs of one task and model."""
+    check_paired(runs)
+    metric = METRICS[runs[0]["evaluate"]][0]
+    clean, uncal = reference_rows(runs[0], eta)
+    columns = sorted((c for run in runs for c in method_columns(run, eta)), key=lambda c: column_order(c[0]))
+    cells = {"task": runs[0]["evaluate"], "model": f"`{runs[0]['model']}`", "metric": TITLES[metric],
+             "clean": report.cell(clean, metric), "η0 (paper's scale)": f"{eta:g} ({eta * eta:.2g})",
+             "uncalibrated": report.cell(uncal, metric)}
+    for header, note, row in columns:
+        cells[header] = report.cell(row, metric) + note
+        cells[f"{header}: recovered"] = share(metric, clean, uncal, row)
+    diffs = []
+    first_header, _, first = columns[0]
+    for header, _, row in columns[1:]:
+        lo, hi = bootstrap.interval(first["replicates"][metric] - row["replicates"][metric])
+        d = first[f"{metric}_mean"] - row[f"{metric}_mean"]
+        verdict = "a difference" if lo > 0 or hi < 0 else "not a difference (the interval holds 0)"
+        diffs.append(f"- {runs[0]['evaluate']}: {first_header} − {header}: {d:+.2f} points [{lo:+.2f}, {hi:+.2f}], "
+                     f"{verdict}")
+    return cells, diffs
+
+
+@click.command(help=__doc__)
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--eta", type=float, required=True, help="The noise level of the table (the preset's scale).")
+def main(files, eta):
+    runs: dict[tuple, list[dict]] = {}
+    for f in files:
+        run = json.loads(Path(f).read_text())
+        if "records" not in run or not all("resampled" in r for r in run["records"]):
+            raise click.ClickException(f"{f}: not an `edge-cbn evaluate` JSON with per-record resamples")
+        runs.setdefault((run["evaluate"], run["model"]), []).append(run)
+    tables = [group_table(group, eta) for group in runs.values()]
+    header = list(dict.fromkeys(k for cells, _ in tables for k in cells))
+    header = header[:6] + sorted(header[6:], key=column_order)  # stable: a method's value, then its share
+    click.echo(f"Cells: mean over chips [{bootstrap.method_title()}]; recovered: the share of the loss won back.\n")
+    click.echo("| " + " | ".join("recovered" if h.endswith(": recovered") else h for h in header) + " |\n|"
+               + "---|" * len(header))
+    for cells, _ in tables:
+        click.echo("| " + " | ".join(cells.get(h, "–") for h in header) + " |")
+    diffs = [d for _, group_diffs in tables for d in group_diffs]
+    if diffs:
+        click.echo("\nPaired differences (the first method minus each other, points, [95 % interval]):\n")
+        click.echo("\n".join(diffs))
+
+
+if __name__ == "__main__":
+    main()
