@@ -48,6 +48,23 @@ def test_evaluate_reports_agreement_per_setting(model_path):
         assert rel["calibrated@12_recovered"] == pytest.approx(
             100 * (rel["calibrated@12"] - rel["uncalibrated"]) / (100 - rel["uncalibrated"]))
     assert means["none"]["calibrated@12_recovered"] is None  # nothing lost, no share
+    # intervals over the crops and the chips: around the mean, none where nothing varies
+    assert rel["uncalibrated_lo"] <= rel["uncalibrated"] <= rel["uncalibrated_hi"]
+    assert rel["uncalibrated_hi"] - rel["uncalibrated_lo"] > 0 or rel["uncalibrated"] in (0.0, 100.0)
+    assert means["none"]["calibrated@12_lo"] == means["none"]["calibrated@12_hi"] == 100.0
+    assert means["none"]["calibrated@12_recovered_lo"] is None
+    assert "percentile bootstrap" in res.output and "resampled" not in out["rows"][0]
+
+
+def test_crop_means_on_resamples_weight_each_crop_as_often_as_drawn():
+    from edge_cbn.lab.evaluate.command import crop_means
+
+    values, mask = np.array([100.0, 0.0, 100.0, 0.0]), np.array([True, True, False, False])
+    assert crop_means(values, mask) == (50.0, 50.0)
+    every, confident = crop_means(values, mask, np.array([[1, 1, 1, 1], [2, 0, 0, 2], [0, 0, 2, 2.0]]))
+    np.testing.assert_allclose(every, [50.0, 50.0, 50.0])
+    np.testing.assert_allclose(confident[:2], [50.0, 100.0])
+    assert np.isnan(confident[2])  # no confident crop drawn: that resample has no confident figure
 
 
 def test_seed_means_recovered_share():

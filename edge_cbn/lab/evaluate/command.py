@@ -29,7 +29,8 @@ from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES
 from ...stream.agreement import AGREEMENT_METRICS, cosine_similarity
 from ...stream.resolve import resolve_model
 from ..scenes.photos import PHOTO_SETS, load_photos, random_crops, split_photos
-from .report import recovered_share
+from . import bootstrap
+from .report import recovered_share, share_replicates
 
 EVAL_FRAME0 = 1 << 32  # temporal-noise frame indices of evaluation inferences (disjoint from calibration)
 
@@ -53,9 +54,12 @@ class CropAgreement:
         self.clean, prob = top1(clean_model, xs, EVAL_FRAME0)
         self.mask = prob >= confident
 
+    def per_crop(self, model: NoisyModel) -> np.ndarray:
+        """100 where the model's top-1 is the clean model's, else 0, per evaluation crop."""
+        return 100.0 * (top1(model, self.xs, EVAL_FRAME0)[0] == self.clean)
+
     def __call__(self, model: NoisyModel) -> tuple[float, float]:
-        same = top1(model, self.xs, EVAL_FRAME0)[0] == self.clean
-        return float(same.mean() * 100), float(same[self.mask].mean() * 100) if self.mask.any() else float("nan")
+        return crop_means(self.per_crop(model), self.mask)
 
     def legend(self) -> str:
         """The line above the table: how many crops are confident, what the cells hold."""
@@ -86,15 +90,28 @@ class CropCosine:
         self.clean = flat_outputs_per_input(clean_model, xs, EVAL_FRAME0)
         self.mask = np.ones(len(xs), bool)
 
-    def __call__(self, model: NoisyModel) -> tuple[float, float]:
+    def per_crop(self, model: NoisyModel) -> np.ndarray:
+        """The cosine similarity (%) of the model's outputs with the clean model's, per evaluation crop."""
         outputs = flat_outputs_per_input(model, self.xs, EVAL_FRAME0)
-        mean = float(np.mean([cosine_similarity(c, o) for c, o in zip(self.clean, outputs)]))
-        return mean, mean
+        return np.array([cosine_similarity(c, o) for c, o in zip(self.clean, outputs)], np.float64)
+
+    def __call__(self, model: NoisyModel) -> tuple[float, float]:
+        return crop_means(self.per_crop(model), self.mask)
 
     def legend(self) -> str:
         """The line above the table: the measure, and that every crop counts."""
         return f"agreement: {self.metric} (%) of the outputs with the clean model's, mean over all {len(self.xs)} " \
                "evaluation crops (a raw output has no confidence: both figures of a cell are this mean)"
+
+
+def crop_means(values: np.ndarray, mask: np.ndarray, weights: np.ndarray | None = None):
+    """(all crops, confident crops) means of per-crop `values`; with `weights` (B, crops), the two as (B,)
+    arrays over the bootstrap's resamples of the crops (`bootstrap.resample_weights`)."""
+    if weights is None:
+        return float(values.mean()), float(values[mask].mean()) if mask.any() else float("nan")
+    drawn = weights[:, mask].sum(1)
+    confident = np.where(drawn > 0, weights[:, mask] @ values[mask] / np.maximum(drawn, 1), np.nan)
+    return weights @ values / len(values), confident
 
 
 def crop_agreement(bundle, clean_model: NoisyModel, xs: np.ndarray):
@@ -121,16 +138,20 @@ def evaluate_setting(bundle, preset, eta, seed, cal_x, agreement: CropAgreement 
     given the Keras model and `keras_cal_x` (the calibration frames normalised for Keras), after offline
     Algorithm 1 (cumulative and EMA 0.999); keys `X` (all crops) and `X_confident`.  `noise_options`:
     make_noise keywords; `static_calibration`: calibrate on the same chip with its temporal factor held
-    at its mean (only a simulation can; a diagnostic of what per-frame noise costs the calibration)."""
+    at its mean (only a simulation can; a diagnostic of what per-frame noise costs the calibration).
+    "resampled" holds each figure on the bootstrap's resamples of the crops (for `seed_means`' intervals)."""
     noise_options = noise_options or {}
     chip = make_noise(preset, eta, seed, **noise_options).instantiate(noise_targets(bundle))
     cal_chip = make_noise(preset, eta, seed, temporal=False, **noise_options).instantiate(
         noise_targets(bundle)) if static_calibration else chip
     noisy = NoisyModel(bundle, chip, num_threads=num_threads, noise_states=noise_states, seed=seed)
-    row = {"preset": preset, "eta": eta, "seed": seed}
+    row = {"preset": preset, "eta": eta, "seed": seed, "resampled": {}}
+    weights = bootstrap.resample_weights(len(agreement.xs))
 
     def record(key):
-        row[key], row[key + "_confident"] = agreement(noisy)
+        values = agreement.per_crop(noisy)
+        row[key], row[key + "_confident"] = crop_means(values, agreement.mask)
+        row["resampled"][key], row["resampled"][key + "_confident"] = crop_means(values, agreement.mask, weights)
 
     record("uncalibrated")
 
@@ -196,22 +217,35 @@ def sweep(bundle, settings, seeds, cal_x, agreement, cols, **setting_options) ->
 def seed_means(rows: list[dict], cols: list[str]) -> list[dict]:
     """Per (preset, eta): the mean over seeds of every column (all crops and confident), and for each
     calibration column the share of the lost agreement it wins back, (column - uncalibrated) /
-    (100 - uncalibrated) in %, from those means (`report.recovered_share`)."""
+    (100 - uncalibrated) in %, from those means (`report.recovered_share`); each with `_lo` / `_hi`, its 95 %
+    interval over the crops and the chips (`bootstrap`) when the rows kept their resamples."""
     out = []
     for key in dict.fromkeys((r["preset"], r["eta"]) for r in rows):
         group = [r for r in rows if (r["preset"], r["eta"]) == key]
         mean = {k: float(np.mean([r[k] for r in group])) for c in cols for k in (c, c + "_confident")}
+        replicates = {k: bootstrap.cell_replicates([r["resampled"][k] for r in group]) for k in mean
+                      if all(k in r.get("resampled", {}) for r in group)}
+        for k in list(mean):
+            mean[k + "_lo"], mean[k + "_hi"] = bootstrap.interval(replicates.get(k))
         for c in cols[1:]:
             for suffix in ("", "_confident"):  # the clean model agrees with itself on every crop: 100
-                mean[f"{c}{suffix}_recovered"] = recovered_share(100.0, mean["uncalibrated" + suffix], mean[c + suffix])
+                u, k = "uncalibrated" + suffix, c + suffix
+                mean[k + "_recovered"] = recovered_share(100.0, mean[u], mean[k])
+                shares = share_replicates(100.0, replicates[u], replicates[k]) if k in replicates else None
+                mean[k + "_recovered_lo"], mean[k + "_recovered_hi"] = bootstrap.interval(
+                    shares if mean[k + "_recovered"] is not None else None)
         out.append({"preset": key[0], "eta": key[1], "seeds": [r["seed"] for r in group], **mean})
     return out
 
 
 def print_seed_means(means: list[dict], cols: list[str]) -> None:
-    """The means table: cells `all/confident`, and `(recovered all/confident %)` after each calibration column."""
+    """The means table: cells `all/confident`, and `(recovered all/confident %)` after each calibration
+    column; then the same cells' 95 % intervals over crops and chips."""
     def share(v):
         return "–" if v is None else f"{v:.0f}"
+
+    def span(m, k):
+        return "–" if m.get(k + "_lo") is None else f"{m[k + '_lo']:.0f}-{m[k + '_hi']:.0f}"
 
     click.echo("mean over seeds; after each calibration column the share of the lost agreement it recovers (%)")
     for m in means:
@@ -219,6 +253,12 @@ def print_seed_means(means: list[dict], cols: list[str]) -> None:
             f"{m[c]:.1f}/{m[c + '_confident']:.1f} ({share(m[c + '_recovered'])}/{share(m[c + '_confident_recovered'])})"
             for c in cols[1:]]
         click.echo(f"{m['preset']:<13} {m['eta']:>5.3g} mean " + " ".join(f"{c:>15}" for c in cells))
+    click.echo(f"the same cells' {bootstrap.method_title()}")
+    for m in means:
+        cells = [f"{span(m, 'uncalibrated')}/{span(m, 'uncalibrated_confident')}"] + [
+            f"{span(m, c)}/{span(m, c + '_confident')} ({span(m, c + '_recovered')}/{span(m, c + '_confident_recovered')})"
+            for c in cols[1:]]
+        click.echo(f"{m['preset']:<13} {m['eta']:>5.3g} 95 % " + " ".join(f"{c:>15}" for c in cells))
 
 
 def calibrator_flags():
@@ -329,7 +369,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
               "static_calibration": static_calibration, **options,
               **({"offline_batch_size": batch_size} if offline else {}), "noise_states": noise_states, "split": split, "photos": photo_set,
               "crop_scale": list(scale), "cal_frames": cal_frames, "eval_crops": eval_crops, "confident_crops": int(agreement.mask.sum()),
-              "rows": rows, "means": means}
+              "rows": [{k: v for k, v in r.items() if k != "resampled"} for r in rows], "means": means}
     if json_out:
         with open(json_out, "w") as f:
             json.dump(result, f, indent=1)
