@@ -3,6 +3,7 @@
 and write their evaluation sets (`edge_cbn/lab/scenes/synthetic_scenes.py` draws every scene, seeded).
 
     python tools/train_synthetic.py make-data --out data/shapes --seed 0 --count 500
+    python tools/train_synthetic.py make-data --out data/shapes-ood --seed 0 --count 500 --backgrounds procedural
     OMP_NUM_THREADS=2 nice -n 10 python tools/train_synthetic.py train yolo_shapes --data data/shapes
     python tools/train_synthetic.py check fcn_shapes --data data/shapes
 
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import click
 import numpy as np
+
+from edge_cbn.lab.scenes.synthetic_scenes import BACKGROUNDS  # the --backgrounds choices (numpy and OpenCV only)
 
 IGNORE_IOU = 0.5  # YOLOv3: a prediction this close to an object is not pushed towards "no object"
 ASSIGN_IOU = 0.5  # shape IoU (anchor vs object) above which an anchor also predicts the object
@@ -277,13 +280,18 @@ def cli():
 @click.option("--count", default=500, show_default=True, help="Validation scenes.")
 @click.option("--calibration-count", default=200, show_default=True, help="Calibration scenes (the train split).")
 @click.option("--size", default=160, show_default=True, help="Image side in pixels.")
-def make_data(out, seed, count, calibration_count, size):
+@click.option("--backgrounds", type=click.Choice(tuple(BACKGROUNDS)), default="photos", show_default=True,
+              help="What the shapes are painted on: crops of the bundled photos (the models' training "
+                   "backgrounds), or seeded procedural textures no training scene used (noise, plaids, cells, "
+                   "random walks, gradients; no photo pixel): an out-of-distribution set.")
+def make_data(out, seed, count, calibration_count, size, backgrounds):
     """Write the val and train (calibration) splits in the COCO and VOC2012 layouts."""
     from edge_cbn.lab.scenes.synthetic_datasets import write_datasets
 
     start = time.time()
-    write_datasets(out, seed=seed, val=count, train=calibration_count, hw=(size, size))
-    click.echo(f"wrote {count} val and {calibration_count} train scenes to {out} in {time.time() - start:.0f} s")
+    write_datasets(out, seed=seed, val=count, train=calibration_count, hw=(size, size), backgrounds=backgrounds)
+    click.echo(f"wrote {count} val and {calibration_count} train scenes on {backgrounds} backgrounds to {out} "
+               f"in {time.time() - start:.0f} s")
 
 
 @cli.command("train")

@@ -9,7 +9,11 @@ measured through the same readers as a real dataset.
     OUT/VOC2012/ImageSets/Segmentation/{split}.txt    255 on the 2-pixel band along every label change
 
 Splits: `val` (evaluation) and `train` (calibration images: never the evaluation set); the models were
-trained on a third, disjoint stream of scenes.  Category id / mask value `i + 1` is `SHAPE_CLASSES[i]`."""
+trained on a third, disjoint stream of scenes.  Category id / mask value `i + 1` is `SHAPE_CLASSES[i]`.
+
+A set on other backgrounds than the photos (`backgrounds="procedural"`) says so where an evaluation can read
+it: the COCO files' "info" ("backgrounds") and `OUT/scenes.json`.  A photo set keeps the bytes it always
+had: no such key or file means photos."""
 from __future__ import annotations
 
 import json
@@ -20,7 +24,7 @@ import numpy as np
 
 from ...convert.models.shape_classes import SHAPE_CLASSES
 from ...stream.overlay import voc_palette
-from .synthetic_scenes import scenes
+from .synthetic_scenes import check_backgrounds, scenes
 
 JPEG_QUALITY = 95
 
@@ -41,8 +45,22 @@ def coco_annotations(scene, image_id: int, first_id: int) -> list[dict]:
     return records
 
 
-def coco_document(split: str, seed: int, images: list, annotations: list) -> dict:
-    return {"info": {"description": f"edge-cbn synthetic shapes, split {split}, seed {seed}", "version": "1"},
+BACKGROUND_NOTES = {  # what each `backgrounds` is, in scenes.json
+    "photos": "random crops of the 19 bundled photos, the backgrounds the models were trained on",
+    "procedural": "seeded procedural textures (fractal value noise, sinusoid plaids, Voronoi cells, random-walk "
+                  "blobs, colour gradients, some blended in pairs): no pixel from the photos the models trained on"}
+
+
+def coco_info(split: str, seed: int, backgrounds: str) -> dict:
+    info = {"description": f"edge-cbn synthetic shapes, split {split}, seed {seed}", "version": "1"}
+    if backgrounds != "photos":  # photo sets keep their bytes
+        info["description"] += f", {backgrounds} backgrounds"
+        info["backgrounds"] = backgrounds
+    return info
+
+
+def coco_document(split: str, seed: int, images: list, annotations: list, backgrounds: str = "photos") -> dict:
+    return {"info": coco_info(split, seed, backgrounds),
             "licenses": [], "images": images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": name, "supercategory": "shape"}
                            for i, name in enumerate(SHAPE_CLASSES)]}
@@ -57,14 +75,14 @@ def write_palette_png(path: Path, labels: np.ndarray) -> None:
     image.save(path)
 
 
-def write_split(out: Path, split: str, seed: int, count: int, hw) -> None:
-    """Scenes 0 .. count-1 of `split` into both layouts under `out`."""
+def write_split(out: Path, split: str, seed: int, count: int, hw, backgrounds: str = "photos") -> None:
+    """Scenes 0 .. count-1 of `split` on `backgrounds` into both layouts under `out`."""
     coco_dir, voc = out / "coco", out / "VOC2012"
     for d in (coco_dir / "annotations", coco_dir / split, voc / "JPEGImages", voc / "SegmentationClass",
               voc / "ImageSets" / "Segmentation"):
         d.mkdir(parents=True, exist_ok=True)
     images, annotations, names = [], [], []
-    for i, scene in enumerate(scenes(seed, split, count, hw)):
+    for i, scene in enumerate(scenes(seed, split, count, hw, backgrounds=backgrounds)):
         name = f"{split}_{i:05d}"
         jpeg = cv2.imencode(".jpg", scene.image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
         for path in (coco_dir / split / f"{name}.jpg", voc / "JPEGImages" / f"{name}.jpg"):
@@ -73,14 +91,27 @@ def write_split(out: Path, split: str, seed: int, count: int, hw) -> None:
         images.append({"id": i + 1, "file_name": f"{name}.jpg", "height": hw[0], "width": hw[1]})
         annotations += coco_annotations(scene, i + 1, len(annotations) + 1)
         names.append(name)
-    document = coco_document(split, seed, images, annotations)
+    document = coco_document(split, seed, images, annotations, backgrounds)
     (coco_dir / "annotations" / f"instances_{split}.json").write_text(json.dumps(document))
     (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
 
 
-def write_datasets(out, *, seed: int = 0, val: int = 500, train: int = 200, hw=(160, 160)) -> Path:
-    """The `val` and `train` (calibration) splits in the COCO and VOC layouts under `out`; returns it."""
+def write_manifest(out: Path, seed: int, counts: dict, hw, backgrounds: str) -> None:
+    """OUT/scenes.json: what the folder holds, for an evaluation to report what it ran on."""
+    manifest = {"generator": "edge_cbn.lab.scenes.synthetic_scenes", "backgrounds": backgrounds,
+                "note": BACKGROUND_NOTES[backgrounds], "seed": seed, "splits": counts, "height": hw[0], "width": hw[1]}
+    (out / "scenes.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def write_datasets(out, *, seed: int = 0, val: int = 500, train: int = 200, hw=(160, 160),
+                   backgrounds: str = "photos") -> Path:
+    """The `val` and `train` (calibration) splits on `backgrounds` (BACKGROUNDS) in the COCO and VOC layouts
+    under `out`; returns it."""
+    check_backgrounds(backgrounds)  # before any folder is made
     out = Path(out)
-    for split, count in (("val", val), ("train", train)):
-        write_split(out, split, seed, count, hw)
+    counts = {"val": val, "train": train}
+    for split, count in counts.items():
+        write_split(out, split, seed, count, hw, backgrounds)
+    if backgrounds != "photos":  # photo sets keep the files they always had
+        write_manifest(out, seed, counts, hw, backgrounds)
     return out

@@ -2,13 +2,18 @@
 natural photos, for training the shipped `yolo_shapes` / `fcn_shapes` models (`tools/train_synthetic.py`)
 and for their COCO and VOC evaluation sets (`synthetic_datasets.py`): one copy of the scene logic.
 
-A scene is a function of (seed, split, index) alone, so any subset can be regenerated and a set of N scenes
-is a prefix of a set of N + 1.  Each scene has 0-6 shapes with a scale spread of about 8:1 (side 8-45 % of
-the image), aspect jitter and any rotation, filled with a solid colour, a gradient, stripes or a tinted
-photo texture, drawn anti-aliased; later shapes occlude earlier ones, but every shape keeps at least half of
-its pixels visible.  Labels are the *visible* pixels (alpha >= 0.5): boxes enclose them, masks are them.
+A scene is a function of (seed, split, index, backgrounds) alone, so any subset can be regenerated and a set
+of N scenes is a prefix of a set of N + 1.  Each scene has 0-6 shapes with a scale spread of about 8:1 (side
+8-45 % of the image), aspect jitter and any rotation, filled with a solid colour, a gradient, stripes or a
+tinted photo texture, drawn anti-aliased; later shapes occlude earlier ones, but every shape keeps at least
+half of its pixels visible.  Labels are the *visible* pixels (alpha >= 0.5): boxes enclose them, masks are them.
 
-Needs the `data` extra (the photos) and OpenCV; no TensorFlow.
+`backgrounds="procedural"` (`BACKGROUNDS`) paints the same shapes, by the same logic, on out-of-distribution
+scenes: seeded procedural textures (fractal value noise, sinusoid plaids, Voronoi cells, random-walk blobs,
+colour gradients, some blended in pairs) that no training scene used; the shapes' texture fill is procedural
+too, so no pixel comes from a photo.  Its scenes are a stream of their own: photo scenes keep their seeds.
+
+The photo backgrounds need the `data` extra (the photos); both need OpenCV; no TensorFlow.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import numpy as np
 
 from ...convert.models.shape_classes import SHAPE_CLASSES
 from .photos import load_photos
+from .procedural import procedural_background
 
 SPLITS = {"val": 0, "train": 1, "fit": 2}  # evaluation, calibration, model training: disjoint scene streams
 SIZE_RANGE = (0.08, 0.45)  # shape side as a fraction of the image's shorter side, log-uniform
@@ -130,13 +136,13 @@ def _colour(rng):
     return rng.uniform(0, 255, 3).astype(np.float32)
 
 
-def fill(rng, hw) -> np.ndarray:
-    """(H, W, 3) float32 paint for a shape: a solid colour with grain, a linear gradient, stripes, or a crop
-    of another photo tinted with a colour."""
+def fill(rng, hw, backdrop=background) -> np.ndarray:
+    """(H, W, 3) float32 paint for a shape: a solid colour with grain, a linear gradient, stripes, or another
+    background from `backdrop` (a crop of another photo by default) tinted with a colour."""
     h, w = hw
     kind = rng.choice(("solid", "gradient", "stripes", "texture"), p=(0.45, 0.2, 0.15, 0.2))
     if kind == "texture":
-        return background(rng, hw) * (_colour(rng) / 255 * 0.8 + 0.4)
+        return backdrop(rng, hw) * (_colour(rng) / 255 * 0.8 + 0.4)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, np.pi)
     along = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
@@ -150,14 +156,14 @@ def fill(rng, hw) -> np.ndarray:
     return np.where(np.sin(along * 2 * np.pi / period) > 0, a, b)
 
 
-def contrasting_fill(rng, image, alpha, tries: int = 4) -> np.ndarray:
+def contrasting_fill(rng, image, alpha, backdrop=background, tries: int = 4) -> np.ndarray:
     """The first of up to `tries` fills whose mean colour under the shape differs from the image's by
     MIN_CONTRAST, else the most different one: a shape the eye can find."""
     weight = alpha[..., None] / max(float(alpha.sum()), 1.0)
     under = (image * weight).sum((0, 1))
     best, best_distance = None, -1.0
     for _ in range(tries):
-        candidate = fill(rng, alpha.shape)
+        candidate = fill(rng, alpha.shape, backdrop)
         distance = float(np.linalg.norm((candidate * weight).sum((0, 1)) - under))
         if distance > best_distance:
             best, best_distance = candidate, distance
@@ -188,19 +194,20 @@ def finish(rng, image) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def paint(rng, image, alpha) -> None:
-    """Composite a fill into `image` (float32 RGB, in place) through the uint8 coverage `alpha`, over the
-    shape's bounding rectangle only."""
+def paint(rng, image, alpha, backdrop=background) -> None:
+    """Composite a fill (texture fills from `backdrop`) into `image` (float32 RGB, in place) through the uint8
+    coverage `alpha`, over the shape's bounding rectangle only."""
     x, y, w, h = cv2.boundingRect(alpha)
     region = (slice(y, y + h), slice(x, x + w))
     a = alpha[region][..., None].astype(np.float32) / 255
     under = image[region]
-    under[:] = under * (1 - a) + contrasting_fill(rng, under, a[..., 0]) * a
+    under[:] = under * (1 - a) + contrasting_fill(rng, under, a[..., 0], backdrop) * a
 
 
-def make_scene(rng, hw=(160, 160)) -> Scene:
-    """One scene of size `hw` (height, width) drawn from the generator `rng`."""
-    image = background(rng, hw)
+def make_scene(rng, hw=(160, 160), backdrop=background) -> Scene:
+    """One scene of size `hw` (height, width) drawn from the generator `rng`, on a `backdrop(rng, hw)`
+    background (a `BACKGROUNDS` value)."""
+    image = backdrop(rng, hw)
     owner = np.full(hw, -1, np.int32)
     class_ids, areas = [], []
     for _ in range(rng.choice(len(SHAPE_COUNT_P), p=SHAPE_COUNT_P)):
@@ -208,7 +215,7 @@ def make_scene(rng, hw=(160, 160)) -> Scene:
         alpha = place(rng, class_id, hw, owner, areas)
         if alpha is None:
             continue
-        paint(rng, image, alpha)
+        paint(rng, image, alpha, backdrop)
         covered = alpha >= 128
         owner[covered] = len(class_ids)
         class_ids.append(class_id)
@@ -217,12 +224,29 @@ def make_scene(rng, hw=(160, 160)) -> Scene:
     return Scene(finish(rng, image), class_ids, masks)
 
 
-def scene(seed: int, split: str, index: int, hw=(160, 160)) -> Scene:
-    """Scene `index` of `split` (SPLITS) for `seed`: the same arguments always give the same scene."""
-    return make_scene(np.random.default_rng([seed, SPLITS[split], index]), hw)
+BACKGROUNDS = {"photos": background, "procedural": procedural_background}  # `backgrounds` name -> backdrop
 
 
-def scenes(seed: int, split: str, count: int, hw=(160, 160), start: int = 0):
+def check_backgrounds(backgrounds: str) -> None:
+    if backgrounds not in BACKGROUNDS:
+        raise ValueError(f"unknown backgrounds {backgrounds!r}; expected one of {tuple(BACKGROUNDS)}")
+
+
+def scene_rng(seed: int, split: str, index: int, backgrounds: str = "photos"):
+    """The generator of one scene.  Procedural scenes draw from streams of their own; photo scenes keep the
+    seeds they always had (the same bytes as before the option)."""
+    check_backgrounds(backgrounds)
+    stream = [] if backgrounds == "photos" else [list(BACKGROUNDS).index(backgrounds)]
+    return np.random.default_rng([seed, SPLITS[split], index, *stream])
+
+
+def scene(seed: int, split: str, index: int, hw=(160, 160), backgrounds: str = "photos") -> Scene:
+    """Scene `index` of `split` (SPLITS) for `seed` on `backgrounds` (BACKGROUNDS): the same arguments always
+    give the same scene."""
+    return make_scene(scene_rng(seed, split, index, backgrounds), hw, BACKGROUNDS[backgrounds])
+
+
+def scenes(seed: int, split: str, count: int, hw=(160, 160), start: int = 0, backgrounds: str = "photos"):
     """Scenes `start` .. `start + count - 1` of `split`, one at a time."""
     for i in range(start, start + count):
-        yield scene(seed, split, i, hw)
+        yield scene(seed, split, i, hw, backgrounds)
