@@ -183,9 +183,19 @@ def write_csv(rows: list[dict], metrics: tuple, path) -> Path:
     return Path(path)
 
 
+def error_bars(line: list[dict], metric: str) -> np.ndarray:
+    """(2, points) distances from each mean down and up to its interval's ends (the std over seeds both
+    ways for rows without an interval)."""
+    down = [r[f"{metric}_mean"] - r[f"{metric}_lo"] if r[f"{metric}_lo"] is not None else r[f"{metric}_std"]
+            for r in line]
+    up = [r[f"{metric}_hi"] - r[f"{metric}_mean"] if r[f"{metric}_hi"] is not None else r[f"{metric}_std"]
+          for r in line]
+    return np.maximum(np.array([down, up], np.float64), 0.0)
+
+
 def plot(rows: list[dict], metrics: tuple, method_titles: dict[str, str], title: str, path) -> Path | None:
-    """One panel per metric, the metric against eta, a line per (preset, method) with the seeds' std as
-    error bars; None (and one warning) without matplotlib."""
+    """One panel per metric, the metric against eta, a line per (preset, method) with its 95 % interval
+    (`aggregate`) as error bars; None (and one warning) without matplotlib."""
     try:
         # lazy: matplotlib is optional (the [eval] extra), only for the PNG
         import matplotlib
@@ -201,8 +211,8 @@ def plot(rows: list[dict], metrics: tuple, method_titles: dict[str, str], title:
         for preset, method in keys:
             line = sorted((r for r in rows if (r["preset"], r["method"]) == (preset, method)), key=lambda r: r["eta"])
             label = method_titles.get(method, method) + (f" ({preset})" if len({k[0] for k in keys}) > 1 else "")
-            ax.errorbar([r["eta"] for r in line], [r[f"{m}_mean"] for r in line],
-                        yerr=[r[f"{m}_std"] for r in line], marker="o", capsize=3, label=label)
+            ax.errorbar([r["eta"] for r in line], [r[f"{m}_mean"] for r in line], yerr=error_bars(line, m),
+                        marker="o", capsize=3, label=label)
         ax.set(xlabel="noise level η0", ylabel=f"{TITLES[m]} (%)", title=TITLES[m], ylim=(0, 100))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
