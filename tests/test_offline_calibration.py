@@ -65,6 +65,19 @@ def test_calibration_under_noise_restores_clean_kernels_and_is_seeded():
     bn = next(iter(a))
     np.testing.assert_allclose(a[bn][0], b[bn][0], rtol=1e-6)
     assert not np.allclose(a[bn][1], c[bn][1], rtol=1e-3)
+    # a second chip on the same model reuses its traced graphs (the kernels are assigned in place), with
+    # the statistics a model traced afresh gives
+    from edge_cbn.convert.batch_moments import batch_moments_of
+    traced = batch_moments_of(model, bn_layers(model))
+    for layer in bn_layers(model):
+        layer.moving_mean.assign(np.zeros_like(layer.moving_mean))
+        layer.moving_variance.assign(np.ones_like(layer.moving_variance))
+    again = calibrate_bn(model, batches(2, 4), chip=make_noise("relative", 0.2, seed=5).instantiate(
+        keras_noise_targets(model)), estimator="cumulative")
+    assert batch_moments_of(model, bn_layers(model)) is traced
+    fresh = calibrate_bn(tiny_model(), batches(2, 4), chip=make_noise("relative", 0.2, seed=5).instantiate(
+        keras_noise_targets(tiny_model())), estimator="cumulative")
+    np.testing.assert_allclose(again[bn][1], fresh[bn][1], rtol=1e-5)
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p != "none"])

@@ -15,6 +15,7 @@ fit, not for speed.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import numpy as np
 
@@ -117,3 +118,16 @@ class BatchMoments:
                 bn.moving_mean.assign(mean)
                 bn.moving_variance.assign(var)
         return settled
+
+
+_TRACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def batch_moments_of(model, bns) -> BatchMoments:
+    """The `BatchMoments` of `model` over `bns`, made once per model: Algorithm 1 on chip after chip (the
+    kernels are assigned in place) reuses its traced graphs instead of tracing the model again each time,
+    which cost seconds per chip and a TensorFlow retracing warning from the fifth on."""
+    cached = _TRACED.get(model)
+    if cached is None or [id(b) for b in cached.bns] != [id(b) for b in bns]:
+        cached = _TRACED[model] = BatchMoments(model, bns)
+    return cached

@@ -22,7 +22,7 @@ from ..runtime.moments import BatchStatsTracker
 from ..runtime.noise import make_noise
 from ..runtime.processing import normalise
 from ..runtime.images import read_image
-from .batch_moments import BatchMoments
+from .batch_moments import BatchMoments, batch_moments_of
 from .weights.assign import layer_kind
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -67,7 +67,7 @@ def calibrate_bn(model, batches: Iterable[np.ndarray], *, chip=None, estimator: 
     bns = bn_layers(model)
     trackers = {bn.name: BatchStatsTracker(bn.moving_mean.numpy(), bn.moving_variance.numpy(),
                                            estimator=estimator, momentum=momentum) for bn in bns}
-    accumulate_bn(model, BatchMoments(model, bns), batches, trackers, chip=chip, progress=progress,
+    accumulate_bn(model, batch_moments_of(model, bns), batches, trackers, chip=chip, progress=progress,
                   micro_batch=micro_batch)
     return set_bn_statistics(model, trackers)
 
