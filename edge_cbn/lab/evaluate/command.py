@@ -245,7 +245,7 @@ def print_seed_means(means: list[dict], cols: list[str]) -> None:
         return "–" if v is None else f"{v:.0f}"
 
     def span(m, k):
-        return "–" if m.get(k + "_lo") is None else f"{m[k + '_lo']:.0f}-{m[k + '_hi']:.0f}"
+        return "–" if m.get(k + "_lo") is None else f"{m[k + '_lo']:.0f}..{m[k + '_hi']:.0f}"
 
     click.echo("mean over seeds; after each calibration column the share of the lost agreement it recovers (%)")
     for m in means:
