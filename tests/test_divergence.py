@@ -15,8 +15,26 @@ from edge_cbn.lab.divergence import (CSV_FIELDS, ChannelBins, bootstrap_spread, 
 def test_histograms_put_the_clean_range_in_the_inner_bins_and_the_rest_in_the_open_ones():
     bins = ChannelBins(np.array([0.0, 5.0]), np.array([4.0, 5.0]), 4)  # channel 1 is constant
     z = np.array([[0.0, 5.0], [0.99, 5.0], [1.0, 4.0], [4.0, 6.0], [-0.1, np.nan], [7.0, 5.0]], np.float32)
-    h = channel_histograms(z, bins)
-    assert h.tolist() == [[1, 2, 1, 0, 1, 1], [1, 3, 0, 0, 0, 2]]  # max: last inner bin; NaN: above
+    h = channel_histograms(z, bins, np.zeros(z.shape, bool))
+    assert h.tolist() == [[1, 2, 1, 0, 1, 1, 0], [1, 3, 0, 0, 0, 2, 0]]  # max: last inner bin; NaN: above
+    # exact zeros are an atom of their own (the last column), wherever a normalisation put them
+    assert channel_histograms(z, bins)[0].tolist() == [1, 1, 1, 0, 1, 1, 1]
+    moved = channel_histograms(z - 0.5, bins, zero=z == 0)  # the point mass shifted below the range: still the atom
+    assert moved[0, -1] == 1 and moved[0, 0] == 1
+
+
+def test_a_point_mass_moved_by_new_statistics_costs_no_divergence():
+    """A channel of which 80 % is exactly zero before normalisation: statistics that move the normalised
+    point mass off the first bin's edge by a hair leave the atom where it is, and the KL near zero."""
+    rng = np.random.default_rng(0)
+    z = np.where(rng.random((20_000, 1)) < 0.8, 0.0, rng.gamma(2.0, 1.0, (20_000, 1)))
+    clean_stats, moved_stats = (z.mean(0), z.var(0)), (z.mean(0) * 1.001, z.var(0))
+    clean, moved = (z - clean_stats[0]) / np.sqrt(clean_stats[1]), (z - moved_stats[0]) / np.sqrt(moved_stats[1])
+    bins = ChannelBins(clean.min(0), clean.max(0), 64)
+    with_atom = divergences(channel_histograms(clean, bins, z == 0), channel_histograms(moved, bins, z == 0), 1e-6)[0]
+    without = divergences(channel_histograms(clean, bins, np.zeros(z.shape, bool)),
+                          channel_histograms(moved, bins, np.zeros(z.shape, bool)), 1e-6)[0]
+    assert with_atom < 0.01 < 1 < without
 
 
 def test_kl_and_js_of_hand_computed_histograms():

@@ -16,7 +16,8 @@ layers < l did (the first BN's input is the same with and without calibration).
 
 Estimator: per channel, a histogram over all images and spatial positions, with edges shared by the three
 distributions and set by the clean activations: `--bins` equal-width bins from the clean channel's
-minimum to its maximum, plus one open bin below and one above for noisy values outside that range.  Bin
+minimum to its maximum, plus one open bin below and one above for noisy values outside that range, and
+one for the values whose BN input is exactly zero (an atom: see below).  Bin
 probabilities are smoothed, p = (h/n + ε) / (1 + Kε) over the K bins.  KL(clean‖noisy) = Σ p ln(p/q) and
 JS = ½KL(p‖m) + ½KL(q‖m), m = (p+q)/2 (natural log, so JS ≤ ln 2), each averaged over the layer's
 channels.  `ratio` = KL uncalibrated / KL calibrated.  A plug-in histogram estimate is biased upwards
@@ -31,10 +32,13 @@ so calibration cannot bring it near the clean one; and its output, normalised wi
 ((z - mean) / sqrt(var + eps), before γ and β, which are the same in every model compared; panels c, d),
 where the layer's own calibrated statistics act.  The paper's Fig. 1, whose calibrated activations come
 "close to the clean ones", corresponds to the outputs.  Output bins are the input bins carried through the
-clean normalisation.  A channel whose clean values pile up at one point (most likely zeros: a window of
-zeros into a depthwise conv gives zero out) puts that point mass on the first bin's edge: the smallest change of the statistics in force
-moves it into the open bin below, and the KL of that channel jumps (`tools/divergence_diagnose.py` shows
-it per channel; docs/RESULTS.md, "Fig. 1").
+clean normalisation.  Many depthwise channels pile up at one point: a window of zeros into a depthwise
+conv gives exactly zero, under any weight noise.  In a histogram of the normalised outputs that point mass
+sits on the first bin's edge, and the smallest change of the statistics in force carried it into the open
+bin below, so the KL of the channel jumped while its distribution had hardly moved
+(`tools/divergence_diagnose.py` shows it per channel; docs/RESULTS.md, "Fig. 1").  The zeros are therefore
+an atom of their own, in both places: the same values in every model compared, wherever the
+normalisation puts them.
 
 Temporal noise is drawn once per batch of `--batch-size` images (the paper's N_T per inference batch;
 `--batch-size 1`: per image, as on the device).  Workstation only: TensorFlow is imported when it runs."""
@@ -86,14 +90,19 @@ class ChannelBins:
         return np.where(span > 0, span / self.count, 1.0)  # a constant channel: all of it in bin 1
 
 
-def channel_histograms(z: np.ndarray, bins: ChannelBins) -> np.ndarray:
-    """Counts (C, count + 2) of the values `z` (..., C) per channel (last axis) in `bins`."""
-    z = z.reshape(-1, z.shape[-1]).astype(np.float64)
+def channel_histograms(z: np.ndarray, bins: ChannelBins, zero: np.ndarray | None = None) -> np.ndarray:
+    """Counts (C, count + 3) of the values `z` (..., C) per channel (last axis) in `bins`, the last column
+    the values whose BN input was exactly zero (`zero`, like `z`; default z == 0): a point mass that no
+    weight noise moves (a window of zeros into a conv gives zero out), kept apart so that normalising it
+    with other statistics does not carry it across a bin edge."""
+    zero = (z == 0) if zero is None else zero
+    z, zero = z.reshape(-1, z.shape[-1]).astype(np.float64), zero.reshape(-1, z.shape[-1])
     index = np.floor((z - bins.lo) / bins.width)
     index = np.clip(np.nan_to_num(index, nan=bins.count), 0, bins.count - 1).astype(np.int64) + 1
     index[z < bins.lo] = 0
     index[~(z <= bins.hi)] = bins.count + 1  # above the clean range, or not finite
-    k = bins.count + 2
+    index[zero] = bins.count + 2
+    k = bins.count + 3
     flat = index + np.arange(z.shape[1]) * k
     return np.bincount(flat.ravel(), minlength=z.shape[1] * k).reshape(z.shape[1], k)
 
@@ -207,17 +216,17 @@ def layer_histograms(layer_batches, bins: list[ChannelBins], out_bins: list[Chan
                      eps: list, groups: int = 1) -> tuple[list, list]:
     """Per layer, the channel histograms of the inputs over what `layer_batches` yields and of the outputs
     normalised with `out_stats` (one (mean, var) per layer), kept per group of batches (batch i in group
-    i mod `groups`): (inputs, outputs), each a list of arrays (groups, C, count + 2)."""
+    i mod `groups`): (inputs, outputs), each a list of arrays (groups, C, count + 3)."""
     inputs = outputs = None
     for i, zs in enumerate(layer_batches):
         g = i % groups
         if inputs is None:
-            inputs = [np.zeros((groups, *b.lo.shape, b.count + 2), np.int64) for b in bins]
+            inputs = [np.zeros((groups, *b.lo.shape, b.count + 3), np.int64) for b in bins]
             outputs = [np.zeros_like(t) for t in inputs]
         for t, z, b in zip(inputs, zs, bins):
             t[g] += channel_histograms(z, b)
         for t, z, st, e, b in zip(outputs, zs, out_stats, eps, out_bins):
-            t[g] += channel_histograms(normalised(z, st, e), b)
+            t[g] += channel_histograms(normalised(z, st, e), b, zero=z == 0)
     return inputs, outputs
 
 
