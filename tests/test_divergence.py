@@ -123,6 +123,9 @@ def test_divergence_end_to_end(model_path, tmp_path, monkeypatch):
     assert all(r["kl_cal_out"] < r["kl_uncal_out"] for r in out["rows"])
     assert out["mean"]["kl_cal_out"] < out["mean"]["kl_cal"] and out["ratio_of_means_out"] > out["ratio_of_means"]
     assert "BN outputs (normalised, the paper's Fig. 1)" in res.output
+    kinds = out["outputs_by_kind"]  # per kind of layer the BN folds into, from the sidecar
+    assert set(kinds) <= {"conv", "depthwise", "dense"} and sum(k["layers"] for k in kinds.values()) == 5
+    assert {r["after"] for r in rows} == set(kinds)
     # 16 images in 2 groups: the spread over image samples is measured and printed, per layer
     assert all(r["kl_uncal_spread"] >= 0 for r in out["rows"]) and out["median_spread"]["kl_cal_spread"] >= 0
     assert "spread over image samples" in res.output

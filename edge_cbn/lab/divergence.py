@@ -71,7 +71,7 @@ from .scenes.photos import PHOTO_SETS
 
 CSV_FIELDS = ("layer", "kl_uncal", "kl_cal", "js_uncal", "js_cal", "ratio",
               "kl_uncal_out", "kl_cal_out", "js_uncal_out", "js_cal_out", "ratio_out",
-              "kl_uncal_spread", "kl_cal_spread", "kl_cal_out_spread")
+              "kl_uncal_spread", "kl_cal_spread", "kl_cal_out_spread", "after")  # after: the kind of layer the BN folds into
 
 
 # --------------------------------------------------------------------------------- the estimator
@@ -312,9 +312,10 @@ def measure(bundle, model, eval_x: np.ndarray, cal_inputs, setting: Setting, pro
     finally:
         set_kernels(model, source_kernels)
         set_bn_statistics(bns, source_stats)
-    rows = [layer_row(bn.name, [h[0][i].sum(0) for h in (clean, uncalibrated, calibrated)],
-                      [h[1][i].sum(0) for h in (clean, uncalibrated, calibrated)], setting.epsilon)
-            for i, bn in enumerate(bns)]
+    after = {rec.bn: rec.kind for rec in bundle.layers if rec.bn}
+    rows = [{**layer_row(bn.name, [h[0][i].sum(0) for h in (clean, uncalibrated, calibrated)],
+                         [h[1][i].sum(0) for h in (clean, uncalibrated, calibrated)], setting.epsilon),
+             "after": after.get(bn.name, "")} for i, bn in enumerate(bns)]
     if groups > 1:
         spreads = {"kl_uncal_spread": bootstrap_spread(clean[0], uncalibrated[0], setting.epsilon),
                    "kl_cal_spread": bootstrap_spread(clean[0], calibrated[0], setting.epsilon),
@@ -422,7 +423,7 @@ def summary(rows: list[dict]) -> dict:
     """Means over the layers, where the uncalibrated KL is largest, and in how many layers calibration
     lowers it."""
     mean = {k: float(np.mean([r[k] for r in rows])) for k in CSV_FIELDS[1:]
-            if not k.startswith("ratio") and not k.endswith("_spread")}
+            if not k.startswith("ratio") and not k.endswith("_spread") and k != "after"}
     spread = {k: float(np.nanmedian([r[k] for r in rows])) for k in CSV_FIELDS if k.endswith("_spread") and k in rows[0]}
     worst = max(range(len(rows)), key=lambda i: rows[i]["kl_uncal"])
     return {"mean": mean, "median_spread": spread, "ratio_of_means": ratio(mean["kl_uncal"], mean["kl_cal"]),
@@ -430,7 +431,22 @@ def summary(rows: list[dict]) -> dict:
             "layers_lowered_out": sum(r["kl_cal_out"] < r["kl_uncal_out"] for r in rows),
             "median_ratio": float(np.nanmedian([r["ratio"] for r in rows])),
             "largest_kl_uncal": {"index": worst + 1, **rows[worst]},
-            "layers_lowered": sum(r["kl_cal"] < r["kl_uncal"] for r in rows), "layers": len(rows)}
+            "layers_lowered": sum(r["kl_cal"] < r["kl_uncal"] for r in rows), "layers": len(rows),
+            "outputs_by_kind": outputs_by_kind(rows)}
+
+
+def outputs_by_kind(rows: list[dict]) -> dict:
+    """Per kind of layer before the BN (conv, depthwise, ...): how many, the mean output KL uncalibrated and
+    calibrated, the median per-layer ratio and in how many calibration lowers it."""
+    out = {}
+    for kind in dict.fromkeys(r.get("after", "") for r in rows):
+        group = [r for r in rows if r.get("after", "") == kind]
+        out[kind or "other"] = {"layers": len(group),
+                                "kl_uncal_out": float(np.mean([r["kl_uncal_out"] for r in group])),
+                                "kl_cal_out": float(np.mean([r["kl_cal_out"] for r in group])),
+                                "median_ratio_out": float(np.nanmedian([r["ratio_out"] for r in group])),
+                                "lowered_out": sum(r["kl_cal_out"] < r["kl_uncal_out"] for r in group)}
+    return out
 
 
 def summary_text(title: str, s: dict) -> str:
@@ -443,7 +459,10 @@ def summary_text(title: str, s: dict) -> str:
             f"BN outputs (normalised, the paper's Fig. 1): KL {m['kl_uncal_out']:.4g} -> {m['kl_cal_out']:.4g} "
             f"({s['ratio_of_means_out']:.3g}x), lower in {s['layers_lowered_out']} of {s['layers']} layers; "
             f"JS {m['js_uncal_out']:.4g} -> {m['js_cal_out']:.4g}\n"
-            f"largest uncalibrated KL: layer {w['index']} {w['layer']}, {w['kl_uncal']:.4g} -> {w['kl_cal']:.4g}"
+            + "".join(f"  after a {kind} layer ({k['layers']}): {k['kl_uncal_out']:.3g} -> {k['kl_cal_out']:.3g}, "
+                      f"median per-layer ratio {k['median_ratio_out']:.3g}x, lower in {k['lowered_out']}\n"
+                      for kind, k in s["outputs_by_kind"].items() if len(s["outputs_by_kind"]) > 1)
+            + f"largest uncalibrated KL: layer {w['index']} {w['layer']}, {w['kl_uncal']:.4g} -> {w['kl_cal']:.4g}"
             + spread_text(s["median_spread"]))
 
 
