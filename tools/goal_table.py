@@ -85,6 +85,8 @@ def group_table(runs: list[dict], eta: float) -> tuple[dict, list[str]]:
     first_header, _, first = columns[0]
     for header, _, row in columns[1:]:
         lo, hi = bootstrap.interval(first["replicates"][metric] - row["replicates"][metric])
+        if lo is None:
+            continue
         d = first[f"{metric}_mean"] - row[f"{metric}_mean"]
         verdict = "a difference" if lo > 0 or hi < 0 else "not a difference (the interval holds 0)"
         diffs.append(f"- {runs[0]['evaluate']}: {first_header} − {header}: {d:+.2f} points [{lo:+.2f}, {hi:+.2f}], "
