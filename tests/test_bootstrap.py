@@ -174,3 +174,28 @@ def test_goal_table_puts_runs_side_by_side_with_paired_differences(tmp_path):
     other = evaluate_json(tmp_path / "c.json", "absolute", 70.0, seeds=(0, 1))
     out = subprocess.run([sys.executable, str(tool), "--eta", "0.4", files[0], other], capture_output=True, text=True)
     assert out.returncode != 0 and "do not pair" in out.stderr
+
+
+def test_goal_table_reads_the_agreement_proxys_json(tmp_path):
+    """`edge-cbn evaluate --json-out` of the agreement proxy: all / confident cells with the intervals it
+    printed, the streaming column named by its mode and last checkpoint."""
+    tool = Path(__file__).resolve().parent.parent / "tools" / "goal_table.py"
+    mean = {"preset": "paper", "eta": 0.2, "seeds": [0, 1, 2]}
+    for key, (value, lo, hi) in {"uncalibrated": (36.8, 31, 44), "uncalibrated_confident": (65.6, 50, 80),
+                                 "calibrated@96": (80.0, 75, 85), "calibrated@96_confident": (90.0, 80, 99),
+                                 "calibrated@192": (88.4, 84, 92), "calibrated@192_confident": (100.0, 100, 100),
+                                 "calibrated@192_recovered": (81.6, 74, 88),
+                                 "calibrated@192_confident_recovered": (100.0, 100, 100)}.items():
+        mean.update({key: value, key + "_lo": lo, key + "_hi": hi})
+    path = tmp_path / "lite0.json"
+    path.write_text(json.dumps({"evaluate": "agreement", "model": "efficientnet_lite0", "mode": "shift",
+                                "means": [mean]}))
+    out = subprocess.run([sys.executable, str(tool), "--eta", "0.2", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    row = next(x for x in out.stdout.splitlines() if x.startswith("| classification"))
+    assert "| 36.8 [31, 44] / 65.6 [50, 80] | 88.4 [84, 92] / 100.0 [100, 100] | 82 % [74, 88] / 100 % [100, 100] |" in row
+    assert "streaming `shift`, batch 1, 192 frames" in out.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    out = subprocess.run([sys.executable, str(tool), "--eta", "0.2", str(bad)], capture_output=True, text=True)
+    assert out.returncode != 0 and "not an `edge-cbn evaluate` JSON" in out.stderr

@@ -6,7 +6,8 @@ differences between the methods.
     python tools/goal_table.py --eta 0.4 OUT_SHIFT/detection-yolo_shapes.json OUT_ABSOLUTE/detection-yolo_shapes.json
 
 Each FILE is the `<task>-<model>.json` that `edge-cbn evaluate detection|segmentation|classification`
-writes into its --out.  The runs of one task and model must share the evaluation images and chip seeds (the
+writes into its --out, or the --json-out of the agreement proxy (`edge-cbn evaluate --model M`: all /
+confident crops, with the intervals it printed; no paired differences, its JSON keeps no resamples).  The runs of one task and model must share the evaluation images and chip seeds (the
 bootstrap's resamples then pair across runs; checked).  The clean and uncalibrated columns come from the
 first run of each.
 """
@@ -94,17 +95,63 @@ def group_table(runs: list[dict], eta: float) -> tuple[dict, list[str]]:
     return cells, diffs
 
 
+def agreement_cell(mean: dict, key: str, suffix: str = "") -> str:
+    """`all [lo, hi] / confident [lo, hi]` of an agreement-proxy mean (`suffix` "_recovered": the shares)."""
+    def one(k):
+        value, lo = mean.get(k + suffix), mean.get(k + suffix + "_lo")
+        if value is None:
+            return "–"
+        unit = " %" if suffix else ""
+        text = f"{value:.0f}{unit}" if suffix else f"{value:.1f}"
+        return text if lo is None else f"{text} [{lo:.0f}, {mean[k + suffix + '_hi']:.0f}]"
+    return f"{one(key)} / {one(key + '_confident')}"
+
+
+def agreement_table(runs: list[dict], eta: float) -> tuple[dict, list[str]]:
+    """The goal table's cells for agreement-proxy runs of one model (`edge-cbn evaluate --json-out`): all /
+    confident crops, the clean model agreeing with itself on every crop; each mean's interval as the run
+    printed it.  No paired differences: the proxy's JSON keeps no resamples."""
+    first = next((m for m in runs[0]["means"] if m["eta"] == eta), None)
+    if first is None:
+        raise click.ClickException(f"{runs[0]['model']} agreement: the run has no noise level {eta:g}")
+    cells = {"task": "classification", "model": f"`{runs[0]['model']}`", "metric": "top-1 agreement, all / confident",
+             "clean": "100", "η0 (paper's scale)": f"{eta:g} ({eta * eta:.2g})",
+             "uncalibrated": agreement_cell(first, "uncalibrated")}
+    for run in runs:
+        mean = next(m for m in run["means"] if m["eta"] == eta)
+        streaming = max((k for k in mean if k.startswith("calibrated@") and k.count("_") == 0),
+                        key=lambda k: int(k.split("@")[1]))
+        columns = [(f"streaming `{run.get('mode', 'shift')}`, batch 1, {streaming.split('@')[1]} frames", streaming, "")]
+        columns += [(f"Algorithm 1, {k.split('_', 1)[1]}", k, f" (batch {run.get('offline_batch_size')})")
+                    for k in ("offline_cumulative", "offline_ema") if k in mean]
+        for header, key, note in columns:
+            cells[header] = agreement_cell(mean, key) + note
+            cells[f"{header}: recovered"] = agreement_cell(mean, key, "_recovered")
+    return cells, []
+
+
+def read_run(path) -> dict:
+    """An `edge-cbn evaluate` JSON: a labelled task's (with per-record resamples) or the agreement proxy's."""
+    try:
+        run = json.loads(Path(path).read_text())
+    except ValueError:
+        run = {}
+    labelled = "records" in run and all("resampled" in r for r in run["records"])
+    if not labelled and not (run.get("evaluate") == "agreement" and "means" in run):
+        raise click.ClickException(f"{path}: not an `edge-cbn evaluate` JSON (a task's from --out, with per-record "
+                                   "resamples, or the agreement proxy's --json-out)")
+    return run
+
+
 @click.command(help=__doc__)
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--eta", type=float, required=True, help="The noise level of the table (the preset's scale).")
 def main(files, eta):
     runs: dict[tuple, list[dict]] = {}
     for f in files:
-        run = json.loads(Path(f).read_text())
-        if "records" not in run or not all("resampled" in r for r in run["records"]):
-            raise click.ClickException(f"{f}: not an `edge-cbn evaluate` JSON with per-record resamples")
+        run = read_run(f)
         runs.setdefault((run["evaluate"], run["model"]), []).append(run)
-    tables = [group_table(group, eta) for group in runs.values()]
+    tables = [(agreement_table if kind == "agreement" else group_table)(group, eta) for (kind, _), group in runs.items()]
     header = list(dict.fromkeys(k for cells, _ in tables for k in cells))
     header = header[:6] + sorted(header[6:], key=column_order)  # stable: a method's value, then its share
     click.echo(f"Cells: mean over chips [{bootstrap.method_title()}]; recovered: the share of the loss won back.\n")
