@@ -28,9 +28,13 @@ from edge_cbn.lab.evaluate.metrics import METRICS, TITLES  # noqa: E402
 ORDER = ("shift", "absolute", "prior", "cumulative", "ema")  # the columns, left to right
 
 
-def method_columns(run: dict, eta: float) -> list[tuple[str, str, dict]]:
+def aggregated(run: dict) -> list[dict]:
+    """The run's rows as `evaluate` aggregates them (mean over chips, bootstrap replicates)."""
+    return report.aggregate(run["records"], METRICS[run["evaluate"]], list(METHODS))
+
+
+def method_columns(run: dict, rows: list[dict], eta: float) -> list[tuple[str, str, dict]]:
     """(header, note for the cell, aggregated row) of each calibration method of one run at `eta`."""
-    rows = report.aggregate(run["records"], METRICS[run["evaluate"]], list(METHODS))
     out = []
     for row in rows:
         if row["eta"] != eta or row["method"] == "original":
@@ -47,19 +51,12 @@ def column_order(header: str) -> int:
     return next((i for i, word in enumerate(ORDER) if word in header), len(ORDER))
 
 
-def reference_rows(run: dict, eta: float) -> tuple[dict, dict]:
+def reference_rows(run: dict, rows: list[dict], eta: float) -> tuple[dict, dict]:
     """(clean, uncalibrated) rows of a run: `original` at eta 0 and at `eta`."""
-    rows = report.aggregate(run["records"], METRICS[run["evaluate"]], list(METHODS))
     pick = {(r["eta"], r["method"]): r for r in rows}
     if (0.0, "original") not in pick or (eta, "original") not in pick:
         raise click.ClickException(f"{run['model']} {run['evaluate']}: the run needs noise levels 0 and {eta:g}")
     return pick[0.0, "original"], pick[eta, "original"]
-
-
-def share(metric: str, clean: dict, uncal: dict, row: dict) -> str:
-    value = report.recovered_share(clean[f"{metric}_mean"], uncal[f"{metric}_mean"], row[f"{metric}_mean"])
-    lo, hi = bootstrap.interval(report.share_replicates(*(r["replicates"][metric] for r in (clean, uncal, row))))
-    return report.share_cell({"recovered_pct": value, "recovered_lo": lo, "recovered_hi": hi})
 
 
 def check_paired(runs: list[dict]) -> None:
@@ -74,24 +71,25 @@ def group_table(runs: list[dict], eta: float) -> tuple[dict, list[str]]:
     """({column: cell} of the goal table, the differences' lines) for the runs of one task and model."""
     check_paired(runs)
     metric = METRICS[runs[0]["evaluate"]][0]
-    clean, uncal = reference_rows(runs[0], eta)
-    columns = sorted((c for run in runs for c in method_columns(run, eta)), key=lambda c: column_order(c[0]))
+    rows = [aggregated(run) for run in runs]
+    clean, uncal = reference_rows(runs[0], rows[0], eta)
+    columns = sorted((c for run, r in zip(runs, rows) for c in method_columns(run, r, eta)),
+                     key=lambda c: column_order(c[0]))
     cells = {"task": runs[0]["evaluate"], "model": f"`{runs[0]['model']}`", "metric": TITLES[metric],
              "clean": report.cell(clean, metric), "η0 (paper's scale)": f"{eta:g} ({eta * eta:.2g})",
              "uncalibrated": report.cell(uncal, metric)}
     for header, note, row in columns:
         cells[header] = report.cell(row, metric) + note
-        cells[f"{header}: recovered"] = share(metric, clean, uncal, row)
+        cells[f"{header}: recovered"] = report.share_cell(report.recovered_with_interval(clean, uncal, row, metric))
     diffs = []
     first_header, _, first = columns[0]
     for header, _, row in columns[1:]:
-        lo, hi = bootstrap.interval(first["replicates"][metric] - row["replicates"][metric])
-        if lo is None:
+        d = report.paired_difference(first, row, metric)
+        if d is None:
             continue
-        d = first[f"{metric}_mean"] - row[f"{metric}_mean"]
-        verdict = "a difference" if lo > 0 or hi < 0 else "not a difference (the interval holds 0)"
-        diffs.append(f"- {runs[0]['evaluate']}: {first_header} − {header}: {d:+.2f} points [{lo:+.2f}, {hi:+.2f}], "
-                     f"{verdict}")
+        verdict = "a difference" if d["significant"] else "not a difference (the interval holds 0)"
+        diffs.append(f"- {runs[0]['evaluate']}: {first_header} − {header}: {d['difference']:+.2f} points "
+                     f"[{d['lo']:+.2f}, {d['hi']:+.2f}], {verdict}")
     return cells, diffs
 
 

@@ -99,14 +99,32 @@ def recovery(rows: list[dict], metric: str) -> list[dict]:
         clean, original = by_key.get((r["preset"], "original", 0.0)), by_key.get((r["preset"], "original", r["eta"]))
         if r["method"] == "original" or r["eta"] == 0 or clean is None or original is None:
             continue
-        share = recovered_share(*(x[f"{metric}_mean"] for x in (clean, original, r)))
-        replicates = [x["replicates"].get(metric) for x in (clean, original, r)]
-        lo, hi = bootstrap.interval(share_replicates(*replicates)) if share is not None and all(
-            x is not None for x in replicates) else (None, None)
         out.append({"preset": r["preset"], "eta": r["eta"], "method": r["method"], "metric": metric,
-                    "loss": clean[f"{metric}_mean"] - original[f"{metric}_mean"], "recovered_pct": share,
-                    "recovered_lo": lo, "recovered_hi": hi})
+                    "loss": clean[f"{metric}_mean"] - original[f"{metric}_mean"],
+                    **recovered_with_interval(clean, original, r, metric)})
     return out
+
+
+def recovered_with_interval(clean: dict, uncalibrated: dict, row: dict, metric: str) -> dict:
+    """{recovered_pct, recovered_lo, recovered_hi} of aggregated `row` against the `clean` and `uncalibrated`
+    rows: the share from the means over seeds, its interval replicate by replicate (None without resamples
+    or without a share)."""
+    share = recovered_share(*(x[f"{metric}_mean"] for x in (clean, uncalibrated, row)))
+    replicates = [x["replicates"].get(metric) for x in (clean, uncalibrated, row)]
+    lo, hi = bootstrap.interval(share_replicates(*replicates)) if share is not None and all(
+        x is not None for x in replicates) else (None, None)
+    return {"recovered_pct": share, "recovered_lo": lo, "recovered_hi": hi}
+
+
+def paired_difference(a: dict, b: dict, metric: str) -> dict | None:
+    """Aggregated row `a` minus row `b` in points of `metric`: the difference of the means over seeds, its
+    paired bootstrap interval, and whether that interval leaves out 0 (only then is it called a difference);
+    None without finite resamples."""
+    lo, hi = bootstrap.interval(a["replicates"][metric] - b["replicates"][metric])
+    if lo is None:
+        return None
+    return {"difference": a[f"{metric}_mean"] - b[f"{metric}_mean"], "lo": lo, "hi": hi,
+            "significant": bool(lo > 0 or hi < 0)}
 
 
 def share_cell(r: dict | None) -> str:
@@ -150,12 +168,9 @@ def differences(rows: list[dict], metric: str) -> list[dict]:
     for (preset, eta), group in cells.items():
         for i, a in enumerate(group):
             for b in group[i + 1:]:
-                lo, hi = bootstrap.interval(a["replicates"][metric] - b["replicates"][metric])
-                if lo is None:
-                    continue
-                out.append({"preset": preset, "eta": eta, "a": a["method"], "b": b["method"], "metric": metric,
-                            "difference": a[f"{metric}_mean"] - b[f"{metric}_mean"], "lo": lo, "hi": hi,
-                            "significant": bool(lo > 0 or hi < 0)})
+                d = paired_difference(a, b, metric)
+                if d is not None:
+                    out.append({"preset": preset, "eta": eta, "a": a["method"], "b": b["method"], "metric": metric, **d})
     return out
 
 
