@@ -65,6 +65,7 @@ from ..runtime.noisy_model import noise_targets
 from ..runtime.processing import Processor, model_input, normalise
 from ..stream.resolve import resolve_model
 from .evaluate import datasets
+from .evaluate.bootstrap import resample_weights
 from .evaluate.command import EVAL_FRAME0, calibrator_flags, crops
 from .evaluate.labelled import frame_of
 from .scenes.photos import PHOTO_SETS
@@ -234,9 +235,7 @@ def bootstrap_spread(clean: list, noisy: list, epsilon: float, draws: int = 200,
     """Per layer, the relative half-width of the 95 % interval of KL(clean‖noisy) over image samples: the
     groups of images (the first axis of each histogram array) drawn with replacement `draws` times, the
     same draw for the clean and the noisy histograms (they come from the same images)."""
-    groups = clean[0].shape[0]
-    rng = np.random.default_rng(seed)
-    weights = np.stack([np.bincount(rng.integers(0, groups, groups), minlength=groups) for _ in range(draws)])
+    weights = resample_weights(clean[0].shape[0], draws, seed)
     values = np.empty((draws, len(clean)))
     for j, (c, n) in enumerate(zip(clean, noisy)):
         cw, nw = np.tensordot(weights, c, axes=1), np.tensordot(weights, n, axes=1)  # (draws, C, K)

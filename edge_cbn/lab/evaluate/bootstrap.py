@@ -24,9 +24,10 @@ IMAGE_SEED, CHIP_SEED = 20261207, 7  # fixed: every sweep draws the same resampl
 CHUNK = 100  # resamples at a time in `coco_ap50_resampled` (a chunk is CHUNK x detections floats)
 
 
-def resample_weights(n: int, resamples: int = RESAMPLES) -> np.ndarray:
-    """(resamples, n) how often each of n images is drawn in each of `resamples` draws of n with replacement."""
-    draws = np.random.default_rng(IMAGE_SEED).integers(0, max(n, 1), (resamples, n))
+def resample_weights(n: int, resamples: int = RESAMPLES, seed: int = IMAGE_SEED) -> np.ndarray:
+    """(resamples, n) how often each of n images (or groups of them) is drawn in each of `resamples` draws of
+    n with replacement."""
+    draws = np.random.default_rng(seed).integers(0, max(n, 1), (resamples, n))
     return np.stack([np.bincount(row, minlength=n) for row in draws]).astype(np.float64)
 
 
