@@ -46,7 +46,7 @@ usage: sudo $0 [options] MODEL.tflite
   -h, --help       this help
 
 MODEL.tflite needs MODEL.cbn.npz beside it (refold sidecar) and, for calibration,
-MODEL.calib.tflite; all three come from 'python tools/convert.py ... -o MODEL.tflite'.
+MODEL.calib.tflite and MODEL.sweep.tflite; all four come from 'python tools/convert.py ... -o MODEL.tflite'.
 EOF
 }
 
@@ -97,6 +97,7 @@ case "$MODEL" in *.tflite) ;; *) die "$MODEL: expected a .tflite file" ;; esac
 [ -f "$MODEL" ] || die "$MODEL: no such file"
 SIDECAR="${MODEL%.tflite}.cbn.npz"
 CALIB="${MODEL%.tflite}.calib.tflite"
+SWEEP="${MODEL%.tflite}.sweep.tflite"
 [ -f "$SIDECAR" ] || die "$SIDECAR missing: copy it with the model (tools/convert.py writes it beside the .tflite)"
 case "$PORT" in '' | *[!0-9]*) die "--port must be a number" ;; esac
 
@@ -192,6 +193,11 @@ if [ -f "$CALIB" ]; then
   run install -m 0644 "$CALIB" "$DATA/${name%.tflite}.calib.tflite"
 else
   echo "install.sh: warning: $CALIB missing: the stream will run but cannot calibrate" >&2
+fi
+if [ -f "$SWEEP" ]; then
+  run install -m 0644 "$SWEEP" "$DATA/${name%.tflite}.sweep.tflite"
+else
+  echo "install.sh: warning: $SWEEP missing: calibration goes depth first, one BN layer per frame (slower)" >&2
 fi
 if [ "$name" != model.tflite ]; then
   run ln -sfn "$name" "$DATA/model.tflite"

@@ -6,7 +6,7 @@ The Python API (docs/API.md), imported on first use so that `import edge_cbn` st
                                              the task object: .calibrate(frames), .predict(frame),
                                              .process(frame, index) (the stream's step), .save(path)
     Paper, Relative, AdditiveMax, PCM        the noise models, typed (`--noise` presets)
-    load_bundle(path)                        an exported model: X.tflite + X.cbn.npz (+ X.calib.tflite)
+    load_bundle(path)                        an exported model: X.tflite + X.cbn.npz (+ X.calib.tflite, X.sweep.tflite)
     make_noise(preset, eta, seed)            a simulated noise model; .instantiate(noise_targets(bundle)) = a chip
     NoisyModel(bundle, chip)                 run it noisy (`.run(x, frame)`), refold statistics (`.set_stats`)
     Processor(bundle)                        BGR frame -> model input, outputs -> predictions

@@ -73,12 +73,13 @@ def test_the_task_object_calibrates_as_the_pieces_do_and_saves_what_it_serves(ex
     before = model.predict(frames[0], index=100)
     stats = model.calibrate(frames)
     assert model.calibrated
-    # The same as the pieces wired by hand: DeviceCalibration on the frames as inferences 101..108 (the
-    # ones after the prediction's), the statistics refolded.
+    # The same as the pieces wired by hand: DeviceCalibration (the sweep, the default for a model with a sweep
+    # variant, its warm-up of 8 frames) on the frames as inferences 101..108 (the ones after the
+    # prediction's), the statistics refolded.
     bundle = edge_cbn.load_bundle(path)
     chip = Relative(eta=0.2).chip(bundle, seed=3)
     proc = Processor(bundle, max_results=3)
-    by_hand = DeviceCalibration(bundle, chip).calibrate([proc.preprocess(f)[0].copy() for f in frames], frame0=101)
+    by_hand = DeviceCalibration(bundle, chip, sweep=True, stages=8).calibrate([proc.preprocess(f)[0].copy() for f in frames], frame0=101)
     assert stats.keys() == by_hand.keys()
     for bn in stats:
         np.testing.assert_array_equal(stats[bn][0], by_hand[bn][0])

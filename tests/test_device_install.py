@@ -59,7 +59,7 @@ def test_device_install_runs_without_tensorflow(tmp_path):
 
 def fake_bundle(folder: Path) -> Path:
     model = folder / "m.tflite"
-    for path in (model, folder / "m.cbn.npz", folder / "m.calib.tflite"):
+    for path in (model, folder / "m.cbn.npz", folder / "m.calib.tflite", folder / "m.sweep.tflite"):
         path.write_bytes(b"x")
     return model
 
@@ -71,12 +71,13 @@ def test_dry_run_prints_every_command_and_changes_nothing(tmp_path):
                           "--args", "--noise relative", str(model)], capture_output=True, text=True, check=True).stdout
     for command in ("+ apt-get install", f"+ python3 -m venv {prefix}", f"{prefix}/bin/python -m pip install",
                     "--constraint /tmp/edge-cbn-install.XXXXXX/constraints.txt", "    numpy==",
-                    f"+ install -m 0644 {model}", "+ useradd --system", "+ systemctl enable edge-cbn.service",
+                    f"+ install -m 0644 {model}", f"+ install -m 0644 {tmp_path / 'm.sweep.tflite'}",
+                    "+ useradd --system", "+ systemctl enable edge-cbn.service",
                     "+ write /etc/default/edge-cbn:", 'EDGE_CBN_ARGS="--noise relative"',
                     "+ write /etc/systemd/system/edge-cbn.service:", f"--model {data}/model.tflite"):
         assert command in out, command
     assert not prefix.exists() and not data.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.calib.tflite", "m.cbn.npz", "m.tflite"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.calib.tflite", "m.cbn.npz", "m.sweep.tflite", "m.tflite"]
 
 
 def test_a_32_bit_board_without_wheels_is_refused_with_one_sentence(tmp_path):

@@ -160,8 +160,8 @@ def test_sigterm_stops_cleanly_and_kill_during_save_resumes(tiny, tmp_path):
     paused half-way by the test hook): the files on disk stay loadable and a restart resumes from them."""
     state = tmp_path / "st.npz"
     log = tmp_path / "s.jsonl"
-    args = ["--model", tiny, "--headless", "--quiet", "--noise", "relative", "--eta", "0.05", "--stages", "2",
-            "--refold-every", "1", "--calibrate-every", "1", "--save-interval", "0", "--state", str(state)]
+    args = ["--model", tiny, "--headless", "--quiet", "--noise", "relative", "--eta", "0.05", "--warmup-frames", "2",
+            "--calibrate-every", "1", "--save-interval", "0", "--state", str(state)]
     proc = _start(args, log, dict(os.environ))
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
@@ -180,7 +180,7 @@ def test_sigterm_stops_cleanly_and_kill_during_save_resumes(tiny, tmp_path):
     assert list(tmp_path.glob(".*.tmp")), "the kill never hit a save in progress"
 
     bundle = load_bundle(tiny)
-    fp = fingerprint(bundle, noise="relative", eta=0.05, seed=0, mode="shift", stages=2)
+    fp = fingerprint(bundle, noise="relative", eta=0.05, seed=0, mode="shift", stages=2, sweep=True)
     saved = StateStore(state, bundle, fp).load()  # loadable, whether or not the model beside it is newer
     assert saved.counters["refolds"] >= summary["refolds"]
     make_interpreter(model_path=calibrated_model_path(state))
@@ -265,35 +265,41 @@ def test_agreement_metrics():
     assert agreement("segmentation", np.array([[0, 1], [1, 1]]), np.array([[0, 1], [0, 0]])) == 50.0
 
 
-def test_calibration_slows_down_after_the_warm_up_and_once_converged(tiny, tmp_path):
-    """--calibrate-every 1 until the stream sees the warm-up's end, every SECOND_PASS_SLOWDOWN-th frame until
-    twice the warm-up's 16 calibration frames are in, then every TRACKING_SLOWDOWN-th frame."""
-    from edge_cbn.stream.engine import SECOND_PASS_SLOWDOWN, TRACKING_SLOWDOWN
+@pytest.mark.parametrize("schedule", [["--no-sweep", "--refold-every", "8"], ["--warmup-frames", "16"]])
+def test_calibration_slows_down_after_the_warm_up_and_once_converged(tiny, tmp_path, schedule):
+    """--calibrate-every 1 until the stream sees the warm-up's end (16 calibration frames: 2 depth-first stages
+    of 8 frames, or 16 sweep frames), then the cadence's second pass until converged, then every
+    TRACKING_EVERY-th frame."""
+    from edge_cbn.stream.options import TRACKING_EVERY, Cadence
     from edge_cbn.stream.pipeline import LAG
 
     log = tmp_path / "c.jsonl"
-    n, warm_up = 320, 16  # 2 stages x 8 frames
+    n, warm_up = 600, 16
     r = run(["--model", tiny, "--frames", str(n), "--headless", "--log", str(log), *NOISY, "--agreement-every", "0",
-             "--refold-every", "8"])
+             *schedule])
     assert r.exit_code == 0, r.output
+    cadence = Cadence.of(1, sweep="--no-sweep" not in schedule)
     frames, summary = read_log(log)
     warm = summary["calibrated_at_frame"]
     assert warm == warm_up - 1 + LAG  # every frame: the 16th calibration frame ends the warm-up
     assert frames[warm - 1]["progress"] < 1.0 == frames[warm]["progress"]
     steps = np.diff([i for i, f in enumerate(frames) if f["calibrating"]])
+    converged = cadence.converged_warmups * warm_up
     assert list(steps[:warm]) == [1] * warm  # frames 0 .. warm calibrate
-    assert list(steps[warm:2 * warm_up]) == [SECOND_PASS_SLOWDOWN] * (2 * warm_up - warm)
-    assert len(steps) > 2 * warm_up + 1 and set(steps[2 * warm_up:]) == {TRACKING_SLOWDOWN}
+    assert list(steps[warm:converged]) == [cadence.second_every] * (converged - warm)
+    assert len(steps) > converged and set(steps[converged:]) == {TRACKING_EVERY}
     assert summary["calibration"].startswith(f"calibrated at frame {warm}")
 
-def stream_log(tiny, log, n, *, background=True, slow_worker=None, states=3):
+
+def stream_log(tiny, log, n, *, background=True, slow_worker=None, states=3, sweep=False):
     """(per-frame log lines, summary) of an `Engine` over `n` frames of the sample clip, without the timings;
     the worker thread optionally slowed by `slow_worker()` seconds before each calibration frame."""
     from edge_cbn.lab.bench.converge import without_timing
     from edge_cbn.stream import Engine, StreamLoop, StreamOptions, open_frames
 
     opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, frames=n, log=str(log),
-                         agreement_every=5, calibrate_every=2, stages=2, refold_every=2, noise_states=states)
+                         agreement_every=5, calibrate_every=2, stages=2, refold_every=2, noise_states=states,
+                         sweep=sweep, warmup_frames=4)
     engine = Engine(load_bundle(tiny), opts, background=background)
     if slow_worker is not None:
         calibrate = engine.pipeline._calibrate
@@ -303,19 +309,26 @@ def stream_log(tiny, log, n, *, background=True, slow_worker=None, states=3):
     return without_timing(*read_log(log))
 
 
-def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path):
+@pytest.mark.parametrize("sweep", [False, True])
+def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path, sweep):
     """The same frames give the same predictions, calibration flags, refolds, agreement and summary
     whether calibration runs beside serving, in its thread, or on a worker made slow at random: which
     frames calibrate and when their statistics serve are decided by frame index."""
-    inline = stream_log(tiny, tmp_path / "a.jsonl", 300, background=False)
-    threaded = stream_log(tiny, tmp_path / "b.jsonl", 300)
+    inline = stream_log(tiny, tmp_path / "a.jsonl", 300, background=False, sweep=sweep)
+    threaded = stream_log(tiny, tmp_path / "b.jsonl", 300, sweep=sweep)
     rng = random.Random(0)
-    slowed = stream_log(tiny, tmp_path / "c.jsonl", 300, slow_worker=lambda: rng.choice([0, 0, 0.01, 0.05]))
+    slowed = stream_log(tiny, tmp_path / "c.jsonl", 300, slow_worker=lambda: rng.choice([0, 0, 0.01, 0.05]),
+                        sweep=sweep)
     frames, summary = inline
-    # 2 warm-up refolds (frames 2, 6), 4 more until twice the warm-up's 4 calibration frames are in (frames
-    # 8-14: the stream sees the warm-up's end at frame 14), then one every 256 frames (18, 274), each seen 128
-    # frames later (one within the run); serving updated state by state from the warm-up's end (frames 14, 22, 30)
-    assert summary["refolds"] == 7 and summary["calibrated_at_frame"] == 14
+    if sweep:  # 4 warm-up frames (0-6, a refold each: the stream sees the warm-up's end at frame 6 + LAG),
+        # 13 more every 2nd frame until the stream has handed out four times the warm-up's frames (8-32), then
+        # every 256th frame (288: its result comes 128 frames later, after the run)
+        assert summary["refolds"] == 17 and summary["calibrated_at_frame"] == 14
+    else:  # 2 warm-up refolds (frames 2, 6), 4 more until twice the warm-up's 4 calibration frames are in
+        # (frames 8-14: the stream sees the warm-up's end at frame 14), then one every 256 frames (18, 274),
+        # each seen 128 frames later (one within the run); serving updated state by state from the warm-up's
+        # end (frames 14, 22, 30)
+        assert summary["refolds"] == 7 and summary["calibrated_at_frame"] == 14
     assert [f["calibrating"] for f in frames[:6]] == [True, False] * 3  # calibrate_every 2, by index
     assert sum("agreement" in f for f in frames) == 60
     assert threaded == inline and slowed == inline
@@ -323,8 +336,8 @@ def test_calibration_is_a_function_of_the_frames_not_the_clock(tiny, tmp_path):
 
 def test_exact_noise_takes_new_statistics_at_the_same_frame_in_either_thread(tiny, tmp_path):
     """Exact per-frame noise (no noise states): new statistics are taken in one step, at a frame fixed by index."""
-    inline = stream_log(tiny, tmp_path / "a.jsonl", 60, background=False, states=0)
-    assert stream_log(tiny, tmp_path / "b.jsonl", 60, states=0) == inline and inline[1]["refolds"] >= 6
+    inline = stream_log(tiny, tmp_path / "a.jsonl", 60, background=False, states=0, sweep=True)
+    assert stream_log(tiny, tmp_path / "b.jsonl", 60, states=0, sweep=True) == inline and inline[1]["refolds"] >= 6
 
 
 def test_calibration_budget_is_gone_with_a_notice(tiny):

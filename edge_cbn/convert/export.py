@@ -24,7 +24,8 @@ import tflite
 
 from ..runtime import fold
 from ..runtime.bundle import (FORMAT, Bundle, atomic_write, buffer_span, calibration_path, sha256,
-                              sidecar_path, write_sidecar)
+                              sidecar_path, sweep_path, write_sidecar)
+from ..runtime.sweep import SWEEP_ROWS
 from ..runtime.flatbuffer import model_facts
 from ..runtime.interpreter import io_indices, make_interpreter, run_interpreter
 from ..runtime.processing import normalise
@@ -33,6 +34,7 @@ from ..runtime.refold import Refolder
 from ..runtime.validation import Invalid, check_meta
 from .keras_fold import ChannelAffine, fold_keras
 from .keras_graph import flat_model, needs_flattening
+from .sweep import sweep_model
 
 class ExportError(ValueError):
     """A model the TFLite converter cannot convert, or whose folded tensors it rewrote; the message names
@@ -127,16 +129,22 @@ def with_raw_input(model, preprocess: dict, as_conv: bool = False) -> keras.Mode
     return keras.Model(inp, out)
 
 
-def _convert_with_sentinels(folded, records, input_hw, graph=None) -> tuple[bytes, dict, list]:
+def _convert_with_sentinels(folded, records, input_hw, graph=None, constants=None) -> tuple[bytes, dict, list]:
     """Convert `graph` (default `folded`, whose layers it uses) with unique random weights in every
     recorded layer of `folded`, locate each layer's kernel and bias buffers by exact byte match and
     restore the real weights; returns the sentinel model, {layer name: (w_buffer, b_buffer)} and the
     layers without BN whose kernel the converter rewrote (a constant multiply after the conv fused into
     it, as InceptionResNetV2's residual scale).  A layer without BN keeps its real bias and no bias buffer
     is located for it (b_buffer None: refold never writes it, and the converter may have fused a
-    constant that follows into it, as MobileNetV3's hard-sigmoid `+ 3` after a squeeze-excite conv)."""
+    constant that follows into it, as MobileNetV3's hard-sigmoid `+ 3` after a squeeze-excite conv).
+    `constants` ({key: Keras variable}, the sweep variant's states) get sentinels too; their buffers come
+    back in the dict under their keys."""
     rng = np.random.default_rng(0)
     real, sentinels = {}, {}
+    constants = constants or {}
+    real_constants = {key: np.array(var.numpy()) for key, var in constants.items()}
+    for key, var in constants.items():
+        var.assign(rng.standard_normal(var.shape).astype(np.float32))
     for rec in records:
         layer = folded.get_layer(rec.name)
         real[rec.name] = layer.get_weights()
@@ -149,6 +157,9 @@ def _convert_with_sentinels(folded, records, input_hw, graph=None) -> tuple[byte
     finally:
         for name, weights in real.items():
             folded.get_layer(name).set_weights(weights)
+        sentinel_constants = {key: np.array(var.numpy()) for key, var in constants.items()}
+        for key, var in constants.items():
+            var.assign(real_constants[key])
 
     model = tflite.Model.GetRootAs(model_bytes, 0)
     data = memoryview(model_bytes)
@@ -174,6 +185,8 @@ def _convert_with_sentinels(folded, records, input_hw, graph=None) -> tuple[byte
             rewritten.append(rec.name)
             continue
         buffers[rec.name] = (w, find(bias[0], f"layer {rec.name!r} bias") if bias and rec.bn else None)
+    for key, value in sentinel_constants.items():
+        buffers[key] = find(value, f"sweep state of {key!r}")
     return model_bytes, buffers, rewritten
 
 
@@ -193,6 +206,20 @@ def moments_model(folded, records) -> keras.Model:
         squares.append(ops.mean(ops.square(y), axis=axes))
     moments = ops.expand_dims(ops.concatenate(means + squares, axis=0), 0)
     return keras.Model(folded.inputs, list(folded.outputs) + [moments])
+
+def _write_sweep(folded, records, hw, meta, input_as_conv, out_path) -> dict:
+    """Convert and write the sweep variant `X.sweep.tflite` (`edge_cbn.convert.sweep`); returns its meta
+    entry: the calibration variant's, plus the buffers of every BN's state rows and how many rows."""
+    model, states = sweep_model(folded, records)
+    keys = {f"sweep:{bn}:{j}": var for bn, rows in states.items() for j, var in enumerate(rows)}
+    sweep_bytes, buffers, _ = _convert_folded(model, records, hw, meta, input_as_conv, constants=keys)
+    path = sweep_path(out_path)
+    atomic_write(path, lambda f: f.write(sweep_bytes))
+    return {"file": path.name, "buffers": {rec.name: buffers[rec.name] for rec in records},
+            "bns": [rec.bn for rec in records if rec.bn], "sha256": sha256(sweep_bytes),
+            "states": {bn: [buffers[f"sweep:{bn}:{j}"] for j in range(SWEEP_ROWS)] for bn in states},
+            "rows": SWEEP_ROWS}
+
 
 def _outputs(model, x) -> list[np.ndarray]:
     out = model(x, training=False)
@@ -222,21 +249,22 @@ def _fix_outputs(model_bytes: bytearray, probe: np.ndarray, keras_outs: list[np.
         vec[:] = vec[perm].copy()
 
 
-def _convert_folded(keras_model, records, hw, meta, input_as_conv=False) -> tuple[bytearray, dict, list]:
+def _convert_folded(keras_model, records, hw, meta, input_as_conv=False, constants=None) -> tuple[bytearray, dict, list]:
     """Convert (behind an RGB uint8 input unless the model letterboxes: a letterbox's 127.5 grey is not
     a uint8 value), locate the buffers, write the real folded tensors exactly as on-device refold
     writes them, and check/fix the outputs against Keras; returns the bytes, the buffers and the records
     kept.  A layer without BN whose kernel the converter rewrote is converted again as it is and leaves
-    the records (it then holds no noise: a warning names it)."""
+    the records (it then holds no noise: a warning names it).  `constants` ({key: Keras variable}) are
+    located too, their buffers returned under their keys and their values written into them."""
     pre = meta["preprocess"]
     graph = None if pre.get("letterbox") else with_raw_input(keras_model, pre, input_as_conv)
-    sentinel_bytes, buffers, rewritten = _convert_with_sentinels(keras_model, records, hw, graph)
+    sentinel_bytes, buffers, rewritten = _convert_with_sentinels(keras_model, records, hw, graph, constants)
     if rewritten:
         warnings.warn(f"{len(rewritten)} layer(s) without BN had a multiply that follows them fused into their "
                       f"kernel by the converter ({', '.join(rewritten[:3])}{', ...' if len(rewritten) > 3 else ''}): "
                       "exported as they are, without noise on them", stacklevel=2)
         records = [rec for rec in records if rec.name not in rewritten]
-        sentinel_bytes, buffers, rewritten = _convert_with_sentinels(keras_model, records, hw, graph)
+        sentinel_bytes, buffers, rewritten = _convert_with_sentinels(keras_model, records, hw, graph, constants)
         if rewritten:
             raise ExportError(f"layer {rewritten[0]!r} kernel: the converter rewrote it; it cannot be refolded")
     located = [dataclasses.replace(rec, w_buffer=buffers[rec.name][0], b_buffer=buffers[rec.name][1])
@@ -244,6 +272,9 @@ def _convert_folded(keras_model, records, hw, meta, input_as_conv=False) -> tupl
     # A model without conv or dense layers has nothing to write (and a Refolder would refuse it).
     model_bytes = bytearray(Refolder(Bundle(None, sentinel_bytes, meta, located)).model_bytes() if located
                             else sentinel_bytes)
+    for key, var in (constants or {}).items():
+        start, size = buffer_span(bytes(model_bytes), buffers[key])
+        model_bytes[start:start + size] = np.ascontiguousarray(var.numpy(), np.float32).tobytes()
     rgb = np.random.default_rng(1).integers(0, 256, (1, *hw, keras_model.input_shape[-1]), np.uint8)
     x = normalise(rgb, pre)
     _fix_outputs(model_bytes, x if graph is None else rgb, _outputs(keras_model, x))
@@ -253,7 +284,8 @@ def _convert_folded(keras_model, records, hw, meta, input_as_conv=False) -> tupl
 def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, head=None,
            input_size=None, calibration: bool = True, noise_layers=None, input_as_conv: bool = False) -> Path:
     """Fold, convert and write `out_path` (.tflite), its sidecar (.cbn.npz) and, with `calibration`, the
-    calibration variant `X.calib.tflite` (see `moments_model`).
+    calibration variant `X.calib.tflite` (see `moments_model`) and the sweep variant `X.sweep.tflite`
+    (`edge_cbn.convert.sweep`).
 
     Args:
         model: a functional or Sequential Keras model (nested models and SeparableConv2D are flattened
@@ -304,6 +336,7 @@ def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, h
         meta["calibration"] = {"file": calib_path.name, "buffers": calib_buffers,
                                "bns": [rec.bn for rec in records if rec.bn], "sha256": sha256(calib_bytes)}
         atomic_write(calib_path, lambda f: f.write(calib_bytes))
+        meta["sweep"] = _write_sweep(folded, records, hw, meta, input_as_conv, out_path)
     meta["model_sha256"] = sha256(model_bytes)  # checked at load: a flipped bit is refused, not served
     write_sidecar(sidecar_path(out_path), meta, records)
     atomic_write(out_path, lambda f: f.write(model_bytes))

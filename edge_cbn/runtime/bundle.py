@@ -22,11 +22,12 @@ import numpy as np
 
 from . import fold
 from .errors import BadInput
+from .sweep import SWEEP_ROWS
 # buffer_span, input_shape and input_dtype are imported from here by export and refold.
 from .flatbuffer import ModelFacts, buffer_span, check_identifier, check_model, input_dtype, input_shape  # noqa: F401
 from .validation import (Invalid, check_calibration_entry, check_layer_arrays, check_layer_buffers,
-                         check_layer_entries, check_meta, check_noise_layers, kernel_shape, open_npz, read_members, refusing,
-                         regular_file, sidecar_specs)
+                         check_layer_entries, check_meta, check_noise_layers, check_sweep_entry, kernel_shape, open_npz,
+                         read_members, refusing, regular_file, sidecar_specs)
 
 FORMAT = 1
 SIDECAR_SUFFIX = ".cbn.npz"
@@ -134,15 +135,45 @@ class Bundle:
         if not self.can_calibrate:
             raise BadInput(self.path, self.calibration_problem or "no calibration variant (re-export it with "
                                                                   "tools/convert.py)")
-        cal = self.meta["calibration"]
-        path = self.path.with_name(cal["file"])
+        return self._variant(self.meta["calibration"], "calibration variant")
+
+    @property
+    def can_sweep(self) -> bool:
+        """The sidecar names a sweep variant too (exported since 0.3) and its file is there."""
+        sweep = self.meta.get("sweep")
+        return self.can_calibrate and isinstance(sweep, dict) and self.path.with_name(sweep["file"]).is_file()
+
+    def sweep_variant(self) -> "Bundle":
+        """The sweep variant `X.sweep.tflite` (`edge_cbn.convert.sweep`): the calibration variant with every
+        BN's correction computed in the graph from one state constant per BN, which the device writes.
+
+        Returns:
+            A `Bundle` of `X.sweep.tflite` like `calibration_variant`'s; `meta["sweep"]["states"]` gives each
+            BN's SWEEP_ROWS state buffers, one float32 per channel each.
+
+        Raises:
+            BadInput: there is no usable sweep variant, or its file is not the sweep variant of this model.
+        """
+        if not self.can_sweep:
+            raise BadInput(self.path, "no sweep variant (re-export it with tools/convert.py)")
+        variant = self._variant(self.meta["sweep"], "sweep variant")
+        with refusing(variant.path, f"not the sweep variant of {self.path.name}"):
+            for rec in (r for r in self.layers if r.bn):
+                for index in self.meta["sweep"]["states"][rec.bn]:
+                    if buffer_span(variant.model_bytes, index)[1] != 4 * len(rec.mean):
+                        raise Invalid(f"a state buffer of BN {rec.bn!r} does not hold {len(rec.mean)} float32")
+        return variant
+
+    def _variant(self, entry: dict, what: str) -> "Bundle":
+        """A variant of this model named by a meta entry (file, sha256, buffers), checked like the model."""
+        path = self.path.with_name(entry["file"])
         model_bytes, facts = read_model(path)
-        check_sha256(path, model_bytes, cal.get("sha256"), sidecar_path(self.path))
-        layers = [dataclasses.replace(rec, w_buffer=cal["buffers"][rec.name][0],
-                                      b_buffer=cal["buffers"][rec.name][1]) for rec in self.layers]
-        with refusing(path, f"not the calibration variant of {self.path.name}"):
+        check_sha256(path, model_bytes, entry.get("sha256"), sidecar_path(self.path))
+        layers = [dataclasses.replace(rec, w_buffer=entry["buffers"][rec.name][0],
+                                      b_buffer=entry["buffers"][rec.name][1]) for rec in self.layers]
+        with refusing(path, f"not the {what} of {self.path.name}"):
             check_layer_buffers([(r.name, r.kind, r.kernel.shape, r.w_buffer, r.b_buffer) for r in layers], facts,
-                                f"it is not the calibration variant of {self.path.name}")
+                                f"it is not the {what} of {self.path.name}")
             _check_moments_output(facts, layers, input_shape(self.model_bytes))
         return Bundle(path, model_bytes, self.meta, layers, self._tflite_kernels)
 
@@ -162,6 +193,11 @@ class Bundle:
             if rec.name == name or rec.bn == name:
                 return rec
         raise KeyError(f"no layer or BN named {name!r} in the sidecar")
+
+
+def sweep_path(tflite_path) -> Path:
+    """`X.tflite` -> `X.sweep.tflite`, the sweep variant (`Bundle.sweep_variant`)."""
+    return calibration_path(tflite_path).with_name(Path(tflite_path).name[: -len(".tflite")] + ".sweep.tflite")
 
 
 def calibration_path(tflite_path) -> Path:
@@ -249,6 +285,8 @@ def read_sidecar(path, facts: ModelFacts) -> tuple[dict, list[LayerRecord]]:
         entries = check_layer_entries(meta.get("layers"))
         if "calibration" in meta:
             check_calibration_entry(meta["calibration"], entries)
+        if "sweep" in meta:
+            check_sweep_entry(meta["sweep"], entries, SWEEP_ROWS)
         check_noise_layers(meta.get("noise_layers"), entries)
         shapes = {e["name"]: kernel_shape(members, e) for e in entries}
         check_layer_buffers([(e["name"], e["kind"], shapes[e["name"]], e["w_buffer"], e["b_buffer"])

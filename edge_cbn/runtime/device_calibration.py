@@ -4,12 +4,15 @@
 A calibration frame runs the calibration variant under the chip (exact per-frame noise; its extra last
 output is every BN input's moments), in `shift` mode the clean variant on the same frame too, feeds both
 to the `StreamCalibrator`, and refolds the variant whenever the calibrator hands out new statistics, so
-the next calibration frame already runs with them.
+the next calibration frame already runs with them.  With `sweep`, the clean variant runs first, and the
+sweep variant (`X.sweep.tflite`) runs under the chip with the state the calibrator writes into it; it
+calibrates every layer from the frame and is never refolded.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .flatbuffer import buffer_span
 from .noisy_model import NoisyModel
 from .stream_calibrator import StreamCalibrator
 
@@ -36,8 +39,16 @@ class DeviceCalibration:
     def __init__(self, bundle, chip, *, num_threads: int | None = None, seed: int = 0, **calibrator_options):
         self.calibrator = StreamCalibrator(bundle, **calibrator_options)
         variant = bundle.calibration_variant()
-        self.noisy = NoisyModel(variant, chip, num_threads=num_threads, seed=seed)
         self.clean = NoisyModel(variant, None, num_threads=num_threads) if self.calibrator.needs_clean else None
+        self._states = None
+        if self.calibrator.sweep:
+            sweep = bundle.sweep_variant()
+            self.noisy = NoisyModel(sweep, chip, num_threads=num_threads, seed=seed, build=False)
+            self._states = {bn: [buffer_span(sweep.model_bytes, index)[0] for index in indices]
+                            for bn, indices in bundle.meta["sweep"]["states"].items()}
+            self.noisy.release_file()  # every frame builds it anew: its 20 MB file need not stay resident
+        else:
+            self.noisy = NoisyModel(variant, chip, num_threads=num_threads, seed=seed)
 
     def step(self, x: np.ndarray, frame: int) -> tuple[list[np.ndarray], dict | None]:
         """Calibrate on input `x` (the model input of inference number `frame`).  Returns the model's
@@ -53,6 +64,8 @@ class DeviceCalibration:
             (outputs, stats): the model's outputs in the exported order, and {bn: (mean, var)} float32 per
             channel when this frame brought new statistics (already refolded here), else None.
         """
+        if self._states is not None:
+            return self._sweep_step(x, frame)
         out = self.noisy.run(x, frame)
         clean_out = self.clean.run(x, frame) if self.clean is not None else None
         stats = self.calibrator.observe(out[-1], self.noisy.stats(),
@@ -61,6 +74,15 @@ class DeviceCalibration:
         if stats is not None:
             self.noisy.set_stats(stats)
         return out[:-1], stats
+
+    def _sweep_step(self, x: np.ndarray, frame: int) -> tuple[list[np.ndarray], dict | None]:
+        """`step` through the sweep variant: its state from the clean moments of the frame, then one invoke."""
+        clean_vector = self.clean.run(x, frame)[-1]
+        state = self.calibrator.sweep_state(clean_vector)
+        self.noisy.patches = [(start, row) for bn, rows in state.items() for start, row in zip(self._states[bn], rows)]
+        out = self.noisy.run_fresh(x, frame)
+        source = self.calibrator.source  # folded into both variants: the sweep corrects in the graph
+        return out[:-1], self.calibrator.observe(out[-1], source, clean_vector, source)
 
     def resume(self, stats: dict) -> None:
         """Continue from saved statistics: the variant runs with them from the next frame on.
@@ -71,7 +93,8 @@ class DeviceCalibration:
         Raises:
             KeyError: a BN name that is not in the sidecar.
         """
-        self.noisy.set_stats(stats)
+        if self._states is None:  # the sweep variant is never refolded: its state carries the estimate
+            self.noisy.set_stats(stats)
 
     def statistics(self) -> dict:
         """The calibrated statistics {bn: (mean, var)} as of the last refold.

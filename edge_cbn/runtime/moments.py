@@ -68,13 +68,33 @@ class Moments(_State):
         self._n = total if self.window is None else min(total, self.window)
         self._count += count
 
+    def _kept(self, weight: float) -> float:
+        """The effective count kept when a frame of `weight` comes: with a window, forget just enough that
+        the frame's share is weight/window."""
+        return self._n if self.window is None else min(self._n, max(self.window - weight, 0.0))
+
     def update(self, mean, sqmean, weight: float = 1.0) -> None:
         """Add one frame: per-channel E_frame[x] and E_frame[x^2] (float arrays)."""
         mean = np.asarray(mean, np.float64)
         within = np.asarray(sqmean, np.float64) - mean**2
-        if self.window is not None:  # forget just enough that this frame's share is weight/window
-            self._n = min(self._n, max(self.window - weight, 0.0))
+        self._n = self._kept(weight)
         self._combine(float(weight), mean, within, within, 1.0, float(weight))
+
+    def next_frame(self, weight: float = 1.0) -> tuple:
+        """How the next `update` of one frame moves the estimate, as coefficients: with m, v the frame's
+        mean and within-frame variance and d = m - mean (the current mean), the updated `mean` is
+        mean + share * d and the updated `var` is var_offset + share * v + spread * d^2 (before the clip
+        at 0).  The sweep variant computes that in the graph (`runtime.sweep`).
+
+        Returns:
+            (share, spread, var_offset, mean): floats, and per-channel arrays (or 0.0 before any frame).
+        """
+        n = self._kept(weight)
+        share = weight / (n + weight)
+        k = (1 - share) ** 2 * self._k + share**2
+        fix = k / (1 - k) if k < 1 - 1e-12 else 0.0
+        var_offset = (1 - share) * ((1 + fix) * np.asarray(self._c) - fix * np.asarray(self._w))
+        return share, (1 + fix) * share * (1 - share), var_offset, np.asarray(self._mean)
 
     @classmethod
     def state_specs(cls, channels: int) -> dict:

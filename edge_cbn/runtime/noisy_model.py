@@ -76,6 +76,7 @@ class NoisyModel:
              if name in chip.layers})
         self._io = None
         self._interpreters: list = []
+        self.patches: list = []  # (byte offset, array) written into every model built (`Refolder.model_bytes`)
         if build:
             self._build()
 
@@ -126,6 +127,38 @@ class NoisyModel:
             return False
         self._build(first)
         return True
+
+    def release_file(self) -> None:
+        """Let go of the bundle's file (`Refolder.release_file`), for a model made with `build=False` that
+        builds every inference anew (`run_fresh`); it cannot serve ready-built interpreters or make a
+        `twin` after this.
+
+        Raises:
+            ValueError: the model holds ready-built interpreters.
+        """
+        if self._interpreters:
+            raise ValueError("a model with ready-built interpreters still reads its file")
+        if self.refolder is None:
+            self.refolder = Refolder(self.bundle)
+        self.refolder.release_file()
+        self.bundle = self.refolder.bundle
+
+    def run_fresh(self, x: np.ndarray, frame: int = 0) -> list[np.ndarray]:
+        """`run` on an interpreter built for this inference alone, with `patches` written, whatever the noise
+        (the sweep variant's state changes at every frame).
+
+        Args:
+            x: the model input, (1, H, W, 3).
+            frame: the inference index that draws the chip's temporal noise.
+
+        Returns:
+            The output arrays (copies), in the exported order.
+        """
+        if self.refolder is None:
+            self.refolder = Refolder(self.bundle)
+        if self.folded is None:
+            return self._run(self._make(self.refolder.model_bytes(None, self.patches)), x)
+        return self._run(self._noisy_interpreter(frame), x)
 
     @property
     def states(self) -> int:
@@ -252,7 +285,7 @@ class NoisyModel:
                 self.folded.write(frame, {name: out})
             else:
                 self.refolder.layers[name].fold_kernel(out)
-        return self._make(self.refolder.model_bytes(write))
+        return self._make(self.refolder.model_bytes(write, self.patches))
 
     def _make(self, model_content: bytes):
         """An interpreter of `model_content` with this model's threads, on its delegate."""

@@ -13,6 +13,7 @@ writable staging copy of the model: each model built holds one copy of its bytes
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Callable, Optional
 
@@ -111,8 +112,9 @@ class Refolder:
                 raise ValueError(f"layer {rec.name!r} has BN {rec.bn!r} but no bias buffer in the sidecar")
             b_span = None if rec.b_buffer is None else self._span(
                 model, rec.b_buffer, (fold.out_channels(rec.kind, shape),), rec.name, used)
+            # Through self.bundle, not `bundle`: `release_file` replaces it by a copy without the file.
             slot = self.layers[rec.name] = _Slot(rec, shape, w_span, b_span,
-                                                 lambda rec=rec: bundle.tflite_kernel(rec))
+                                                 lambda rec=rec: self.bundle.tflite_kernel(rec))
             if rec.bn:
                 self._by_bn[rec.bn] = slot
         # (start, end, slot, is_kernel) of every buffer written, in file order
@@ -120,6 +122,28 @@ class Refolder:
                                 for span, is_kernel in ((slot.w_span, True), (slot.b_span, False)) if span),
                                key=lambda region: region[0])
         self._scratch = np.empty(max(int(np.prod(s.shape)) for s in self.layers.values()), np.float32)
+        self._size = len(data)
+        self._gaps = None  # the bytes between the regions, once `release_file` dropped the file
+
+    def release_file(self) -> None:
+        """Keep only the bytes between the buffers this refolder writes (the flatbuffer's tables and the
+        other tensors: 1.5 of Lite0's 20 MB) and let go of the bundle's file: a model that every build
+        rewrites (exact noise) then does not hold its file twice.  `self.bundle` becomes a copy without
+        `model_bytes`."""
+        data = memoryview(self.bundle.model_bytes)
+        self._file_biases = {start: bytes(data[start:end]) for start, end, _, is_kernel in self._regions
+                             if not is_kernel}
+        self._gaps = [bytes(data[a:b]) for a, b in self._gap_bounds()]
+        self.bundle = dataclasses.replace(self.bundle, model_bytes=None)
+
+    def _gap_bounds(self) -> list[tuple[int, int]]:
+        """(start, end) of the bytes before, between and after the regions written, in file order."""
+        bounds = [0] + [b for start, end, _, _ in self._regions for b in (start, end)] + [self._size]
+        return list(zip(bounds[::2], bounds[1::2]))
+
+    def _file_bias(self, data, start: int, end: int):
+        """A bias region as the file has it (a layer whose bias is never refolded)."""
+        return data[start:end] if data is not None else self._file_biases[start]
 
     def _span(self, model, index, shape, name, used) -> tuple[int, int]:
         if index in used:
@@ -184,25 +208,26 @@ class Refolder:
         for slot in self.layers.values():
             slot.reset()
 
-    def model_bytes(self, write_kernel: KernelWriter | None = None) -> bytes:
+    def model_bytes(self, write_kernel: KernelWriter | None = None, patches=()) -> bytes:
         """The current model, assembled in one pass into the bytes returned (interpreters may keep
         pointers into them).  `write_kernel` replaces the folding of the kernels (noise).
 
         Args:
             write_kernel: `write_kernel(layer name, out)` fills `out` (float32, TFLite layout) with the layer's
                 folded kernel, e.g. `FoldedChip.write`; None folds the current kernels.
+            patches: (byte offset, array) pairs written over other buffers' data (the sweep variant's states).
 
         Returns:
             The whole `.tflite` flatbuffer, as long as the bundle's.
         """
-        data = memoryview(self.bundle.model_bytes)
+        data = None if self._gaps is not None else memoryview(self.bundle.model_bytes)
+        gaps = self._gaps or [data[a:b] for a, b in self._gap_bounds()]
         out = io.BytesIO()
-        out.seek(len(data) - 1)  # one allocation of the final size; getvalue() then hands it over uncopied
-        out.write(b"\0")
+        out.seek(self._regions[-1][1] + len(gaps[-1]) - 1)  # one allocation of the final size; getvalue()
+        out.write(b"\0")                                     # then hands it over uncopied
         out.seek(0)
-        pos = 0
-        for start, end, slot, is_kernel in self._regions:
-            out.write(data[pos:start])
+        for gap, (start, end, slot, is_kernel) in zip(gaps, self._regions):
+            out.write(gap)
             if is_kernel:
                 scratch = self._scratch[:end - start >> 2].reshape(slot.shape)
                 if write_kernel is None:
@@ -212,9 +237,11 @@ class Refolder:
                 out.write(scratch)
             else:
                 bias = slot.bias()
-                out.write(data[start:end] if bias is None else bias)
-            pos = end
-        out.write(data[pos:])
+                out.write(self._file_bias(data, start, end) if bias is None else bias)
+        out.write(gaps[-1])
+        for start, array in patches:
+            out.seek(start)
+            out.write(np.ascontiguousarray(array))
         return out.getvalue()
 
     def interpreter(self, num_threads: int | None = None, write_kernel: KernelWriter | None = None):

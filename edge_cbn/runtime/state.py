@@ -62,12 +62,14 @@ def calibrated_model_path(state_path) -> Path:
 
 
 def fingerprint(bundle, *, noise: str, eta: float, seed: int, mode: str, stages: int,
-                noise_options: dict | None = None) -> dict:
+                noise_options: dict | None = None, sweep: bool = False) -> dict:
     """What a saved state is valid for: the source model's bytes, the simulated chip and the calibrator
-    settings that shape its accumulators."""
-    return {"model": bundle.meta.get("model"), "model_sha1": sha1(bundle.model_bytes), "noise": noise,
-            "eta": float(eta), "seed": int(seed), "noise_options": dict(sorted((noise_options or {}).items())),
-            "mode": mode, "stages": int(stages)}
+    settings that shape its accumulators (`sweep`: calibrated through the sweep variant, whose `stages`
+    are warm-up frames; a depth-first state's fingerprint is as it was before the sweep)."""
+    saved = {"model": bundle.meta.get("model"), "model_sha1": sha1(bundle.model_bytes), "noise": noise,
+             "eta": float(eta), "seed": int(seed), "noise_options": dict(sorted((noise_options or {}).items())),
+             "mode": mode, "stages": int(stages)}
+    return {**saved, "schedule": "sweep"} if sweep else saved
 
 
 class OtherSetup(BadInput):

@@ -22,6 +22,12 @@ the refreshed estimates of the earlier groups.  After warm-up all layers are ref
 calibration frames, which tracks drift in small steps.  Why this schedule (the alternatives measured):
 docs/RESULTS.md.
 
+Sweep (`sweep=True`, `shift` mode): the same depth-first pass inside one invoke of the sweep variant
+(`X.sweep.tflite`, `edge_cbn.convert.sweep`).  Before a frame, `sweep_state` writes for every BN the rows
+that turn the frame's own moments into the estimate this calibrator hands out once the frame is added
+(`runtime.sweep`), so each layer is measured under the layers before it already corrected by this frame;
+`observe` then adds the frame to every layer and refolds them all.  The warm-up is `stages` such frames.
+
 Nothing non-finite enters the statistics: a BN layer's moments of a frame that hold NaN or Inf are left
 out (`dropped_frames` counts the frames that had any), an estimate that is not finite is not handed out
 (the layer keeps its previous statistics; `rejected_estimates` counts them), and a saved state is checked
@@ -29,12 +35,14 @@ array by array before it is resumed (`load_state_dict`).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 
 import numpy as np
 
 from .fold import bn_scale
 from .moments import Moments
+from .sweep import source_fold, sweep_rows
 from .validation import ArraySpec, Invalid, all_finite, check_arrays, check_bn_stats, check_count, stats_problem
 
 MODES = ("shift", "absolute", "prior")
@@ -59,26 +67,31 @@ class StreamCalibrator:
         shrink: `shift` mode: pseudo-frames of the source statistics mixed into the noisy and clean moments.
         track_every: after the warm-up, refold every N calibration frames.
         power: `shift` mode: the variance scale is (noisy var / clean var) ** power.
+        sweep: every calibration frame calibrates every layer through the sweep variant (`sweep_state`);
+            the warm-up is then `stages` calibration frames.
 
     Raises:
         ValueError: an unknown mode, no calibration variant in the meta, refold_every, stages or track_every
-            below 1, or a window below 1.
+            below 1, a window below 1, or sweep in a mode other than `shift`.
     """
 
     def __init__(self, bundle, *, mode: str = "shift", window: float | None = 1024, prior: float = 16.0,
                  refold_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 1,
-                 power: float = 0.5):
+                 power: float = 0.5, sweep: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown calibration mode {mode!r}; expected one of {MODES}")
         if "calibration" not in bundle.meta:
             raise ValueError("the model has no calibration variant: re-export it with tools/convert.py")
         if refold_every < 1 or stages < 1 or track_every < 1:
             raise ValueError("refold_every, stages and track_every must be >= 1")
+        if sweep and mode != "shift":
+            raise ValueError(f"the sweep calibrates in shift mode only, not {mode!r}")
+        self.sweep = sweep
         self.mode, self.window, self.prior, self.shrink, self.power = mode, window, prior, shrink, power
         self.refold_every, self.track_every = refold_every, track_every
         self.bns = list(bundle.meta["calibration"]["bns"])
         # Stage boundaries over the BN layers (topological order), at most one stage per layer.
-        self.stages = min(stages, len(self.bns)) or 1
+        self.stages = stages if sweep else min(stages, len(self.bns)) or 1
         self._bounds = [round(len(self.bns) * (g + 1) / self.stages) for g in range(self.stages)]
         self.stage = 0  # groups < stage are refolded; == self.stages after warm-up
         self._since_refold = 0
@@ -88,7 +101,16 @@ class StreamCalibrator:
         self._total = int(sum(sizes))
         self.source = {bn: (np.asarray(r.mean, np.float64), np.asarray(r.var, np.float64))
                        for bn, r in self._recs.items()}
+        # Every layer's BN parameters end to end (`bn_input_moments` converts all layers at once).
+        recs = [self._recs[bn] for bn in self.bns]
+        self._gamma = np.concatenate([_f64(r.gamma, n, 1.0) for r, n in zip(recs, sizes)])
+        self._beta = np.concatenate([_f64(r.beta, n, 0.0) for r, n in zip(recs, sizes)])
+        self._eps = np.concatenate([np.full(n, r.eps, np.float64) for r, n in zip(recs, sizes)])
+        self._source_mean = np.concatenate([self.source[bn][0] for bn in self.bns])
+        self._source_square = np.concatenate([self.source[bn][1] + self.source[bn][0] ** 2 for bn in self.bns])
+        self._clean_frame = None  # (moments vector, its BN-input moments) of `sweep_state`, for `observe`
         self.applied = dict(self.source)  # what the last refold folded in
+        self._folding = {bn: source_fold(r) for bn, r in self._recs.items()} if sweep else None
         self.noisy = {bn: Moments(window) for bn in self.bns}
         self.clean = {bn: Moments(window) for bn in self.bns} if mode == "shift" else None
         self.dropped_frames = 0      # calibration frames with non-finite moments (those layers left out)
@@ -118,11 +140,11 @@ class StreamCalibrator:
 
     def _done(self) -> list:
         """BN layers whose warm-up stage is over."""
-        return self.bns if self.warm else self.bns[: self._bounds[self.stage - 1]] if self.stage else []
+        return self.bns if self.warm or self.sweep else self.bns[: self._bounds[self.stage - 1]] if self.stage else []
 
     def _active(self) -> list:
         """BN layers whose moments are being accumulated now (warm-up: up to the current stage)."""
-        return self.bns if self.warm else self.bns[: self._bounds[self.stage]]
+        return self.bns if self.warm or self.sweep else self.bns[: self._bounds[self.stage]]
 
     def bn_input_moments(self, vector: np.ndarray, stats: dict) -> dict:
         """{bn: (E[z], E[z^2])} of each BN's input from the variant's moments output `vector`, given the
@@ -143,24 +165,44 @@ class StreamCalibrator:
         v = np.asarray(vector, np.float64).reshape(-1)
         if v.size != 2 * self._total:
             raise ValueError(f"moments output has {v.size} values, expected {2 * self._total}")
-        with np.errstate(all="ignore"):
-            return self._to_bn_inputs(np.split(v[: self._total], self._splits),
-                                      np.split(v[self._total:], self._splits), stats)
-
-    def _to_bn_inputs(self, means, squares, stats) -> dict:
-        out = {}
-        for bn, m_y, sq_y in zip(self.bns, means, squares):
-            rec = self._recs[bn]
-            mean, var = stats[bn]
-            s = bn_scale(rec.gamma, var, rec.eps).astype(np.float64)
-            c = _f64(rec.beta, len(s), 0.0) - s * np.asarray(mean, np.float64)
+        mean, var = (np.concatenate([np.asarray(stats[bn][k], np.float64) for bn in self.bns]) for k in (0, 1))
+        m_y, sq_y = v[: self._total], v[self._total:]
+        with np.errstate(all="ignore"):  # every layer at once: one value per channel of all BN layers
+            s = bn_scale(self._gamma, var, self._eps).astype(np.float64)
+            c = self._beta - s * mean
             ok = np.abs(s) > 1e-12  # gamma == 0: the BN output ignores its input; keep the source stats
             inv = np.where(ok, 1.0 / np.where(ok, s, 1.0), 0.0)
-            m_z = np.where(ok, (m_y - c) * inv, self.source[bn][0])
-            sq_z = np.where(ok, (sq_y - 2 * c * m_y + c * c) * inv * inv,
-                            self.source[bn][1] + self.source[bn][0] ** 2)
-            out[bn] = (m_z, sq_z)
-        return out
+            m_z = np.where(ok, (m_y - c) * inv, self._source_mean)
+            sq_z = np.where(ok, (sq_y - 2 * c * m_y + c * c) * inv * inv, self._source_square)
+        return dict(zip(self.bns, zip(np.split(m_z, self._splits), np.split(sq_z, self._splits))))
+
+    def sweep_state(self, clean_vector) -> dict:
+        """The sweep variant's state for the next calibration frame (`runtime.sweep.sweep_rows`), given the
+        clean model's moments on that frame (the source statistics folded in).  Nothing is accumulated here:
+        `observe` adds the frame.
+
+        Args:
+            clean_vector: the clean calibration variant's moments output on the frame (`bn_input_moments`).
+
+        Returns:
+            {bn name: (SWEEP_ROWS, channels) float32}; a layer whose clean moments are not finite gets the rows of
+            its current accumulators without them.
+
+        Raises:
+            ValueError: not a sweep calibrator, or a moments vector of the wrong size.
+        """
+        if not self.sweep:
+            raise ValueError("sweep_state needs a calibrator made with sweep=True")
+        clean = self.bn_input_moments(clean_vector, self.source)
+        self._clean_frame = (clean_vector, clean)
+        finite = all_finite(clean_vector)
+        state = {}
+        for bn in self.bns:
+            after = copy.copy(self.clean[bn])  # `update` replaces its arrays, never writes into them
+            if finite or all_finite(*clean[bn]):
+                after.update(*clean[bn])
+            state[bn] = sweep_rows(self.noisy[bn], after, self.source[bn], self._folding[bn], self.shrink)
+        return state
 
     def observe(self, noisy_vector, noisy_stats, clean_vector=None, clean_stats=None) -> dict | None:
         """One calibration frame: the noisy model's moments output (and, in `shift` mode, the clean
@@ -198,10 +240,16 @@ class StreamCalibrator:
         in shift mode, clean: they pair up) are not finite.  False when every layer was left out."""
         active = self._active()
         noisy = self.bn_input_moments(noisy_vector, noisy_stats)
-        clean = self.bn_input_moments(clean_vector, clean_stats) if self.clean is not None else None
+        clean = None
+        if self._clean_frame is not None and self._clean_frame[0] is clean_vector:
+            clean = self._clean_frame[1]  # converted by `sweep_state` for this frame
+        elif self.clean is not None:
+            clean = self.bn_input_moments(clean_vector, clean_stats)
+        self._clean_frame = None
+        finite = all_finite(noisy_vector, *(() if clean_vector is None else (clean_vector,)))
         kept = 0
         for bn in active:
-            if not all_finite(*noisy[bn], *(clean[bn] if clean else ())):
+            if not (finite or all_finite(*noisy[bn], *(clean[bn] if clean else ()))):
                 continue
             self.noisy[bn].update(*noisy[bn])
             if clean is not None:

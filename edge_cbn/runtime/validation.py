@@ -384,6 +384,18 @@ def check_calibration_entry(cal, entries: list[dict]) -> None:
         raise Invalid("meta calibration buffers must give [kernel, bias] buffer indices for every layer")
 
 
+def check_sweep_entry(sweep, entries: list[dict], rows: int) -> None:
+    """meta["sweep"]: as a calibration entry (file, BNs, buffers), plus a state buffer index for every BN
+    and the rows each state holds (checked against the variant's own file when it is loaded)."""
+    check_calibration_entry(sweep, entries)
+    states = sweep.get("states")
+    if not (isinstance(states, dict) and set(states) == {e["bn"] for e in entries if e["bn"]}
+            and all(isinstance(b, list) and len(b) == rows and all(is_int(i) for i in b) for b in states.values())):
+        raise Invalid(f"meta sweep states must give {rows} buffer indices for every BN")
+    if sweep.get("rows") != rows:
+        raise Invalid(f"meta sweep rows {one_line(repr(sweep.get('rows')), 40)}: this edge-cbn writes {rows}")
+
+
 # -------------------------------------------------------------------------------- sidecar arrays
 def kernel_out_channels(kind: str, shape: tuple) -> int:
     """Output channels of a Keras-layout kernel: conv HWIO, depthwise/affine HWCM (C*M), dense IO,

@@ -32,14 +32,20 @@ class CalibrationOptions:
     Attributes:
         mode: "shift" (only the noise-induced change; runs the clean model too), "absolute" (the paper's
             re-estimation) or "prior" (blended with the source statistics).
-        calibrate_every: in `process`, every N-th frame calibrates through the warm-up.
-        stages: warm-up stages, depth first (capped at the number of BN layers).
+        calibrate_every: in `process`, every N-th frame calibrates through the warm-up (None: the schedule's
+            default, `StreamOptions.calibration_cadence`).
+        sweep: calibrate every BN layer from each frame through the sweep variant (None: when the model has
+            one and the mode is shift).
+        warmup_frames: sweep: the warm-up's calibration frames.
+        stages: depth first (no sweep): warm-up stages (capped at the number of BN layers).
         refold_every: calibration frames per warm-up stage.
         window: the moments' window in frames (cumulative average, then an EMA).
         track_every: after the warm-up, refold every N calibration frames.
     """
     mode: str = CALIBRATION_DEFAULTS["mode"]
-    calibrate_every: int = StreamOptions.calibrate_every
+    calibrate_every: int | None = StreamOptions.calibrate_every
+    sweep: bool | None = StreamOptions.sweep
+    warmup_frames: int = StreamOptions.warmup_frames
     stages: int = StreamOptions.stages
     refold_every: int = CALIBRATION_DEFAULTS["refold_every"]
     window: float = CALIBRATION_DEFAULTS["window"]
@@ -87,7 +93,7 @@ class CalibratedModel:
     """An exported model under a simulated chip, with BN statistics it re-estimates on frames.
 
     Args:
-        bundle: an exported model (`load_bundle`): X.tflite with X.cbn.npz and X.calib.tflite beside it.
+        bundle: an exported model (`load_bundle`): X.tflite with X.cbn.npz, X.calib.tflite and X.sweep.tflite beside it.
         options: what it runs with (default: clean, calibration defaults).
 
     Raises:

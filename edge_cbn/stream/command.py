@@ -13,9 +13,9 @@ from ..options import (max_image_pixels_option, model_option, noise_flags, noise
 from ..runtime.interpreter import CPU_DELEGATE, DELEGATE_LIBRARIES, available_cpus
 from ..runtime.memory import return_freed_memory
 from ..runtime.stream_calibrator import MODES
-from .engine import CONVERGED_WARMUPS, SECOND_PASS_SLOWDOWN, TRACKING_SLOWDOWN, Engine
+from .engine import Engine
 from .loop import StreamLoop, stop_on_signals
-from .options import StreamOptions, warn
+from .options import DEPTH_EVERY, SWEEP_EVERY, TRACKING_EVERY, StreamOptions, warn
 from .resolve import load_model, open_frames
 
 NOISE_STATES_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seeded pick each frame): no "
@@ -23,8 +23,9 @@ NOISE_STATES_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame 
                      "interpreter builds). 0 = exact: every frame draws its own noise and builds its "
                      "interpreter (faithful but slow: the build costs more than the invoke).")
 CALIBRATE_EVERY_HELP = (
-    f"Calibrate on every N-th frame through the warm-up, on every {SECOND_PASS_SLOWDOWN}N-th until "
-    f"{CONVERGED_WARMUPS} times its calibration frames are in, then on every {TRACKING_SLOWDOWN}N-th. "
+    f"Calibrate on every N-th frame through the warm-up (default {SWEEP_EVERY} with the sweep, {DEPTH_EVERY} "
+    "without); then with the sweep on every N-th until four times its calibration frames are in, without it "
+    f"on every 2N-th until twice; then on every {TRACKING_EVERY}th. "
     "Calibration runs beside serving, on a core of its own, and what it finds serves 8 frames later (waiting "
     "for it if need be), so the result is a function of the frames: the same on any machine and under any load; "
     "a slower or busier machine only runs at a lower frame rate.")
@@ -84,7 +85,8 @@ def _budget_gone() -> None:
 @click.option("--height", type=int, default=480, show_default=True, help="Camera capture height.")
 @click.option("--picamera2", is_flag=True, help="Camera 0 through picamera2 (Raspberry Pi camera modules) "
               "instead of OpenCV/V4L2.")
-@model_option("Registered name or exported FILE.tflite (with FILE.cbn.npz and FILE.calib.tflite beside it). "
+@model_option("Registered name or exported FILE.tflite (with FILE.cbn.npz, FILE.calib.tflite and FILE.sweep.tflite "
+              "beside it). "
               "Default: efficientnet_lite0 (converted once on first use; needs TensorFlow).")
 @num_threads_option()
 @click.option("--delegate", default=D.delegate, show_default=True, metavar="NAME|LIBRARY", help=DELEGATE_HELP)
@@ -106,14 +108,20 @@ def _budget_gone() -> None:
                    "about N frames, which follows drift (docs/RESULTS.md: shorter windows lost accuracy on "
                    "natural-photo crops).")
 @refold_every_option(D.refold_every,
-                     help="Warm-up: calibration frames per stage (a refold ends each stage).")
+                     help="Depth-first warm-up (--no-sweep): calibration frames per stage (a refold ends each stage).")
 @click.option("--stages", type=click.IntRange(1), default=D.stages, show_default=True,
-              help="Warm-up stages, depth first: the BN layers in this many consecutive groups, calibrated in turn "
-                   "(capped at the number of BN layers: one layer per stage, what works; several layers per stage "
-                   "degrade the estimate, docs/RESULTS.md).")
+              help="Depth-first warm-up (--no-sweep): the BN layers in this many consecutive groups, calibrated in "
+                   "turn (capped at the number of BN layers: one layer per stage, what works; several layers per "
+                   "stage degrade the estimate, docs/RESULTS.md).")
 @click.option("--track-every", type=click.IntRange(1), default=D.track_every, show_default=True,
               help="After the warm-up: refold every N calibration frames (tracks drift).")
-@click.option("--calibrate-every", type=click.IntRange(1), default=D.calibrate_every, show_default=True, metavar="N",
+@click.option("--sweep/--no-sweep", default=None,
+              help="Calibrate every BN layer from each calibration frame, depth first inside one invoke of the sweep "
+                   "variant (FILE.sweep.tflite; default when the model has one and --mode is shift). --no-sweep: "
+                   "one BN layer per calibration frame (--stages).")
+@click.option("--warmup-frames", type=click.IntRange(1), default=D.warmup_frames, show_default=True, metavar="N",
+              help="Sweep: calibration frames of the warm-up.")
+@click.option("--calibrate-every", type=click.IntRange(1), default=None, metavar="N",
               help=CALIBRATE_EVERY_HELP)
 @click.option("--calibration-budget", hidden=True, expose_value=False, callback=lambda ctx, param, value: value and
               _budget_gone())

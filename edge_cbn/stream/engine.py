@@ -28,14 +28,6 @@ from .pipeline import CalibrationPipeline, CalibrationResult
 # rebuild): at the warm-up's cadence, and once calibration only tracks; the end of the warm-up always updates it.
 SERVE_REFOLD_EVERY = 8
 SERVE_REFOLD_EVERY_TRACKING = 4
-# Calibration frames come every --calibrate-every frames through the warm-up (calibrated soon), then
-# SECOND_PASS_SLOWDOWN times less often until CONVERGED_WARMUPS times the warm-up's calibration frames are in
-# (the deepest layers have had one frame each at the warm-up's end; frames further apart see more of the
-# scene), then TRACKING_SLOWDOWN times less: the statistics only drift, and the stream gets its frame rate
-# back (docs/DESIGN.md, "Calibrated in seconds").
-SECOND_PASS_SLOWDOWN = 2
-CONVERGED_WARMUPS = 2
-TRACKING_SLOWDOWN = 128
 CALIBRATION_THREADS = 1
 
 
@@ -84,6 +76,19 @@ def serving_delegate(bundle, opts: StreamOptions) -> Delegate:
     if delegate.notice:
         warn(delegate.notice)
     return delegate
+
+
+def uses_sweep(bundle, opts: StreamOptions) -> bool:
+    """--sweep (default: when the bundle has a sweep variant and the mode is shift); --sweep for a bundle or
+    mode without one is an error."""
+    problem = ("the sweep calibrates in --mode shift only" if opts.mode != "shift" else
+               "" if bundle.can_sweep else f"{bundle.path.name} has no sweep variant ({bundle.path.stem}.sweep.tflite: "
+               "re-export it with tools/convert.py)")
+    if opts.sweep and problem:
+        raise StreamError(f"--sweep: {problem}")
+    if opts.sweep is None and opts.mode == "shift" and problem:
+        warn(f"{problem}; calibrating depth first, one BN layer per calibration frame (slower to calibrate)")
+    return opts.sweep is not False and not problem
 
 
 def wants_calibration(bundle, opts: StreamOptions) -> bool:
@@ -151,10 +156,13 @@ class Engine:
         # Only serving runs on the delegate: calibration, the clean model and agreement sampling stay on the CPU.
         self.delegate = serving_delegate(bundle, opts)
         # Calibration runs on a core of its own, one thread; while it warms up, serving keeps the others.
+        calibrate = wants_calibration(bundle, opts)
+        self.sweep = calibrate and uses_sweep(bundle, opts)
+        self.cadence = opts.cadence(self.sweep)
         self.calibration = DeviceCalibration(bundle, self.chip, num_threads=CALIBRATION_THREADS, seed=opts.seed,
-                                             **opts.calibrator_options()) if wants_calibration(bundle, opts) else None
+                                             **opts.calibrator_options(self.sweep)) if calibrate else None
         self.cal = self.calibration and self.calibration.calibrator
-        self.persistence = Persistence.open(bundle, opts, calibrating=self.cal is not None)
+        self.persistence = Persistence.open(bundle, opts, calibrating=self.cal is not None, sweep=self.sweep)
         resumed = self.persistence and self.persistence.resume(self.cal)
         counters = resumed.counters if resumed else {}
         self.resumed = resumed is not None
@@ -194,10 +202,11 @@ class Engine:
         self._t0 = None
 
     def _serving_threads(self) -> int | None:
-        """Serving's LiteRT threads: all of --num-threads, but one fewer while the calibration warms up on
-        a core of its own (the warm-up's end rebuilds serving with all of them)."""
+        """Serving's LiteRT threads: all of --num-threads, but one fewer while the depth-first warm-up
+        calibrates on a core of its own, one frame in two (its end rebuilds serving with all of them); the
+        sweep's calibration frames are few and far between, so serving keeps them all."""
         n = self.opts.num_threads
-        warming = self.cal is not None and not self.cal.warm
+        warming = self.cal is not None and not self.cal.warm and not self.sweep
         return max(1, n - CALIBRATION_THREADS) if warming and n else n
 
     def _serving_model(self, resumed, num_threads: int | None) -> NoisyModel:
@@ -238,10 +247,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------ frame
     @property
     def converged(self) -> bool:
-        """Warm, with CONVERGED_WARMUPS warm-ups' worth of calibration frames in (as the stream sees it):
-        calibration only tracks from here on."""
+        """Warm, with the cadence's converged_warmups warm-ups' worth of calibration frames in (as the stream
+        sees it): calibration only tracks from here on."""
         return (self.cal is not None and self.status.warm
-                and self.calibration_frames >= CONVERGED_WARMUPS * self.cal.warmup_frames)
+                and self.calibration_frames >= self.cadence.converged_warmups * self.cal.warmup_frames)
 
     def _calibration_due(self, i: int) -> bool:
         """Calibrate frame `i`?  Every --calibrate-every frames until the stream sees the warm-up's end,
@@ -249,8 +258,9 @@ class Engine:
         the frame index alone."""
         if self.calibration is None or i < self._next_calibration:
             return False
-        slowdown = TRACKING_SLOWDOWN if self.converged else SECOND_PASS_SLOWDOWN if self.status.warm else 1
-        self._next_calibration = i + self.opts.calibrate_every * slowdown
+        cadence = self.cadence
+        self._next_calibration = i + (cadence.tracking_every if self.converged else
+                                      cadence.second_every if self.status.warm else cadence.every)
         self.calibration_frames += 1
         return True
 
@@ -317,8 +327,8 @@ class Engine:
                                    cal.dropped_frames, cal.rejected_estimates)
         if stats is None:
             return result
-        dense = self._worker_frames <= CONVERGED_WARMUPS * cal.warmup_frames
-        if warmed or self._worker_refolds % (SERVE_REFOLD_EVERY if dense else SERVE_REFOLD_EVERY_TRACKING) == 0:
+        dense = self._worker_frames <= self.cadence.converged_warmups * cal.warmup_frames
+        if warmed or self._serve_due(self._worker_refolds, dense):
             result.update = start_update(stats, x)
             if result.update is None:
                 result.rolled_back = True
@@ -330,6 +340,15 @@ class Engine:
         if self._probed_stats is not None and self.persistence is not None and self.persistence.due(warmed):
             self.persistence.save(self._probed_stats, cal.state_dict(), self._counters(i + 1))
         return result
+
+    def _serve_due(self, refolds: int, dense: bool) -> bool:
+        """Does the serving model take the statistics of refold number `refolds`?  Before convergence
+        (`dense`): every SERVE_REFOLD_EVERY-th, or with the sweep, whose every frame refolds every layer, the
+        1st, 2nd, 4th, 8th, ... (soon, then rarely: each costs a rebuild of the noise states); after it every
+        SERVE_REFOLD_EVERY_TRACKING-th."""
+        if not dense:
+            return refolds % SERVE_REFOLD_EVERY_TRACKING == 0
+        return refolds & (refolds - 1) == 0 if self.sweep else refolds % SERVE_REFOLD_EVERY == 0
 
     def _counters(self, frames_done: int) -> dict:
         return {"frames": self.frame0 + frames_done, "refolds": self._worker_refolds,
@@ -349,7 +368,7 @@ class Engine:
         if self.pipeline is not None:
             self.pipeline.drain()
         if self.persistence is not None and self.persistence.saver is not None:
-            self.persistence.save(self.calibration.noisy.stats(), self.cal.state_dict(), self._counters(frames_done))
+            self.persistence.save(self.calibration.statistics(), self.cal.state_dict(), self._counters(frames_done))
             self.persistence.flush()
 
     def agreement_summary(self, frames_total: int) -> dict:

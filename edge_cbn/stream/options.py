@@ -9,6 +9,37 @@ from ..runtime.interpreter import CPU_DELEGATE
 from ..runtime.stream_calibrator import DEFAULTS as CALIBRATION_DEFAULTS
 
 
+# The warm-up's calibration frames come every N-th frame (docs/DESIGN.md, "Calibrated in seconds"): the
+# depth-first warm-up needs one frame per BN layer, the sweep calibrates them all from each frame.
+DEPTH_EVERY = 2
+SWEEP_EVERY = 8
+TRACKING_EVERY = 256  # once converged: the statistics only drift, and the stream gets its frame rate back
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """Which stream frames calibrate, a function of the frame index alone.
+
+    Attributes:
+        every: through the warm-up, every N-th frame.
+        second_every: after the warm-up, every N-th frame until converged.
+        converged_warmups: converged once this many warm-ups' worth of calibration frames are in.
+        tracking_every: once converged, every N-th frame.
+    """
+    every: int
+    second_every: int
+    converged_warmups: int
+    tracking_every: int = TRACKING_EVERY
+
+    @classmethod
+    def of(cls, every: int, sweep: bool) -> "Cadence":
+        """The depth-first warm-up's second pass every 2N-th frame until twice its frames are in (its deepest
+        layers have had one frame each at its end; frames further apart see more of the scene); the sweep's
+        every N-th until four times its frames are in (each frame calibrates every layer: what is left is the
+        average over frames)."""
+        return cls(every, every, 4) if sweep else cls(every, 2 * every, 2)
+
+
 @dataclasses.dataclass
 class StreamOptions:
     """Everything the stream's engine and loop can be told (defaults = the command's defaults); the
@@ -32,7 +63,11 @@ class StreamOptions:
         refold_every: warm-up: calibration frames per stage.
         stages: warm-up stages, depth first (capped at the number of BN layers).
         track_every: after the warm-up, refold every N calibration frames.
-        calibrate_every: every N-th frame calibrates through the warm-up (less often after it).
+        sweep: calibrate every BN layer from each calibration frame through the sweep variant; None: when the
+            model has one and the mode is shift; False: the depth-first warm-up, one layer per frame.
+        warmup_frames: sweep: the warm-up's calibration frames.
+        calibrate_every: every N-th frame calibrates through the warm-up (less often after it); None: the
+            schedule's default (`calibration_cadence`).
         agreement_every: compare with the clean model every N-th frame (0: never; only with noise).
         state: the calibration state file (--state) to resume from and save to; None: none.
         save_interval: save after a refold at most every this many seconds (0: after every refold); always at exit.
@@ -61,7 +96,9 @@ class StreamOptions:
     refold_every: int = CALIBRATION_DEFAULTS["refold_every"]
     stages: int = 64  # at most: a warm-up of 64 calibration frames, 128 stream frames (DESIGN, "Calibrated in seconds")
     track_every: int = CALIBRATION_DEFAULTS["track_every"]
-    calibrate_every: int = 2  # calibration frames by index: every N-th (docs/DESIGN.md, "Calibrated in seconds")
+    sweep: bool | None = None
+    warmup_frames: int = 8  # sweep (docs/DESIGN.md, "Calibrated in seconds")
+    calibrate_every: int | None = None  # by index, every N-th (docs/DESIGN.md, "Calibrated in seconds")
     agreement_every: int = 10
     state: str | None = None
     save_interval: float = 30.0
@@ -96,14 +133,22 @@ class StreamOptions:
         """True unless `noise` is "none"."""
         return self.noise != "none"
 
-    def calibrator_options(self) -> dict:
+    def calibrator_options(self, sweep: bool = False) -> dict:
         """The `StreamCalibrator` keywords among the options.
 
+        Args:
+            sweep: for a sweep calibrator (its warm-up is `warmup_frames` frames).
+
         Returns:
-            {"mode", "window", "refold_every", "stages", "track_every"}.
+            {"mode", "window", "refold_every", "stages", "track_every", "sweep"}.
         """
-        return dict(mode=self.mode, window=self.window, refold_every=self.refold_every, stages=self.stages,
-                    track_every=self.track_every)
+        return dict(mode=self.mode, window=self.window, refold_every=1 if sweep else self.refold_every,
+                    stages=self.warmup_frames if sweep else self.stages, track_every=self.track_every, sweep=sweep)
+
+    def cadence(self, sweep: bool) -> Cadence:
+        """Which frames calibrate: the warm-up every --calibrate-every frames, or the schedule's default
+        (`SWEEP_EVERY` with the sweep, `DEPTH_EVERY` without), then as `Cadence.of` says."""
+        return Cadence.of(self.calibrate_every or (SWEEP_EVERY if sweep else DEPTH_EVERY), sweep)
 
 
 class StreamError(click.ClickException):

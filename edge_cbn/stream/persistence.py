@@ -17,12 +17,13 @@ class Persistence:
     """The state file of one source bundle and stream setup.  Saves need a calibrating stream; a stream
     that does not calibrate only resumes, serving the saved statistics frozen."""
 
-    def __init__(self, bundle, opts: StreamOptions, *, calibrating: bool):
+    def __init__(self, bundle, opts: StreamOptions, *, calibrating: bool, sweep: bool = False):
         n_bns = len(bundle.meta.get("calibration", {}).get("bns", []))
         self.name, self.calibrating, self.save_interval = opts.state, calibrating, opts.save_interval
         self.store = StateStore(opts.state, bundle, fingerprint(
             bundle, noise=opts.noise, eta=opts.eta if opts.noise_on else 0.0, seed=opts.seed,
-            noise_options=opts.noise_options, mode=opts.mode, stages=min(opts.stages, n_bns) or 1))
+            noise_options=opts.noise_options, mode=opts.mode,
+            stages=opts.warmup_frames if sweep else min(opts.stages, n_bns) or 1, sweep=sweep))
         self.store.remove_stale_temporaries()
         self.saver = self._saved_model = None
         if calibrating:
@@ -32,14 +33,15 @@ class Persistence:
         self._last_save = time.monotonic()
 
     @classmethod
-    def open(cls, bundle, opts: StreamOptions, *, calibrating: bool) -> "Persistence | None":
-        """None without --state, or (with a warning) for a bundle without its sidecar."""
+    def open(cls, bundle, opts: StreamOptions, *, calibrating: bool, sweep: bool = False) -> "Persistence | None":
+        """None without --state, or (with a warning) for a bundle without its sidecar; `sweep`: the stream
+        calibrates through the sweep variant (its states are not the depth-first warm-up's)."""
         if not opts.state:
             return None
         if not bundle.has_sidecar:
             warn(f"--state ignored: {bundle.path.name} has no refold sidecar")
             return None
-        return cls(bundle, opts, calibrating=calibrating)
+        return cls(bundle, opts, calibrating=calibrating, sweep=sweep)
 
     def resume(self, calibrator=None) -> Resumed | None:
         """The saved state, its calibrator part loaded into `calibrator`; None (with one warning, never an

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from ..runtime.bundle import calibration_path, load_bundle, sidecar_path
+from ..runtime.bundle import calibration_path, load_bundle, sidecar_path, sweep_path
 from ..runtime.errors import BadInput
 from ..runtime.validation import regular_file
 from ..runtime.paths import cache_dir
@@ -37,9 +37,11 @@ def resolve_model(model: str | None, *, echo=print) -> Path:
             raise ModelNotFound(model, "model file does not exist")
         return regular_file(path)  # a directory, FIFO or device says so
     path = cache_dir() / f"{model}.tflite"
-    if all(p.is_file() for p in (path, sidecar_path(path), calibration_path(path))):
+    converter_here = importlib.util.find_spec("tensorflow") is not None
+    if all(p.is_file() for p in (path, sidecar_path(path), calibration_path(path))) and (
+            sweep_path(path).is_file() or not converter_here):  # an export from before the sweep: redone once
         return path
-    if importlib.util.find_spec("tensorflow") is None:
+    if not converter_here:
         raise ModelNotFound(
             model, "not converted yet and TensorFlow is not installed here: convert it on a workstation "
             f"with `python tools/convert.py --model {model} -o {model}.tflite` and pass --model {model}.tflite")

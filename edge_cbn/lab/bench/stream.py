@@ -161,7 +161,7 @@ class StreamBench:
 
     def calibrating_fps(self, tracking_frames: int, *, camera_fps: float | None = None):
         """One calibrating stream: (frames, fps) until it sees the warm-up's end, then over `tracking_frames`
-        more (calibration TRACKING_SLOWDOWN times rarer), decoded as fast as it goes or delivered at
+        more (calibration every TRACKING_EVERY frames), decoded as fast as it goes or delivered at
         `camera_fps`.  One run: the frame index decides the schedule."""
         opts = dataclasses.replace(self.base, noise=self.preset, eta=self.eta, calibrate=True, frames=None)
         engine = Engine(self.bundle, opts)
@@ -198,15 +198,16 @@ class StreamBench:
         self.cpu_per_frame(chip)
 
     def cpu_per_frame(self, chip) -> None:
-        """CPU time of a served noisy frame and of a warm-up calibration frame (the calibration step with its
-        refold of the variant; the serving model's rebuild, every few refolds, is `refold_ms`)."""
+        """CPU time of a served noisy frame and of a warm-up calibration frame (the calibration step the stream
+        runs: the sweep when the model has one, else the depth-first step with its refold of the variant; the
+        serving model's rebuild, every few refolds, is `refold_ms`)."""
         frame_no = itertools.count()
         serving = NoisyModel(self.bundle, chip, num_threads=self.num_threads, noise_states=self.base.noise_states)
         self.fig["served_frame_cpu_ms"] = _cpu_ms_per_call(lambda: serving.run(self.x, next(frame_no)))
         self.fig["calibration_frame_cpu_ms"] = None
         if self.bundle.can_calibrate:
             calibration = DeviceCalibration(self.bundle, chip, num_threads=CALIBRATION_THREADS,
-                                            **self.base.calibrator_options())
+                                            **self.base.calibrator_options(sweep=self.bundle.can_sweep))
             self.fig["calibration_frame_cpu_ms"] = _cpu_ms_per_call(lambda: calibration.step(self.x, next(frame_no)))
 
 

@@ -323,12 +323,15 @@ def calibrator_flags():
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="--offline: Algorithm 1's batch size (the paper: 256 for ImageNet, 8 for COCO, 1 for VOC).")
 @num_threads_option()
+@click.option("--sweep", "sweep_variant", is_flag=True,
+              help="Calibrate through the sweep variant, every BN layer from each frame, as `edge-cbn stream` does "
+                   "by default (shift mode; the tables in docs/RESULTS.md are depth first).")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the result as JSON.")
 @verbose_option()
 @click.pass_context
 def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, stages, shrink, power, noise_states, cal_frames,
          eval_crops, checkpoints, split, photo_set, crop_scale, static_calibration, offline, batch_size, num_threads,
-         json_out):
+         sweep_variant, json_out):
     """Agreement (%) of the noisy model's top-1 with the clean model's (on all evaluation crops and on
     the confident ones, clean top-1 probability >= 0.5; a raw model: the mean cosine similarity of the
     outputs, every crop counted), uncalibrated and after streaming batch-size-1 calibration on LiteRT,
@@ -350,6 +353,11 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
     cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
     agreement = crop_agreement(bundle, NoisyModel(bundle, None, num_threads=num_threads), eval_x)
     options = dict(mode=mode, window=window, refold_every=refold_every, stages=stages, shrink=shrink, power=power)
+    if sweep_variant:
+        if mode != "shift" or not bundle.can_sweep:
+            raise click.UsageError("--sweep: " + (f"calibrates in --mode shift only, not {mode}" if mode != "shift"
+                                                  else f"{bundle.path.name} has no sweep variant (re-export it)"))
+        options["sweep"] = True
     keras_model = keras_cal_x = None
     if offline:
         keras_model = build.build_model(bundle.meta["model"])[1]
