@@ -141,3 +141,23 @@ def test_the_sweep_writes_its_state_without_temporal_noise_too(bundle, noise):
     else:
         assert moved > 1e-2
         assert_close_statistics(stats[-1], depth_first_pass(bundle, chip, frames(3))[-1])
+
+
+def test_the_stream_without_a_sweep_file_calibrates_depth_first_and_a_damaged_one_is_one_line(bundle, tmp_path):
+    from click.testing import CliRunner
+    from edge_cbn.cli import main
+
+    for p in bundle.path.parent.glob("m.*"):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    sweep_file = tmp_path / "m.sweep.tflite"
+    args = ["stream", "--model", str(tmp_path / "m.tflite"), "--frames", "3", "--headless", "--quiet", "--noise", "relative"]
+    data = bytearray(sweep_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    sweep_file.write_bytes(bytes(data))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "m.sweep.tflite" in r.output, r.output
+    sweep_file.unlink()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "no sweep variant" in r.output and "calibrating depth first" in r.output, r.output
+    r = CliRunner().invoke(main, [*args, "--sweep"])
+    assert r.exit_code == 1 and "--sweep:" in r.output and "m.sweep.tflite" in r.output, r.output
