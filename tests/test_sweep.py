@@ -150,7 +150,8 @@ def test_the_stream_without_a_sweep_file_calibrates_depth_first_and_a_damaged_on
     for p in bundle.path.parent.glob("m.*"):
         (tmp_path / p.name).write_bytes(p.read_bytes())
     sweep_file = tmp_path / "m.sweep.tflite"
-    args = ["stream", "--model", str(tmp_path / "m.tflite"), "--frames", "3", "--headless", "--quiet", "--noise", "relative"]
+    args = ["stream", "--model", str(tmp_path / "m.tflite"), "--frames", "3", "--headless", "--quiet",
+            "--noise", "relative"]
     data = bytearray(sweep_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     sweep_file.write_bytes(bytes(data))

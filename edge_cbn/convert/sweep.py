@@ -35,8 +35,8 @@ class SweepBN(keras.layers.Layer):
         s0, c0, _ = source_fold(rec)
         var = np.asarray(rec.var, np.float64)
         beta = np.zeros_like(var) if rec.beta is None else np.asarray(rec.beta, np.float64)
-        self.constants = {"s0": s0, "c0": c0, "beta": beta, "k1": var / (var + rec.eps), "k2": rec.eps / (var + rec.eps)}
-        self.constants = {k: v.astype(np.float32) for k, v in self.constants.items()}
+        constants = {"s0": s0, "c0": c0, "beta": beta, "k1": var / (var + rec.eps), "k2": rec.eps / (var + rec.eps)}
+        self.constants = {k: v.astype(np.float32) for k, v in constants.items()}
         self.rows = [self.add_weight(shape=row.shape, trainable=False, name=name,
                                      initializer=keras.initializers.Constant(row))
                      for name, row in zip(ROW_NAMES, identity_rows(rec.mean, rec.var))]
