@@ -147,7 +147,14 @@ class StreamOptions:
 
     def cadence(self, sweep: bool) -> Cadence:
         """Which frames calibrate: the warm-up every --calibrate-every frames, or the schedule's default
-        (`SWEEP_EVERY` with the sweep, `DEPTH_EVERY` without), then as `Cadence.of` says."""
+        (`SWEEP_EVERY` with the sweep, `DEPTH_EVERY` without), then as `Cadence.of` says.
+
+        Args:
+            sweep: the stream calibrates through the sweep variant.
+
+        Returns:
+            The `Cadence`.
+        """
         return Cadence.of(self.calibrate_every or (SWEEP_EVERY if sweep else DEPTH_EVERY), sweep)
 
 

@@ -138,7 +138,7 @@ def test_a_state_that_cannot_be_written_is_refused_at_start(genuine, tmp_path):
 def _cli(*args):
     return subprocess.Popen([sys.executable, "-c", "from edge_cbn.cli import main; main()", "stream", *args,
                              "--frames", "3", "--headless", "--quiet", "--noise", "relative", "--eta", "0.05",
-                             "--stages", "2", "--refold-every", "1", "--calibrate-every", "1"],
+                             "--no-sweep", "--stages", "2", "--refold-every", "1", "--calibrate-every", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "EDGE_CBN_DEBUG": ""})
 
