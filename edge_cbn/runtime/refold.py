@@ -223,8 +223,8 @@ class Refolder:
         data = None if self._gaps is not None else memoryview(self.bundle.model_bytes)
         gaps = self._gaps or [data[a:b] for a, b in self._gap_bounds()]
         out = io.BytesIO()
-        out.seek(self._regions[-1][1] + len(gaps[-1]) - 1)  # one allocation of the final size; getvalue()
-        out.write(b"\0")                                     # then hands it over uncopied
+        out.seek(self._size - 1)  # one allocation of the final size; getvalue() then hands it over uncopied
+        out.write(b"\0")
         out.seek(0)
         for gap, (start, end, slot, is_kernel) in zip(gaps, self._regions):
             out.write(gap)

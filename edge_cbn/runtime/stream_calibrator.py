@@ -108,7 +108,6 @@ class StreamCalibrator:
         self._eps = np.concatenate([np.full(n, r.eps, np.float64) for r, n in zip(recs, sizes)])
         self._source_mean = np.concatenate([self.source[bn][0] for bn in self.bns])
         self._source_square = np.concatenate([self.source[bn][1] + self.source[bn][0] ** 2 for bn in self.bns])
-        self._clean_frame = None  # (moments vector, its BN-input moments) of `sweep_state`, for `observe`
         self.applied = dict(self.source)  # what the last refold folded in
         self._folding = {bn: source_fold(r) for bn, r in self._recs.items()} if sweep else None
         self.noisy = {bn: Moments(window) for bn in self.bns}
@@ -140,7 +139,9 @@ class StreamCalibrator:
 
     def _done(self) -> list:
         """BN layers whose warm-up stage is over."""
-        return self.bns if self.warm or self.sweep else self.bns[: self._bounds[self.stage - 1]] if self.stage else []
+        if self.warm or self.sweep:
+            return self.bns
+        return self.bns[: self._bounds[self.stage - 1]] if self.stage else []
 
     def _active(self) -> list:
         """BN layers whose moments are being accumulated now (warm-up: up to the current stage)."""
@@ -194,7 +195,6 @@ class StreamCalibrator:
         if not self.sweep:
             raise ValueError("sweep_state needs a calibrator made with sweep=True")
         clean = self.bn_input_moments(clean_vector, self.source)
-        self._clean_frame = (clean_vector, clean)
         finite = all_finite(clean_vector)
         state = {}
         for bn in self.bns:
@@ -240,12 +240,7 @@ class StreamCalibrator:
         in shift mode, clean: they pair up) are not finite.  False when every layer was left out."""
         active = self._active()
         noisy = self.bn_input_moments(noisy_vector, noisy_stats)
-        clean = None
-        if self._clean_frame is not None and self._clean_frame[0] is clean_vector:
-            clean = self._clean_frame[1]  # converted by `sweep_state` for this frame
-        elif self.clean is not None:
-            clean = self.bn_input_moments(clean_vector, clean_stats)
-        self._clean_frame = None
+        clean = self.bn_input_moments(clean_vector, clean_stats) if self.clean is not None else None
         finite = all_finite(noisy_vector, *(() if clean_vector is None else (clean_vector,)))
         kept = 0
         for bn in active:
