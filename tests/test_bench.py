@@ -28,6 +28,9 @@ def test_bench_stream_reports_every_figure(tmp_path):
     assert fig["rounds"] == 3 and len(fig["stream_ratios"]) == 3
     assert fig["stream_ratio"] == pytest.approx(sorted(fig["stream_ratios"])[1], abs=1e-3)
     assert fig["calibrating_frames"] > 0 and fig["tracking_frames"] == 4 * 20
+    # calibrated within the frames that calibrate densely, at a frame that is the same in every run
+    assert 0 < fig["calibrated_frame"] < fig["calibrating_frames"] and fig["calibrated_seconds"] > 0
+    assert fig["camera_calibrated_seconds"] >= fig["calibrated_frame"] / 115
     rss = fig["peak_rss_mb"]  # each configuration in its own process: the noisier, the larger
     assert len(rss) == 4 and all(mb > 30 for mb in rss.values())
     clean, defaults = rss["clean (no --noise)"], rss["calibrating, agreement every 10 (defaults)"]

@@ -48,6 +48,10 @@ def test_bn_input_moments_match_keras_under_any_folded_statistics(exported):
         z = np.asarray(z, np.float64).reshape(-1, z.shape[-1])
         np.testing.assert_allclose(got[layer.name][0], z.mean(0), rtol=1e-4, atol=1e-4 * np.abs(z).max())
         np.testing.assert_allclose(got[layer.name][1], (z ** 2).mean(0), rtol=1e-4, atol=1e-4 * (z ** 2).max())
+    # The source statistics' folding is computed once: the same moments as from a copy of them, bit for bit.
+    vector = NoisyModel(bundle.calibration_variant()).run(x, 0)[-1]
+    cached, fresh = cal.bn_input_moments(vector, cal.source), cal.bn_input_moments(vector, dict(cal.source))
+    assert all(np.array_equal(cached[bn][k], fresh[bn][k]) for bn in cal.bns for k in (0, 1))
 
 
 def drive(bundle, chip, xs, **options):

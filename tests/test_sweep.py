@@ -14,7 +14,7 @@ from edge_cbn.runtime.errors import BadInput  # noqa: E402
 from edge_cbn.runtime.moments import Moments  # noqa: E402
 from edge_cbn.runtime.noise import make_noise  # noqa: E402
 from edge_cbn.runtime.noisy_model import NoisyModel, noise_targets  # noqa: E402
-from edge_cbn.runtime.stream_calibrator import StreamCalibrator  # noqa: E402
+from edge_cbn.runtime.stream_calibrator import SHRINK, SWEEP_SHRINK, StreamCalibrator  # noqa: E402
 from tiny import PRE, SIZE, pixels, tiny_model  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def depth_first_pass(bundle, chip, xs):
     """The reference: frame by frame, each BN layer measured through a refold and an invoke of the
     calibration variant under the layers before it already holding this frame's estimate.  Returns the
     statistics after each frame."""
-    reference = StreamCalibrator(bundle)
+    reference = StreamCalibrator(bundle, shrink=SWEEP_SHRINK)  # the sweep's pseudo-frames, one pass per layer
     noisy, clean = NoisyModel(bundle.calibration_variant(), chip), NoisyModel(bundle.calibration_variant())
     stats, after = dict(reference.statistics()), []
     for i, x in enumerate(xs):
@@ -89,6 +89,12 @@ def test_one_sweep_frame_is_a_depth_first_pass_of_one_refold_per_layer(bundle, n
     assert sweep.calibrator.warm and sweep.calibrator.stage == 2
     # and not the source statistics: calibration moved them
     assert max(np.abs(m - sweep.calibrator.source[bn][0]).max() for bn, (m, _) in got.items()) > 1e-2
+
+
+def test_the_sweep_has_pseudo_frames_of_its_own(bundle):
+    """Depth first keeps SHRINK pseudo-frames of the source statistics; the sweep SWEEP_SHRINK, unless told."""
+    assert StreamCalibrator(bundle).shrink == SHRINK and StreamCalibrator(bundle, sweep=True).shrink == SWEEP_SHRINK
+    assert StreamCalibrator(bundle, sweep=True, shrink=2.5).shrink == 2.5
 
 
 def test_the_sweep_is_refused_in_other_modes_and_without_its_file(bundle, tmp_path):

@@ -398,7 +398,8 @@ def spec_of(own: OwnModel):
                      len(own.labels), head=own.head)
 
 
-def export_own_model(model, path, *, name: str | None = None, noise_layers: str | None = None, **facts) -> Path:
+def export_own_model(model, path, *, name: str | None = None, noise_layers: str | None = None,
+                     calibration: bool = True, **facts) -> Path:
     """Convert a Keras model of your own (in memory, or a .keras/.h5 file) into a bundle that `edge-cbn
     stream` and `CalibratedModel` run and calibrate: what `tools/convert.py --keras FILE` does.
 
@@ -407,6 +408,8 @@ def export_own_model(model, path, *, name: str | None = None, noise_layers: str 
         path: the .tflite to write (its sidecar and calibration variant go beside it).
         name: the model's name in the sidecar (default: the model's).
         noise_layers: which layers noise acts on, as `--noise-layers` (None: every conv and dense kernel).
+        calibration: also write the calibration and sweep variants (False: a model that serves as it is,
+            converted in a third of the time).
         **facts: what the model does not say itself, as `describe` takes them: `labels=[...]`, `task=`,
             `input_range=(low, high)`, `mean=`/`std=`, `input_size=`, `head={...}`.
 
@@ -423,4 +426,4 @@ def export_own_model(model, path, *, name: str | None = None, noise_layers: str 
         model = _flat(model, model.name)
     own = describe(model, name=name or model.name, **facts)
     return export_model(spec_of(own), own.model, path, noise_layers=select_noise_layers(own.model, noise_layers),
-                        input_as_conv=True)
+                        input_as_conv=True, calibration=calibration)

@@ -46,6 +46,10 @@ from .sweep import source_fold, sweep_rows
 from .validation import ArraySpec, Invalid, all_finite, check_arrays, check_bn_stats, check_count, stats_problem
 
 MODES = ("shift", "absolute", "prior")
+# `shift` mode's pseudo-frames of the source statistics.  Depth first, a layer's first frames come while the
+# layers before it still move, and 4 keeps the estimate from following them; the sweep measures every layer
+# under the layers before it already corrected, and 1 lets its first frames count (docs/RESULTS.md, "The sweep").
+SHRINK, SWEEP_SHRINK = 4.0, 1.0
 
 
 def _f64(x, n, fill):
@@ -64,7 +68,8 @@ class StreamCalibrator:
         prior: `prior` mode: N, the weight of the source statistics in frames.
         refold_every: warm-up: calibration frames per stage.
         stages: warm-up stages, depth first (at most one per BN layer).
-        shrink: `shift` mode: pseudo-frames of the source statistics mixed into the noisy and clean moments.
+        shrink: `shift` mode: pseudo-frames of the source statistics mixed into the noisy and clean moments;
+            None: `SHRINK` depth first, `SWEEP_SHRINK` with the sweep.
         track_every: after the warm-up, refold every N calibration frames.
         power: `shift` mode: the variance scale is (noisy var / clean var) ** power.
         sweep: every calibration frame calibrates every layer through the sweep variant (`sweep_state`);
@@ -76,7 +81,7 @@ class StreamCalibrator:
     """
 
     def __init__(self, bundle, *, mode: str = "shift", window: float | None = 1024, prior: float = 16.0,
-                 refold_every: int = 1, stages: int = 1000, shrink: float = 4.0, track_every: int = 1,
+                 refold_every: int = 1, stages: int = 1000, shrink: float | None = None, track_every: int = 1,
                  power: float = 0.5, sweep: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown calibration mode {mode!r}; expected one of {MODES}")
@@ -87,6 +92,7 @@ class StreamCalibrator:
         if sweep and mode != "shift":
             raise ValueError(f"the sweep calibrates in shift mode only, not {mode!r}")
         self.sweep = sweep
+        shrink = (SWEEP_SHRINK if sweep else SHRINK) if shrink is None else shrink
         self.mode, self.window, self.prior, self.shrink, self.power = mode, window, prior, shrink, power
         self.refold_every, self.track_every = refold_every, track_every
         self.bns = list(bundle.meta["calibration"]["bns"])
@@ -109,6 +115,7 @@ class StreamCalibrator:
         self._source_mean = np.concatenate([self.source[bn][0] for bn in self.bns])
         self._source_square = np.concatenate([self.source[bn][1] + self.source[bn][0] ** 2 for bn in self.bns])
         self.applied = dict(self.source)  # what the last refold folded in
+        self._source_folding = self._folding_of(self.source)  # the clean variant and the sweep always fold these
         self._folding = {bn: source_fold(r) for bn, r in self._recs.items()} if sweep else None
         self.noisy = {bn: Moments(window) for bn in self.bns}
         self.clean = {bn: Moments(window) for bn in self.bns} if mode == "shift" else None
@@ -166,16 +173,21 @@ class StreamCalibrator:
         v = np.asarray(vector, np.float64).reshape(-1)
         if v.size != 2 * self._total:
             raise ValueError(f"moments output has {v.size} values, expected {2 * self._total}")
-        mean, var = (np.concatenate([np.asarray(stats[bn][k], np.float64) for bn in self.bns]) for k in (0, 1))
+        c, inv, ok = self._source_folding if stats is self.source else self._folding_of(stats)
         m_y, sq_y = v[: self._total], v[self._total:]
         with np.errstate(all="ignore"):  # every layer at once: one value per channel of all BN layers
-            s = bn_scale(self._gamma, var, self._eps).astype(np.float64)
-            c = self._beta - s * mean
-            ok = np.abs(s) > 1e-12  # gamma == 0: the BN output ignores its input; keep the source stats
-            inv = np.where(ok, 1.0 / np.where(ok, s, 1.0), 0.0)
             m_z = np.where(ok, (m_y - c) * inv, self._source_mean)
             sq_z = np.where(ok, (sq_y - 2 * c * m_y + c * c) * inv * inv, self._source_square)
         return dict(zip(self.bns, zip(np.split(m_z, self._splits), np.split(sq_z, self._splits))))
+
+    def _folding_of(self, stats: dict) -> tuple:
+        """(c, 1/s or 0, s != 0) of every BN channel end to end, for the statistics {bn: (mean, var)} folded
+        in: y = s*z + c."""
+        mean, var = (np.concatenate([np.asarray(stats[bn][k], np.float64) for bn in self.bns]) for k in (0, 1))
+        with np.errstate(all="ignore"):
+            s = bn_scale(self._gamma, var, self._eps).astype(np.float64)
+            ok = np.abs(s) > 1e-12  # gamma == 0: the BN output ignores its input; keep the source stats
+            return self._beta - s * mean, np.where(ok, 1.0 / np.where(ok, s, 1.0), 0.0), ok
 
     def sweep_state(self, clean_vector) -> dict:
         """The sweep variant's state for the next calibration frame (`runtime.sweep.sweep_rows`), given the

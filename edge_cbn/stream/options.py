@@ -12,7 +12,7 @@ from ..runtime.stream_calibrator import DEFAULTS as CALIBRATION_DEFAULTS
 # The warm-up's calibration frames come every N-th frame (docs/DESIGN.md, "Calibrated in seconds"): the
 # depth-first warm-up needs one frame per BN layer, the sweep calibrates them all from each frame.
 DEPTH_EVERY = 2
-SWEEP_EVERY = 8
+SWEEP_EVERY = 32
 TRACKING_EVERY = 256  # once converged: the statistics only drift, and the stream gets its frame rate back
 
 
@@ -97,7 +97,7 @@ class StreamOptions:
     stages: int = 64  # at most: a warm-up of 64 calibration frames, 128 stream frames (DESIGN, "Calibrated in seconds")
     track_every: int = CALIBRATION_DEFAULTS["track_every"]
     sweep: bool | None = None
-    warmup_frames: int = 8  # sweep (docs/DESIGN.md, "Calibrated in seconds")
+    warmup_frames: int = 2  # sweep (docs/DESIGN.md, "Calibrated in seconds")
     calibrate_every: int | None = None  # by index, every N-th (docs/DESIGN.md, "Calibrated in seconds")
     agreement_every: int = 10
     state: str | None = None

@@ -34,10 +34,12 @@ ROWS = [("raw LiteRT invoke (fps)", "raw_fps"), ("invoke without XNNPACK (ms)", 
         ("clean stream (fps)", "stream_fps"), ("clean stream / raw invoke", "stream_ratio"),
         ("noisy stream, {noise_states} noise states (fps)", "noisy_stream_fps"), ("noisy stream, exact (fps)", "noisy_exact_stream_fps"),
         ("calibrating, warm-up (fps)", "calibrating_fps"), ("warm-up / noisy stream", "calibrating_ratio"),
+        ("calibrated at frame", "calibrated_frame"), ("calibrated after (s)", "calibrated_seconds"),
         ("calibrating, tracking after it (fps)", "tracking_fps"), ("tracking / noisy stream", "tracking_ratio"),
         ("noisy stream at {camera_fps:g} fps (fps)", "camera_noisy_fps"),
         ("calibrating at {camera_fps:g} fps, warm-up (fps)", "camera_calibrating_fps"),
         ("warm-up / noisy stream at {camera_fps:g} fps", "camera_calibrating_ratio"),
+        ("calibrated after (s) at {camera_fps:g} fps", "camera_calibrated_seconds"),
         ("exact noise: write + build (ms/frame)", "noise_ms_per_frame"), ("refold, {noise_states} noise states (ms)", "refold_ms"),
         ("refold, clean (ms)", "refold_clean_ms"), ("served noisy frame, CPU (ms)", "served_frame_cpu_ms"),
         ("calibration frame, CPU (ms)", "calibration_frame_cpu_ms")]
@@ -131,16 +133,18 @@ class StreamBench:
         noisy = dict(noise=self.preset, eta=self.eta, calibrate=False)
         self.fig["noisy_exact_stream_fps"] = self.stream_fps(max(10, self.frames // 4), **noisy, noise_states=0)[0]
         self.fig.update(noisy_stream_fps=self.stream_fps(self.frames, **noisy)[0], calibrating_fps=None,
-                        tracking_fps=None, calibrating_ratio=None, tracking_ratio=None)
+                        tracking_fps=None, calibrating_ratio=None, tracking_ratio=None, calibrated_frame=None,
+                        calibrated_seconds=None)
         if not self.bundle.can_calibrate:
             return
-        runs = []  # (noisy fps, warm-up frames, warm-up fps, tracking fps)
+        runs = []  # (noisy fps, warm-up frames, warm-up fps, tracking fps, calibrated after s)
         for _ in range(max(3, self.rounds // 3)):
             reference = self.stream_fps(4 * self.frames, **noisy)[0]
-            (warm_frames, warm_fps), (_, tracking_fps) = self.calibrating_fps(4 * self.frames)
-            runs.append((reference, warm_frames, warm_fps, tracking_fps))
-        reference, warm_frames, warm_fps, tracking_fps = np.median(np.array(runs), axis=0)
+            (warm_frames, warm_fps), (_, tracking_fps), (calibrated, seconds) = self.calibrating_fps(4 * self.frames)
+            runs.append((reference, warm_frames, warm_fps, tracking_fps, seconds))
+        reference, warm_frames, warm_fps, tracking_fps, seconds = np.median(np.array(runs), axis=0)
         self.fig.update(calibrating_fps=round(warm_fps, 2), calibrating_frames=int(warm_frames),
+                        calibrated_frame=calibrated, calibrated_seconds=round(seconds, 2),
                         tracking_fps=round(tracking_fps, 2), tracking_frames=4 * self.frames,
                         noisy_stream_fps_long=round(reference, 2),
                         calibrating_ratio=round(float(np.median([r[2] / r[0] for r in runs])), 3),
@@ -150,19 +154,21 @@ class StreamBench:
     def at_camera_rate(self) -> None:
         """The warm-up as a camera stream sees it: the clip delivered at `camera_fps`, the noisy stream over
         as many frames as the calibrating stream's warm-up, then the calibrating stream."""
-        self.fig.update(camera_noisy_fps=None, camera_calibrating_fps=None, camera_calibrating_ratio=None)
+        self.fig.update(camera_noisy_fps=None, camera_calibrating_fps=None, camera_calibrating_ratio=None,
+                        camera_calibrated_seconds=None)
         if not self.bundle.can_calibrate or not self.camera_fps:
             return
-        (frames, warm_fps), _ = self.calibrating_fps(0, camera_fps=self.camera_fps)
+        (frames, warm_fps), _, (_, seconds) = self.calibrating_fps(0, camera_fps=self.camera_fps)
         noisy_fps = self.stream_fps(frames, camera_fps=self.camera_fps, noise=self.preset, eta=self.eta,
                                     calibrate=False)[0]
-        self.fig.update(camera_noisy_fps=noisy_fps, camera_calibrating_fps=warm_fps,
+        self.fig.update(camera_noisy_fps=noisy_fps, camera_calibrating_fps=warm_fps, camera_calibrated_seconds=seconds,
                         camera_calibrating_ratio=round(warm_fps / noisy_fps, 3))
 
     def calibrating_fps(self, tracking_frames: int, *, camera_fps: float | None = None):
-        """One calibrating stream: (frames, fps) until it sees the warm-up's end, then over `tracking_frames`
-        more (calibration every TRACKING_EVERY frames), decoded as fast as it goes or delivered at
-        `camera_fps`.  One run: the frame index decides the schedule."""
+        """One calibrating stream: (frames, fps) until it calibrates only every TRACKING_EVERY frames, then over
+        `tracking_frames` more, and (frame, seconds) at which the warm-up's statistics began to serve
+        (`CalibrationStatus`), decoded as fast as it goes or delivered at `camera_fps`.  One run: the frame index
+        decides the schedule."""
         opts = dataclasses.replace(self.base, noise=self.preset, eta=self.eta, calibrate=True, frames=None)
         engine = Engine(self.bundle, opts)
         calls = itertools.count()
@@ -181,7 +187,9 @@ class StreamBench:
             StreamLoop(engine, source, opts, model_name=self.name, until=until).run()
         (warm, t1), (end, t2) = marks["warm"], marks["end"]
         tracking = (end - warm, round((end - warm) / (t2 - t1), 2)) if end > warm else (0, None)
-        return (warm, round(warm / (t1 - marks["start"]), 2)), tracking
+        status = engine.status
+        return (warm, round(warm / (t1 - marks["start"]), 2)), tracking, (status.calibrated_frame,
+                                                                            status.calibrated_seconds)
 
     def noise_and_refold_costs(self) -> None:
         chip = make_noise(self.preset, self.eta, 0).instantiate(noise_targets(self.bundle))

@@ -25,7 +25,7 @@ from ...runtime.device_calibration import DeviceCalibration
 from ...runtime.noise import make_noise
 from ...runtime.noisy_model import NoisyModel, noise_targets
 from ...runtime.processing import flat_outputs, model_input, normalise
-from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES
+from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES, SHRINK, SWEEP_SHRINK
 from ...stream.agreement import AGREEMENT_METRICS, cosine_similarity
 from ...stream.resolve import resolve_model
 from ..scenes.photos import PHOTO_SETS, load_photos, random_crops, split_photos
@@ -271,8 +271,9 @@ def calibrator_flags():
         refold_every_option(CAL_DEFAULTS["refold_every"], "Frames per warm-up stage / between refolds."),
         click.option("--stages", type=click.IntRange(1), default=CAL_DEFAULTS["stages"], show_default=True,
                      help="Warm-up stages (capped at the number of BN layers: one layer per stage)."),
-        click.option("--shrink", type=click.FloatRange(0), default=CAL_DEFAULTS["shrink"], show_default=True,
-                     help="Shift mode: pseudo-frames of the source statistics mixed into the moments."),
+        click.option("--shrink", type=click.FloatRange(0), default=None,
+                     help=f"Shift mode: pseudo-frames of the source statistics mixed into the moments  [default: "
+                          f"{SHRINK:g}, {SWEEP_SHRINK:g} with --sweep]"),
         click.option("--power", type=float, default=CAL_DEFAULTS["power"], show_default=True,
                      help="Shift mode: a = (noisy var / clean var)^power (0.5: moment matching, 1: Wiener)."),
     ]
@@ -352,6 +353,7 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
     cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale, photos=photo_set)
     cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
     agreement = crop_agreement(bundle, NoisyModel(bundle, None, num_threads=num_threads), eval_x)
+    shrink = (SWEEP_SHRINK if sweep_variant else SHRINK) if shrink is None else shrink
     options = dict(mode=mode, window=window, refold_every=refold_every, stages=stages, shrink=shrink, power=power)
     if sweep_variant:
         if mode != "shift" or not bundle.can_sweep:
