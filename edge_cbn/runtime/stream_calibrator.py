@@ -52,6 +52,11 @@ MODES = ("shift", "absolute", "prior")
 SHRINK, SWEEP_SHRINK = 4.0, 1.0
 
 
+def shrink_for(shrink: float | None, sweep: bool) -> float:
+    """`shrink`, or when it is None the schedule's default: `SWEEP_SHRINK` with the sweep, `SHRINK` depth first."""
+    return (SWEEP_SHRINK if sweep else SHRINK) if shrink is None else shrink
+
+
 def _f64(x, n, fill):
     return np.full(n, fill, np.float64) if x is None else np.asarray(x, np.float64)
 
@@ -92,13 +97,13 @@ class StreamCalibrator:
         if sweep and mode != "shift":
             raise ValueError(f"the sweep calibrates in shift mode only, not {mode!r}")
         self.sweep = sweep
-        shrink = (SWEEP_SHRINK if sweep else SHRINK) if shrink is None else shrink
-        self.mode, self.window, self.prior, self.shrink, self.power = mode, window, prior, shrink, power
+        self.mode, self.window, self.prior, self.power = mode, window, prior, power
+        self.shrink = shrink_for(shrink, sweep)
         self.refold_every, self.track_every = refold_every, track_every
         self.bns = list(bundle.meta["calibration"]["bns"])
         # Stage boundaries over the BN layers (topological order), at most one stage per layer.
         self.stages = stages if sweep else min(stages, len(self.bns)) or 1
-        self._bounds = [round(len(self.bns) * (g + 1) / self.stages) for g in range(self.stages)]
+        self._bounds = [] if sweep else [round(len(self.bns) * (g + 1) / self.stages) for g in range(self.stages)]
         self.stage = 0  # groups < stage are refolded; == self.stages after warm-up
         self._since_refold = 0
         self._recs = {bn: bundle.layer(bn) for bn in self.bns}

@@ -33,7 +33,7 @@ class CalibrationOptions:
         mode: "shift" (only the noise-induced change; runs the clean model too), "absolute" (the paper's
             re-estimation) or "prior" (blended with the source statistics).
         calibrate_every: in `process`, every N-th frame calibrates through the warm-up (None: the schedule's
-            default, `StreamOptions.calibration_cadence`).
+            default, `StreamOptions.cadence`).
         sweep: calibrate every BN layer from each frame through the sweep variant (None: when the model has
             one and the mode is shift).
         warmup_frames: sweep: the warm-up's calibration frames.

@@ -15,7 +15,7 @@ from ..runtime.memory import return_freed_memory
 from ..runtime.stream_calibrator import MODES
 from .engine import Engine
 from .loop import StreamLoop, stop_on_signals
-from .options import DEPTH_EVERY, SWEEP_EVERY, TRACKING_EVERY, StreamOptions, warn
+from .options import DEPTH_EVERY, SWEEP_EVERY, TRACKING_EVERY, Cadence, StreamOptions, warn
 from .resolve import load_model, open_frames
 
 NOISE_STATES_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame (a seeded pick each frame): no "
@@ -24,8 +24,9 @@ NOISE_STATES_HELP = ("Temporal noise: K pre-drawn noise states cycled per frame 
                      "interpreter (faithful but slow: the build costs more than the invoke).")
 CALIBRATE_EVERY_HELP = (
     f"Calibrate on every N-th frame through the warm-up (default {SWEEP_EVERY} with the sweep, {DEPTH_EVERY} "
-    "without); then with the sweep on every N-th until four times its calibration frames are in, without it "
-    f"on every 2N-th until twice; then on every {TRACKING_EVERY}th. "
+    f"without); then with the sweep on every N-th until {Cadence.of(1, True).converged_warmups} times its calibration "
+    f"frames are in, without it on every {Cadence.of(1, False).second_every}N-th until "
+    f"{Cadence.of(1, False).converged_warmups} times; then on every {TRACKING_EVERY}th. "
     "Calibration runs beside serving, on a core of its own, and what it finds serves 8 frames later (waiting "
     "for it if need be), so the result is a function of the frames: the same on any machine and under any load; "
     "a slower or busier machine only runs at a lower frame rate.")

@@ -67,7 +67,7 @@ class StreamOptions:
             model has one and the mode is shift; False: the depth-first warm-up, one layer per frame.
         warmup_frames: sweep: the warm-up's calibration frames.
         calibrate_every: every N-th frame calibrates through the warm-up (less often after it); None: the
-            schedule's default (`calibration_cadence`).
+            schedule's default (`cadence`).
         agreement_every: compare with the clean model every N-th frame (0: never; only with noise).
         state: the calibration state file (--state) to resume from and save to; None: none.
         save_interval: save after a refold at most every this many seconds (0: after every refold); always at exit.

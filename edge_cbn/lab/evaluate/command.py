@@ -25,7 +25,7 @@ from ...runtime.device_calibration import DeviceCalibration
 from ...runtime.noise import make_noise
 from ...runtime.noisy_model import NoisyModel, noise_targets
 from ...runtime.processing import flat_outputs, model_input, normalise
-from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES, SHRINK, SWEEP_SHRINK
+from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, MODES, SHRINK, SWEEP_SHRINK, shrink_for
 from ...stream.agreement import AGREEMENT_METRICS, cosine_similarity
 from ...stream.resolve import resolve_model
 from ..scenes.photos import PHOTO_SETS, load_photos, random_crops, split_photos
@@ -353,8 +353,8 @@ def main(ctx, model, settings, seeds, noise_option, mode, window, refold_every, 
     cal_rgb, eval_rgb = crops(bundle, split, cal_frames, eval_crops, scale=scale, photos=photo_set)
     cal_x, eval_x = model_input(cal_rgb, bundle), model_input(eval_rgb, bundle)
     agreement = crop_agreement(bundle, NoisyModel(bundle, None, num_threads=num_threads), eval_x)
-    shrink = (SWEEP_SHRINK if sweep_variant else SHRINK) if shrink is None else shrink
-    options = dict(mode=mode, window=window, refold_every=refold_every, stages=stages, shrink=shrink, power=power)
+    options = dict(mode=mode, window=window, refold_every=refold_every, stages=stages,
+                   shrink=shrink_for(shrink, sweep_variant), power=power)
     if sweep_variant:
         if mode != "shift" or not bundle.can_sweep:
             raise click.UsageError("--sweep: " + (f"calibrates in --mode shift only, not {mode}" if mode != "shift"

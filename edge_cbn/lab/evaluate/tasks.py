@@ -15,7 +15,7 @@ from ...options import (IntList, NoiseSweep, max_image_pixels_option, model_opti
                         noise_states_option, num_threads_option, verbose_option)
 from ...runtime.bundle import load_bundle
 from ...runtime.processing import Processor
-from ...runtime.stream_calibrator import SHRINK
+from ...runtime.stream_calibrator import shrink_for
 from ...stream.resolve import resolve_model
 from . import datasets, metrics, parallel_sweep, report
 from .command import calibrator_flags
@@ -100,7 +100,7 @@ def make_setup(bundle, dataset, calib_files, kw, *, center_crop=1.0, processor_o
     datasets.check_disjoint(calib_files, dataset)
     dataset.samples = datasets.subset(dataset.samples, kw["limit"])
     processor_options = processor_options or {}
-    cal_options = {**{k: kw[k] for k in CAL_OPTIONS}, "shrink": SHRINK if kw["shrink"] is None else kw["shrink"]}
+    cal_options = {**{k: kw[k] for k in CAL_OPTIONS}, "shrink": shrink_for(kw["shrink"], sweep=False)}
     return Setup(bundle, Processor(bundle, **processor_options), dataset, scorer_factory(bundle, dataset, category_ids),
                  datasets.calibration_frames(calib_files, kw["cal_frames"]), cal_options=cal_options,
                  center_crop=center_crop, noise_states=kw["noise_states"], num_threads=kw["num_threads"],
