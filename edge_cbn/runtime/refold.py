@@ -121,7 +121,6 @@ class Refolder:
         self._regions = sorted(((span[0], span[0] + span[1], slot, is_kernel) for slot in self.layers.values()
                                 for span, is_kernel in ((slot.w_span, True), (slot.b_span, False)) if span),
                                key=lambda region: region[0])
-        self._scratch = np.empty(max(int(np.prod(s.shape)) for s in self.layers.values()), np.float32)
         self._size = len(data)
         self._gaps = None  # the bytes between the regions, once `release_file` dropped the file
 
@@ -225,23 +224,29 @@ class Refolder:
         out = io.BytesIO()
         out.seek(self._size - 1)  # one allocation of the final size; getvalue() then hands it over uncopied
         out.write(b"\0")
-        out.seek(0)
-        for gap, (start, end, slot, is_kernel) in zip(gaps, self._regions):
-            out.write(gap)
+        buffer = out.getbuffer()
+        # Kernels are folded straight into the bytes: no scratch copy of the model's 20 MB per build.
+        view, kernel = np.frombuffer(buffer, np.uint8), None
+        bounds = self._gap_bounds()
+        for gap, (a, b), (start, end, slot, is_kernel) in zip(gaps, bounds, self._regions):
+            view[a:b] = np.frombuffer(gap, np.uint8)
             if is_kernel:
-                scratch = self._scratch[:end - start >> 2].reshape(slot.shape)
+                kernel = view[start:end].view(np.float32).reshape(slot.shape)
                 if write_kernel is None:
-                    slot.fold_kernel(scratch)
+                    slot.fold_kernel(kernel)
                 else:
-                    write_kernel(slot.rec.name, scratch)
-                out.write(scratch)
+                    write_kernel(slot.rec.name, kernel)
             else:
                 bias = slot.bias()
-                out.write(self._file_bias(data, start, end) if bias is None else bias)
-        out.write(gaps[-1])
+                bias = self._file_bias(data, start, end) if bias is None else np.ascontiguousarray(bias, np.float32)
+                view[start:end] = np.frombuffer(bias, np.uint8)
+        a, b = bounds[-1]
+        view[a:b] = np.frombuffer(gaps[-1], np.uint8)
         for start, array in patches:
-            out.seek(start)
-            out.write(np.ascontiguousarray(array))
+            patch = np.frombuffer(np.ascontiguousarray(array), np.uint8)
+            view[start:start + patch.size] = patch
+        del view, kernel
+        buffer.release()  # no view left into the buffer: getvalue() hands it over without a copy
         return out.getvalue()
 
     def interpreter(self, num_threads: int | None = None, write_kernel: KernelWriter | None = None):
