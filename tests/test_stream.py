@@ -347,9 +347,9 @@ def test_calibration_budget_is_gone_with_a_notice(tiny):
 
 @pytest.mark.parametrize("states", [3, 0])
 def test_statistics_that_serve_non_finite_outputs_are_rolled_back(tiny, tmp_path, states):
-    """New serving statistics are checked on their calibration frame before any state is built: folded
-    means of 3e38 overflow the biases, the probe sees non-finite outputs, and the serving model keeps its
-    statistics (every frame served finite), counted in the summary; noise states and exact noise alike."""
+    """New serving statistics are checked on their calibration frame when their first state is built:
+    folded means of 3e38 overflow the biases, the probe sees non-finite outputs, and the serving model keeps
+    its statistics (every frame served finite), counted in the summary; noise states and exact noise alike."""
     from edge_cbn.stream import Engine, StreamLoop, StreamOptions, open_frames
 
     log = tmp_path / "r.jsonl"

@@ -171,6 +171,7 @@ class Engine:
         # The worker's own counts (what a save records), apart from the stream's view of them.
         self._worker_refolds, self._worker_frames = self.refolds, self.calibration_frames
         self._probed_stats = None  # the worker's newest statistics that passed the probe
+        self._worker_done = 0  # this run's frames up to the worker's last calibration frame
         self.calibrated = self.refolds > 0  # calibrated statistics are in force
         self.rollbacks = 0  # refolds the probe refused
         self.serving = self._serving_model(resumed, self._serving_threads())
@@ -186,7 +187,8 @@ class Engine:
         # time keeps the peak memory one model lower (and they share the clean variant).
         self.model_lock = threading.Lock()
         self.pipeline = CalibrationPipeline(self._calibrate, self.serving, background=background,
-                                            num_threads=opts.num_threads, lock=self.model_lock) \
+                                            num_threads=opts.num_threads, lock=self.model_lock,
+                                            on_probed=self._probed, on_refused=self._refused) \
             if self.calibration else None
         self._next_calibration = 0
         self.agreement = AgreementSampler(
@@ -311,17 +313,25 @@ class Engine:
             if result.warmed:
                 self.status.calibrated_frame = i
                 self.status.calibrated_seconds = round(now - self._t0, 3)
-            self.rollbacks += result.rolled_back
         return refolded
 
+    def _refused(self, update, i: int) -> None:
+        """The serving model's first state under `update`'s statistics gave non-finite outputs on its
+        calibration frame: the update ended at frame `i`, the previous statistics still serve."""
+        self.rollbacks += 1
+        warn(f"refold at frame {self.frame0 + update.frame}: non-finite outputs on the probe frame; the serving "
+             "model keeps its previous statistics")
+
     # ---------------------------------------------------------------------- calibration (worker thread)
-    def _calibrate(self, i: int, fi: int, x: np.ndarray, start_update) -> CalibrationResult:
-        """Calibration frame `i`: the step, and new serving statistics (checked on this frame) when due."""
+    def _calibrate(self, i: int, fi: int, x: np.ndarray, serve) -> CalibrationResult:
+        """Calibration frame `i`: the step, and new serving statistics (checked on this frame when their
+        first state is built) when due."""
         cal = self.cal
         was_warm = cal.warm
         _, stats = self.calibration.step(x, fi)
         self._worker_frames += 1
         self._worker_refolds += stats is not None
+        self._worker_done = i + 1
         warmed = cal.warm and not was_warm
         result = CalibrationResult(i, stats is not None, cal.progress, warmed, self._calibrator_text(),
                                    cal.dropped_frames, cal.rejected_estimates)
@@ -329,17 +339,21 @@ class Engine:
             return result
         dense = self._worker_frames <= self.cadence.converged_warmups * cal.warmup_frames
         if warmed or self._serve_due(self._worker_refolds, dense):
-            result.update = start_update(stats, x)
-            if result.update is None:
-                result.rolled_back = True
-                warn(f"refold at frame {self.frame0 + i}: non-finite outputs on the probe frame; the serving "
-                     "model keeps its previous statistics")
-            else:
-                self._probed_stats = stats
-        # Saved: the newest statistics that passed the probe (the model a restart serves), with the calibrator.
-        if self._probed_stats is not None and self.persistence is not None and self.persistence.due(warmed):
-            self.persistence.save(self._probed_stats, cal.state_dict(), self._counters(i + 1))
+            result.update = serve(stats, x, warmed)
+        self._save(False)
         return result
+
+    def _probed(self, update) -> None:
+        """`update`'s statistics passed the probe (worker thread): they are what a restart serves, saved at
+        once when they end the warm-up."""
+        self._probed_stats = update.stats
+        self._save(update.warmed)
+
+    def _save(self, force: bool) -> None:
+        """Save the newest statistics that passed the probe with the calibrator, when a save is due (worker
+        thread)."""
+        if self._probed_stats is not None and self.persistence is not None and self.persistence.due(force):
+            self.persistence.save(self._probed_stats, self.cal.state_dict(), self._counters(self._worker_done))
 
     def _serve_due(self, refolds: int, dense: bool) -> bool:
         """Does the serving model take the statistics of refold number `refolds`?  Before convergence

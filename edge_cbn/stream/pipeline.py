@@ -8,11 +8,14 @@ once it only tracks:
 
 - the result of calibration frame c (progress, a refold, the end of the warm-up) is seen by the stream
   at frame c + lag;
-- when it brings new serving statistics (checked on the frame first), the serving model's states are
-  rebuilt one at a time from the frame f it is seen (or, when another update is being installed, the
-  frame that one ends): at f + j * lag state j is dropped (its frames go to a neighbouring state) and
-  the worker builds its successor, which serves from f + (j + 1) * lag.  The noise states are never held twice,
-  nor one state more than the serving model has (memory).
+- when it brings new serving statistics, the serving model's states are rebuilt one at a time from the
+  frame f it is seen (or, when another update is being installed, the frame that one ends): at f + j * lag
+  state j is dropped (its frames go to a neighbouring state) and the worker builds its successor, which
+  serves from f + (j + 1) * lag.  The noise states are never held twice, nor one state more than the
+  serving model has (memory).
+- state 0, the first built, is checked on the calibration frame (the probe): when its outputs are not all
+  finite, the worker builds it again with the statistics serving, and the update ends there, at
+  f + lag.  The check costs no model of its own (a build is a quarter of a calibration frame).
 
 At frame i the serving thread waits for whatever is due by then (`sync`): a slow or busy machine waits
 (a lower frame rate), a fast one never does.  `background=False` runs every task in place, with the same
@@ -44,7 +47,6 @@ class CalibrationResult:
     text: str               # the calibrator's state, as the preview and progress lines show it
     dropped_frames: int
     rejected_estimates: int
-    rolled_back: bool = False  # new serving statistics failed the probe: the serving model keeps its own
     update: "ServingUpdate | None" = None
 
 
@@ -53,19 +55,36 @@ class ServingUpdate:
     """New statistics for the serving model and its states as the worker builds them."""
     stats: dict
     lag: int  # frames between its steps: state j is dropped and rebuilt at first_frame + j * lag
+    probe: np.ndarray  # the model input state 0 must give finite outputs on
+    frame: int = 0  # the calibration frame that produced it
+    warmed: bool = False  # the warm-up ended on that frame
     first_frame: int = 0  # set when it starts; state j serves from first_frame + (j + 1) * lag
+    previous: dict | None = None  # the statistics serving when it started (what a refused state 0 is rebuilt with)
+    refused: bool = False  # state 0 gave non-finite outputs on the probe: the update ends at state 0
     built: dict = dataclasses.field(default_factory=dict)  # state index -> interpreter, not yet installed
 
 
 class CalibrationPipeline:
     """The serving thread calls `submit(i, fi, x)` on calibration frames and `sync(i)` before serving frame
-    i; the worker runs `calibrate(i, fi, x, start_update)`, which returns a `CalibrationResult` and may call
-    `start_update(stats, probe)` for new serving statistics."""
+    i; the worker runs `calibrate(i, fi, x, serve)`, which returns a `CalibrationResult` and may call
+    `serve(stats, probe, warmed)` for new serving statistics (a `ServingUpdate` for the result).
+
+    Args:
+        calibrate: the calibration step (worker thread).
+        serving: the serving `NoisyModel`.
+        lag: frames from a calibration frame to its result, and between the steps of an update.
+        background: False runs every task in place (the same results).
+        num_threads: LiteRT threads of the serving states the worker builds.
+        lock: held for each task.
+        on_probed: callable(update), worker thread: state 0 of `update` passed the probe.
+        on_refused: callable(update, i), serving thread: state 0 of `update` failed it; frame `i` ends the update.
+    """
 
     def __init__(self, calibrate, serving, *, lag: int = LAG, background: bool = True, num_threads=None,
-                 lock=None):
-        """Serving states the worker builds get `num_threads` LiteRT threads; `lock` is held for each task."""
+                 lock=None, on_probed=None, on_refused=None):
         self._calibrate, self.serving, self.lag = calibrate, serving, lag
+        self._on_probed = on_probed or (lambda update: None)
+        self._on_refused = on_refused or (lambda update, i: None)
         self._lock = lock or contextlib.nullcontext()
         self._twin = serving.twin()
         self._twin.num_threads = num_threads
@@ -104,27 +123,33 @@ class CalibrationPipeline:
                 self._queued = result.update
         update = self._update
         if update is not None and i >= update.first_frame + (self._next_state + 1) * update.lag:
-            j = self._next_state
-            built = self._wait_for(lambda: update.built.pop(j, None))
-            self.serving.install(j, built, update.stats if j == 0 else None)
-            self._next_state += 1
-            if self._next_state < self.serving.states:
-                self._rebuild(update, self._next_state)
-            else:
-                self._update = None
+            self._install_next(update, i)
         if self._update is None and self._queued is not None:
             self._update, self._queued, self._next_state = self._queued, None, 0
-            self._update.first_frame = i
+            self._update.first_frame, self._update.previous = i, self.serving.stats()
             self._rebuild(self._update, 0)
         return results
 
-    def _rebuild(self, update: ServingUpdate, j: int) -> None:
-        """Drop serving state `j` (when others can serve its frames) and have the worker build its successor;
-        exact noise (no states) takes the statistics at once."""
-        if not self.serving.states:
-            self.serving.install(0, None, update.stats)
+    def _install_next(self, update: ServingUpdate, i: int) -> None:
+        """Serve the state the worker built for `update` (waiting for it), then start the next one, or end the
+        update: after its last state, or at state 0 when the probe refused it."""
+        j = self._next_state
+        built = self._wait_for(lambda: update.built.pop(j, None))
+        if update.refused:
+            self.serving.install(0, built if self.serving.states else None)
             self._update = None
+            self._on_refused(update, i)
             return
+        self.serving.install(j, built if self.serving.states else None, update.stats if j == 0 else None)
+        self._next_state += 1
+        if self._next_state < self.serving.states:
+            self._rebuild(update, self._next_state)
+        else:
+            self._update = None
+
+    def _rebuild(self, update: ServingUpdate, j: int) -> None:
+        """Drop serving state `j` (when others can serve its frames) and have the worker build its successor
+        (exact noise, without states: a model to probe)."""
         self.serving.drop(j)
         self._put(("build", update, j))
 
@@ -175,21 +200,29 @@ class CalibrationPipeline:
     def _run_task(self, task) -> None:
         if task[0] == "build":
             _, update, j = task
-            self._twin.prepare(update.stats)
-            self._store(update.built, j, self._twin.build_state(j))
+            self._store(update.built, j, self._build_state(update, j))
         else:
             _, i, fi, x, lag = task
-            start_update = lambda stats, probe: self._start_update(stats, probe, lag)  # noqa: E731
-            self._store(self._results, i, self._calibrate(i, fi, x, start_update))
 
-    def _start_update(self, stats: dict, probe: np.ndarray, lag: int) -> ServingUpdate | None:
-        """New serving statistics, or None when state 0 built with them gives non-finite outputs on `probe`
-        (the serving model keeps its statistics).  The probe's model is not kept: states are built when
-        their turn comes (memory)."""
-        self._twin.prepare(stats)
-        if not self._twin.probe_ok(self._twin.build_state(0), probe):
-            return None
-        return ServingUpdate(stats, lag)
+            def serve(stats, probe, warmed):
+                return ServingUpdate(stats, lag, np.array(probe, copy=True), i, warmed)
+
+            self._store(self._results, i, self._calibrate(i, fi, x, serve))
+
+    def _build_state(self, update: ServingUpdate, j: int):
+        """Serving state `j` of `update`, built; state 0 is checked on the probe first, and built with the
+        statistics serving instead when it fails (`update.refused`).  Exact noise keeps no model: True."""
+        self._twin.prepare(update.stats)
+        state = self._twin.build_state(j)
+        if j == 0:
+            if self._twin.probe_ok(state, update.probe):
+                self._on_probed(update)
+            else:
+                update.refused, state = True, None  # dropped before its replacement is built (memory)
+                if self.serving.states:
+                    self._twin.prepare(update.previous)
+                    state = self._twin.build_state(0)
+        return state if self.serving.states else True
 
     def _store(self, where: dict, key, value) -> None:
         with self._cond:
