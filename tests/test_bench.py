@@ -30,6 +30,7 @@ def test_bench_stream_reports_every_figure(tmp_path):
     assert fig["calibrating_frames"] > 0 and fig["tracking_frames"] == 4 * 20
     # calibrated within the frames that calibrate densely, at a frame that is the same in every run
     assert 0 < fig["calibrated_frame"] < fig["calibrating_frames"] and fig["calibrated_seconds"] > 0
+    assert 0 < fig["warmup_worker_cpu_s"] < fig["warmup_cpu_s"]  # the calibration's share of the warm-up's CPU
     assert fig["camera_calibrated_seconds"] >= fig["calibrated_frame"] / 115
     rss = fig["peak_rss_mb"]  # each configuration in its own process: the noisier, the larger
     assert len(rss) == 4 and all(mb > 30 for mb in rss.values())

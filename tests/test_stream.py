@@ -369,3 +369,30 @@ def test_statistics_that_serve_non_finite_outputs_are_rolled_back(tiny, tmp_path
     frames, summary = read_log(log)
     assert summary["refolds"] > 2 and summary["rollbacks"] >= 1
     assert all(np.isfinite(f["top"][1]) for f in frames)
+
+
+def test_sweep_serves_the_exported_statistics_until_the_warm_up_ends(tiny):
+    """With the sweep, the serving model takes no statistics from inside the warm-up: the first new ones
+    serve LAG frames after the stream sees the warm-up's end (state 0 first); after them, those of a power-of-
+    two refold (each update rebuilds the noise states), the newest waiting: the 16th's replace the 8th's,
+    which came while the 4th's three states were being built."""
+    from edge_cbn.stream import Engine, StreamOptions, open_frames
+    from edge_cbn.stream.pipeline import LAG
+
+    opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, agreement_every=0,
+                         calibrate_every=2, noise_states=3, sweep=True, warmup_frames=4)
+    engine = Engine(load_bundle(tiny), opts, background=False)
+    exported = engine.serving.stats()
+    changes, served = [], exported
+    with open_frames() as source:
+        for i in range(80):
+            engine.process(source.read(), i)
+            stats = engine.serving.stats()
+            if any(stats[bn][0] is not served[bn][0] for bn in stats):
+                changes.append(i)
+                served = stats
+    engine.close()
+    calibrated = engine.status.calibrated_frame
+    assert calibrated == 6 + LAG  # the 4th calibration frame (frame 6) ends the warm-up
+    assert changes[0] == calibrated + LAG  # state 0 with them serves from there
+    assert changes == [calibrated + LAG, calibrated + 4 * LAG] and engine.refolds >= 16

@@ -27,6 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import threading
+import time
 
 import numpy as np
 
@@ -96,6 +97,7 @@ class CalibrationPipeline:
         self._queued: ServingUpdate | None = None  # the newest one waiting for it
         self._next_state = 0
         self._error: BaseException | None = None
+        self.cpu_seconds = 0.0  # CPU time of the tasks run so far (`bench stream`'s cost of calibrating)
         self._closed = self._busy = False
         self._thread = None
         if background:
@@ -189,6 +191,7 @@ class CalibrationPipeline:
                 self._cond.notify_all()
 
     def _run(self, task) -> None:
+        start = time.thread_time()
         try:
             with self._lock:
                 self._run_task(task)
@@ -196,6 +199,8 @@ class CalibrationPipeline:
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
+        finally:
+            self.cpu_seconds += time.thread_time() - start
 
     def _run_task(self, task) -> None:
         if task[0] == "build":

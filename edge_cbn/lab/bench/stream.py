@@ -34,6 +34,7 @@ ROWS = [("raw LiteRT invoke (fps)", "raw_fps"), ("invoke without XNNPACK (ms)", 
         ("clean stream (fps)", "stream_fps"), ("clean stream / raw invoke", "stream_ratio"),
         ("noisy stream, {noise_states} noise states (fps)", "noisy_stream_fps"), ("noisy stream, exact (fps)", "noisy_exact_stream_fps"),
         ("calibrating, warm-up (fps)", "calibrating_fps"), ("warm-up / noisy stream", "calibrating_ratio"),
+        ("warm-up, CPU of the process (s)", "warmup_cpu_s"), ("warm-up, CPU of the calibration worker (s)", "warmup_worker_cpu_s"),
         ("calibrated at frame", "calibrated_frame"), ("calibrated after (s)", "calibrated_seconds"),
         ("calibrating, tracking after it (fps)", "tracking_fps"), ("tracking / noisy stream", "tracking_ratio"),
         ("noisy stream at {camera_fps:g} fps (fps)", "camera_noisy_fps"),
@@ -134,15 +135,16 @@ class StreamBench:
         self.fig["noisy_exact_stream_fps"] = self.stream_fps(max(10, self.frames // 4), **noisy, noise_states=0)[0]
         self.fig.update(noisy_stream_fps=self.stream_fps(self.frames, **noisy)[0], calibrating_fps=None,
                         tracking_fps=None, calibrating_ratio=None, tracking_ratio=None, calibrated_frame=None,
-                        calibrated_seconds=None)
+                        calibrated_seconds=None, warmup_cpu_s=None, warmup_worker_cpu_s=None)
         if not self.bundle.can_calibrate:
             return
-        runs = []  # (noisy fps, warm-up frames, warm-up fps, tracking fps, calibrated after s)
+        runs = []  # (noisy fps, warm-up frames, warm-up fps, tracking fps, calibrated after s, worker CPU, CPU)
         for _ in range(max(3, self.rounds // 3)):
             reference = self.stream_fps(4 * self.frames, **noisy)[0]
-            (warm_frames, warm_fps), (_, tracking_fps), (calibrated, seconds) = self.calibrating_fps(4 * self.frames)
-            runs.append((reference, warm_frames, warm_fps, tracking_fps, seconds))
-        reference, warm_frames, warm_fps, tracking_fps, seconds = np.median(np.array(runs), axis=0)
+            (warm_frames, warm_fps), (_, tracking_fps), (calibrated, seconds), cpu = self.calibrating_fps(4 * self.frames)
+            runs.append((reference, warm_frames, warm_fps, tracking_fps, seconds, *cpu))
+        reference, warm_frames, warm_fps, tracking_fps, seconds, worker_cpu, cpu = np.median(np.array(runs), axis=0)
+        self.fig.update(warmup_worker_cpu_s=round(worker_cpu, 2), warmup_cpu_s=round(cpu, 2))
         self.fig.update(calibrating_fps=round(warm_fps, 2), calibrating_frames=int(warm_frames),
                         calibrated_frame=calibrated, calibrated_seconds=round(seconds, 2),
                         tracking_fps=round(tracking_fps, 2), tracking_frames=4 * self.frames,
@@ -158,7 +160,7 @@ class StreamBench:
                         camera_calibrated_seconds=None)
         if not self.bundle.can_calibrate or not self.camera_fps:
             return
-        (frames, warm_fps), _, (_, seconds) = self.calibrating_fps(0, camera_fps=self.camera_fps)
+        (frames, warm_fps), _, (_, seconds), _ = self.calibrating_fps(0, camera_fps=self.camera_fps)
         noisy_fps = self.stream_fps(frames, camera_fps=self.camera_fps, noise=self.preset, eta=self.eta,
                                     calibrate=False)[0]
         self.fig.update(camera_noisy_fps=noisy_fps, camera_calibrating_fps=warm_fps, camera_calibrated_seconds=seconds,
@@ -166,19 +168,23 @@ class StreamBench:
 
     def calibrating_fps(self, tracking_frames: int, *, camera_fps: float | None = None):
         """One calibrating stream: (frames, fps) until it calibrates only every TRACKING_EVERY frames, then over
-        `tracking_frames` more, and (frame, seconds) at which the warm-up's statistics began to serve
-        (`CalibrationStatus`), decoded as fast as it goes or delivered at `camera_fps`.  One run: the frame index
+        `tracking_frames` more, (frame, seconds) at which the warm-up's statistics began to serve
+        (`CalibrationStatus`), and (calibration worker, whole process) CPU seconds until it calibrates only every
+        TRACKING_EVERY frames; decoded as fast as it goes or delivered at `camera_fps`.  One run: the frame index
         decides the schedule."""
         opts = dataclasses.replace(self.base, noise=self.preset, eta=self.eta, calibrate=True, frames=None)
         engine = Engine(self.bundle, opts)
         calls = itertools.count()
         marks = {}  # "start": time; "warm", "end": (frames done, time)
+        cpu = {}  # "start", "warm": process CPU seconds; "worker": the calibration worker's at the warm mark
 
         def until():
             done, now = next(calls), time.perf_counter()  # frames processed before this call
             marks.setdefault("start", now)
+            cpu.setdefault("start", time.process_time())
             if "warm" not in marks and engine.converged:
                 marks["warm"] = (done, now)
+                cpu.update(warm=time.process_time(), worker=engine.pipeline.cpu_seconds)
             if "warm" in marks and done - marks["warm"][0] >= tracking_frames:
                 marks["end"] = (done, now)
             return "end" in marks
@@ -188,8 +194,8 @@ class StreamBench:
         (warm, t1), (end, t2) = marks["warm"], marks["end"]
         tracking = (end - warm, round((end - warm) / (t2 - t1), 2)) if end > warm else (0, None)
         status = engine.status
-        return (warm, round(warm / (t1 - marks["start"]), 2)), tracking, (status.calibrated_frame,
-                                                                            status.calibrated_seconds)
+        return ((warm, round(warm / (t1 - marks["start"]), 2)), tracking,
+                (status.calibrated_frame, status.calibrated_seconds), (cpu["worker"], cpu["warm"] - cpu["start"]))
 
     def noise_and_refold_costs(self) -> None:
         chip = make_noise(self.preset, self.eta, 0).instantiate(noise_targets(self.bundle))
