@@ -371,19 +371,17 @@ def test_statistics_that_serve_non_finite_outputs_are_rolled_back(tiny, tmp_path
     assert all(np.isfinite(f["top"][1]) for f in frames)
 
 
-def test_sweep_serves_the_exported_statistics_until_the_warm_up_ends(tiny):
-    """With the sweep, the serving model takes no statistics from inside the warm-up: the first new ones
-    serve LAG frames after the stream sees the warm-up's end (state 0 first); after them, those of a power-of-
-    two refold (each update rebuilds the noise states), the newest waiting: the 16th's replace the 8th's,
-    which came while the 4th's three states were being built."""
+def test_serving_statistics_change_at_frames_fixed_by_index(tiny):
+    """With the sweep, the serving model takes the 1st refold's statistics LAG frames after the stream sees
+    it (state 0 first), one update at a time after that: the newest waiting wins (the warm-up's end, the
+    4th refold, replaces the 2nd's while the 1st's three states are built; the 16th replaces the 8th's)."""
     from edge_cbn.stream import Engine, StreamOptions, open_frames
     from edge_cbn.stream.pipeline import LAG
 
     opts = StreamOptions(noise="relative", eta=0.05, num_threads=1, headless=True, quiet=True, agreement_every=0,
                          calibrate_every=2, noise_states=3, sweep=True, warmup_frames=4)
     engine = Engine(load_bundle(tiny), opts, background=False)
-    exported = engine.serving.stats()
-    changes, served = [], exported
+    changes, served = [], engine.serving.stats()
     with open_frames() as source:
         for i in range(80):
             engine.process(source.read(), i)
@@ -392,7 +390,6 @@ def test_sweep_serves_the_exported_statistics_until_the_warm_up_ends(tiny):
                 changes.append(i)
                 served = stats
     engine.close()
-    calibrated = engine.status.calibrated_frame
-    assert calibrated == 6 + LAG  # the 4th calibration frame (frame 6) ends the warm-up
-    assert changes[0] == calibrated + LAG  # state 0 with them serves from there
-    assert changes == [calibrated + LAG, calibrated + 4 * LAG] and engine.refolds >= 16
+    assert engine.status.calibrated_frame == 6 + LAG  # the 4th calibration frame (frame 6) ends the warm-up
+    # each update: seen at c + LAG, state 0 serves LAG later, its last state 2 LAG after that
+    assert changes == [2 * LAG, 5 * LAG, 8 * LAG] and engine.refolds >= 16

@@ -358,14 +358,11 @@ class Engine:
     def _serve_due(self, refolds: int, dense: bool) -> bool:
         """Does the serving model take the statistics of refold number `refolds`?  Before convergence
         (`dense`): every SERVE_REFOLD_EVERY-th, or with the sweep, whose every frame refolds every layer, the
-        2nd, 4th, 8th, ... from the warm-up's end on (soon, then rarely: each costs a rebuild of the noise
-        states, and the warm-up's own estimates are not worth one); after it every
-        SERVE_REFOLD_EVERY_TRACKING-th."""
+        1st, 2nd, 4th, 8th, ... (soon, then rarely: each costs a rebuild of the noise states; the 1st, from one
+        frame, is the largest step of all); after it every SERVE_REFOLD_EVERY_TRACKING-th."""
         if not dense:
             return refolds % SERVE_REFOLD_EVERY_TRACKING == 0
-        if self.sweep:
-            return refolds >= self.cal.warmup_frames and refolds & (refolds - 1) == 0
-        return refolds % SERVE_REFOLD_EVERY == 0
+        return refolds & (refolds - 1) == 0 if self.sweep else refolds % SERVE_REFOLD_EVERY == 0
 
     def _counters(self, frames_done: int) -> dict:
         return {"frames": self.frame0 + frames_done, "refolds": self._worker_refolds,
