@@ -94,7 +94,8 @@ def test_convert_cli_on_ray_writes_the_one_process_statistics(ray_cluster, files
     keras.utils.set_random_seed(0)
     res = CliRunner().invoke(convert, ["--model", "resnet18", "--random-weights", "--input-size", "32", "--quiet",
                                        "--calibrate", str(files[0].parent), "--noise", "relative", "--eta", "0.1",
-                                       "--batch-size", "4", "--ray", ray_cluster, "-o", str(tmp_path / "m.tflite")],
+                                       "--batch-size", "4", "--ray", ray_cluster, "--no-sweep",
+                                       "-o", str(tmp_path / "m.tflite")],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     exported = {r.bn: (r.mean, r.var) for r in load_bundle(tmp_path / "m.tflite").layers if r.bn}

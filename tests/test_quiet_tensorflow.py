@@ -16,7 +16,7 @@ NOISE = ("oneDNN", "cuda", "cuInit", "absl::InitializeLog", "cpu_feature_guard",
 def test_convert_prints_only_its_own_lines(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     args = [sys.executable, str(CONVERT), "--model", "mobilenet_v2", "--random-weights", "--input-size", "32",
-            "--num-classes", "4", "-o", str(tmp_path / "m.tflite")]
+            "--num-classes", "4", "--no-sweep", "-o", str(tmp_path / "m.tflite")]
     quiet = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
     noise = [line for line in quiet.stderr.splitlines() if any(n in line for n in NOISE)]
     assert noise == [], noise

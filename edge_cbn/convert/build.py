@@ -62,10 +62,12 @@ def build_model(name: str, weights: str | None = None, *, input_size=None, num_c
     return spec, model
 
 
-def export_model(spec, model, out, *, quiet=True, noise_layers=None, input_as_conv=False, calibration=True) -> Path:
+def export_model(spec, model, out, *, quiet=True, noise_layers=None, input_as_conv=False, calibration=True,
+                 sweep=True) -> Path:
     """Fold BN and export `model` (described by `spec`) to `out` (.tflite) with its sidecar and, with
-    `calibration`, its calibration and sweep variants; `noise_layers` names the noise targets (None: every
-    weight layer); `input_as_conv` as `export.export` (a model of one's own, whose first layer may be a conv)."""
+    `calibration`, its calibration variant and (with `sweep`) its sweep variant; `noise_layers` names the noise
+    targets (None: every weight layer); `input_as_conv` as `export.export` (a model of one's own, whose first layer
+    may be a conv)."""
     from .export import export  # lazy: TensorFlow (the converter), only when exporting
 
     labels = list(spec.labels) if isinstance(spec.labels, tuple) else load_labels(spec.labels)
@@ -74,7 +76,7 @@ def export_model(spec, model, out, *, quiet=True, noise_layers=None, input_as_co
     say(f"folding BatchNorm and converting to TFLite (about 5-15 s) -> {out}", quiet)
     path = Path(export(model, out, name=spec.name, task=spec.task, preprocess=spec.preprocess, labels=labels,
                        head=spec.head, noise_layers=noise_layers, input_as_conv=input_as_conv,
-                       calibration=calibration))
+                       calibration=calibration, sweep=sweep))
     if not any(type(layer).__name__ == "BatchNormalization" for layer in model.layers):
         say(f"note: {spec.name} has no BatchNormalization layer: there is nothing to calibrate, and it streams "
             "under noise as it is", quiet)

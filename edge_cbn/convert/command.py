@@ -77,11 +77,14 @@ def own_model_flags(fn):
 @click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
               help="--calibrate on a Ray cluster (pip install 'edge-cbn[cluster]'); the images at the same paths "
                    "on every node.")
+@click.option("--no-sweep", "no_sweep", is_flag=True,
+              help="Write no sweep variant (X.sweep.tflite): the export converts two models instead of three, and "
+                   "the stream calibrates the model depth first, one BN layer per calibration frame.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @verbose_option()
 def main(model_name, weights, keras_file, task, labels_file, head_file, mean, std, input_range, noise_layers, out,
          input_size, num_classes, random_weights, calib_dir, noise, eta, seed, noise_option, batch_size, micro_batch,
-         momentum, estimator, max_images, workers, ray_address, quiet):
+         momentum, estimator, max_images, workers, ray_address, no_sweep, quiet):
     """Build MODEL (or load your own --keras FILE), load its weights, optionally calibrate BN statistics
     offline under simulated noise, fold every BatchNorm and export a float32 TFLite model plus the sidecar
     and calibration variant that on-device refolding needs."""
@@ -111,7 +114,8 @@ def main(model_name, weights, keras_file, task, labels_file, head_file, mean, st
                   micro_batch=micro_batch, momentum=momentum, estimator=estimator, max_images=max_images,
                   noise_options=options, workers=workers, ray_address=ray_address, noise_layers=chosen)
     try:
-        path = export_model(spec, model, out, quiet=quiet, noise_layers=chosen, input_as_conv=own_source)
+        path = export_model(spec, model, out, quiet=quiet, noise_layers=chosen, input_as_conv=own_source,
+                            sweep=not no_sweep)
     except ValueError as e:  # FoldError, GraphError, ExportError: a layer edge-cbn or LiteRT cannot export
         raise click.ClickException(str(e)) from None
     if not quiet:

@@ -282,10 +282,11 @@ def _convert_folded(keras_model, records, hw, meta, input_as_conv=False, constan
 
 
 def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, head=None,
-           input_size=None, calibration: bool = True, noise_layers=None, input_as_conv: bool = False) -> Path:
+           input_size=None, calibration: bool = True, sweep: bool = True, noise_layers=None,
+           input_as_conv: bool = False) -> Path:
     """Fold, convert and write `out_path` (.tflite), its sidecar (.cbn.npz) and, with `calibration`, the
-    calibration variant `X.calib.tflite` (see `moments_model`) and the sweep variant `X.sweep.tflite`
-    (`edge_cbn.convert.sweep`).
+    calibration variant `X.calib.tflite` (see `moments_model`) and, with `sweep` too, the sweep variant
+    `X.sweep.tflite` (`edge_cbn.convert.sweep`).
 
     Args:
         model: a functional or Sequential Keras model (nested models and SeparableConv2D are flattened
@@ -299,6 +300,8 @@ def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, h
         head: a detector's head spec (anchors, strides), or None.
         input_size: int or (H, W), needed only if the model's input size is free.
         calibration: also write the calibration variant (when the model has BN layers).
+        sweep: with `calibration`, also write the sweep variant (False: the stream calibrates the model depth
+            first, one BN layer per calibration frame; the sweep variant is most of the export's conversion time).
         noise_layers: the names of the layers noise acts on, into the sidecar (None: every weight layer).
         input_as_conv: normalise the uint8 input with a 1x1 depthwise convolution (`with_raw_input`), for
             a model whose first layer is a convolution without padding before it.
@@ -336,7 +339,8 @@ def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, h
         meta["calibration"] = {"file": calib_path.name, "buffers": calib_buffers,
                                "bns": [rec.bn for rec in records if rec.bn], "sha256": sha256(calib_bytes)}
         atomic_write(calib_path, lambda f: f.write(calib_bytes))
-        meta["sweep"] = _write_sweep(folded, records, hw, meta, input_as_conv, out_path)
+        if sweep:
+            meta["sweep"] = _write_sweep(folded, records, hw, meta, input_as_conv, out_path)
     meta["model_sha256"] = sha256(model_bytes)  # checked at load: a flipped bit is refused, not served
     write_sidecar(sidecar_path(out_path), meta, records)
     atomic_write(out_path, lambda f: f.write(model_bytes))
