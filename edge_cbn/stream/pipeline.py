@@ -122,6 +122,8 @@ class CalibrationPipeline:
             self._submitted.popleft()
             results.append(result)
             if result.update is not None:  # waits for one being installed; a newer one replaces it
+                if self._queued is not None:  # and ends the warm-up if the one it replaces did (a save is due)
+                    result.update.warmed |= self._queued.warmed
                 self._queued = result.update
         update = self._update
         if update is not None and i >= update.first_frame + (self._next_state + 1) * update.lag:
