@@ -15,7 +15,7 @@ once it only tracks:
   serving model has (memory).
 - state 0, the first built, is checked on the calibration frame (the probe): when its outputs are not all
   finite, the worker builds it again with the statistics serving, and the update ends there, at
-  f + lag.  The check costs no model of its own (a build is a quarter of a calibration frame).
+  f + lag.  The check costs no model of its own (a build is about a third of a calibration frame).
 
 At frame i the serving thread waits for whatever is due by then (`sync`): a slow or busy machine waits
 (a lower frame rate), a fast one never does.  `background=False` runs every task in place, with the same
