@@ -207,6 +207,15 @@ def moments_model(folded, records) -> keras.Model:
     moments = ops.expand_dims(ops.concatenate(means + squares, axis=0), 0)
     return keras.Model(folded.inputs, list(folded.outputs) + [moments])
 
+def _write_calibration(folded, records, hw, meta, input_as_conv, out_path) -> dict:
+    """Convert and write the calibration variant `X.calib.tflite` (`moments_model`); returns its meta entry."""
+    calib_bytes, calib_buffers, _ = _convert_folded(moments_model(folded, records), records, hw, meta, input_as_conv)
+    path = calibration_path(out_path)
+    atomic_write(path, lambda f: f.write(calib_bytes))
+    return {"file": path.name, "buffers": calib_buffers, "bns": [rec.bn for rec in records if rec.bn],
+            "sha256": sha256(calib_bytes)}
+
+
 def _write_sweep(folded, records, hw, meta, input_as_conv, out_path) -> dict:
     """Convert and write the sweep variant `X.sweep.tflite` (`edge_cbn.convert.sweep`); returns its meta
     entry: the calibration variant's, plus the buffers of every BN's state rows and how many rows."""
@@ -333,12 +342,7 @@ def export(model, out_path, *, name: str, task: str, preprocess: dict, labels, h
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if calibration and any(rec.bn for rec in records):
-        calib_bytes, calib_buffers, _ = _convert_folded(moments_model(folded, records), records, hw, meta,
-                                                        input_as_conv)
-        calib_path = calibration_path(out_path)
-        meta["calibration"] = {"file": calib_path.name, "buffers": calib_buffers,
-                               "bns": [rec.bn for rec in records if rec.bn], "sha256": sha256(calib_bytes)}
-        atomic_write(calib_path, lambda f: f.write(calib_bytes))
+        meta["calibration"] = _write_calibration(folded, records, hw, meta, input_as_conv, out_path)
         if sweep:
             meta["sweep"] = _write_sweep(folded, records, hw, meta, input_as_conv, out_path)
     meta["model_sha256"] = sha256(model_bytes)  # checked at load: a flipped bit is refused, not served
