@@ -192,7 +192,7 @@ def differences(x86: dict, board: dict, rtol: float = 1e-4) -> tuple[list[str], 
     """What differs between the runs (empty: equal), and the relative difference of the calibrated
     statistics (`edge_cbn.lab.bench.statistics.relative_difference`).  XNNPACK's ARM and x86 kernels sum in
     other orders, so float32 activations differ in their last bits, and the statistics of a few frames by
-    more (1.8e-5 with the sweep's one pseudo-frame, 8e-6 with four); another chip's differ by far more."""
+    more (1.8e-5 on Lite0); another chip's differ by far more."""
     from edge_cbn.lab.bench.statistics import relative_difference
 
     diffs = []

@@ -220,14 +220,14 @@ class Refolder:
             The whole `.tflite` flatbuffer, as long as the bundle's.
         """
         data = None if self._gaps is not None else memoryview(self.bundle.model_bytes)
-        gaps = self._gaps or [data[a:b] for a, b in self._gap_bounds()]
+        bounds = self._gap_bounds()
+        gaps = self._gaps or [data[a:b] for a, b in bounds]
         out = io.BytesIO()
         out.seek(self._size - 1)  # one allocation of the final size; getvalue() then hands it over uncopied
         out.write(b"\0")
         buffer = out.getbuffer()
         # Kernels are folded straight into the bytes: no scratch copy of the model's 20 MB per build.
         view, kernel = np.frombuffer(buffer, np.uint8), None
-        bounds = self._gap_bounds()
         for gap, (a, b), (start, end, slot, is_kernel) in zip(gaps, bounds, self._regions):
             view[a:b] = np.frombuffer(gap, np.uint8)
             if is_kernel:

@@ -140,11 +140,11 @@ class CalibrationPipeline:
         j = self._next_state
         built = self._wait_for(lambda: update.built.pop(j, None))
         if update.refused:
-            self.serving.install(0, built if self.serving.states else None)
+            self.serving.install(0, built)
             self._update = None
             self._on_refused(update, i)
             return
-        self.serving.install(j, built if self.serving.states else None, update.stats if j == 0 else None)
+        self.serving.install(j, built, update.stats if j == 0 else None)
         self._next_state += 1
         if self._next_state < self.serving.states:
             self._rebuild(update, self._next_state)
@@ -212,7 +212,7 @@ class CalibrationPipeline:
             _, i, fi, x, lag = task
 
             def serve(stats, probe, warmed):
-                return ServingUpdate(stats, lag, np.array(probe, copy=True), i, warmed)
+                return ServingUpdate(stats, lag, probe, i, warmed)  # `probe`: this task's own copy of the input
 
             self._store(self._results, i, self._calibrate(i, fi, x, serve))
 

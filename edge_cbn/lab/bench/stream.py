@@ -144,8 +144,8 @@ class StreamBench:
             (warm_frames, warm_fps), (_, tracking_fps), (calibrated, seconds), cpu = self.calibrating_fps(4 * self.frames)
             runs.append((reference, warm_frames, warm_fps, tracking_fps, seconds, *cpu))
         reference, warm_frames, warm_fps, tracking_fps, seconds, worker_cpu, cpu = np.median(np.array(runs), axis=0)
-        self.fig.update(warmup_worker_cpu_s=round(worker_cpu, 2), warmup_cpu_s=round(cpu, 2))
         self.fig.update(calibrating_fps=round(warm_fps, 2), calibrating_frames=int(warm_frames),
+                        warmup_worker_cpu_s=round(worker_cpu, 2), warmup_cpu_s=round(cpu, 2),
                         calibrated_frame=calibrated, calibrated_seconds=round(seconds, 2),
                         tracking_fps=round(tracking_fps, 2), tracking_frames=4 * self.frames,
                         noisy_stream_fps_long=round(reference, 2),

@@ -18,7 +18,7 @@ from pathlib import Path
 from ...convert.build import build_model, export_model
 from ...runtime.bundle import load_bundle
 from ...runtime.processing import Processor
-from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, shrink_for
+from ...runtime.stream_calibrator import DEFAULTS as CAL_DEFAULTS, SHRINK
 from ..evaluate import datasets, labelled
 from .calibrate import BatchTimer
 
@@ -45,7 +45,7 @@ def model_setup(name: str, folder: Path, val: list, cal: list):
     options = labelled.DETECTION_THRESHOLDS if spec.task == "detection" else {}
     dataset = datasets.Dataset(spec.task, "synthetic", [datasets.Sample(Path(p), 0) for p in val])
     setup = labelled.Setup(bundle, Processor(bundle, **options), dataset, NullScorer, list(cal),
-                           cal_options={**{k: CAL_DEFAULTS[k] for k in labelled.CAL_OPTIONS}, "shrink": shrink_for(None, sweep=False)},
+                           cal_options={**{k: CAL_DEFAULTS[k] for k in labelled.CAL_OPTIONS}, "shrink": SHRINK},
                            center_crop=0.875 if spec.task == "classification" else 1.0, noise_states=8, num_threads=1,
                            keras_model=model, offline_batch=8 if spec.task == "detection" else 32)
     return setup
